@@ -1,0 +1,18 @@
+"""Presets: one model per file (get_config() -> ModelConfig); deployments in deployments.py."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from jax_ep.config import ConfigError, ModelConfig
+
+
+def model_names() -> list[str]:
+  return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "deployments")
+
+
+def load_model(name: str) -> ModelConfig:
+  if name not in model_names():
+    raise ConfigError(f"--config={name!r} is not a preset; choose one of {model_names()}.")
+  return importlib.import_module(f"configs.{name}").get_config()

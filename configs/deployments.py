@@ -1,0 +1,69 @@
+"""Deployment presets: the seed's two (and its variants), and scaled-down meshes of each."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jax_ep.config import ConfigError, DeploymentConfig
+
+SINGLE = DeploymentConfig()
+
+# 16 GPUs: 2 pipeline stages x tensor parallel 8; each GPU holds 1/8 of its stage's
+# attention (2 of 16 heads) and 4 whole experts (16 experts x 2 layers / 8).
+SEED_BASELINE = DeploymentConfig(kind="baseline", stages=2, tp=8, placement="ep", microbatches=2)
+
+# 64 GPUs: one MoE layer per stage (4 stages) x 16 experts, one expert per GPU; the
+# seed's "expert axis of 64" is stage x expert here.
+SEED_PROPOSED = DeploymentConfig(kind="proposed", stages=4, expert=16, microbatches=4)
+
+# 128 GPUs: the same with each expert's MLP split over tp=2.
+SEED_PROPOSED_TP2 = dataclasses.replace(SEED_PROPOSED, tp=2, placement="tp")
+
+# The other reading (64 experts per layer, configs/seed_e64.py): a flat expert axis of 64,
+# every layer on every device, one expert of each layer per device.
+SEED_PROPOSED_E64 = DeploymentConfig(kind="proposed", stages=1, expert=64)
+
+
+def _proposed(stages, expert, tp=1):
+  return dataclasses.replace(SEED_PROPOSED, stages=stages, expert=expert, tp=tp,
+                             microbatches=stages, placement="tp" if tp > 1 else "ep")
+
+
+def _baseline(tp):
+  return dataclasses.replace(SEED_BASELINE, tp=tp)
+
+
+PRESETS: dict[str, DeploymentConfig] = {
+    "single": SINGLE,
+    "seed_baseline": SEED_BASELINE,
+    "seed_proposed": SEED_PROPOSED,
+    "seed_proposed_tp2": SEED_PROPOSED_TP2,
+    "seed_proposed_e64": SEED_PROPOSED_E64,
+    # Same shapes, fewer devices: stages first (up to the 4 layers), then experts.
+    "proposed_2": _proposed(2, 1),
+    "proposed_4": _proposed(4, 1),
+    "proposed_8": _proposed(4, 2),
+    "proposed_16": _proposed(4, 4),
+    "proposed_64": SEED_PROPOSED,
+    "proposed_128": SEED_PROPOSED_TP2,
+    "baseline_2": _baseline(1),
+    "baseline_4": _baseline(2),
+    "baseline_8": _baseline(4),
+    "baseline_16": SEED_BASELINE,
+}
+
+
+def resolve(name: str, num_devices: int) -> DeploymentConfig:
+  """A preset by name, or by kind ("single", "baseline", "proposed") for `num_devices`."""
+  if name in ("baseline", "proposed"):
+    key = f"{name}_{num_devices}"
+    if key not in PRESETS:
+      sizes = sorted(int(k.split("_")[1]) for k in PRESETS if k.startswith(name + "_")
+                     and k.split("_")[1].isdigit())
+      raise ConfigError(f"no {name} preset for {num_devices} devices; presets exist for {sizes}. "
+                        "Use --simulate_devices, or set the mesh with --stages/--expert_axis/--tp.")
+    return PRESETS[key]
+  if name not in PRESETS:
+    raise ConfigError(f"--deployment={name!r} is unknown; use single, baseline, proposed or one "
+                      f"of {sorted(PRESETS)}.")
+  return PRESETS[name]

@@ -1,0 +1,11 @@
+"""The seed paper's model: 4 layers x 16 GELU experts (8192 -> 32768 -> 8192), 16 heads x 512, fp16."""
+
+from jax_ep.config import ModelConfig
+
+
+def get_config() -> ModelConfig:
+  # Every field is the seed's except those it leaves open: top-2 routing, a vocabulary
+  # of 32768 and a 2048-token cache (README "Choices the seed left open").
+  return ModelConfig(num_layers=4, num_experts=16, top_k=2, num_heads=16, head_dim=512,
+                     model_dim=8192, mlp_dim=32768, mlp_kind="gelu", vocab_size=32768,
+                     max_seq_len=2048, dtype="float16")

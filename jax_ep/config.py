@@ -1,0 +1,171 @@
+"""Frozen, validated configuration: the model and the deployment that serves it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
+DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
+MLP_KINDS = ("gelu", "swiglu")
+PLACEMENTS = ("ep", "tp")
+KINDS = ("single", "baseline", "proposed")
+
+
+class ConfigError(ValueError):
+  """A configuration, mesh or input that cannot work; the message says what to change."""
+
+
+def _positive(obj, *names):
+  for name in names:
+    value = getattr(obj, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ConfigError(f"{type(obj).__name__}.{name}={value!r} must be a positive integer.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A decoder-only MoE transformer. Defaults are the seed's model."""
+
+  num_layers: int = 4
+  num_experts: int = 16  # per layer
+  top_k: int = 2
+  num_heads: int = 16
+  head_dim: int = 512
+  model_dim: int = 8192  # must equal num_heads * head_dim
+  mlp_dim: int = 32768  # hidden size of each expert's MLP
+  mlp_kind: str = "gelu"  # "gelu": the seed's plain MLP; "swiglu": gated
+  vocab_size: int = 32768
+  max_seq_len: int = 2048  # length of the preallocated KV cache
+  dtype: str = "float16"  # weights and activations; the router always runs in float32
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+
+  def __post_init__(self):
+    _positive(self, "num_layers", "num_experts", "top_k", "num_heads", "head_dim",
+              "model_dim", "mlp_dim", "vocab_size", "max_seq_len")
+    if self.model_dim != self.num_heads * self.head_dim:
+      raise ConfigError(
+          f"ModelConfig.model_dim={self.model_dim} must equal num_heads x head_dim = "
+          f"{self.num_heads} x {self.head_dim} = {self.num_heads * self.head_dim}; "
+          "change model_dim or the head shape.")
+    if self.top_k > self.num_experts:
+      raise ConfigError(
+          f"ModelConfig.top_k={self.top_k} is larger than num_experts={self.num_experts}; "
+          "a token cannot pick more experts than a layer has.")
+    if self.dtype not in DTYPES:
+      raise ConfigError(f"ModelConfig.dtype={self.dtype!r} is unknown; use one of {list(DTYPES)}.")
+    if self.mlp_kind not in MLP_KINDS:
+      raise ConfigError(
+          f"ModelConfig.mlp_kind={self.mlp_kind!r} is unknown; use one of {list(MLP_KINDS)}.")
+    if self.head_dim % 2:
+      raise ConfigError(f"ModelConfig.head_dim={self.head_dim} must be even for rotary positions.")
+
+  @property
+  def jnp_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def bytes_per_param(self) -> int:
+    return jnp.dtype(self.jnp_dtype).itemsize
+
+  @property
+  def expert_mats(self) -> int:
+    """Weight matrices per expert: up and down, plus the gate for swiglu."""
+    return 3 if self.mlp_kind == "swiglu" else 2
+
+
+@dataclasses.dataclass(frozen=True)
+class DeploymentConfig:
+  """How a model is laid out on a mesh of (stage, expert, tp) devices.
+
+  One mechanism serves every deployment:
+    * layers are split over `stage` (pipeline), micro-batches flow stage to stage;
+    * the batch is split over `expert` for attention (data parallel), and tokens
+      are exchanged with all_to_all to the device that holds their expert;
+    * attention heads are split over `tp` (all-reduce after the output projection).
+  `placement` says where each expert's weights go:
+    * "ep": whole experts, split over the expert and tp axes together (the
+      baseline's 4 experts per device; the proposed deployment's one per device);
+    * "tp": experts split over `expert` only, each expert's MLP hidden dim over `tp`.
+  """
+
+  kind: str = "single"
+  stages: int = 1
+  expert: int = 1  # size of the expert axis
+  tp: int = 1
+  placement: str = "ep"
+  microbatches: int = 1  # pipeline micro-batches per forward pass
+  moe_chunks: int = 1  # chunks inside an MoE layer, so one's exchange overlaps another's compute
+  capacity_factor: float = 2.0  # per-round buffer relative to a perfectly balanced load
+  dropless: bool = True  # extra rounds for overflow instead of dropping tokens
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ConfigError(f"DeploymentConfig.kind={self.kind!r} is unknown; use one of {list(KINDS)}.")
+    _positive(self, "stages", "expert", "tp", "microbatches", "moe_chunks")
+    if self.placement not in PLACEMENTS:
+      raise ConfigError(
+          f"DeploymentConfig.placement={self.placement!r} is unknown; use one of {list(PLACEMENTS)}.")
+    if not self.capacity_factor > 0:
+      raise ConfigError(
+          f"DeploymentConfig.capacity_factor={self.capacity_factor} must be positive.")
+
+  @property
+  def num_devices(self) -> int:
+    return self.stages * self.expert * self.tp
+
+  @property
+  def mesh_shape(self) -> tuple[int, int, int]:
+    return (self.stages, self.expert, self.tp)
+
+  @property
+  def expert_shards(self) -> int:
+    """Devices one layer's experts are spread over."""
+    return self.expert * (self.tp if self.placement == "ep" else 1)
+
+  def check_model(self, model: ModelConfig) -> None:
+    """Raises ConfigError if `model` cannot be laid out on this deployment."""
+    if model.num_layers % self.stages:
+      raise ConfigError(
+          f"num_layers={model.num_layers} is not divisible by stages={self.stages}; "
+          "each pipeline stage must hold the same number of layers.")
+    if model.num_experts % self.expert_shards:
+      axes = "expert x tp" if self.placement == "ep" else "expert"
+      raise ConfigError(
+          f"num_experts={model.num_experts} is not divisible by the {axes} axes "
+          f"({self.expert_shards} devices) that placement={self.placement!r} spreads them over; "
+          "change the mesh or the placement.")
+    if model.num_heads % self.tp:
+      raise ConfigError(
+          f"num_heads={model.num_heads} is not divisible by tp={self.tp}; "
+          "tensor-parallel attention gives each tp device whole heads.")
+    if self.placement == "tp" and model.mlp_dim % self.tp:
+      raise ConfigError(f"mlp_dim={model.mlp_dim} is not divisible by tp={self.tp}.")
+
+  def check_batch(self, batch: int) -> None:
+    """Raises ConfigError if a batch of `batch` sequences cannot be split on this deployment."""
+    if not isinstance(batch, int) or batch < 1:
+      raise ConfigError(f"batch={batch!r} must be a positive integer.")
+    per = self.expert * self.microbatches
+    if batch % per:
+      raise ConfigError(
+          f"batch={batch} is not divisible by expert axis x microbatches = "
+          f"{self.expert} x {self.microbatches} = {per}; each device's share of each "
+          f"micro-batch must be whole. Use a batch that is a multiple of {per}.")
+
+  def describe(self) -> str:
+    return (f"{self.kind}: stage {self.stages} x expert {self.expert} x tp {self.tp} "
+            f"({self.num_devices} devices), placement={self.placement}, "
+            f"microbatches={self.microbatches}")
+
+
+def capacity(tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+  """Slots per (source device, expert) per round: a balanced share times the factor.
+
+  Never more than `tokens`: a token picks an expert at most once, so that many slots
+  can never overflow.
+  """
+  balanced = tokens * top_k / num_experts
+  return max(1, min(tokens, math.ceil(balanced * capacity_factor)))

@@ -1,0 +1,35 @@
+"""The preallocated KV cache: one pytree, layers stacked, updated in place (donated)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jax_ep.config import ModelConfig
+
+
+class KVCache(NamedTuple):
+  k_LxBxSxHxK: jax.Array  # S = max_seq_len slots; positions >= the decode position are stale
+  v_LxBxSxHxK: jax.Array
+
+  def write(self, layer, row, pos, k_BxTxHxK, v_BxTxHxK) -> KVCache:
+    """Stores new keys and values for `layer`, batch rows row.., positions pos.."""
+    at = (layer, row, pos, 0, 0)
+    return KVCache(jax.lax.dynamic_update_slice(self.k_LxBxSxHxK, k_BxTxHxK[None], at),
+                   jax.lax.dynamic_update_slice(self.v_LxBxSxHxK, v_BxTxHxK[None], at))
+
+  @staticmethod
+  def shape(cfg: ModelConfig, batch: int, max_len: int | None = None) -> tuple[int, ...]:
+    return (cfg.num_layers, batch, max_len or cfg.max_seq_len, cfg.num_heads, cfg.head_dim)
+
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, batch: int, max_len: int | None = None) -> KVCache:
+    shape = cls.shape(cfg, batch, max_len)
+    return cls(jnp.zeros(shape, cfg.jnp_dtype), jnp.zeros(shape, cfg.jnp_dtype))
+
+  @classmethod
+  def abstract(cls, cfg: ModelConfig, batch: int, max_len: int | None = None) -> KVCache:
+    s = jax.ShapeDtypeStruct(cls.shape(cfg, batch, max_len), cfg.jnp_dtype)
+    return cls(s, s)

@@ -1,0 +1,174 @@
+"""Flax NNX modules: multi-head attention with a KV cache, the MoE block, the decoder.
+
+Each module computes with the weights it holds and reads sizes from their shapes,
+never from the config, so the same module runs on one device with whole weights
+and inside shard_map with one device's shards (ep.py supplies the collectives).
+Layers are stacked on a leading L axis (nnx.vmap) so a mesh axis can split them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jax_ep import ep
+from jax_ep.config import ModelConfig
+from jax_ep.kv_cache import KVCache
+
+
+def _normal(rngs: nnx.Rngs, shape, fan_in: int, dtype):
+  return (jax.random.normal(rngs.params(), shape, jnp.float32) * fan_in**-0.5).astype(dtype)
+
+
+def rope(x_BxTxHxK: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding (rotate-half form), computed in float32."""
+  half = x_BxTxHxK.shape[-1] // 2
+  freq_K2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BxTxK2 = positions_BxT[..., None].astype(jnp.float32) * freq_K2[None, None, :]
+  sin, cos = jnp.sin(angle_BxTxK2)[:, :, None], jnp.cos(angle_BxTxK2)[:, :, None]
+  x1, x2 = jnp.split(x_BxTxHxK.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxHxK.dtype)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float, dtype):
+    self.scale_D = nnx.Param(jnp.ones((dim,), dtype))
+    self.eps = eps
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    scale = self.scale_D[...].astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+    return (x32 * scale).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with rotary positions over a preallocated KV cache.
+
+  Heads may be a tp shard of the whole: the output projection's partial sums are
+  all-reduced over tp.
+  """
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, h, k, dt = cfg.model_dim, cfg.num_heads, cfg.head_dim, cfg.jnp_dtype
+    self.wq_DxHxK = nnx.Param(_normal(rngs, (d, h, k), d, dt))
+    self.wk_DxHxK = nnx.Param(_normal(rngs, (d, h, k), d, dt))
+    self.wv_DxHxK = nnx.Param(_normal(rngs, (d, h, k), d, dt))
+    self.wo_HxKxD = nnx.Param(_normal(rngs, (h, k, d), h * k, dt))
+    self.rope_theta = cfg.rope_theta
+
+  def __call__(self, x_BxTxD, k_BxSxHxK, v_BxSxHxK, pos, par: ep.Parallel):
+    """Attends the T new tokens at positions pos..pos+T-1 to cache positions < pos and
+    to each other (causally).
+
+    The cache is only read here: the caller writes the returned new keys and values
+    at pos, so a pipeline bubble can skip the write without copying the cache.
+    Returns the output [B, T, D] and the new k, v [B, T, H, K].
+    """
+    b, t, _ = x_BxTxD.shape
+    s = k_BxSxHxK.shape[1]
+    positions_BxT = jnp.broadcast_to(pos + jnp.arange(t, dtype=jnp.int32), (b, t))
+    q = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wq_DxHxK[...])
+    k = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wk_DxHxK[...])
+    v = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wv_DxHxK[...])
+    q, k = rope(q, positions_BxT, self.rope_theta), rope(k, positions_BxT, self.rope_theta)
+    k, v = k.astype(k_BxSxHxK.dtype), v.astype(v_BxSxHxK.dtype)
+    scale = q.shape[-1] ** -0.5
+    old_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q, k_BxSxHxK, preferred_element_type=jnp.float32)
+    seen_1x1x1xS = (jnp.arange(s) < pos)[None, None, None, :]
+    old_BxHxTxS = jnp.where(seen_1x1x1xS, old_BxHxTxS * scale, -jnp.inf)
+    new_BxHxTxT = jnp.einsum("bthk,buhk->bhtu", q, k, preferred_element_type=jnp.float32)
+    causal_1x1xTxT = (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None, None]
+    new_BxHxTxT = jnp.where(causal_1x1xTxT, new_BxHxTxT * scale, -jnp.inf)
+    probs = jax.nn.softmax(jnp.concatenate([old_BxHxTxS, new_BxHxTxT], axis=-1), axis=-1)
+    probs = probs.astype(v.dtype)
+    o_BxTxHxK = (jnp.einsum("bhts,bshk->bthk", probs[..., :s], v_BxSxHxK)
+                 + jnp.einsum("bhtu,buhk->bthk", probs[..., s:], v))
+    out_BxTxD = jnp.einsum("bthk,hkd->btd", o_BxTxHxK, self.wo_HxKxD[...])
+    return ep.psum_tp(out_BxTxD, par), k, v
+
+
+class MoEBlock(nnx.Module):
+  """Router (float32), top-k gate and experts stored stacked as [E, D, F] / [E, F, D]."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, f, e, dt = cfg.model_dim, cfg.mlp_dim, cfg.num_experts, cfg.jnp_dtype
+    self.w_router_DxE = nnx.Param(_normal(rngs, (d, e), d, jnp.float32))
+    self.w_up_ExDxF = nnx.Param(_normal(rngs, (e, d, f), d, dt))
+    self.w_down_ExFxD = nnx.Param(_normal(rngs, (e, f, d), f, dt))
+    if cfg.mlp_kind == "swiglu":
+      self.w_gate_ExDxF = nnx.Param(_normal(rngs, (e, d, f), d, dt))
+    self.top_k = cfg.top_k
+
+  def __call__(self, x_TxD, par: ep.Parallel, active=True):
+    gate = getattr(self, "w_gate_ExDxF", None)
+    return ep.moe(x_TxD, self.w_router_DxE[...], self.w_up_ExDxF[...], self.w_down_ExFxD[...],
+                  None if gate is None else gate[...], top_k=self.top_k, par=par, active=active)
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm attention then pre-norm MoE, each with a residual."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.model_dim, cfg.norm_eps, cfg.jnp_dtype)
+    self.attn = Attention(cfg, rngs)
+    self.moe_norm = RMSNorm(cfg.model_dim, cfg.norm_eps, cfg.jnp_dtype)
+    self.moe = MoEBlock(cfg, rngs)
+
+  def __call__(self, x_BxTxD, k_BxSxHxK, v_BxSxHxK, pos, par: ep.Parallel, active=True):
+    """Returns the output, this layer's new keys and values [B, T, H, K], MoE stats.
+
+    `active` False marks a pipeline bubble: computed, but its load is not counted.
+    """
+    h, k_BxTxHxK, v_BxTxHxK = self.attn(self.attn_norm(x_BxTxD), k_BxSxHxK, v_BxSxHxK, pos, par)
+    x_BxTxD = x_BxTxD + h
+    b, t, d = x_BxTxD.shape
+    y_TxD, stats = self.moe(self.moe_norm(x_BxTxD).reshape(b * t, d), par, active)
+    return x_BxTxD + y_TxD.reshape(b, t, d), k_BxTxHxK, v_BxTxHxK, stats
+
+
+class Transformer(nnx.Module):
+  """Token embedding, L stacked decoder layers, final norm and unembedding."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    dt = cfg.jnp_dtype
+    self.embed_VxD = nnx.Param(_normal(rngs, (cfg.vocab_size, cfg.model_dim), 1, dt))
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_layers(rngs):
+      return DecoderLayer(cfg, rngs)
+
+    self.layers = make_layers(rngs)
+    self.final_norm = RMSNorm(cfg.model_dim, cfg.norm_eps, dt)
+    self.unembed_DxV = nnx.Param(_normal(rngs, (cfg.model_dim, cfg.vocab_size), cfg.model_dim, dt))
+
+  def embed(self, tokens_BxT):
+    return jnp.take(self.embed_VxD[...], tokens_BxT, axis=0)
+
+  def head(self, x_BxTxD):
+    """Final norm and unembedding; logits in float32."""
+    return jnp.einsum("btd,dv->btv", self.final_norm(x_BxTxD), self.unembed_DxV[...],
+                      preferred_element_type=jnp.float32)
+
+  def num_local_layers(self) -> int:
+    return self.layers.attn_norm.scale_D.shape[0]
+
+  def layer(self, i: int) -> DecoderLayer:
+    """Layer i of the layers this module holds (all of them, or one stage's)."""
+    graphdef, state = nnx.split(self.layers)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+
+  def __call__(self, tokens_BxT, cache: KVCache, pos, par: ep.Parallel = ep.Parallel()):
+    """The whole model on one device: logits [B, T, V], the extended cache, MoE stats."""
+    x = self.embed(tokens_BxT)
+    stats = []
+    for i in range(self.num_local_layers()):
+      x, k, v, s = self.layer(i)(x, cache.k_LxBxSxHxK[i], cache.v_LxBxSxHxK[i], pos, par)
+      cache = cache.write(i, 0, pos, k, v)
+      stats.append(s)
+    stats = jax.tree.map(lambda *a: jnp.stack(a), *stats)
+    return self.head(x), cache, stats

@@ -1,0 +1,73 @@
+"""Pipeline of stages over micro-batches, run inside shard_map (GPipe schedule).
+
+At step t stage s works on micro-batch t - s while the activations it produced at
+step t - 1 travel to stage s + 1 (ppermute), so with M micro-batches and S stages
+a forward pass takes M + S - 1 steps, S - 1 of them fill and drain. Each stage
+keeps its layers' KV cache; a bubble step computes on a stand-in micro-batch and
+writes nothing.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jax_ep import ep
+from jax_ep.kv_cache import KVCache
+from jax_ep.model import Transformer
+
+
+def run(model_: Transformer, x_MxBxTxD_, cache_: KVCache, pos, par: ep.Parallel):
+  """This stage's layers over every micro-batch, stage to stage.
+
+  Args:
+    model_: the model with this stage's layers (L_local of them) and local shards.
+    x_MxBxTxD_: this device's batch, embedded, split into M micro-batches of B rows.
+    cache_: this stage's cache, [L_local, M * B, S, H_local, K].
+    pos: position of the first new token (all sequences share it).
+
+  Returns:
+    The last stage's output for every micro-batch (on every stage), the updated
+    cache, and MoE stats summed over micro-batches ([L_local, E] load, [L_local]).
+  """
+  m, b = x_MxBxTxD_.shape[:2]
+  num_layers = model_.num_local_layers()
+  stage = ep.stage_index(par)
+  layers = [model_.layer(i) for i in range(num_layers)]
+
+  def step(t, carry):
+    inflight_, outputs_, cache_, load_, dropped_, rounds_ = carry
+    mb = t - stage
+    valid = (mb >= 0) & (mb < m)
+    mb = jnp.clip(mb, 0, m - 1)
+    fresh_ = jax.lax.dynamic_index_in_dim(x_MxBxTxD_, jnp.minimum(t, m - 1), keepdims=False)
+    h_ = jnp.where(stage == 0, fresh_, inflight_)
+    for i, layer in enumerate(layers):
+      with jax.named_scope(f"layer{i}"):
+        k_rows = jax.lax.dynamic_slice_in_dim(cache_.k_LxBxSxHxK[i], mb * b, b, axis=0)
+        v_rows = jax.lax.dynamic_slice_in_dim(cache_.v_LxBxSxHxK[i], mb * b, b, axis=0)
+        h_, k_new, v_new, stats = layer(h_, k_rows, v_rows, pos, par, valid)
+        # A bubble rewrites what is already there: only the T new positions are touched.
+        k_old = jax.lax.dynamic_slice(cache_.k_LxBxSxHxK[i], (mb * b, pos, 0, 0), k_new.shape)
+        v_old = jax.lax.dynamic_slice(cache_.v_LxBxSxHxK[i], (mb * b, pos, 0, 0), v_new.shape)
+        cache_ = cache_.write(i, mb * b, pos, jnp.where(valid, k_new, k_old),
+                              jnp.where(valid, v_new, v_old))
+        load_ = load_.at[i].add(stats.load_E)
+        dropped_ = dropped_.at[i].add(stats.dropped)
+        rounds_ = rounds_.at[i].max(jnp.where(valid, stats.rounds, 0))
+    last = valid & (stage == par.stage - 1)
+    outputs_ = jax.lax.dynamic_update_index_in_dim(
+        outputs_, jnp.where(last, h_, outputs_[mb]), mb, axis=0)
+    with jax.named_scope("to_next_stage"):
+      inflight_ = ep.to_next_stage(h_, par)
+    return inflight_, outputs_, cache_, load_, dropped_, rounds_
+
+  num_experts = layers[0].moe.w_router_DxE.shape[-1]
+  carry = (jnp.zeros_like(x_MxBxTxD_[0]), jnp.zeros_like(x_MxBxTxD_), cache_,
+           jnp.zeros((num_layers, num_experts), jnp.int32), jnp.zeros((num_layers,), jnp.int32),
+           jnp.zeros((num_layers,), jnp.int32))
+  steps = m + par.stage - 1
+  _, outputs_, cache_, load_, dropped_, rounds_ = jax.lax.fori_loop(0, steps, step, carry)
+  with jax.named_scope("from_last_stage"):
+    outputs_ = ep.from_last_stage(outputs_, par)
+  return outputs_, cache_, ep.MoEStats(load_, dropped_, rounds_)

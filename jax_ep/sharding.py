@@ -1,0 +1,95 @@
+"""One table per deployment: which weight and activation axes map to which mesh axes.
+
+Field names carry the dimension letters (README legend); weight fields are apart
+from activation fields. Everything else reads its PartitionSpecs from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jax_ep.config import DeploymentConfig
+from jax_ep.ep import EXPERT, STAGE, TP
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingTable:
+  # weights
+  embed_VxD: P
+  unembed_DxV: P
+  final_norm_D: P
+  norm_LxD: P
+  attn_in_LxDxHxK: P  # wq, wk, wv
+  attn_out_LxHxKxD: P  # wo
+  router_LxDxE: P
+  expert_in_LxExDxF: P  # w_up, w_gate
+  expert_out_LxExFxD: P  # w_down
+  # activations and state
+  tokens_BxT: P
+  logits_BxTxV: P
+  kv_LxBxSxHxK: P
+  load_LxE: P
+
+
+def table_for(dep: DeploymentConfig) -> ShardingTable:
+  experts = (EXPERT, TP) if dep.placement == "ep" else EXPERT
+  ffn = TP if dep.placement == "tp" else None
+  return ShardingTable(
+      embed_VxD=P(),
+      unembed_DxV=P(),
+      final_norm_D=P(),
+      norm_LxD=P(STAGE),
+      attn_in_LxDxHxK=P(STAGE, None, TP, None),
+      attn_out_LxHxKxD=P(STAGE, TP, None, None),
+      router_LxDxE=P(STAGE),
+      expert_in_LxExDxF=P(STAGE, experts, None, ffn),
+      expert_out_LxExFxD=P(STAGE, experts, ffn, None),
+      tokens_BxT=P(EXPERT),
+      logits_BxTxV=P(EXPERT),
+      kv_LxBxSxHxK=P(STAGE, EXPERT, None, TP, None),
+      load_LxE=P(STAGE),
+  )
+
+
+# Parameter name (model.py) -> table field. Names under `layers` carry a leading L.
+_PARAM_FIELD = {
+    "embed_VxD": "embed_VxD",
+    "unembed_DxV": "unembed_DxV",
+    "wq_DxHxK": "attn_in_LxDxHxK",
+    "wk_DxHxK": "attn_in_LxDxHxK",
+    "wv_DxHxK": "attn_in_LxDxHxK",
+    "wo_HxKxD": "attn_out_LxHxKxD",
+    "w_router_DxE": "router_LxDxE",
+    "w_up_ExDxF": "expert_in_LxExDxF",
+    "w_gate_ExDxF": "expert_in_LxExDxF",
+    "w_down_ExFxD": "expert_out_LxExFxD",
+}
+
+
+def _path_names(path) -> list[str]:
+  return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+
+
+def param_specs(state, table: ShardingTable):
+  """PartitionSpecs for a model state (nnx.State, abstract or real), same structure."""
+
+  def spec(path, leaf):
+    names = _path_names(path)
+    name = next(n for n in reversed(names) if n != "value")
+    if name == "scale_D":
+      return table.norm_LxD if "layers" in names else table.final_norm_D
+    if name not in _PARAM_FIELD:
+      raise KeyError(f"no sharding rule for parameter {'/'.join(names)}; add it to sharding.py")
+    return getattr(table, _PARAM_FIELD[name])
+
+  return jax.tree_util.tree_map_with_path(spec, state)
+
+
+def named(mesh, specs):
+  """PartitionSpecs -> NamedShardings on `mesh` (P is a pytree leaf here)."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda x: isinstance(x, P))
