@@ -1,0 +1,172 @@
+"""The jax-ep command line: `jax-ep generate|bench [--flags]` (also `python -m jax_ep`).
+
+A thin shell: flags become configs once, here; the work is library calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+import sys
+import tempfile
+
+from absl import app, flags, logging
+
+from jax_ep import runtime
+
+COMMANDS = ("generate", "bench")
+
+_CONFIG = flags.DEFINE_string("config", "tiny", "Model preset: a file in configs/ (tiny, seed, "
+                              "seed_e64, tiny_e64).")
+_DEPLOYMENT = flags.DEFINE_string(
+    "deployment", "proposed",
+    "single, baseline or proposed (the preset for the device count), or a preset name from "
+    "configs/deployments.py (seed_proposed, seed_proposed_tp2, seed_proposed_e64, "
+    "seed_baseline, proposed_8, baseline_8, ...).")
+_SIMULATE = flags.DEFINE_integer(
+    "simulate_devices", -1,
+    "Run on the CPU with N fake devices. -1 (default): 8 when no GPU plugin is installed, "
+    "else the real GPUs. 0: the real devices as they are.")
+_STAGES = flags.DEFINE_integer("stages", None, "Override the preset's pipeline stages.")
+_EXPERT = flags.DEFINE_integer("expert_axis", None, "Override the preset's expert axis size.")
+_TP = flags.DEFINE_integer("tp", None, "Override the preset's tensor-parallel size.")
+_PLACEMENT = flags.DEFINE_enum("placement", None, ["ep", "tp"],
+                               "Override expert placement: ep = whole experts spread over "
+                               "expert x tp; tp = each expert's MLP split over tp.")
+_MICRO = flags.DEFINE_integer("microbatches", None, "Override pipeline micro-batches.")
+_CHUNKS = flags.DEFINE_integer("moe_chunks", None,
+                               "Override chunks per MoE layer (exchange/compute overlap).")
+_CAPACITY = flags.DEFINE_float("capacity_factor", None,
+                               "Override per-round expert buffer size relative to balance.")
+_DROPLESS = flags.DEFINE_bool("dropless", None, "Override: extra rounds instead of dropping.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed for weights, prompts and sampling.")
+_BATCH = flags.DEFINE_integer("batch", 8, "Sequences decoded together.")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 16, "Tokens in each (random) prompt.")
+_NEW = flags.DEFINE_integer("max_new_tokens", 16, "Tokens generated per sequence.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy; > 0 samples.")
+_OUTPUT = flags.DEFINE_string("output", None,
+                              "JSON file for the generated tokens ([batch][new tokens]) and "
+                              "metrics; written only when the run succeeds.")
+_PROFILE = flags.DEFINE_string("profile_dir", None,
+                               "Write a jax.profiler trace of the decode steps here.")
+_OVERLAP = flags.DEFINE_bool("xla_overlap", True,
+                             "Turn on XLA's latency-hiding scheduler (async collectives "
+                             "overlap compute on GPU; see jax_ep/runtime.py).")
+
+
+def _has_gpu_plugin() -> bool:
+  names = {d.metadata["Name"].lower() for d in importlib.metadata.distributions()}
+  return any(n.startswith("jax-cuda") and "plugin" in n for n in names)
+
+
+def _deployment(num_devices: int):
+  from configs import deployments
+
+  dep = deployments.resolve(_DEPLOYMENT.value, num_devices)
+  overrides = {"stages": _STAGES.value, "expert": _EXPERT.value, "tp": _TP.value,
+               "placement": _PLACEMENT.value, "microbatches": _MICRO.value,
+               "moe_chunks": _CHUNKS.value, "capacity_factor": _CAPACITY.value,
+               "dropless": _DROPLESS.value}
+  return dataclasses.replace(dep, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _check_output_path(path):
+  if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+    raise app.UsageError(f"--output={path}: directory {os.path.dirname(path)!r} does not exist.")
+
+
+def _write_json(path, payload):
+  """Atomic: a temporary file in the same directory, renamed over the target."""
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def _generate(profile_dir):
+  import jax
+  import numpy as np
+
+  from configs import load_model
+  from jax_ep import decode
+  from jax_ep.engine import Engine
+
+  cfg = load_model(_CONFIG.value)
+  dep = _deployment(len(jax.devices()))
+  logging.info("process %d of %d, %d devices (%s)", jax.process_index(), jax.process_count(),
+               len(jax.devices()), jax.devices()[0].platform)
+  print(f"model {_CONFIG.value}: {cfg.num_layers} layers x {cfg.num_experts} experts, "
+        f"top-{cfg.top_k}, {cfg.dtype}; deployment {dep.describe()}", flush=True)
+  engine = Engine(cfg, dep)
+  prompts = np.random.RandomState(_SEED.value).randint(
+      0, cfg.vocab_size, (_BATCH.value, _PROMPT_LEN.value))
+  max_len = min(cfg.max_seq_len, _PROMPT_LEN.value + _NEW.value)
+  # Everything that can be wrong with the request is checked before anything compiles.
+  engine.check_tokens(prompts, 0, max_len)
+  params = engine.init_params(_SEED.value)
+  if profile_dir:
+    jax.profiler.start_trace(profile_dir)
+  try:
+    gen = decode.generate(engine, params, prompts, _NEW.value, temperature=_TEMPERATURE.value,
+                          seed=_SEED.value, max_len=max_len, time_steps=True,
+                          log=lambda m: print("  " + m, flush=True))
+  finally:
+    if profile_dir:
+      jax.profiler.stop_trace()
+  return cfg, dep, gen
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f"usage: jax-ep {{{','.join(COMMANDS)}}} [--flags]; see --help.")
+  _check_output_path(_OUTPUT.value)
+  simulate = _SIMULATE.value
+  if simulate < 0:
+    simulate = 0 if _has_gpu_plugin() else 8
+  runtime.simulate_devices(simulate)
+  runtime.set_xla_flags(_OVERLAP.value)
+  if argv[1] == "bench":
+    from jax_ep import bench
+
+    return bench.main_from_flags()
+  cfg, dep, gen = _generate(_PROFILE.value)
+  load = gen.load_LxE
+  imbalance = float(load.max(axis=1).mean() / max(load.mean(), 1e-9))
+  rows = [("deployment", dep.describe()), ("batch x new tokens", f"{gen.batch} x {gen.steps + 1}"),
+          ("compile", f"{gen.compile_s:.2f} s"), ("prefill", f"{gen.prefill_s * 1e3:.1f} ms"),
+          ("TPOT (median decode step)", f"{gen.tpot_ms:.3f} ms"), ("TPS", f"{gen.tps:,.0f}"),
+          ("expert load max/mean", f"{imbalance:.2f}"), ("exchange rounds (max)", gen.max_rounds),
+          ("tokens dropped", gen.dropped)]
+  for k, v in rows:
+    print(f"  {k:<28} {v}")
+  print(f"  first sequence: {gen.tokens[0].tolist()}")
+  if _OUTPUT.value:
+    _write_json(_OUTPUT.value, {
+        "tokens": gen.tokens.tolist(), "config": dataclasses.asdict(cfg),
+        "deployment": dataclasses.asdict(dep), "tps": gen.tps, "tpot_ms": gen.tpot_ms,
+        "compile_s": gen.compile_s, "prefill_s": gen.prefill_s, "step_s": gen.step_s,
+        "load_LxE": load.tolist(), "dropped": gen.dropped, "max_rounds": gen.max_rounds})
+    print(f"  wrote {_OUTPUT.value}")
+  return 0
+
+
+def run():
+  """Console-script entry point."""
+  from jax_ep.config import ConfigError
+
+  try:
+    app.run(main)
+  except ConfigError as e:
+    print(f"jax-ep: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,33 @@
+"""Process set-up that must happen before jax starts a backend: devices and XLA flags."""
+
+from __future__ import annotations
+
+import os
+
+# Async collectives overlap compute on GPU only when XLA's latency-hiding scheduler
+# runs; it is off by default there (shared/GPU.md). These flags parse in jaxlib
+# 0.10.2 .. 0.11.2 and are ignored by the CPU backend.
+OVERLAP_FLAGS = (
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+    "--xla_gpu_enable_highest_priority_async_stream=true",
+)
+
+
+def set_xla_flags(overlap: bool) -> None:
+  """Adds the overlap flags to XLA_FLAGS (before the first jax computation)."""
+  if not overlap:
+    return
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  names = {f.split("=")[0] for f in flags}
+  flags += [f for f in OVERLAP_FLAGS if f.split("=")[0] not in names]
+  os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
+def simulate_devices(n: int) -> None:
+  """Runs on the CPU with `n` fake devices (n > 0), e.g. 64 to lay out the seed's mesh."""
+  if n <= 0:
+    return
+  import jax
+
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", n)
