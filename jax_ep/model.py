@@ -18,7 +18,8 @@ from jax_ep.kv_cache import KVCache
 
 
 def _normal(rngs: nnx.Rngs, shape, fan_in: int, dtype):
-  return (jax.random.normal(rngs.params(), shape, jnp.float32) * fan_in**-0.5).astype(dtype)
+  # Drawn in the target dtype: a float32 draw of one seed expert stack would be 68 GB.
+  return jax.random.normal(rngs.params(), shape, dtype) * jnp.asarray(fan_in**-0.5, dtype)
 
 
 def rope(x_BxTxHxK: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
