@@ -15,15 +15,24 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_ep import ep, pipeline, sharding
+from jax_ep import ep, model, pipeline, sharding
 from jax_ep.config import ConfigError, DeploymentConfig, ModelConfig
-from jax_ep.kv_cache import KVCache
+from jax_ep.kv_cache import StagedKVCache
 from jax_ep.mesh import make_mesh
 from jax_ep.model import Transformer
 
 
 class Engine:
-  """One model on one deployment's mesh."""
+  """One model on one deployment's mesh.
+
+  Parameters come in two layouts. The canonical one is the model's own nnx.State
+  (layers stacked [L, ...]), used by checkpoints and for moving weights between
+  deployments. The deployment layout, which this engine computes with, splits the
+  stack per local layer: `layers[i]` holds layer s * L_local + i of every stage s as
+  [stages, ...], sharded over `stage`; inside shard_map each device sees [1, ...], and
+  picking its layer is a reshape, not a copy of the weights (a copy would double
+  the bytes a weights-bound decode step reads, and its memory).
+  """
 
   def __init__(self, cfg: ModelConfig, dep: DeploymentConfig, mesh=None):
     dep.check_model(cfg)
@@ -33,35 +42,67 @@ class Engine:
       raise ConfigError(f"mesh {dict(self.mesh.shape)} does not match {dep.describe()}.")
     self.par = ep.Parallel.of(dep)
     self.table = sharding.table_for(dep)
+    self.local_layers = cfg.num_layers // dep.stages
     abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
-    self.graphdef, self.abstract_params = nnx.split(abstract)
+    self.graphdef, self.abstract_canonical = nnx.split(abstract)
+    self.layer_graphdef = nnx.split(abstract.layers)[0]
+    self.abstract_params = jax.eval_shape(self.to_layout, self.abstract_canonical)
     self.param_specs = sharding.param_specs(self.abstract_params, self.table)
     self.param_shardings = sharding.named(self.mesh, self.param_specs)
-    kv = self.table.kv_LxBxSxHxK
-    self.cache_specs = KVCache(kv, kv)
+    kv = (self.table.kv_LxBxSxHxK,) * self.local_layers
+    self.cache_specs = StagedKVCache(kv, kv)
     self.cache_shardings = sharding.named(self.mesh, self.cache_specs)
+
+  # --- layouts ----------------------------------------------------------------------------
+
+  def to_layout(self, canonical):
+    """Canonical nnx.State (layers [L, ...]) -> this deployment's layout."""
+    s, n = self.dep.stages, self.local_layers
+
+    def take(i):
+      return lambda a: a.reshape(s, n, *a.shape[1:])[:, i]
+
+    layers = canonical["layers"]
+    return {"embed_VxD": canonical["embed_VxD"], "final_norm": canonical["final_norm"],
+            "unembed_DxV": canonical["unembed_DxV"],
+            "layers": tuple(jax.tree.map(take(i), layers) for i in range(n))}
+
+  def to_canonical(self, params):
+    """This deployment's layout -> canonical nnx.State (for checkpoints, other meshes)."""
+    return _to_canonical_fn(self.cfg.num_layers)(params)
 
   # --- state ------------------------------------------------------------------------------
 
   def init_params(self, seed: int = 0):
-    """Random parameters, each created on the devices that hold it."""
+    """Random parameters in this deployment's layout, each created where it is held."""
 
     def init():
-      return nnx.split(Transformer(self.cfg, nnx.Rngs(seed)))[1]
+      return self.to_layout(nnx.split(Transformer(self.cfg, nnx.Rngs(seed)))[1])
 
     return jax.jit(init, out_shardings=self.param_shardings)()
 
   def place_params(self, params):
-    """Lays out parameters from anywhere (e.g. another deployment) on this mesh."""
-    return jax.device_put(params, self.param_shardings)
+    """Lays out parameters, canonical or from any deployment, on this mesh."""
+    if isinstance(params, dict) and isinstance(params.get("layers"), tuple):
+      if len(params["layers"]) == self.local_layers and all(
+          a.shape == b.shape for a, b in zip(jax.tree.leaves(params),
+                                             jax.tree.leaves(self.abstract_params))):
+        return jax.device_put(params, self.param_shardings)
+      params = jax.jit(_to_canonical_fn(self.cfg.num_layers))(params)
+    # Canonical shards first (the stacked L axis splits over stages in the same blocks),
+    # so each device receives only its share; the relayout is then local to each device.
+    canonical_specs = sharding.param_specs(self.abstract_canonical, self.table)
+    params = jax.device_put(params, sharding.named(self.mesh, canonical_specs))
+    return jax.jit(self.to_layout, out_shardings=self.param_shardings)(params)
 
-  def init_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+  def init_cache(self, batch: int, max_len: int | None = None) -> StagedKVCache:
     self.dep.check_batch(batch)
-    return jax.jit(lambda: KVCache.zeros(self.cfg, batch, max_len),
+    return jax.jit(lambda: StagedKVCache.zeros(self.cfg, self.dep.stages, batch, max_len),
                    out_shardings=self.cache_shardings)()
 
-  def abstract_cache(self, batch: int, max_len: int | None = None) -> KVCache:
-    shape = KVCache.shape(self.cfg, batch, max_len)
+  def abstract_cache(self, batch: int, max_len: int | None = None) -> StagedKVCache:
+    shape = jax.eval_shape(
+        lambda: StagedKVCache.zeros(self.cfg, self.dep.stages, batch, max_len)).k[0].shape
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(shape, self.cfg.jnp_dtype, sharding=s),
                         self.cache_shardings)
 
@@ -74,16 +115,19 @@ class Engine:
     cfg, par, m = self.cfg, self.par, self.dep.microbatches
 
     def forward_(params_, cache_, tokens_BxT_, pos):
-      model_ = nnx.merge(self.graphdef, params_)
       b, t = tokens_BxT_.shape
+      layers_ = [nnx.merge(self.layer_graphdef, jax.tree.map(lambda a: a[0], p))
+                 for p in params_["layers"]]
       with jax.named_scope("embed"):
-        x_ = model_.embed(tokens_BxT_).reshape(m, b // m, t, cfg.model_dim)
-      out_, cache_, stats = pipeline.run(model_, x_, cache_, pos, par)
+        x_ = model.embed(params_["embed_VxD"][...], tokens_BxT_)
+        x_ = x_.reshape(m, b // m, t, cfg.model_dim)
+      out_, cache_, stats = pipeline.run(layers_, x_, cache_, pos, par)
       h_ = out_.reshape(b, t, cfg.model_dim)
       if last_only:
         h_ = h_[:, -1:]
       with jax.named_scope("head"):
-        logits_ = model_.head(h_)
+        logits_ = model.head(h_, params_["final_norm"]["scale_D"][...],
+                             params_["unembed_DxV"][...], cfg.norm_eps)
       stats = ep.MoEStats(ep.psum_batch(stats.load_E, par), ep.psum_batch(stats.dropped, par),
                           stats.rounds)
       return logits_, cache_, stats
@@ -100,7 +144,8 @@ class Engine:
   def forward(self):
     """jit(params, cache, tokens [B, T], pos) -> (logits [B, T, V] f32, cache, MoEStats).
 
-    The cache is donated: it is updated in place.
+    The cache is donated: it is updated in place. MoE stats are per layer, in stage
+    order: load [L, E] summed over the batch, dropped [L], exchange rounds [L].
     """
     return jax.jit(self._shard_forward(last_only=False), donate_argnums=(1,))
 
@@ -131,3 +176,25 @@ class Engine:
       raise ConfigError(f"{pos} cached + {t} new tokens exceed the KV cache length {cap} "
                         "(max_seq_len); shorten the prompt or raise max_seq_len.")
     return jnp.asarray(tokens, jnp.int32)
+
+
+def _to_canonical_fn(num_layers: int):
+  """Canonical from the layout of any deployment (its stages x local layers = L)."""
+
+  def f(params):
+    def stack(*per_local):
+      a = jnp.stack(per_local, axis=1)
+      return a.reshape(num_layers, *a.shape[2:])
+
+    layers = jax.tree.map(stack, *params["layers"])
+    return nnx.State(_raw({"embed_VxD": params["embed_VxD"], "final_norm": params["final_norm"],
+                           "layers": layers, "unembed_DxV": params["unembed_DxV"]}))
+
+  return f
+
+
+def _raw(tree):
+  """Nested States -> nested dicts, the form nnx.split's State holds inside."""
+  if isinstance(tree, (dict, nnx.State)):
+    return {k: _raw(v) for k, v in tree.items()}
+  return tree

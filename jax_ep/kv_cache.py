@@ -33,3 +33,18 @@ class KVCache(NamedTuple):
   def abstract(cls, cfg: ModelConfig, batch: int, max_len: int | None = None) -> KVCache:
     s = jax.ShapeDtypeStruct(cls.shape(cfg, batch, max_len), cfg.jnp_dtype)
     return cls(s, s)
+
+
+class StagedKVCache(NamedTuple):
+  """A deployment's cache: per local layer i, [stages, B, S, H, K] (stage s holds layer
+  s * L_local + i), sharded over stages. Inside shard_map each array is [1, ...], so
+  taking layer i's cache is a free reshape, not a copy of the cache."""
+
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+
+  @staticmethod
+  def zeros(cfg: ModelConfig, stages: int, batch: int, max_len: int | None = None):
+    l, b, s, h, k = KVCache.shape(cfg, batch, max_len)
+    z = tuple(jnp.zeros((stages, b, s, h, k), cfg.jnp_dtype) for _ in range(l // stages))
+    return StagedKVCache(z, z)

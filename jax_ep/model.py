@@ -33,6 +33,23 @@ def rope(x_BxTxHxK: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Ar
   return out.astype(x_BxTxHxK.dtype)
 
 
+def rms_norm(x, scale_D, eps: float):
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  scale = scale_D.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+  return (x32 * scale).astype(x.dtype)
+
+
+def embed(embed_VxD, tokens_BxT):
+  return jnp.take(embed_VxD, tokens_BxT, axis=0)
+
+
+def head(x_BxTxD, final_scale_D, unembed_DxV, eps: float):
+  """Final norm and unembedding; logits in float32."""
+  return jnp.einsum("btd,dv->btv", rms_norm(x_BxTxD, final_scale_D, eps), unembed_DxV,
+                    preferred_element_type=jnp.float32)
+
+
 class RMSNorm(nnx.Module):
 
   def __init__(self, dim: int, eps: float, dtype):
@@ -40,10 +57,7 @@ class RMSNorm(nnx.Module):
     self.eps = eps
 
   def __call__(self, x):
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    scale = self.scale_D[...].astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
-    return (x32 * scale).astype(x.dtype)
+    return rms_norm(x, self.scale_D[...], self.eps)
 
 
 class Attention(nnx.Module):
@@ -147,29 +161,23 @@ class Transformer(nnx.Module):
     self.final_norm = RMSNorm(cfg.model_dim, cfg.norm_eps, dt)
     self.unembed_DxV = nnx.Param(_normal(rngs, (cfg.model_dim, cfg.vocab_size), cfg.model_dim, dt))
 
-  def embed(self, tokens_BxT):
-    return jnp.take(self.embed_VxD[...], tokens_BxT, axis=0)
-
-  def head(self, x_BxTxD):
-    """Final norm and unembedding; logits in float32."""
-    return jnp.einsum("btd,dv->btv", self.final_norm(x_BxTxD), self.unembed_DxV[...],
-                      preferred_element_type=jnp.float32)
 
   def num_local_layers(self) -> int:
     return self.layers.attn_norm.scale_D.shape[0]
 
   def layer(self, i: int) -> DecoderLayer:
-    """Layer i of the layers this module holds (all of them, or one stage's)."""
+    """Layer i (a copy of its slice of the stacked weights: fine for a reference)."""
     graphdef, state = nnx.split(self.layers)
     return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
   def __call__(self, tokens_BxT, cache: KVCache, pos, par: ep.Parallel = ep.Parallel()):
     """The whole model on one device: logits [B, T, V], the extended cache, MoE stats."""
-    x = self.embed(tokens_BxT)
+    x = embed(self.embed_VxD[...], tokens_BxT)
     stats = []
     for i in range(self.num_local_layers()):
       x, k, v, s = self.layer(i)(x, cache.k_LxBxSxHxK[i], cache.v_LxBxSxHxK[i], pos, par)
       cache = cache.write(i, 0, pos, k, v)
       stats.append(s)
     stats = jax.tree.map(lambda *a: jnp.stack(a), *stats)
-    return self.head(x), cache, stats
+    logits = head(x, self.final_norm.scale_D[...], self.unembed_DxV[...], self.final_norm.eps)
+    return logits, cache, stats

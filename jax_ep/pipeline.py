@@ -13,17 +13,17 @@ import jax
 import jax.numpy as jnp
 
 from jax_ep import ep
-from jax_ep.kv_cache import KVCache
-from jax_ep.model import Transformer
+from jax_ep.kv_cache import StagedKVCache
+from jax_ep.model import DecoderLayer
 
 
-def run(model_: Transformer, x_MxBxTxD_, cache_: KVCache, pos, par: ep.Parallel):
+def run(layers_: list[DecoderLayer], x_MxBxTxD_, cache_: StagedKVCache, pos, par: ep.Parallel):
   """This stage's layers over every micro-batch, stage to stage.
 
   Args:
-    model_: the model with this stage's layers (L_local of them) and local shards.
+    layers_: this stage's L_local layers, holding this device's shards.
     x_MxBxTxD_: this device's batch, embedded, split into M micro-batches of B rows.
-    cache_: this stage's cache, [L_local, M * B, S, H_local, K].
+    cache_: this stage's cache, per local layer [1, M * B, S, H_local, K].
     pos: position of the first new token (all sequences share it).
 
   Returns:
@@ -31,27 +31,31 @@ def run(model_: Transformer, x_MxBxTxD_, cache_: KVCache, pos, par: ep.Parallel)
     cache, and MoE stats summed over micro-batches ([L_local, E] load, [L_local]).
   """
   m, b = x_MxBxTxD_.shape[:2]
-  num_layers = model_.num_local_layers()
+  num_layers = len(layers_)
   stage = ep.stage_index(par)
-  layers = [model_.layer(i) for i in range(num_layers)]
+
+  def rows(a_1xBxSxHxK, mb):
+    if m == 1:  # no slice, so no copy of the cache
+      return a_1xBxSxHxK[0]
+    return jax.lax.dynamic_slice_in_dim(a_1xBxSxHxK[0], mb * b, b, axis=0)
 
   def step(t, carry):
-    inflight_, outputs_, cache_, load_, dropped_, rounds_ = carry
+    inflight_, outputs_, (ks, vs), load_, dropped_, rounds_ = carry
+    ks, vs = list(ks), list(vs)
     mb = t - stage
     valid = (mb >= 0) & (mb < m)
     mb = jnp.clip(mb, 0, m - 1)
     fresh_ = jax.lax.dynamic_index_in_dim(x_MxBxTxD_, jnp.minimum(t, m - 1), keepdims=False)
     h_ = jnp.where(stage == 0, fresh_, inflight_)
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(layers_):
       with jax.named_scope(f"layer{i}"):
-        k_rows = jax.lax.dynamic_slice_in_dim(cache_.k_LxBxSxHxK[i], mb * b, b, axis=0)
-        v_rows = jax.lax.dynamic_slice_in_dim(cache_.v_LxBxSxHxK[i], mb * b, b, axis=0)
-        h_, k_new, v_new, stats = layer(h_, k_rows, v_rows, pos, par, valid)
+        h_, k_new, v_new, stats = layer(h_, rows(ks[i], mb), rows(vs[i], mb), pos, par, valid)
         # A bubble rewrites what is already there: only the T new positions are touched.
-        k_old = jax.lax.dynamic_slice(cache_.k_LxBxSxHxK[i], (mb * b, pos, 0, 0), k_new.shape)
-        v_old = jax.lax.dynamic_slice(cache_.v_LxBxSxHxK[i], (mb * b, pos, 0, 0), v_new.shape)
-        cache_ = cache_.write(i, mb * b, pos, jnp.where(valid, k_new, k_old),
-                              jnp.where(valid, v_new, v_old))
+        at = (0, mb * b, pos, 0, 0)
+        k_old = jax.lax.dynamic_slice(ks[i], at, (1, *k_new.shape))[0]
+        v_old = jax.lax.dynamic_slice(vs[i], at, (1, *v_new.shape))[0]
+        ks[i] = jax.lax.dynamic_update_slice(ks[i], jnp.where(valid, k_new, k_old)[None], at)
+        vs[i] = jax.lax.dynamic_update_slice(vs[i], jnp.where(valid, v_new, v_old)[None], at)
         load_ = load_.at[i].add(stats.load_E)
         dropped_ = dropped_.at[i].add(stats.dropped)
         rounds_ = rounds_.at[i].max(jnp.where(valid, stats.rounds, 0))
@@ -60,14 +64,14 @@ def run(model_: Transformer, x_MxBxTxD_, cache_: KVCache, pos, par: ep.Parallel)
         outputs_, jnp.where(last, h_, outputs_[mb]), mb, axis=0)
     with jax.named_scope("to_next_stage"):
       inflight_ = ep.to_next_stage(h_, par)
-    return inflight_, outputs_, cache_, load_, dropped_, rounds_
+    return inflight_, outputs_, (tuple(ks), tuple(vs)), load_, dropped_, rounds_
 
-  num_experts = layers[0].moe.w_router_DxE.shape[-1]
-  carry = (jnp.zeros_like(x_MxBxTxD_[0]), jnp.zeros_like(x_MxBxTxD_), cache_,
+  num_experts = layers_[0].moe.w_router_DxE.shape[-1]
+  carry = (jnp.zeros_like(x_MxBxTxD_[0]), jnp.zeros_like(x_MxBxTxD_), (cache_.k, cache_.v),
            jnp.zeros((num_layers, num_experts), jnp.int32), jnp.zeros((num_layers,), jnp.int32),
            jnp.zeros((num_layers,), jnp.int32))
   steps = m + par.stage - 1
-  _, outputs_, cache_, load_, dropped_, rounds_ = jax.lax.fori_loop(0, steps, step, carry)
+  _, outputs_, (ks, vs), load_, dropped_, rounds_ = jax.lax.fori_loop(0, steps, step, carry)
   with jax.named_scope("from_last_stage"):
     outputs_ = ep.from_last_stage(outputs_, par)
-  return outputs_, cache_, ep.MoEStats(load_, dropped_, rounds_)
+  return outputs_, StagedKVCache(ks, vs), ep.MoEStats(load_, dropped_, rounds_)
