@@ -50,6 +50,7 @@ class BenchSpec:
   num_devices: int | None = None  # use the first N devices (default: all)
   seed: int = 0
   probes: bool = True
+  probe_mib: int | None = None  # copy and all_to_all probe sizes (GPU 2048/64, CPU 64/4)
 
 
 def _platform_defaults(spec: BenchSpec, platform: str) -> BenchSpec:
@@ -112,11 +113,13 @@ def probe_all_to_all(devices, nbytes: int) -> float:
   return t
 
 
-def measure_hardware(devices, dtype, gpu: bool, log) -> tuple[perf_model.Hardware, dict]:
+def measure_hardware(devices, dtype, gpu: bool, log,
+                     probe_mib: int | None = None) -> tuple[perf_model.Hardware, dict]:
   """Probes the first device (and the collective over all): a Hardware and the raw numbers."""
-  copy_bytes = (2 << 30) if gpu else (64 << 20)
+  copy_bytes = (probe_mib << 20) if probe_mib else ((2 << 30) if gpu else (64 << 20))
   mm = 8192 if gpu else 512
-  a2a_big, a2a_small = ((64 << 20) if gpu else (4 << 20)), 64 << 10
+  a2a_big = (probe_mib << 20) // 16 if probe_mib else ((64 << 20) if gpu else (4 << 20))
+  a2a_small = min(64 << 10, a2a_big // 4)
   raw = {"copy_bytes": copy_bytes, "matmul_n": mm, "matmul_dtype": jnp.dtype(dtype).name}
   raw["hbm_bytes_per_s"] = probe_copy(devices[0], copy_bytes)
   log(f"probe: copy {copy_bytes / 2**20:.0f} MiB: {raw['hbm_bytes_per_s'] / 1e12:.3f} TB/s")
@@ -174,8 +177,29 @@ def _preset_for(kind: str, num_devices: int) -> tuple[str, str]:
   if not fit:
     raise ConfigError(f"no {kind} preset fits {num_devices} devices")
   name = f"{kind}_{fit[-1]}"
+  if deployments.PRESETS[name].num_devices == 1:
+    raise ConfigError(f"on 1 device the {kind} preset is the single-device run; "
+                      "--share=proposed runs one device's share of seed_proposed instead")
   return name, (f"the seed's {kind} needs {need} GPUs, {num_devices} present: scaled preset "
                 f"{name} ({deployments.PRESETS[name].describe()})")
+
+
+def parse_mesh(kind: str) -> DeploymentConfig:
+  """"mesh:SxExT" or "mesh:SxExT/M": a proposed-style deployment of any shape.
+
+  Whole experts over expert (and tp, as the baseline's placement) when T = 1 or the
+  expert axis is 1; each expert's MLP over tp otherwise. M defaults to 1.
+  """
+  try:
+    shape, _, m = kind.removeprefix("mesh:").partition("/")
+    s, e, t = (int(v) for v in shape.split("x"))
+    m = int(m) if m else 1
+  except ValueError:
+    raise ConfigError(f"--kinds entry {kind!r}: write mesh:SxExT or mesh:SxExT/M, "
+                      "e.g. mesh:1x2x1 for expert parallelism over 2 devices.") from None
+  placement = "tp" if t > 1 and e > 1 else "ep"
+  return DeploymentConfig(kind="proposed", stages=s, expert=e, tp=t, placement=placement,
+                          microbatches=m)
 
 
 def share_config(cfg: ModelConfig, dep: DeploymentConfig, batch: int):
@@ -201,14 +225,16 @@ def plan(cfg: ModelConfig, spec: BenchSpec, num_devices: int, log) -> tuple[list
   plans, skipped = [], []
   for kind in spec.kinds:
     try:
-      if kind == "single":
-        name, note = "single", ""
-      elif kind in SEED_PRESET:
+      note = ""
+      if kind in SEED_PRESET:
         name, note = _preset_for(kind, num_devices)
+        dep = deployments.PRESETS[name]
+      elif kind.startswith("mesh:"):
+        name, dep = kind, parse_mesh(kind)
       else:
-        name, note = kind, ""
-      dep = deployments.resolve(name, num_devices) if kind not in SEED_PRESET else \
-          deployments.PRESETS[name]
+        name, dep = kind, deployments.resolve(kind, num_devices)
+      if dep.num_devices > num_devices:
+        raise ConfigError(f"{name} needs {dep.num_devices} devices, {num_devices} present")
       dep.check_model(cfg)
       dep.check_batch(spec.batch)
       label = {"single": "Single device", "baseline": "Baseline (TP x PP)",
@@ -240,12 +266,11 @@ def slice_share(params, cfg: ModelConfig, share: ModelConfig):
     if "layers" not in names:
       return leaf
     name = next(n for n in reversed(names) if n != "value")
-    leaf = leaf[:share.num_layers]
-    if name.startswith(("w_up_", "w_gate_", "w_down_")):
-      return leaf[:, :share.num_experts]
-    if name == "w_router_DxE":
-      return leaf[..., :share.num_experts]
-    return leaf
+    if name.startswith(("w_up_", "w_gate_", "w_down_")):  # [L, E, ...]
+      return leaf[:share.num_layers, :share.num_experts]
+    if name == "w_router_DxE":  # [L, D, E]
+      return leaf[:share.num_layers, :, :share.num_experts]
+    return leaf[:share.num_layers]
 
   return jax.tree_util.tree_map_with_path(cut, params)
 
@@ -337,7 +362,8 @@ def run(spec: BenchSpec = BenchSpec(), log: Callable[[str], None] = print) -> di
       f"{spec.config}, batch {spec.batch}, prompt {spec.prompt_len}, {spec.warmup} warm-up + "
       f"{spec.steps} timed decode steps")
   if spec.probes:
-    hw, probes = measure_hardware(devices, cfg.jnp_dtype, platform != "cpu", log)
+    hw, probes = measure_hardware(devices, cfg.jnp_dtype, platform != "cpu", log,
+                                 spec.probe_mib)
   else:
     hw, probes = perf_model.H200, {}
   plans, skipped = plan(cfg, spec, n, log)
