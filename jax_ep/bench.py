@@ -520,9 +520,7 @@ def markdown(result: dict) -> str:
   cal = result["calibration"]
   eff = cal["efficiency"]
   lines += ["## Performance model calibrated on this run", "",
-            f"Efficiency: roofline {eff['roofline']:.3f}, comm {eff['comm']:.3f}, overlap "
-            f"{eff['overlap']:.2f}, per-layer-micro-step overhead "
-            f"{eff['layer_overhead_s'] * 1e6:.1f} us", "",
+            f"Efficiency: {perf_model.Efficiency(**eff).describe()}", "",
             perf_model.format_validation(cal["validation"]), ""]
   if result["platform"] == "cpu":
     lines += ["(Fitted on CPU devices: these factors say nothing about a GPU; the tables below "

@@ -91,11 +91,17 @@ HARDWARE = {"h100": H100_SXM, "h200": H200}
 class Efficiency:
   """How far real kernels and collectives fall short of the hardware; 1, 1, 1, 0 is ideal."""
 
-  roofline: float = 1.0  # achieved fraction of max(bytes / bw, flops / rate) per phase
+  memory: float = 1.0  # achieved fraction of HBM bandwidth in each phase
+  compute: float = 1.0  # achieved fraction of the matmul rate in each phase
   comm: float = 1.0  # achieved fraction of link bandwidth and latency (divides comm time)
   overlap: float = 1.0  # with moe_chunks = n > 1: share of the other n - 1 chunks'
   #                       exchanges hidden behind expert compute (0 = none, 1 = all it can)
   layer_overhead_s: float = 0.0  # fixed cost per layer per micro-step (launches, small ops)
+
+  def describe(self) -> str:
+    return (f"memory {self.memory:.3f}, compute {self.compute:.3f}, comm {self.comm:.3f}, "
+            f"overlap {self.overlap:.2f}, per-layer-micro-step overhead "
+            f"{self.layer_overhead_s * 1e6:.1f} us")
 
 
 IDEAL = Efficiency()
@@ -346,15 +352,17 @@ class Prediction:
   fits: bool  # weights + KV cache within the device's HBM
   floor_s: float  # this implementation at the hardware ceilings, comm overlapped, no latency
   ideal_s: float  # the resident bytes read once (or the real FLOPs) at the ceilings
-  components: dict  # roofline_s, comm_s, layer_steps: the calibration's regressors
+  components: dict  # roofline_s (with eff's memory, compute), comm_s (ideal), layer_steps
 
   @property
   def tpot_ms(self) -> float:
     return 1e3 * self.tpot_s
 
 
-def _roofline(nbytes: float, flops: float, hw: Hardware) -> float:
-  return max(nbytes / hw.hbm_bytes_per_s, flops / hw.matmul_flops)
+def _roofline(nbytes: float, flops: float, hw: Hardware, eff: Efficiency = IDEAL) -> float:
+  """One phase: the slower of reading its bytes and doing its FLOPs."""
+  return max(nbytes / (hw.hbm_bytes_per_s * eff.memory),
+             flops / (hw.matmul_flops * eff.compute))
 
 
 def predict(cfg: ModelConfig, dep: DeploymentConfig, batch: int, context_len: int,
@@ -380,9 +388,8 @@ def predict(cfg: ModelConfig, dep: DeploymentConfig, batch: int, context_len: in
   attn_flops = attention_flops(cfg, lay, context_len)
   exp_bytes = expert_weight_bytes(cfg, lay) + expert_activation_bytes(cfg, lay)
   exp_flops = expert_flops(cfg, lay)
-  attn_s = _roofline(attn_bytes, attn_flops, hw)
-  expert_s = _roofline(exp_bytes, exp_flops, hw)
-  micro_roof_s = lay.layers * (attn_s + moe_calls * expert_s)
+  attn_s = _roofline(attn_bytes, attn_flops, hw, eff)
+  expert_s = _roofline(exp_bytes, exp_flops, hw, eff)
 
   # Communication per layer and micro-step.
   a2a_intra, a2a_inter = all_to_all_bytes(cfg, dep, lay, gpn)
@@ -404,19 +411,24 @@ def predict(cfg: ModelConfig, dep: DeploymentConfig, batch: int, context_len: in
   pipe_s = collective_time(*pipe, hw) if dep.stages > 1 else 0.0
 
   # Once per step.
-  head_s = _roofline(head_bytes(cfg, lay), head_flops(cfg, lay), hw)
+  head_s = _roofline(head_bytes(cfg, lay), head_flops(cfg, lay), hw, eff)
   bcast = _split(dep, ("stage",), final_broadcast_bytes(cfg, dep, lay), gpn)
   bcast_s = collective_time(*bcast, hw) if dep.stages > 1 else 0.0
   stats_s = 2 * lat if dep.num_devices > 1 else 0.0  # load and dropped psums
 
   n = lay.micro_steps
   layer_steps = n * lay.layers
-  roof_s = n * micro_roof_s + head_s
+  roof_s = n * lay.layers * (attn_s + moe_calls * expert_s) + head_s
+  phases = [(n * lay.layers, attn_bytes, attn_flops), (n * lay.layers * moe_calls, exp_bytes,
+            exp_flops), (1, head_bytes(cfg, lay), head_flops(cfg, lay))]
+  compute_bound_s = sum(k * _roofline(b, f, hw) for k, b, f in phases
+                        if f / hw.matmul_flops > b / hw.hbm_bytes_per_s)
+  memory_bound_s = sum(k * _roofline(b, f, hw) for k, b, f in phases) - compute_bound_s
   comm_s = n * (lay.layers * comm_layer_s + pipe_s) + bcast_s + stats_s
   terms = {
-      "attention": n * lay.layers * attn_s / eff.roofline,
-      "experts": n * lay.layers * moe_calls * expert_s / eff.roofline,
-      "head": head_s / eff.roofline,
+      "attention": n * lay.layers * attn_s,
+      "experts": n * lay.layers * moe_calls * expert_s,
+      "head": head_s,
       "all_to_all": n * lay.layers * a2a_s / eff.comm,
       "tp_collectives": n * lay.layers * (tp_ar_s + ffn_ps_s + gather_s) / eff.comm,
       "syncs": (n * lay.layers * sync_s + stats_s) / eff.comm,
@@ -432,7 +444,10 @@ def predict(cfg: ModelConfig, dep: DeploymentConfig, batch: int, context_len: in
   intra = n * (lay.layers * per_layer_intra + pipe[0]) + bcast[0]
   inter = n * (lay.layers * per_layer_inter + pipe[1]) + bcast[1]
   comm_bw_s = max(intra / hw.intra_node_bytes_per_s, inter / hw.inter_node_bytes_per_s)
-  floor_s = max(roof_s, comm_bw_s)
+  ideal_roof_s = n * lay.layers * (_roofline(attn_bytes, attn_flops, hw)
+                                   + moe_calls * _roofline(exp_bytes, exp_flops, hw))
+  floor_s = max(ideal_roof_s + _roofline(head_bytes(cfg, lay), head_flops(cfg, lay), hw),
+                comm_bw_s)
   resident = resident_bytes(cfg, lay, context_len)
   ideal_s = ideal_floor_s(cfg, dep, batch, context_len, hw)
   return Prediction(
@@ -440,7 +455,8 @@ def predict(cfg: ModelConfig, dep: DeploymentConfig, batch: int, context_len: in
       terms_s=terms, hbm_bytes=hbm, flops=flops, comm_bytes={"intra": intra, "inter": inter},
       resident_bytes=resident, fits=resident <= hw.hbm_capacity_bytes, floor_s=floor_s,
       ideal_s=ideal_s,
-      components={"roofline_s": roof_s, "comm_s": comm_s, "layer_steps": layer_steps})
+      components={"roofline_s": roof_s, "comm_s": comm_s, "layer_steps": layer_steps,
+                  "memory_bound_s": memory_bound_s, "compute_bound_s": compute_bound_s})
 
 
 def ideal_floor_s(cfg: ModelConfig, dep: DeploymentConfig, batch: int, context_len: int,
@@ -500,42 +516,77 @@ def _configs_of(record: dict):
   return cfg, dep, hw
 
 
-def _components(record: dict, overlap: float) -> dict:
-  cfg, dep, hw = _configs_of(record)
-  p = predict(cfg, dep, record["batch"], record["context_len"], hw,
-              Efficiency(overlap=overlap), record.get("imbalance", 1.0))
-  return p.components
+def calibrate(records, overlap: float = 1.0) -> Efficiency:
+  """Fits Efficiency to measured decode steps.
 
-
-def calibrate(records: list[dict], overlap: float = 1.0) -> Efficiency:
-  """Fits Efficiency to measured decode steps: tpot = roof / e_r + comm / e_c + n * o.
+  tpot = sum over phases of max(bytes / (bw x memory), flops / (rate x compute))
+         + comm / comm_eff + layer_steps x overhead.
 
   Args:
     records: measurements, each a dict with model and deployment (the dataclass fields),
       batch, context_len, imbalance (optional), hardware (a Hardware dict or a HARDWARE
       key) and tpot_ms, as bench.py writes under "runs". A JSON path or a bench result
       dict ({"runs": [...]}) is accepted too.
-    overlap: kept as given (few runs cannot separate it from the other factors).
+    overlap: kept as given (a few runs cannot separate it from the other factors).
 
-  Non-negative least squares; a regressor that is zero in every record (no
-  communication on one device) keeps its ideal value, and with fewer records than
-  factors, the fixed overhead is dropped first, then communication.
+  Least squares on relative error: memory and compute on a log grid, refined around
+  the best point; comm and the overhead solved non-negative at each point. With fewer
+  runs than factors the later ones in (memory, compute, overhead, comm) stay ideal; a
+  factor no run depends on stays ideal; memory and compute are tied (one roofline
+  factor) unless two runs or more include both memory-bound and compute-bound phases
+  (over 10% of their roofline time each way).
   """
+  import numpy as np
+
   records = load_records(records)
   if not records:
     raise ValueError("calibrate() needs at least one measured run.")
-  names = ["roofline_s", "comm_s", "layer_steps"]
-  comps = [_components(r, overlap) for r in records]
-  y = [r["tpot_ms"] / 1e3 for r in records]
-  live = [n for n in names if any(c[n] > 0 for c in comps)]
-  while len(live) > len(records):
-    live.remove("layer_steps" if "layer_steps" in live else "comm_s")
-  coef = dict(zip(live, _nnls([[c[n] for n in live] for c in comps], y), strict=True))
+  setups = [_configs_of(r) for r in records]
+  y = np.array([r["tpot_ms"] / 1e3 for r in records])
 
-  def inverse(name):
-    return 1.0 / coef[name] if coef.get(name, 0) > 0 else 1.0
-  return Efficiency(roofline=inverse("roofline_s"), comm=inverse("comm_s"), overlap=overlap,
-                    layer_overhead_s=coef.get("layer_steps", 0.0))
+  def predictions(memory, compute):
+    eff = Efficiency(memory=memory, compute=compute, overlap=overlap)
+    return [predict(c, d, r["batch"], r["context_len"], hw, eff, r.get("imbalance", 1.0))
+            for (c, d, hw), r in zip(setups, records, strict=True)]
+
+  base = predictions(1.0, 1.0)
+  comm = np.array([p.components["comm_s"] for p in base])
+  steps = np.array([p.components["layer_steps"] for p in base], float)
+  linear = []  # (name, column) solved by least squares at each grid point
+  if len(records) >= 3 and steps.any():
+    linear.append(("layer_steps", steps))
+  if len(records) >= 4 and comm.any():
+    linear.append(("comm", comm))
+  share = [(p.components["memory_bound_s"] / p.components["roofline_s"],
+            p.components["compute_bound_s"] / p.components["roofline_s"]) for p in base]
+  tied = (len(records) < 2 or not any(m > 0.1 for m, _ in share)
+          or not any(c > 0.1 for _, c in share))
+
+  def fit(memory, compute):
+    roof = np.array([p.components["roofline_s"] for p in predictions(memory, compute)])
+    rest, coef = y - roof, np.zeros(len(linear))
+    if linear:
+      cols = np.stack([col for _, col in linear], axis=1)
+      coef = np.asarray(_nnls((cols / y[:, None]).tolist(), (rest / y).tolist()))
+      rest = rest - cols @ coef
+    return float(np.sum((rest / y) ** 2)), coef
+
+  best, center, span, points = None, (0.2, 0.2), math.log(20.0), 41
+  for _ in range(4):  # a coarse log grid, then finer ones around the best point
+    offsets = np.exp(np.linspace(-span, span, points))
+    pairs = ([(center[0] * o, center[0] * o) for o in offsets] if tied else
+             [(center[0] * om, center[1] * oc) for om in offsets for oc in offsets])
+    for m, c in pairs:
+      err, coef = fit(m, c)
+      if best is None or err < best[0]:
+        best = (err, m, c, coef)
+    center, span, points = (best[1], best[2]), 2 * span / (points - 1), 21
+  _, memory, compute, coef = best
+  values = dict(zip([n for n, _ in linear], coef, strict=True))
+  comm_coef = values.get("comm", 0.0)
+  return Efficiency(memory=float(memory), compute=float(compute),
+                    comm=float(1.0 / comm_coef) if comm_coef > 0 else 1.0, overlap=overlap,
+                    layer_overhead_s=float(values.get("layer_steps", 0.0)))
 
 
 def validate(records, eff: Efficiency = IDEAL) -> list[dict]:
@@ -751,9 +802,9 @@ def report(hardware: str = "h100", batch: int = 1024, context_len: int = 128,
   eff, out = IDEAL, []
   if calibration:
     eff = calibrate(calibration)
-    out += [f"calibrated from {calibration}: {eff}",
+    out += [f"calibrated from {calibration}: {eff.describe()}",
             format_validation(validate(calibration, eff)), ""]
-  out += [hw.describe(), f"efficiency: {eff}"]
+  out += [hw.describe(), f"efficiency: {eff.describe()}"]
   rows = seed_rows(hw, batch, context_len, eff)
   out += [format_seed_table(rows, hw), "",
           "Predicted step, term by term (ms per decode step, per device):",

@@ -147,25 +147,45 @@ def test_seed_table_golden():
   assert rows["Proposed cross-node EP"].tpot_ms == pytest.approx(4.53, abs=0.01)
 
 
+def _records(truth, cases, context=64):
+  out = []
+  for dep, cfg, batch in cases:
+    p = pm.predict(cfg, dep, batch, context, pm.H200, truth)
+    out.append({"model": dataclasses.asdict(cfg), "deployment": dataclasses.asdict(dep),
+                "batch": batch, "context_len": context, "hardware": "h200",
+                "tpot_ms": p.tpot_ms})
+  return out
+
+
 def test_calibrate_recovers_known_efficiency():
-  truth = pm.Efficiency(roofline=0.6, comm=0.4, overlap=1.0, layer_overhead_s=30e-6)
-  records = []
-  for dep, cfg, batch in [(deployments.SINGLE, SEED, 1024),
-                          (deployments.SEED_BASELINE, SEED, 1024),
-                          (deployments.SEED_PROPOSED, SEED, 1024),
-                          (deployments.PRESETS["proposed_8"], TINY, 8)]:
-    p = pm.predict(cfg, dep, batch, 64, pm.H200, truth)
-    records.append({"model": dataclasses.asdict(cfg), "deployment": dataclasses.asdict(dep),
-                    "batch": batch, "context_len": 64, "hardware": "h200",
-                    "tpot_ms": p.tpot_ms})
+  truth = pm.Efficiency(memory=0.8, compute=0.5, comm=0.4, overlap=1.0, layer_overhead_s=30e-6)
+  records = _records(truth, [(deployments.SINGLE, SEED, 1024),  # compute-bound experts
+                             (deployments.SEED_BASELINE, SEED, 1024),
+                             (deployments.SEED_PROPOSED, SEED, 1024),  # memory-bound
+                             (deployments.PRESETS["proposed_8"], TINY, 8)])
   eff = pm.calibrate(records)
-  assert eff.roofline == pytest.approx(0.6, rel=1e-6)
-  assert eff.comm == pytest.approx(0.4, rel=1e-6)
-  assert eff.layer_overhead_s == pytest.approx(30e-6, rel=1e-6)
-  assert all(r["ratio"] == pytest.approx(1.0) for r in pm.validate(records, eff))
-  # One run: only the roofline factor is fitted.
+  assert eff.memory == pytest.approx(0.8, rel=2e-3)
+  assert eff.compute == pytest.approx(0.5, rel=2e-3)
+  assert eff.comm == pytest.approx(0.4, rel=2e-2)
+  assert eff.layer_overhead_s == pytest.approx(30e-6, rel=2e-2)
+  assert all(r["ratio"] == pytest.approx(1.0, rel=1e-2) for r in pm.validate(records, eff))
+
+
+def test_calibrate_one_gpu_runs():
+  # What one H200 gives: the whole model (compute-bound at capacity padding) and one
+  # device's share of seed_proposed (memory-bound): memory and compute apart, nothing else.
+  from jax_ep import bench
+
+  truth = pm.Efficiency(memory=0.85, compute=0.6)
+  share, rows = bench.share_config(SEED, deployments.SEED_PROPOSED, 1024)
+  records = _records(truth, [(deployments.SINGLE, SEED, 1024), (deployments.SINGLE, share, rows)])
+  eff = pm.calibrate(records)
+  assert eff.memory == pytest.approx(0.85, rel=2e-3)
+  assert eff.compute == pytest.approx(0.6, rel=2e-3)
+  assert eff.comm == 1.0 and eff.layer_overhead_s == 0.0
+  # One run: one roofline factor.
   eff = pm.calibrate(records[:1])
-  assert eff.comm == 1.0 and eff.layer_overhead_s == 0.0 and 0 < eff.roofline < 1
+  assert eff.memory == eff.compute and eff.comm == 1.0 and eff.layer_overhead_s == 0.0
 
 
 def test_scaling_families_are_valid_deployments():
