@@ -1,0 +1,70 @@
+"""The seed's TPS/TPOT table from one run on the devices present; writes JSON, markdown, PNG.
+
+  PYTHONPATH=. python benchmarks/seed_table.py --out_dir=/tmp/bench          # CPU: 8 fake devices
+  PYTHONPATH=. python benchmarks/seed_table.py --share=proposed --out_dir=$OUT  # GPU
+
+A thin shell over jax_ep/bench.py; see benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jax_ep import runtime  # noqa: E402  (imports no jax)
+
+_OUT = flags.DEFINE_string("out_dir", "benchmarks/results/latest",
+                           "Directory for seed_table.{json,md,png}.")
+_CONFIG = flags.DEFINE_string("config", None, "Model preset; default seed on GPU, tiny on CPU.")
+_KINDS = flags.DEFINE_list("kinds", ["single", "baseline", "proposed"],
+                           "Deployments: single, baseline, proposed (the seed's preset, or the "
+                           "scaled one for the devices present), or preset names.")
+_SHARE = flags.DEFINE_string("share", None,
+                             "Also run one device's share of this deployment on one device: "
+                             "'proposed' (= seed_proposed: 1 layer, 1 expert, 64 sequences) or a "
+                             "tp=1 preset name.")
+_BATCH = flags.DEFINE_integer("batch", 1024, "Sequences, each decoding one token per step.")
+_PROMPT = flags.DEFINE_integer("prompt_len", None, "Prompt tokens; default 32 on GPU, 8 on CPU. "
+                               "The KV cache length is prompt_len + warmup + steps.")
+_STEPS = flags.DEFINE_integer("steps", None, "Timed decode steps; default 20 on GPU, 6 on CPU.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Decode steps before the timed ones (not timed).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed for weights and prompts.")
+_DEVICES = flags.DEFINE_integer("num_devices", 0, "Use the first N devices (0: all).")
+_SIMULATE = flags.DEFINE_integer("simulate_devices", -1,
+                                 "N fake CPU devices; -1: 8 when no GPU plugin is installed, "
+                                 "else the real GPUs; 0: the devices as they are.")
+_OVERLAP = flags.DEFINE_bool("xla_overlap", True,
+                             "XLA's latency-hiding scheduler on GPU (jax_ep/runtime.py).")
+
+
+def _has_gpu_plugin() -> bool:
+  names = {d.metadata["Name"].lower() for d in importlib.metadata.distributions()}
+  return any(n.startswith("jax-cuda") and "plugin" in n for n in names)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  simulate = _SIMULATE.value
+  runtime.simulate_devices(8 if simulate < 0 and not _has_gpu_plugin() else max(simulate, 0))
+  runtime.set_xla_flags(_OVERLAP.value)
+  from jax_ep import bench
+
+  spec = bench.BenchSpec(config=_CONFIG.value, kinds=tuple(_KINDS.value), share=_SHARE.value,
+                         batch=_BATCH.value, prompt_len=_PROMPT.value, steps=_STEPS.value,
+                         warmup=_WARMUP.value, num_devices=_DEVICES.value or None,
+                         seed=_SEED.value)
+  result = bench.run(spec, log=lambda m: print(m, flush=True))
+  print()
+  print(bench.markdown(result))
+  for path in bench.write(result, _OUT.value):
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)

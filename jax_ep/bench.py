@@ -1,0 +1,607 @@
+"""The seed's TPS/TPOT table from one run: deployments side by side, floor probes, model.
+
+One process, the devices present (real GPUs or fake CPU devices): the same weights
+(initialised once, then placed on each deployment's mesh), the same prompts, the
+same batch. Compilation and warm-up steps are timed apart from the decode steps,
+which are reported as median and p10/p90. Short probes in the same process measure
+the device's copy bandwidth, matmul rate and all_to_all bandwidth; with them the
+performance model (perf_model.py) gives each deployment's floor and prediction,
+and its efficiency factors are fitted to the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gc
+import importlib.metadata
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from configs import deployments, load_model
+from jax_ep import decode, perf_model
+from jax_ep.config import ConfigError, DeploymentConfig, ModelConfig
+from jax_ep.engine import Engine
+
+KINDS = ("single", "baseline", "proposed")
+SEED_PRESET = {"baseline": "seed_baseline", "proposed": "seed_proposed"}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSpec:
+  """What to run. None means the platform's default (GPU: the seed; CPU: small)."""
+
+  config: str | None = None  # model preset (configs/): GPU "seed", CPU "tiny"
+  kinds: tuple[str, ...] = KINDS
+  share: str | None = None  # "proposed" (= seed_proposed) or a preset: one device's share
+  batch: int = 1024  # sequences, each decoding 1 token per step
+  prompt_len: int | None = None  # GPU 32, CPU 8
+  steps: int | None = None  # timed decode steps: GPU 20, CPU 6
+  warmup: int = 2  # decode steps run before the timed ones, not timed
+  num_devices: int | None = None  # use the first N devices (default: all)
+  seed: int = 0
+  probes: bool = True
+  probe_mib: int | None = None  # copy and all_to_all probe sizes (GPU 2048/64, CPU 64/4)
+
+
+def _platform_defaults(spec: BenchSpec, platform: str) -> BenchSpec:
+  gpu = platform != "cpu"
+  return dataclasses.replace(
+      spec, config=spec.config or ("seed" if gpu else "tiny"),
+      prompt_len=spec.prompt_len or (32 if gpu else 8), steps=spec.steps or (20 if gpu else 6))
+
+
+# --- probes: the hardware floor, measured in this process --------------------------------
+
+
+def _time(fn, *args, calls: int = 5, trials: int = 5) -> float:
+  """Median seconds per call; `calls` back-to-back calls per trial hide dispatch."""
+  jax.block_until_ready(fn(*args))  # compile and warm up
+  times = []
+  for _ in range(trials):
+    t0 = time.perf_counter()
+    for _ in range(calls):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / calls)
+    del out
+  return float(np.median(times))
+
+
+def probe_copy(device, nbytes: int) -> float:
+  """Device memory bandwidth (read + write bytes per second) of an elementwise copy.
+
+  Random data, never zeros (shared/GPU.md); negation so XLA cannot elide the copy.
+  """
+  n = nbytes // 2
+  x = jax.device_put(jax.random.normal(jax.random.key(1), (n,), jnp.float16), device)
+  t = _time(jax.jit(jnp.negative), x)
+  del x
+  return 2 * n * 2 / t
+
+
+def probe_matmul(device, n: int, dtype) -> float:
+  """Matmul rate (FLOP/s) of random n x n matrices of the model's dtype."""
+  ka, kb = jax.random.split(jax.random.key(2))
+  a = jax.device_put(jax.random.normal(ka, (n, n), dtype), device)
+  b = jax.device_put(jax.random.normal(kb, (n, n), dtype), device)
+  t = _time(jax.jit(jnp.matmul), a, b)
+  del a, b
+  return 2 * n**3 / t
+
+
+def probe_all_to_all(devices, nbytes: int) -> float:
+  """Seconds of one all_to_all (jax.shard_map) with `nbytes` per device, random data."""
+  g = len(devices)
+  mesh = Mesh(np.asarray(devices), ("x",))
+  rows = max(g, (nbytes // 2 // 1024) // g * g)  # rows of 512 fp16 per device
+  x = jax.random.normal(jax.random.key(3), (g * rows, 512), jnp.float16)
+  x = jax.device_put(x, NamedSharding(mesh, P("x")))
+  f = jax.jit(jax.shard_map(lambda a: jax.lax.all_to_all(a, "x", 0, 0, tiled=True),
+                            mesh=mesh, in_specs=P("x"), out_specs=P("x")))
+  t = _time(f, x)
+  del x
+  return t
+
+
+def measure_hardware(devices, dtype, gpu: bool, log,
+                     probe_mib: int | None = None) -> tuple[perf_model.Hardware, dict]:
+  """Probes the first device (and the collective over all): a Hardware and the raw numbers."""
+  copy_bytes = (probe_mib << 20) if probe_mib else ((2 << 30) if gpu else (64 << 20))
+  mm = 8192 if gpu else 512
+  a2a_big = (probe_mib << 20) // 16 if probe_mib else ((64 << 20) if gpu else (4 << 20))
+  a2a_small = min(64 << 10, a2a_big // 4)
+  raw = {"copy_bytes": copy_bytes, "matmul_n": mm, "matmul_dtype": jnp.dtype(dtype).name}
+  raw["hbm_bytes_per_s"] = probe_copy(devices[0], copy_bytes)
+  log(f"probe: copy {copy_bytes / 2**20:.0f} MiB: {raw['hbm_bytes_per_s'] / 1e12:.3f} TB/s")
+  raw["matmul_flops"] = probe_matmul(devices[0], mm, dtype)
+  log(f"probe: matmul {mm}^3 {raw['matmul_dtype']}: {raw['matmul_flops'] / 1e12:.2f} TFLOP/s")
+  g = len(devices)
+  if g > 1:
+    t_big = probe_all_to_all(devices, a2a_big)
+    t_small = probe_all_to_all(devices, a2a_small)
+    # Bytes that leave each device, net of a small message's fixed cost.
+    raw.update(all_to_all_bytes=a2a_big, all_to_all_s=t_big, all_to_all_small_bytes=a2a_small,
+               all_to_all_small_s=t_small)
+    link = a2a_big * (g - 1) / g / max(t_big - t_small, 1e-9)
+    raw["link_bytes_per_s"], raw["collective_latency_s"] = link, t_small
+    log(f"probe: all_to_all over {g}: {a2a_big / 2**20:.0f} MiB/device {t_big * 1e6:.0f} us "
+        f"({link / 1e9:.1f} GB/s), {a2a_small >> 10} KiB {t_small * 1e6:.0f} us")
+  else:
+    raw["link_bytes_per_s"], raw["collective_latency_s"] = float("inf"), 0.0
+  hw = perf_model.Hardware(
+      name=f"{devices[0].device_kind} (measured)", hbm_bytes_per_s=raw["hbm_bytes_per_s"],
+      matmul_flops=raw["matmul_flops"], intra_node_bytes_per_s=raw["link_bytes_per_s"],
+      inter_node_bytes_per_s=raw["link_bytes_per_s"], gpus_per_node=max(g, 1),
+      collective_latency_s=raw["collective_latency_s"],
+      measured=("hbm_bytes_per_s", "matmul_flops", "intra_node_bytes_per_s",
+                "inter_node_bytes_per_s", "collective_latency_s"),
+      note="probed in the benchmark process; one host")
+  gc.collect()
+  return hw, raw
+
+
+# --- what to run -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  name: str  # "single", "baseline", "proposed", "share:seed_proposed"
+  method: str  # the table's words
+  cfg: ModelConfig
+  dep: DeploymentConfig
+  batch: int
+  preset: str
+  note: str = ""
+  share_of: DeploymentConfig | None = None  # the deployment whose one device this is
+
+
+def _preset_for(kind: str, num_devices: int) -> tuple[str, str]:
+  """The seed's preset if it fits the devices present, else the largest scaled one that does."""
+  seed_name = SEED_PRESET[kind]
+  need = deployments.PRESETS[seed_name].num_devices
+  if num_devices >= need:
+    return seed_name, ""
+  sizes = sorted(int(k.split("_")[1]) for k in deployments.PRESETS
+                 if k.startswith(kind + "_") and k.split("_")[1].isdigit())
+  fit = [s for s in sizes if s <= num_devices]
+  if not fit:
+    raise ConfigError(f"no {kind} preset fits {num_devices} devices")
+  name = f"{kind}_{fit[-1]}"
+  if deployments.PRESETS[name].num_devices == 1:
+    raise ConfigError(f"on 1 device the {kind} preset is the single-device run; "
+                      "--share=proposed runs one device's share of seed_proposed instead")
+  return name, (f"the seed's {kind} needs {need} GPUs, {num_devices} present: scaled preset "
+                f"{name} ({deployments.PRESETS[name].describe()})")
+
+
+def parse_mesh(kind: str) -> DeploymentConfig:
+  """"mesh:SxExT" or "mesh:SxExT/M": a proposed-style deployment of any shape.
+
+  Whole experts over expert (and tp, as the baseline's placement) when T = 1 or the
+  expert axis is 1; each expert's MLP over tp otherwise. M defaults to 1.
+  """
+  try:
+    shape, _, m = kind.removeprefix("mesh:").partition("/")
+    s, e, t = (int(v) for v in shape.split("x"))
+    m = int(m) if m else 1
+  except ValueError:
+    raise ConfigError(f"--kinds entry {kind!r}: write mesh:SxExT or mesh:SxExT/M, "
+                      "e.g. mesh:1x2x1 for expert parallelism over 2 devices.") from None
+  placement = "tp" if t > 1 and e > 1 else "ep"
+  return DeploymentConfig(kind="proposed", stages=s, expert=e, tp=t, placement=placement,
+                          microbatches=m)
+
+
+def share_config(cfg: ModelConfig, dep: DeploymentConfig, batch: int):
+  """One device's share of `dep` as a one-device model: (ModelConfig, batch).
+
+  Its stage's layers, its experts of each (top-k capped at their number), the rows it
+  attends for; the embedding, unembedding and whole attention as the device holds them.
+  The share runs one micro-batch of all its rows: the pipeline's M + S - 1 micro-steps
+  and the collectives are what perf_model adds to turn it into the deployment's step.
+  """
+  if dep.tp > 1:
+    raise ConfigError(f"a share of {dep.describe()} splits attention heads over tp={dep.tp}, "
+                      "which a ModelConfig cannot express (heads x head_dim = model_dim); "
+                      "use a tp=1 deployment such as seed_proposed.")
+  lay = perf_model.layout(cfg, dep, batch)
+  share = dataclasses.replace(cfg, num_layers=lay.layers, num_experts=lay.experts,
+                              top_k=min(cfg.top_k, lay.experts))
+  return share, lay.rows
+
+
+def plan(cfg: ModelConfig, spec: BenchSpec, num_devices: int, log) -> tuple[list[Plan], list]:
+  """The deployments to run on `num_devices`, and notes on those that cannot."""
+  plans, skipped = [], []
+  for kind in spec.kinds:
+    try:
+      note = ""
+      if kind in SEED_PRESET:
+        name, note = _preset_for(kind, num_devices)
+        dep = deployments.PRESETS[name]
+      elif kind.startswith("mesh:"):
+        name, dep = kind, parse_mesh(kind)
+      else:
+        name, dep = kind, deployments.resolve(kind, num_devices)
+      if dep.num_devices > num_devices:
+        raise ConfigError(f"{name} needs {dep.num_devices} devices, {num_devices} present")
+      dep.check_model(cfg)
+      dep.check_batch(spec.batch)
+      label = {"single": "Single device", "baseline": "Baseline (TP x PP)",
+               "proposed": "Proposed cross-node EP"}.get(kind, kind)
+      plans.append(Plan(kind, label, cfg, dep, spec.batch, name, note))
+    except ConfigError as e:
+      skipped.append({"name": kind, "reason": str(e)})
+      log(f"skip {kind}: {e}")
+  if spec.share:
+    name = SEED_PRESET.get(spec.share, spec.share)
+    try:
+      full = deployments.resolve(name, num_devices)
+      share_cfg, rows = share_config(cfg, full, spec.batch)
+      plans.append(Plan(f"share:{name}", f"One GPU's share of {name}", share_cfg,
+                        deployments.SINGLE, rows, name,
+                        f"one device of {name} ({full.num_devices} GPUs): {share_cfg.num_layers} "
+                        f"layer(s) x {share_cfg.num_experts} expert(s), top-{share_cfg.top_k}, "
+                        f"{rows} sequences, one micro-batch", share_of=full))
+    except ConfigError as e:
+      skipped.append({"name": f"share:{name}", "reason": str(e)})
+      log(f"skip share {name}: {e}")
+  return plans, skipped
+
+
+def slice_share(params, cfg: ModelConfig, share: ModelConfig):
+  """The share's parameters cut from the full model's: stage 0's layers, experts 0..E_local-1."""
+  def cut(path, leaf):
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    if "layers" not in names:
+      return leaf
+    name = next(n for n in reversed(names) if n != "value")
+    if name.startswith(("w_up_", "w_gate_", "w_down_")):  # [L, E, ...]
+      return leaf[:share.num_layers, :share.num_experts]
+    if name == "w_router_DxE":  # [L, D, E]
+      return leaf[:share.num_layers, :, :share.num_experts]
+    return leaf[:share.num_layers]
+
+  return jax.tree_util.tree_map_with_path(cut, params)
+
+
+# --- running -----------------------------------------------------------------------------
+
+
+def _git_commit() -> str:
+  try:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    return out.stdout.strip() or "unknown"
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+
+
+def _imbalance(load_LxE: np.ndarray) -> float:
+  """Busiest expert over the mean, worst layer (1.0 is perfectly balanced)."""
+  load = np.asarray(load_LxE, np.float64)
+  mean = load.mean(axis=1)
+  return float(np.max(load.max(axis=1) / np.maximum(mean, 1e-9)))
+
+
+def _hw_dict(hw: perf_model.Hardware) -> dict:
+  d = dataclasses.asdict(hw)
+  d["measured"] = list(hw.measured)
+  return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in d.items()}
+
+
+def run_one(p: Plan, params, spec: BenchSpec, prompts: np.ndarray, hw: perf_model.Hardware,
+            log) -> tuple[dict, np.ndarray]:
+  """Decodes with one deployment; the record of its timings, floor and prediction."""
+  engine = Engine(p.cfg, p.dep)
+  max_new = spec.warmup + spec.steps + 1  # the first new token comes from prefill
+  max_len = spec.prompt_len + max_new - 1
+  gen = decode.generate(engine, params, prompts[:p.batch], max_new, max_len=max_len,
+                        seed=spec.seed, time_steps=True, log=lambda m: log("  " + m))
+  steps_s = np.asarray(gen.step_s[spec.warmup:])
+  tpot = float(np.median(steps_s))
+  imbalance = _imbalance(gen.load_LxE)
+  pred = perf_model.predict(p.cfg, p.dep, p.batch, max_len, hw, perf_model.IDEAL, imbalance)
+  lay = perf_model.layout(p.cfg, p.dep, p.batch)
+  link = hw.intra_node_bytes_per_s
+  comm_bytes = pred.comm_bytes["intra"] + pred.comm_bytes["inter"]
+  record = {
+      "name": p.name, "method": p.method, "preset": p.preset, "note": p.note,
+      "gpus": p.dep.num_devices, "per_gpu": perf_model.describe_layout(p.cfg, p.dep, p.batch),
+      "model": dataclasses.asdict(p.cfg), "deployment": dataclasses.asdict(p.dep),
+      "share_of": dataclasses.asdict(p.share_of) if p.share_of else None,
+      "batch": p.batch, "prompt_len": spec.prompt_len, "context_len": max_len,
+      "warmup_steps": spec.warmup, "timed_steps": int(steps_s.size),
+      "compile_s": gen.compile_s, "prefill_s": gen.prefill_s,
+      "warmup_step_ms": [1e3 * s for s in gen.step_s[:spec.warmup]],
+      "step_ms": (1e3 * steps_s).tolist(),
+      "tpot_ms": 1e3 * tpot, "tpot_p10_ms": 1e3 * float(np.percentile(steps_s, 10)),
+      "tpot_p90_ms": 1e3 * float(np.percentile(steps_s, 90)),
+      "tpot_mean_ms": 1e3 * float(steps_s.mean()), "tps": p.batch / tpot,
+      "imbalance": imbalance, "max_rounds": gen.max_rounds, "dropped": gen.dropped,
+      "load_LxE": np.asarray(gen.load_LxE).tolist(),
+      "hbm_bytes": pred.hbm_bytes, "flops": pred.flops, "comm_bytes": pred.comm_bytes,
+      "resident_bytes": pred.resident_bytes, "micro_steps": lay.micro_steps,
+      "capacity": lay.capacity, "rounds_predicted": pred.rounds,
+      "floor_terms_ms": {"hbm": 1e3 * pred.hbm_bytes / hw.hbm_bytes_per_s,
+                         "flops": 1e3 * pred.flops / hw.matmul_flops,
+                         "comm": 1e3 * comm_bytes / link if comm_bytes else 0.0},
+      "floor_ms": 1e3 * pred.floor_s, "ideal_ms": 1e3 * pred.ideal_s,
+      "achieved_floor_fraction": pred.floor_s / tpot,
+      "model_ms": pred.tpot_ms, "model_terms_ms": {k: 1e3 * v for k, v in pred.terms_s.items()},
+      "hardware": _hw_dict(hw),
+  }
+  return record, gen.tokens
+
+
+def run(spec: BenchSpec = BenchSpec(), log: Callable[[str], None] = print) -> dict:
+  """Runs every planned deployment in this process; the result dict (see write())."""
+  devices = jax.devices()
+  if spec.num_devices:
+    if spec.num_devices > len(devices):
+      raise ConfigError(f"num_devices={spec.num_devices} but {len(devices)} devices present.")
+    devices = devices[:spec.num_devices]
+  platform = devices[0].platform
+  spec = _platform_defaults(spec, platform)
+  n = len(devices)
+  cfg = load_model(spec.config)
+  if spec.prompt_len + spec.warmup + spec.steps > cfg.max_seq_len:
+    raise ConfigError(f"prompt_len {spec.prompt_len} + warmup {spec.warmup} + steps "
+                      f"{spec.steps} exceed max_seq_len {cfg.max_seq_len} of {spec.config}.")
+  log(f"bench: {n} x {devices[0].device_kind} ({platform}), jax {jax.__version__}; model "
+      f"{spec.config}, batch {spec.batch}, prompt {spec.prompt_len}, {spec.warmup} warm-up + "
+      f"{spec.steps} timed decode steps")
+  if spec.probes:
+    hw, probes = measure_hardware(devices, cfg.jnp_dtype, platform != "cpu", log,
+                                 spec.probe_mib)
+  else:
+    hw, probes = perf_model.H200, {}
+  plans, skipped = plan(cfg, spec, n, log)
+  if not plans:
+    raise ConfigError("nothing to run: " + "; ".join(s["reason"] for s in skipped))
+
+  # One set of weights: created by the deployment with the most devices (so no device
+  # holds more than the layouts need), then laid out on each of the others.
+  full = [p for p in plans if p.share_of is None]
+  source = max(full or plans, key=lambda p: p.dep.num_devices)
+  t0 = time.perf_counter()
+  params = Engine(source.cfg, source.dep).init_params(spec.seed)
+  jax.block_until_ready(params)
+  init_s = time.perf_counter() - t0
+  log(f"weights initialised on {source.name} ({source.dep.num_devices} devices) in {init_s:.1f} s")
+  prompts = np.random.RandomState(spec.seed).randint(0, cfg.vocab_size,
+                                                     (spec.batch, spec.prompt_len))
+
+  records, first_tokens = {}, None
+  order = [source] + [p for p in plans if p is not source]
+  for i, p in enumerate(order):
+    log(f"[{i + 1}/{len(order)}] {p.name}: {p.dep.describe()}, batch {p.batch}"
+        + (f" -- {p.note}" if p.note else ""))
+    engine_params = params
+    if p is not source:
+      t0 = time.perf_counter()
+      src = slice_share(params, cfg, p.cfg) if p.share_of else params
+      engine_params = Engine(p.cfg, p.dep).place_params(src)
+      jax.block_until_ready(engine_params)
+      log(f"  weights placed in {time.perf_counter() - t0:.1f} s")
+    rec, tokens = run_one(p, engine_params, spec, prompts, hw, log)
+    rec["placement_source"] = source.name
+    if p.share_of is None:
+      if first_tokens is None:
+        first_tokens = tokens
+      rec["tokens_agree_with_first"] = float(np.mean(tokens == first_tokens))
+    records[p.name] = rec
+    log(f"  {p.name}: TPOT {rec['tpot_ms']:.3f} ms (p10 {rec['tpot_p10_ms']:.3f}, p90 "
+        f"{rec['tpot_p90_ms']:.3f}), TPS {rec['tps']:,.0f}, floor {rec['floor_ms']:.3f} ms "
+        f"({100 * rec['achieved_floor_fraction']:.0f}% of floor), model {rec['model_ms']:.3f} ms,"
+        f" compile {rec['compile_s']:.1f} s")
+    del engine_params
+    gc.collect()
+  del params
+  gc.collect()
+
+  runs = [records[p.name] for p in plans]
+  result = {
+      "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+      "git_commit": _git_commit(), "jax_version": jax.__version__,
+      "jaxlib_version": _version("jaxlib"), "flax_version": _version("flax"),
+      "platform": platform, "device_kind": devices[0].device_kind, "num_devices": n,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "spec": dataclasses.asdict(spec), "model_name": spec.config, "init_s": init_s,
+      "probes": probes, "hardware": _hw_dict(hw), "runs": runs, "skipped": skipped,
+  }
+  result["calibration"] = calibration_summary(runs, cfg, spec.batch, hw if spec.probes else None)
+  return result
+
+
+def _version(name: str) -> str:
+  try:
+    return importlib.metadata.version(name)
+  except importlib.metadata.PackageNotFoundError:
+    return "unknown"
+
+
+def calibration_summary(runs: list[dict], cfg: ModelConfig | None = None, batch: int = 1024,
+                        hw: perf_model.Hardware | None = None) -> dict:
+  """Efficiency factors fitted to this run, and predictions made with them.
+
+  seed_table: the seed's two deployments on H100 and H200 (presets), batch 1024,
+  context 128. extrapolated: for each share run, the whole deployment it is a share
+  of, on this device's measured HBM and matmul rates with the network of the
+  measured probe (several devices) or else of the H200 preset (shared/GPU.md).
+  """
+  eff = perf_model.calibrate(runs)
+  out = {"efficiency": dataclasses.asdict(eff),
+         "validation": perf_model.validate(runs, eff), "seed_table": {}, "extrapolated": []}
+  for hw_name, preset in perf_model.HARDWARE.items():
+    rows = perf_model.seed_rows(preset, 1024, 128, eff, what_if=False)
+    out["seed_table"][hw_name] = [
+        {"method": r["method"], "gpus": r["gpus"], "tps": r["prediction"].tps,
+         "tpot_ms": r["prediction"].tpot_ms, "seed_tps": r["seed_tps"],
+         "seed_tpot_ms": r["seed_tpot_ms"]} for r in rows]
+  if cfg is None or hw is None:
+    return out
+  net = hw if hw.collective_latency_s > 0 else perf_model.H200
+  target = dataclasses.replace(
+      perf_model.H200, name=f"{hw.name} rates, {net.name} network",
+      hbm_bytes_per_s=hw.hbm_bytes_per_s, matmul_flops=hw.matmul_flops,
+      intra_node_bytes_per_s=net.intra_node_bytes_per_s,
+      inter_node_bytes_per_s=net.inter_node_bytes_per_s,
+      collective_latency_s=net.collective_latency_s)
+  for r in runs:
+    if not r.get("share_of"):
+      continue
+    dep = DeploymentConfig(**r["share_of"])
+    p = perf_model.predict(cfg, dep, batch, r["context_len"], target, eff, r["imbalance"])
+    out["extrapolated"].append({
+        "from": r["name"], "deployment": r["preset"], "gpus": dep.num_devices,
+        "hardware": target.name, "tpot_ms": p.tpot_ms, "tps": p.tps,
+        "terms_ms": {k: 1e3 * v for k, v in p.terms_s.items()}})
+  return out
+
+
+# --- output ------------------------------------------------------------------------------
+
+
+def markdown(result: dict) -> str:
+  """The results as a markdown report: the table, notes, probes and the calibrated model."""
+  lines = [f"# jax_ep decode benchmark, {result['date']}", "",
+           f"{result['num_devices']} x {result['device_kind']} ({result['platform']}), jax "
+           f"{result['jax_version']}, commit {result['git_commit'][:12]}; model "
+           f"{result['model_name']}, batch {result['spec']['batch']}, prompt "
+           f"{result['spec']['prompt_len']}, {result['spec']['warmup']} warm-up + "
+           f"{result['spec']['steps']} timed decode steps (median, p10-p90).", "",
+           "| Method | GPUs | Per-GPU deployment | TPS | TPOT ms | p10-p90 ms | floor ms | "
+           "achieved/floor | model ms | compile s |",
+           "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  notes = []
+  for r in result["runs"]:
+    mark = ""
+    if r["note"]:
+      notes.append(r["note"])
+      mark = f" [{len(notes)}]"
+    lines.append(
+        f"| {r['method']}{mark} | {r['gpus']} | {r['per_gpu']} | {r['tps']:,.0f} | "
+        f"{r['tpot_ms']:.3f} | {r['tpot_p10_ms']:.3f}-{r['tpot_p90_ms']:.3f} | "
+        f"{r['floor_ms']:.3f} | {r['achieved_floor_fraction']:.2f} | {r['model_ms']:.3f} | "
+        f"{r['compile_s']:.1f} |")
+  lines.append("")
+  lines += [f"[{i + 1}] {n}" for i, n in enumerate(notes)]
+  lines += [f"Skipped {s['name']}: {s['reason']}" for s in result["skipped"]]
+  lines += ["", "floor: the bytes this device reads per step (pipeline re-reads included) / "
+            "measured copy bandwidth, or its FLOPs (capacity padding included) / measured matmul "
+            "rate, or its collective bytes / measured all_to_all bandwidth, whichever is largest, "
+            "per phase; model: perf_model.predict with the measured hardware, ideal efficiency "
+            "(latency included).", ""]
+  if result["probes"]:
+    p = result["probes"]
+    lines += ["## Probes (this process)", "",
+              f"- copy {p['copy_bytes'] / 2**20:.0f} MiB random fp16, read+write: "
+              f"{p['hbm_bytes_per_s'] / 1e12:.3f} TB/s",
+              f"- matmul {p['matmul_n']}^3 random {p['matmul_dtype']}: "
+              f"{p['matmul_flops'] / 1e12:.2f} TFLOP/s"]
+    if "all_to_all_s" in p:
+      lines.append(f"- all_to_all over {result['num_devices']} devices: "
+                   f"{p['all_to_all_bytes'] / 2**20:.0f} MiB/device in "
+                   f"{p['all_to_all_s'] * 1e6:.0f} us, {p['all_to_all_small_bytes'] >> 10} KiB in "
+                   f"{p['all_to_all_small_s'] * 1e6:.0f} us -> "
+                   f"{p['link_bytes_per_s'] / 1e9:.1f} GB/s")
+    lines.append("")
+  cal = result["calibration"]
+  eff = cal["efficiency"]
+  lines += ["## Performance model calibrated on this run", "",
+            f"Efficiency: {perf_model.Efficiency(**eff).describe()}", "",
+            perf_model.format_validation(cal["validation"]), ""]
+  if result["platform"] == "cpu":
+    lines += ["(Fitted on CPU devices: these factors say nothing about a GPU; the tables below "
+              "only show the mechanics.)", ""]
+  for x in cal.get("extrapolated", []):
+    lines += [f"From the measured share ({x['from']}): {x['deployment']} on {x['gpus']} GPUs "
+              f"({x['hardware']}) predicted at TPOT {x['tpot_ms']:.3f} ms, TPS {x['tps']:,.0f}.",
+              ""]
+  for hw_name, rows in cal["seed_table"].items():
+    hw = perf_model.HARDWARE[hw_name]
+    lines += [f"Seed table predicted on {hw.name} (batch 1024, context 128):", "",
+              "| Method | GPUs | TPS (model) | TPOT ms (model) | TPS (seed) | TPOT ms (seed) |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['method']} | {r['gpus']} | {r['tps']:,.0f} | {r['tpot_ms']:.2f} | "
+              f"{r['seed_tps']:,} | {r['seed_tpot_ms']} |" for r in rows]
+    lines.append("")
+  return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> bool:
+  """Measured TPOT (p10-p90 bars) beside the floor and the model, per deployment."""
+  try:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print("matplotlib is not installed: no plot written.")
+    return False
+  runs = result["runs"]
+  x = np.arange(len(runs))
+  med = np.array([r["tpot_ms"] for r in runs])
+  err = np.array([[r["tpot_ms"] - r["tpot_p10_ms"] for r in runs],
+                  [r["tpot_p90_ms"] - r["tpot_ms"] for r in runs]])
+  fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(runs)), 4.5))
+  ax.bar(x - 0.27, med, 0.27, yerr=err, capsize=4, label="measured (median, p10-p90)")
+  ax.bar(x, [r["model_ms"] for r in runs], 0.27, label="model (measured hw)")
+  ax.bar(x + 0.27, [r["floor_ms"] for r in runs], 0.27, label="floor")
+  ax.set_xticks(x, [f"{r['name']}\n{r['gpus']} dev" for r in runs], fontsize=8)
+  ax.set_ylabel("TPOT (ms per decode step)")
+  ax.set_yscale("log")
+  ax.set_title(f"{result['model_name']}, batch {result['spec']['batch']}, "
+               f"{result['num_devices']} x {result['device_kind']}")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
+def write(result: dict, out_dir: str, stem: str = "seed_table") -> list[str]:
+  """results JSON, markdown and PNG under out_dir (process 0 only); the paths written."""
+  if jax.process_index() != 0:
+    return []
+  os.makedirs(out_dir, exist_ok=True)
+  paths = [os.path.join(out_dir, f"{stem}.{ext}") for ext in ("json", "md", "png")]
+  with open(paths[0], "w") as f:
+    json.dump(result, f, indent=1, default=float)
+  with open(paths[1], "w") as f:
+    f.write(markdown(result) + "\n")
+  if not plot(result, paths[2]):
+    paths.pop()
+  return paths
+
+
+def main_from_flags() -> int:
+  """`jax-ep bench`: the side-by-side run with the CLI's flags (jax_ep/__main__.py).
+
+  --config, --batch, --prompt_len, --max_new_tokens (warm-up 2 + timed steps) and
+  --seed as for generate; --output names the JSON (markdown and PNG are written beside).
+  """
+  from absl import flags
+
+  f = flags.FLAGS
+  steps = max(1, f.max_new_tokens - 1 - 2)
+  spec = BenchSpec(config=f.config, batch=f.batch, prompt_len=f.prompt_len, steps=steps,
+                   seed=f.seed)
+  result = run(spec, log=lambda m: print(m, flush=True))
+  print(markdown(result))
+  if f.output:
+    stem = os.path.splitext(os.path.basename(f.output))[0]
+    for path in write(result, os.path.dirname(os.path.abspath(f.output)), stem):
+      print(f"wrote {path}")
+  return 0
