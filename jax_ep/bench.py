@@ -260,25 +260,31 @@ def plan(cfg: ModelConfig, spec: BenchSpec, num_devices: int, log) -> tuple[list
 
 
 def slice_share(params, cfg: ModelConfig, share: ModelConfig):
-  """The share's parameters cut from the full model's: stage 0's layers, experts 0..E_local-1."""
-  def cut(path, leaf):
-    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    if "layers" not in names:
-      return leaf
-    name = next(n for n in reversed(names) if n != "value")
-    if name.startswith(("w_up_", "w_gate_", "w_down_")):  # [L, E, ...]
-      return leaf[:share.num_layers, :share.num_experts]
-    if name == "w_router_DxE":  # [L, D, E]
-      return leaf[:share.num_layers, :, :share.num_experts]
-    return leaf[:share.num_layers]
+  """The share's parameters cut from a deployment layout (engine.py): stage 0's first
+  `share.num_layers` local layers, experts 0..E_local-1. Slices only what the share
+  keeps, so the full model is never copied (it may fill the device)."""
 
-  return jax.tree_util.tree_map_with_path(cut, params)
+  def cut(path, leaf):
+    name = next(n for n in reversed([str(getattr(k, "key", getattr(k, "name", k)))
+                                     for k in path]) if n != "value")
+    if name.startswith(("w_up_", "w_gate_", "w_down_")):  # [S, E, ...]
+      return leaf[:1, :share.num_experts]
+    if name == "w_router_DxE":  # [S, D, E]
+      return leaf[:1, :, :share.num_experts]
+    return leaf[:1]
+
+  layers = tuple(jax.tree_util.tree_map_with_path(cut, params["layers"][i])
+                 for i in range(share.num_layers))
+  return {**params, "layers": layers}
 
 
 # --- running -----------------------------------------------------------------------------
 
 
 def _git_commit() -> str:
+  """HEAD, or $JAX_EP_COMMIT where the tree was copied without .git (the GPU machine)."""
+  if os.environ.get("JAX_EP_COMMIT"):
+    return os.environ["JAX_EP_COMMIT"]
   try:
     out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
                          cwd=os.path.dirname(os.path.abspath(__file__)))

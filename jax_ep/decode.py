@@ -85,8 +85,9 @@ def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
   cache_abs = engine.abstract_cache(b, max_len)
   key = jax.random.key(seed)
 
-  def prefill(params, cache, tokens, key):
-    logits, cache, stats = engine.forward_last(params, cache, tokens, jnp.int32(0))
+  def prefill(params, cache, tokens, pos, key):
+    # pos is an argument, not a constant, so XLA does not constant-fold the masks.
+    logits, cache, stats = engine.forward_last(params, cache, tokens, pos)
     return sample(logits[:, -1], temperature, key), cache, stats
 
   def step(params, cache, last_B, pos, key):
@@ -97,7 +98,7 @@ def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
   _progress(f"compiling prefill and decode step for {engine.dep.describe()} ...", log)
   t0 = time.perf_counter()
   prefill_c = jax.jit(prefill, donate_argnums=(1,)).lower(
-      params_abs, cache_abs, tokens, key).compile()
+      params_abs, cache_abs, tokens, jnp.int32(0), key).compile()
   last_abs = jax.ShapeDtypeStruct((b,), jnp.int32)
   step_c = jax.jit(step, donate_argnums=(1,)).lower(
       params_abs, cache_abs, last_abs, jnp.int32(0), key).compile()
@@ -107,7 +108,7 @@ def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
   cache = engine.init_cache(b, max_len)
   jax.block_until_ready(cache)
   t0 = time.perf_counter()
-  last, cache, stats = prefill_c(params, cache, tokens, key)
+  last, cache, stats = prefill_c(params, cache, tokens, jnp.int32(0), key)
   last.block_until_ready()
   prefill_s = time.perf_counter() - t0
 
