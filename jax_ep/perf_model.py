@@ -531,9 +531,10 @@ def calibrate(records, overlap: float = 1.0) -> Efficiency:
 
   Least squares on relative error: memory and compute on a log grid, refined around
   the best point; comm and the overhead solved non-negative at each point. With fewer
-  runs than factors the later ones in (memory, compute, overhead, comm) stay ideal; a
+  runs than factors the later ones in (roofline, overhead, split memory/compute, comm)
+  stay ideal; a
   factor no run depends on stays ideal; memory and compute are tied (one roofline
-  factor) unless two runs or more include both memory-bound and compute-bound phases
+  factor) unless three runs or more include both memory-bound and compute-bound phases
   (over 10% of their roofline time each way).
   """
   import numpy as np
@@ -553,13 +554,13 @@ def calibrate(records, overlap: float = 1.0) -> Efficiency:
   comm = np.array([p.components["comm_s"] for p in base])
   steps = np.array([p.components["layer_steps"] for p in base], float)
   linear = []  # (name, column) solved by least squares at each grid point
-  if len(records) >= 3 and steps.any():
+  if len(records) >= 2 and steps.any():  # fixed per-layer cost dominates small shares
     linear.append(("layer_steps", steps))
   if len(records) >= 4 and comm.any():
     linear.append(("comm", comm))
   share = [(p.components["memory_bound_s"] / p.components["roofline_s"],
             p.components["compute_bound_s"] / p.components["roofline_s"]) for p in base]
-  tied = (len(records) < 2 or not any(m > 0.1 for m, _ in share)
+  tied = (len(records) < 3 or not any(m > 0.1 for m, _ in share)
           or not any(c > 0.1 for _, c in share))
 
   def fit(memory, compute):
