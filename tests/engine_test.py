@@ -41,6 +41,9 @@ CASES = {
     "seed_baseline": ("tiny", PRESETS["seed_baseline"], 8),  # 2 stages x tp 8
     "baseline_tp": ("tiny", DeploymentConfig(kind="baseline", stages=2, tp=4, placement="tp",
                                              microbatches=2), 8),
+    # Experts over expert x tp while the batch is split over expert and the tokens over tp.
+    "expert_x_tp": ("tiny", DeploymentConfig(kind="proposed", stages=2, expert=2, tp=2,
+                                             placement="ep", microbatches=2), 8),
 }
 
 
@@ -156,6 +159,21 @@ def test_all_tokens_to_two_experts_equals_single_device(deployed):
   assert_array_equal(got.load, expected)
   assert (got.rounds > 1).all(), got.rounds
   assert_array_equal(got.dropped, 0)
+
+
+@pytest.mark.parametrize("name", ["proposed_tp2", "baseline_tp"])
+def test_small_capacity_and_chunks_equal_single_device(name):
+  # Random routing, but a quarter of a balanced share per round and two MoE chunks: several
+  # dropless rounds, each chunk's exchange separate.
+  model, dep, batch = CASES[name]
+  dep = dataclasses.replace(dep, capacity_factor=0.25, moe_chunks=2)
+  single, params = _single(model)
+  engine = Engine(single.cfg, dep)
+  got = _forward(engine, engine.place_params(params), _prompts(single.cfg.vocab_size, batch))
+  want = _reference(model, batch)
+  assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+  assert_array_equal(got.load, want.load)
+  assert (got.rounds > 1).all(), got.rounds
 
 
 # --- the lowered program has the collectives the deployment is made of ---------------------
