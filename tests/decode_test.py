@@ -69,6 +69,9 @@ def test_temperature_sampling_is_reproducible(engine, params, prompts, greedy):
   # agreeing on all 10 tokens would be a broken key.
   assert not np.array_equal(run(1), first)
   assert not np.array_equal(first, greedy.tokens)
+  # Each step draws with a fresh key: reusing one would repeat the same Gumbel noise, and
+  # at this temperature the same token, at every step.
+  assert all(len(set(row)) > 1 for row in first.tolist())
 
 
 def test_sample():
