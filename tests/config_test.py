@@ -221,7 +221,7 @@ def test_resolve_by_preset_name():
 def test_resolve_unknown():
   with _raises("no proposed preset for 32 devices") as err:
     deployments.resolve("proposed", 32)
-  assert "[2, 4, 8, 16, 64, 128]" in str(err.value)
+  assert re.search(r"presets exist for \[.*2, 4, 8, 16, 64, 128\]", str(err.value))
   with _raises("no baseline preset for 3 devices"):
     deployments.resolve("baseline", 3)
   with _raises("--deployment='hybrid'"):
