@@ -159,9 +159,15 @@ def moe(x_TxD_, w_router_DxE, w_up_ExDxF_, w_down_ExFxD_, w_gate_ExDxF_, *, top_
       neither adds rounds nor counts as dropped.
   """
   num_experts = w_router_DxE.shape[1]
+  total, real_T = x_TxD_.shape[0], None
   if par.split_tokens_over_tp:
-    t = x_TxD_.shape[0] // par.tp
+    # Pad to a multiple of tp so every rank gets an equal slice (a decode step may have
+    # fewer tokens than tp). Padding rows come after every real token, so they queue last
+    # and take no real token's slot; they are kept out of the load, rounds and drops.
+    t = -(-total // par.tp)
+    x_TxD_ = jnp.pad(x_TxD_, ((0, t * par.tp - total), (0, 0)))
     x_TxD_ = jax.lax.dynamic_slice_in_dim(x_TxD_, tp_index(par) * t, t)
+    real_T = tp_index(par) * t + jnp.arange(t) < total
   tokens, dim = x_TxD_.shape
   chunks = math.gcd(par.moe_chunks, tokens)
   chunk = tokens // chunks
@@ -175,6 +181,9 @@ def moe(x_TxD_, w_router_DxE, w_up_ExDxF_, w_down_ExFxD_, w_gate_ExDxF_, *, top_
     experts_NxCxK = experts_TxK.reshape(chunks, chunk, top_k)
     position_NxCxK, load_NxE = jax.vmap(routing.assign_slots, (0, None))(experts_NxCxK,
                                                                          num_experts)
+    if real_T is not None:
+      picks_NxCxKxE = jax.nn.one_hot(experts_NxCxK, num_experts, dtype=jnp.int32)
+      load_NxE = (picks_NxCxKxE * real_T.reshape(chunks, chunk, 1, 1)).sum((1, 2))
   x_NxCxD = x_TxD_.reshape(chunks, chunk, dim)
 
   def expert_compute(buf_ExCxD_):
@@ -217,7 +226,7 @@ def moe(x_TxD_, w_router_DxE, w_up_ExDxF_, w_down_ExFxD_, w_gate_ExDxF_, *, top_
 
   y_TxD_ = jnp.concatenate(y_chunks, axis=0).astype(x_TxD_.dtype)
   if par.split_tokens_over_tp:
-    y_TxD_ = jax.lax.all_gather(y_TxD_, TP, axis=0, tiled=True)
+    y_TxD_ = jax.lax.all_gather(y_TxD_, TP, axis=0, tiled=True)[:total]
   stats = MoEStats(load_NxE.sum(0).astype(jnp.int32), dropped,
                    jnp.maximum(rounds, 1).astype(jnp.int32))
   return y_TxD_, stats

@@ -1,0 +1,113 @@
+"""Tests for jax_ep/decode.py: generation on one device, sampling, timing, input errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from numpy.testing import assert_array_equal
+
+from configs import deployments, tiny
+from jax_ep import decode
+from jax_ep.config import ConfigError
+from jax_ep.engine import Engine
+
+CFG = tiny.get_config()
+B, PROMPT, NEW, MAX_LEN = 2, 4, 5, 8  # PROMPT + NEW - 1 == MAX_LEN: the cache is exactly full
+
+
+@pytest.fixture(scope="module")
+def engine():
+  return Engine(CFG, deployments.SINGLE)
+
+
+@pytest.fixture(scope="module")
+def params(engine):
+  return engine.init_params(0)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+  return np.random.default_rng(0).integers(0, CFG.vocab_size, (B, PROMPT)).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def greedy(engine, params, prompts):
+  return decode.generate(engine, params, prompts, NEW, max_len=MAX_LEN, time_steps=True)
+
+
+def test_generate_returns_new_tokens_and_timings(greedy):
+  assert greedy.tokens.shape == (B, NEW) and greedy.tokens.dtype == np.int32
+  assert ((greedy.tokens >= 0) & (greedy.tokens < CFG.vocab_size)).all()
+  assert (greedy.batch, greedy.steps) == (B, NEW - 1)
+  assert greedy.compile_s > 0 and greedy.prefill_s > 0 and greedy.decode_s > 0
+  assert len(greedy.step_s) == NEW - 1 and min(greedy.step_s) > 0
+  assert greedy.tpot_ms > 0 and greedy.tps > 0
+  assert greedy.tps == pytest.approx(B / (greedy.tpot_ms / 1e3))
+
+
+def test_greedy_tokens_are_the_argmax_of_a_full_forward(engine, params, prompts, greedy):
+  # Feed prompt + generated tokens through one forward pass (no incremental cache): token
+  # i + 1 must be the argmax at the position of token i.
+  seq = np.concatenate([prompts, greedy.tokens[:, :-1]], axis=1)  # [B, PROMPT + NEW - 1]
+  logits, _, _ = engine.forward(params, engine.init_cache(B, MAX_LEN), jnp.asarray(seq),
+                                jnp.int32(0))
+  assert_array_equal(np.argmax(np.asarray(logits)[:, PROMPT - 1:], axis=-1), greedy.tokens)
+
+
+def test_load_counts_prefill_and_every_decode_step(greedy):
+  tokens = B * (PROMPT + NEW - 1)  # the last new token is sampled, never fed back
+  assert_array_equal(greedy.load_LxE.sum(-1), [tokens * CFG.top_k] * CFG.num_layers)
+  assert greedy.dropped == 0 and greedy.max_rounds >= 1
+
+
+def test_temperature_sampling_is_reproducible(engine, params, prompts, greedy):
+  run = lambda seed: decode.generate(engine, params, prompts, NEW, temperature=100.0,
+                                     seed=seed, max_len=MAX_LEN).tokens
+  first = run(0)
+  assert_array_equal(run(0), first)
+  # At temperature 100 the draw is nearly uniform over 256 tokens: another seed, or greedy,
+  # agreeing on all 10 tokens would be a broken key.
+  assert not np.array_equal(run(1), first)
+  assert not np.array_equal(first, greedy.tokens)
+  # Each step draws with a fresh key: reusing one would repeat the same Gumbel noise, and
+  # at this temperature the same token, at every step.
+  assert all(len(set(row)) > 1 for row in first.tolist())
+
+
+def test_sample():
+  logits = jnp.array([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0]])
+  assert_array_equal(decode.sample(logits, 0.0, None), [1, 0])
+  key = jax.random.key(0)
+  draws = decode.sample(jnp.tile(logits, (500, 1)), 1.0, key)
+  assert_array_equal(draws, decode.sample(jnp.tile(logits, (500, 1)), 1.0, key))
+  # softmax([0, 3, 1]) puts 84% on token 1.
+  assert 0.75 < float(jnp.mean(draws[0::2] == 1)) < 0.92
+
+
+def test_tpot_and_tps_arithmetic():
+  tokens = np.zeros((4, 3), np.int32)
+  gen = decode.Generation(tokens, 1.0, 0.1, [0.3, 0.1, 0.2], 0.6, np.zeros((1, 1)), 0, 1)
+  assert gen.tpot_ms == pytest.approx(200.0)  # the median step
+  assert gen.tps == pytest.approx(20.0)  # 4 sequences / 0.2 s
+  gen = decode.Generation(tokens, 1.0, 0.1, [], 0.5, np.zeros((1, 1)), 0, 1)
+  assert gen.tpot_ms == pytest.approx(250.0)  # 0.5 s over 2 steps
+  gen = decode.Generation(tokens[:, :1], 1.0, 0.1, [], 0.0, np.zeros((1, 1)), 0, 1)
+  assert gen.tps == 0.0
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(max_new_tokens=NEW + 1), "prompt_len 4 \\+ max_new_tokens 6 - 1 exceeds the KV cache "
+                                   "length 8"),
+    (dict(max_new_tokens=0), "max_new_tokens=0"),
+    (dict(temperature=-1.0), "temperature=-1.0"),
+    (dict(prompts=np.full((B, PROMPT), CFG.vocab_size)), "token id 256"),
+    (dict(prompts=np.zeros((0, PROMPT), np.int32)), "empty dimension"),
+])
+def test_errors_before_compiling(params, prompts, kwargs, message):
+  engine = Engine(CFG, deployments.SINGLE)  # fresh: nothing traced yet
+  args = dict(prompts=prompts, max_new_tokens=NEW, temperature=0.0)
+  args.update(kwargs)
+  with pytest.raises(ConfigError, match=message):
+    decode.generate(engine, params, args["prompts"], args["max_new_tokens"],
+                    temperature=args["temperature"], max_len=MAX_LEN)
+  assert "forward_last" not in engine.__dict__  # the error came before any tracing

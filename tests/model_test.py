@@ -1,0 +1,179 @@
+"""Tests for jax_ep/model.py and kv_cache.py: full-size shapes without allocating, the KV
+cache against a full forward pass, causality, rotary positions."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from numpy.testing import assert_allclose, assert_array_equal
+
+from configs import seed, seed_e64, tiny
+from jax_ep.kv_cache import KVCache
+from jax_ep.model import Transformer, rope
+
+TINY = tiny.get_config()
+B, L, PROMPT = 2, 8, 3  # batch, whole sequence, prefilled part
+
+
+def _abstract_params(cfg):
+  _, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+  return {jax.tree_util.keystr(path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
+
+
+# --- full size, abstractly ----------------------------------------------------------------
+
+
+def test_seed_model_shapes_and_bytes_without_allocating():
+  params = _abstract_params(seed.get_config())
+  assert all(isinstance(a, jax.ShapeDtypeStruct) for a in params.values())  # nothing allocated
+  shapes = {k.replace(".value", ""): (a.shape, a.dtype) for k, a in params.items()}
+  f16, f32 = jnp.float16, jnp.float32
+  assert shapes == {
+      "['embed_VxD']": ((32768, 8192), f16),
+      "['unembed_DxV']": ((8192, 32768), f16),
+      "['final_norm']['scale_D']": ((8192,), f16),
+      "['layers']['attn_norm']['scale_D']": ((4, 8192), f16),
+      "['layers']['moe_norm']['scale_D']": ((4, 8192), f16),
+      "['layers']['attn']['wq_DxHxK']": ((4, 8192, 16, 512), f16),
+      "['layers']['attn']['wk_DxHxK']": ((4, 8192, 16, 512), f16),
+      "['layers']['attn']['wv_DxHxK']": ((4, 8192, 16, 512), f16),
+      "['layers']['attn']['wo_HxKxD']": ((4, 16, 512, 8192), f16),
+      "['layers']['moe']['w_router_DxE']": ((4, 8192, 16), f32),  # the router stays f32
+      "['layers']['moe']['w_up_ExDxF']": ((4, 16, 8192, 32768), f16),
+      "['layers']['moe']['w_down_ExFxD']": ((4, 16, 32768, 8192), f16),
+  }
+  nbytes = {k: a.size * a.dtype.itemsize for k, a in params.items()}
+  expert_bytes = sum(v for k, v in nbytes.items() if "w_up" in k or "w_down" in k)
+  # 4 layers x 16 experts x 2 matrices x 8192 x 32768 x 2 bytes, about 68.7 GB. Only a change
+  # of the seed's model (configs/seed.py) may change these numbers.
+  assert expert_bytes == 4 * 16 * 2 * 8192 * 32768 * 2 == 68_719_476_736
+  assert sum(nbytes.values()) == 71_942_946_816  # + attention 2.1 GB, embeddings 1.1 GB, ...
+
+
+def test_seed_e64_model_bytes():
+  params = _abstract_params(seed_e64.get_config())
+  up = next(a for k, a in params.items() if "w_up" in k)
+  assert up.shape == (4, 64, 8192, 32768)
+  nbytes = sum(a.size * a.dtype.itemsize for a in params.values())
+  assert nbytes == 278_107_668_480  # experts alone: 4 x 64 x 2 x 8192 x 32768 x 2 = 274.9 GB
+
+
+def test_swiglu_adds_a_gate_matrix():
+  params = _abstract_params(dataclasses.replace(seed.get_config(), mlp_kind="swiglu"))
+  assert params["['layers']['moe']['w_gate_ExDxF'].value"].shape == (4, 16, 8192, 32768)
+  assert "['layers']['moe']['w_gate_ExDxF'].value" not in _abstract_params(seed.get_config())
+
+
+# --- the tiny model, on one device ----------------------------------------------------------
+
+
+class _Model:
+  """A tiny model and its jitted __call__(tokens, cache, pos); one compile per input shape."""
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+    self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+    self.params = jax.jit(lambda: nnx.split(Transformer(cfg, nnx.Rngs(0)))[1])()
+
+    @jax.jit
+    def call(params, tokens, cache, pos):
+      return nnx.merge(self.graphdef, params)(tokens, cache, pos)
+
+    self.call = call
+
+  def __call__(self, tokens, cache, pos):
+    return self.call(self.params, tokens, cache, jnp.int32(pos))
+
+  def full(self, tokens):
+    return self(tokens, KVCache.zeros(self.cfg, B, L), 0)
+
+  def incremental(self, tokens):
+    """Prefill the first PROMPT tokens, then one token at a time."""
+    logits, cache, _ = self(tokens[:, :PROMPT], KVCache.zeros(self.cfg, B, L), 0)
+    out = [logits]
+    for pos in range(PROMPT, L):
+      logits, cache, _ = self(tokens[:, pos:pos + 1], cache, pos)
+      out.append(logits)
+    return jnp.concatenate(out, axis=1), cache
+
+
+@functools.cache
+def _model(mlp_kind):
+  return _Model(dataclasses.replace(TINY, mlp_kind=mlp_kind))
+
+
+@pytest.fixture(scope="module", params=["gelu", "swiglu"])
+def model(request):
+  return _model(request.param)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+  return jnp.asarray(np.random.default_rng(0).integers(0, TINY.vocab_size, (B, L)), jnp.int32)
+
+
+def test_cache_decoding_equals_full_forward(model, tokens):
+  full, full_cache, stats = model.full(tokens)
+  assert full.shape == (B, L, TINY.vocab_size) and full.dtype == jnp.float32
+  inc, inc_cache = model.incremental(tokens)
+  assert_allclose(inc, full, rtol=1e-5, atol=1e-5)
+  # The cache holds the same keys and values either way, at every position.
+  assert_allclose(inc_cache.k_LxBxSxHxK, full_cache.k_LxBxSxHxK, rtol=1e-5, atol=1e-5)
+  assert_allclose(inc_cache.v_LxBxSxHxK, full_cache.v_LxBxSxHxK, rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(full_cache.k_LxBxSxHxK)).min(axis=(0, 1, 3, 4)).all()  # all written
+  # Every token picks top_k experts in every layer.
+  assert_array_equal(stats.load_E.sum(-1), [B * L * TINY.top_k] * TINY.num_layers)
+
+
+def test_stale_cache_beyond_pos_is_ignored(model, tokens):
+  # Garbage in cache positions >= pos must not leak into attention.
+  garbage = KVCache(*(jnp.full(KVCache.shape(model.cfg, B, L), 7.0, jnp.float32) for _ in range(2)))
+  logits, _, _ = model(tokens[:, :PROMPT], garbage, 0)
+  clean, _, _ = model(tokens[:, :PROMPT], KVCache.zeros(model.cfg, B, L), 0)
+  assert_allclose(logits, clean, rtol=1e-5, atol=1e-5)
+
+
+def test_causality(model, tokens):
+  full, _, _ = model.full(tokens)
+  changed = tokens.at[:, 5].set((tokens[:, 5] + 1) % TINY.vocab_size)
+  other, _, _ = model.full(changed)
+  assert_allclose(other[:, :5], full[:, :5], rtol=1e-6, atol=1e-6)  # the past is unchanged
+  assert not np.allclose(other[:, 5:], full[:, 5:], atol=1e-3)  # the future sees the change
+
+
+def test_sequences_in_a_batch_are_independent(model, tokens):
+  full, _, _ = model.full(tokens)
+  other, _, _ = model.full(tokens.at[1].set(tokens[0]))
+  assert_allclose(other[0], full[0], rtol=1e-5, atol=1e-5)
+  assert_allclose(other[1], other[0], rtol=1e-5, atol=1e-5)
+
+
+def test_swiglu_gate_is_used(tokens):
+  m = _model("swiglu")
+  base, _, _ = m.full(tokens)
+  doubled = jax.tree_util.tree_map_with_path(
+      lambda path, a: 2 * a if "w_gate" in jax.tree_util.keystr(path) else a, m.params)
+  logits, _, _ = m.call(doubled, tokens, KVCache.zeros(m.cfg, B, L), jnp.int32(0))
+  assert not np.allclose(logits, base, atol=1e-4)
+
+
+# --- rotary positions -----------------------------------------------------------------------
+
+
+def test_rope_depends_on_relative_position_only():
+  rng = np.random.default_rng(1)
+  q = jnp.asarray(rng.normal(size=(1, 1, 2, 8)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(1, 1, 2, 8)), jnp.float32)
+  pos = lambda p: jnp.full((1, 1), p, jnp.int32)
+  dot = lambda m, n: float(jnp.sum(rope(q, pos(m), 1e4) * rope(k, pos(n), 1e4)))
+  assert dot(3, 1) == pytest.approx(dot(12, 10), rel=1e-5)
+  assert dot(3, 1) != pytest.approx(dot(3, 2), rel=1e-3)
+  # A rotation: norms are kept; position 0 is the identity.
+  assert_allclose(jnp.linalg.norm(rope(q, pos(5), 1e4), axis=-1), jnp.linalg.norm(q, axis=-1),
+                  rtol=1e-5)
+  assert_allclose(rope(q, pos(0), 1e4), q)
