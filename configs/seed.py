@@ -1,4 +1,4 @@
-"""The seed paper's model: 4 layers x 16 GELU experts (8192 -> 32768 -> 8192), 16 heads x 512, fp16."""
+"""The seed paper's model: 4 layers x 16 GELU experts (8192 -> 32768 -> 8192), 16 x 512 heads."""
 
 from jax_ep.config import ModelConfig
 

@@ -1,4 +1,4 @@
-"""The seed's other reading: 64 experts per layer ("all 64 experts per layer compute in parallel")."""
+"""The seed's other reading: 64 experts per layer ("all 64 experts per layer compute")."""
 
 import dataclasses
 

@@ -103,11 +103,13 @@ class DeploymentConfig:
 
   def __post_init__(self):
     if self.kind not in KINDS:
-      raise ConfigError(f"DeploymentConfig.kind={self.kind!r} is unknown; use one of {list(KINDS)}.")
+      raise ConfigError(
+          f"DeploymentConfig.kind={self.kind!r} is unknown; use one of {list(KINDS)}.")
     _positive(self, "stages", "expert", "tp", "microbatches", "moe_chunks")
     if self.placement not in PLACEMENTS:
       raise ConfigError(
-          f"DeploymentConfig.placement={self.placement!r} is unknown; use one of {list(PLACEMENTS)}.")
+          f"DeploymentConfig.placement={self.placement!r} is unknown; "
+          f"use one of {list(PLACEMENTS)}.")
     if not self.capacity_factor > 0:
       raise ConfigError(
           f"DeploymentConfig.capacity_factor={self.capacity_factor} must be positive.")

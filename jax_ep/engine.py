@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from jax_ep import ep, model, pipeline, sharding
 from jax_ep.config import ConfigError, DeploymentConfig, ModelConfig
-from jax_ep.kv_cache import StagedKVCache
+from jax_ep.kv_cache import KVCache, StagedKVCache
 from jax_ep.mesh import make_mesh
 from jax_ep.model import Transformer
 
@@ -86,7 +86,7 @@ class Engine:
     if isinstance(params, dict) and isinstance(params.get("layers"), tuple):
       if len(params["layers"]) == self.local_layers and all(
           a.shape == b.shape for a, b in zip(jax.tree.leaves(params),
-                                             jax.tree.leaves(self.abstract_params))):
+                                             jax.tree.leaves(self.abstract_params), strict=False)):
         return jax.device_put(params, self.param_shardings)
       params = jax.jit(_to_canonical_fn(self.cfg.num_layers))(params)
     # Canonical shards first (the stacked L axis splits over stages in the same blocks),
@@ -105,6 +105,14 @@ class Engine:
         lambda: StagedKVCache.zeros(self.cfg, self.dep.stages, batch, max_len)).k[0].shape
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(shape, self.cfg.jnp_dtype, sharding=s),
                         self.cache_shardings)
+
+  def canonical_cache(self, cache: StagedKVCache) -> KVCache:
+    """The cache in layer order, [L, B, S, H, K] (for inspection; copies it)."""
+    def stack(parts):
+      a = jnp.stack(parts, axis=1)  # [stages, L_local, ...]
+      return a.reshape(self.cfg.num_layers, *a.shape[2:])
+
+    return KVCache(stack(cache.k), stack(cache.v))
 
   def tokens_sharding(self):
     return NamedSharding(self.mesh, self.table.tokens_BxT)

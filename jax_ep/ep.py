@@ -65,6 +65,9 @@ class Parallel:
     return self.placement == "tp" and self.tp > 1
 
 
+ONE_DEVICE = Parallel()
+
+
 # --- tensor parallel ---------------------------------------------------------------------
 
 

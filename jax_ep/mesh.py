@@ -22,6 +22,7 @@ def make_mesh(dep: DeploymentConfig, devices=None) -> Mesh:
   if len(devices) < need:
     raise ConfigError(
         f"deployment {dep.describe()} needs {need} devices but {len(devices)} are available. "
-        f"Use --simulate_devices={need} on a CPU, or a smaller mesh (--stages, --expert_axis, --tp).")
+        f"Use --simulate_devices={need} on a CPU, or a smaller mesh "
+        "(--stages, --expert_axis, --tp).")
   devices = sorted(devices, key=lambda d: (d.process_index, d.id))[:need]
   return Mesh(np.asarray(devices, dtype=object).reshape(dep.mesh_shape), AXES)

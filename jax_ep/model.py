@@ -170,7 +170,7 @@ class Transformer(nnx.Module):
     graphdef, state = nnx.split(self.layers)
     return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
-  def __call__(self, tokens_BxT, cache: KVCache, pos, par: ep.Parallel = ep.Parallel()):
+  def __call__(self, tokens_BxT, cache: KVCache, pos, par: ep.Parallel = ep.ONE_DEVICE):
     """The whole model on one device: logits [B, T, V], the extended cache, MoE stats."""
     x = embed(self.embed_VxD[...], tokens_BxT)
     stats = []

@@ -70,7 +70,7 @@ def _single(model):
 
 class Result(NamedTuple):
   logits: np.ndarray  # [B, PROMPT, V]
-  k: np.ndarray  # the cache after the forward, [L, B, MAX_LEN, H, K]
+  k: np.ndarray  # the cache after the forward, canonical [L, B, MAX_LEN, H, K]
   v: np.ndarray
   load: np.ndarray  # [L, E]
   dropped: np.ndarray  # [L]
@@ -81,7 +81,7 @@ def _forward(engine, params, tokens) -> Result:
   cache = engine.init_cache(tokens.shape[0], MAX_LEN)
   tokens = jax.device_put(tokens, engine.tokens_sharding())
   logits, cache, stats = engine.forward(params, cache, tokens, jnp.int32(0))
-  return Result(*(np.asarray(a) for a in (logits, *cache, *stats)))
+  return Result(*(np.asarray(a) for a in (logits, *engine.canonical_cache(cache), *stats)))
 
 
 @functools.cache
@@ -255,7 +255,8 @@ def test_seed_proposed_one_expert_per_device():
   engine, params = _placed(PRESETS["seed_proposed"])  # 4 stages x 16 experts
   cfg, coords = engine.cfg, _coords(engine.mesh)
   d, f, h, k = cfg.model_dim, cfg.mlp_dim, cfg.num_heads, cfg.head_dim
-  moe, attn = params["layers"]["moe"], params["layers"]["attn"]
+  (layer,) = params["layers"]  # one layer per stage: [stages, ...] arrays
+  moe, attn = layer["moe"], layer["attn"]
   for name in ("w_up_ExDxF", "w_down_ExFxD"):
     shards = moe[name][...].addressable_shards
     assert len(shards) == 64
@@ -268,8 +269,8 @@ def test_seed_proposed_one_expert_per_device():
     assert shard.data.shape == (1, d, h, k)  # every head of its stage's layer: no tp
   for shard in moe["w_router_DxE"][...].addressable_shards:
     assert shard.data.shape == (1, d, cfg.num_experts)
-  assert engine.cache_shardings.k_LxBxSxHxK.shard_shape((4, 64, MAX_LEN, h, k)) == (
-      1, 4, MAX_LEN, h, k)
+  (cache_k,) = engine.cache_shardings.k
+  assert cache_k.shard_shape((4, 64, MAX_LEN, h, k)) == (1, 4, MAX_LEN, h, k)
 
 
 def test_seed_baseline_four_experts_and_an_eighth_of_the_heads_per_device():
@@ -277,42 +278,47 @@ def test_seed_baseline_four_experts_and_an_eighth_of_the_heads_per_device():
   cfg, coords = engine.cfg, _coords(engine.mesh)
   d, f, k = cfg.model_dim, cfg.mlp_dim, cfg.head_dim
   heads = cfg.num_heads // 8
-  moe, attn = params["layers"]["moe"], params["layers"]["attn"]
+  # Two local layers per stage (layer 2 * stage + i in params["layers"][i]), each
   # P(stage, (expert, tp), ...) on (2, 1, 8): 2 layers x 2 experts = 4 experts per device.
-  shards = moe["w_up_ExDxF"][...].addressable_shards
-  assert len(shards) == 16
-  for shard in shards:
-    assert shard.data.shape == (2, 2, d, f)
-    stage, _, tp = coords[shard.device.id]
-    assert _starts(shard)[:2] == (2 * stage, 2 * tp)
-  for name, shape in (("wq_DxHxK", (2, d, heads, k)), ("wo_HxKxD", (2, heads, k, d))):
-    for shard in attn[name][...].addressable_shards:
-      assert shard.data.shape == shape
+  assert len(params["layers"]) == 2
+  for layer in params["layers"]:
+    shards = layer["moe"]["w_up_ExDxF"][...].addressable_shards
+    assert len(shards) == 16
+    for shard in shards:
+      assert shard.data.shape == (1, 2, d, f)
       stage, _, tp = coords[shard.device.id]
-      head_axis = 2 if name == "wq_DxHxK" else 1
-      assert _starts(shard)[0] == 2 * stage and _starts(shard)[head_axis] == heads * tp
-  assert engine.cache_shardings.k_LxBxSxHxK.shard_shape((4, 8, MAX_LEN, 8, k)) == (
-      2, 8, MAX_LEN, 1, k)
+      assert _starts(shard)[:2] == (stage, 2 * tp)
+    for name, shape in (("wq_DxHxK", (1, d, heads, k)), ("wo_HxKxD", (1, heads, k, d))):
+      for shard in layer["attn"][name][...].addressable_shards:
+        assert shard.data.shape == shape
+        stage, _, tp = coords[shard.device.id]
+        head_axis = 2 if name == "wq_DxHxK" else 1
+        assert _starts(shard)[0] == stage and _starts(shard)[head_axis] == heads * tp
+  for cache_k in engine.cache_shardings.k:
+    assert cache_k.shard_shape((2, 8, MAX_LEN, 8, k)) == (1, 8, MAX_LEN, 1, k)
 
 
 def test_seed_proposed_e64_every_layer_one_expert_of_each():
   engine, params = _placed(PRESETS["seed_proposed_e64"], "tiny_e64")
   cfg = engine.cfg
-  for shard in params["layers"]["moe"]["w_up_ExDxF"][...].addressable_shards:
-    assert shard.data.shape == (4, 1, cfg.model_dim, cfg.mlp_dim)
+  assert len(params["layers"]) == 4  # one stage: every layer on every device
+  for layer in params["layers"]:
+    for shard in layer["moe"]["w_up_ExDxF"][...].addressable_shards:
+      assert shard.data.shape == (1, 1, cfg.model_dim, cfg.mlp_dim)
 
 
 def test_tp_placement_splits_each_expert_mlp():
   engine, params = _placed(CASES["proposed_tp2"][1])  # 2 stages x 4 experts x tp 2
   cfg, coords = engine.cfg, _coords(engine.mesh)
   d, f = cfg.model_dim, cfg.mlp_dim
-  for name, shape, f_axis in (("w_up_ExDxF", (2, 4, d, f // 2), 3),
-                              ("w_down_ExFxD", (2, 4, f // 2, d), 2)):
-    for shard in params["layers"]["moe"][name][...].addressable_shards:
-      assert shard.data.shape == shape
-      stage, expert, tp = coords[shard.device.id]
-      starts = _starts(shard)
-      assert (starts[0], starts[1], starts[f_axis]) == (2 * stage, 4 * expert, f // 2 * tp)
+  for name, shape, f_axis in (("w_up_ExDxF", (1, 4, d, f // 2), 3),
+                              ("w_down_ExFxD", (1, 4, f // 2, d), 2)):
+    for layer in params["layers"]:  # two local layers per stage
+      for shard in layer["moe"][name][...].addressable_shards:
+        assert shard.data.shape == shape
+        stage, expert, tp = coords[shard.device.id]
+        starts = _starts(shard)
+        assert (starts[0], starts[1], starts[f_axis]) == (stage, 4 * expert, f // 2 * tp)
 
 
 def test_seed_model_on_seed_meshes_without_allocating():
