@@ -36,6 +36,8 @@ _PLACEMENT = flags.DEFINE_enum("placement", None, ["ep", "tp"],
                                "Override expert placement: ep = whole experts spread over "
                                "expert x tp; tp = each expert's MLP split over tp.")
 _MICRO = flags.DEFINE_integer("microbatches", None, "Override pipeline micro-batches.")
+_DECODE_MICRO = flags.DEFINE_integer("decode_microbatches", None,
+                                     "Override pipeline micro-batches per decode step.")
 _CHUNKS = flags.DEFINE_integer("moe_chunks", None,
                                "Override chunks per MoE layer (exchange/compute overlap).")
 _CAPACITY = flags.DEFINE_float("capacity_factor", None,
@@ -67,6 +69,7 @@ def _deployment(num_devices: int):
   dep = deployments.resolve(_DEPLOYMENT.value, num_devices)
   overrides = {"stages": _STAGES.value, "expert": _EXPERT.value, "tp": _TP.value,
                "placement": _PLACEMENT.value, "microbatches": _MICRO.value,
+               "decode_microbatches": _DECODE_MICRO.value,
                "moe_chunks": _CHUNKS.value, "capacity_factor": _CAPACITY.value,
                "dropless": _DROPLESS.value}
   return dataclasses.replace(dep, **{k: v for k, v in overrides.items() if v is not None})

@@ -199,7 +199,7 @@ def parse_mesh(kind: str) -> DeploymentConfig:
                       "e.g. mesh:1x2x1 for expert parallelism over 2 devices.") from None
   placement = "tp" if t > 1 and e > 1 else "ep"
   return DeploymentConfig(kind="proposed", stages=s, expert=e, tp=t, placement=placement,
-                          microbatches=m)
+                          microbatches=m, decode_microbatches=m)
 
 
 def share_config(cfg: ModelConfig, dep: DeploymentConfig, batch: int):

@@ -96,7 +96,10 @@ class DeploymentConfig:
   expert: int = 1  # size of the expert axis
   tp: int = 1
   placement: str = "ep"
-  microbatches: int = 1  # pipeline micro-batches per forward pass
+  microbatches: int = 1  # pipeline micro-batches per prefill
+  # Micro-batches per decode step. 1 by default: a decode step is bound by reading the
+  # weights, and each micro-batch re-reads its stage's weights (README, Results).
+  decode_microbatches: int = 1
   moe_chunks: int = 1  # chunks inside an MoE layer, so one's exchange overlaps another's compute
   capacity_factor: float = 2.0  # per-round buffer relative to a perfectly balanced load
   dropless: bool = True  # extra rounds for overflow instead of dropping tokens
@@ -105,7 +108,8 @@ class DeploymentConfig:
     if self.kind not in KINDS:
       raise ConfigError(
           f"DeploymentConfig.kind={self.kind!r} is unknown; use one of {list(KINDS)}.")
-    _positive(self, "stages", "expert", "tp", "microbatches", "moe_chunks")
+    _positive(self, "stages", "expert", "tp", "microbatches", "decode_microbatches",
+              "moe_chunks")
     if self.placement not in PLACEMENTS:
       raise ConfigError(
           f"DeploymentConfig.placement={self.placement!r} is unknown; "
@@ -150,17 +154,28 @@ class DeploymentConfig:
     """Raises ConfigError if a batch of `batch` sequences cannot be split on this deployment."""
     if not isinstance(batch, int) or batch < 1:
       raise ConfigError(f"batch={batch!r} must be a positive integer.")
-    per = self.expert * self.microbatches
-    if batch % per:
-      raise ConfigError(
-          f"batch={batch} is not divisible by expert axis x microbatches = "
-          f"{self.expert} x {self.microbatches} = {per}; each device's share of each "
-          f"micro-batch must be whole. Use a batch that is a multiple of {per}.")
+    for field in ("microbatches", "decode_microbatches"):
+      m = getattr(self, field)
+      per = self.expert * m
+      if batch % per:
+        raise ConfigError(
+            f"batch={batch} is not divisible by expert axis x {field} = "
+            f"{self.expert} x {m} = {per}; each device's share of each "
+            f"micro-batch must be whole. Use a batch that is a multiple of {per}.")
 
   def describe(self) -> str:
     return (f"{self.kind}: stage {self.stages} x expert {self.expert} x tp {self.tp} "
             f"({self.num_devices} devices), placement={self.placement}, "
-            f"microbatches={self.microbatches}")
+            f"microbatches={self.microbatches} (decode {self.decode_microbatches})")
+
+
+# Multiples of the balanced capacity that dropless routing may switch between per step.
+CAPACITY_STEPS = (1.0, 1.5, 2.0, 3.0, 4.0)
+
+
+def capacity_buckets(cap: int, tokens: int) -> list[int]:
+  """The static capacities a dropless exchange chooses from, ascending, none over `tokens`."""
+  return sorted({min(tokens, math.ceil(cap * m)) for m in CAPACITY_STEPS})
 
 
 def capacity(tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:

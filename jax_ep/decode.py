@@ -91,7 +91,7 @@ def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
     return sample(logits[:, -1], temperature, key), cache, stats
 
   def step(params, cache, last_B, pos, key):
-    logits, cache, stats = engine.forward_last(params, cache, last_B[:, None], pos)
+    logits, cache, stats = engine.decode_forward(params, cache, last_B[:, None], pos)
     key, sub = jax.random.split(key)
     return sample(logits[:, -1], temperature, sub), cache, pos + 1, key, stats
 

@@ -119,8 +119,8 @@ class Engine:
 
   # --- forward ----------------------------------------------------------------------------
 
-  def _shard_forward(self, last_only: bool):
-    cfg, par, m = self.cfg, self.par, self.dep.microbatches
+  def _shard_forward(self, last_only: bool, m: int):
+    cfg, par = self.cfg, self.par
 
     def forward_(params_, cache_, tokens_BxT_, pos):
       b, t = tokens_BxT_.shape
@@ -155,12 +155,17 @@ class Engine:
     The cache is donated: it is updated in place. MoE stats are per layer, in stage
     order: load [L, E] summed over the batch, dropped [L], exchange rounds [L].
     """
-    return jax.jit(self._shard_forward(last_only=False), donate_argnums=(1,))
+    return jax.jit(self._shard_forward(False, self.dep.microbatches), donate_argnums=(1,))
 
   @functools.cached_property
   def forward_last(self):
-    """Like `forward`, logits of the last position only: [B, 1, V]."""
-    return jax.jit(self._shard_forward(last_only=True), donate_argnums=(1,))
+    """Like `forward`, logits of the last position only: [B, 1, V] (prefill)."""
+    return jax.jit(self._shard_forward(True, self.dep.microbatches), donate_argnums=(1,))
+
+  @functools.cached_property
+  def decode_forward(self):
+    """Like `forward_last`, with `decode_microbatches` pipeline micro-batches."""
+    return jax.jit(self._shard_forward(True, self.dep.decode_microbatches), donate_argnums=(1,))
 
   def check_tokens(self, tokens_BxT, pos: int = 0, max_len: int | None = None):
     """Host-side checks before anything compiles; raises ConfigError."""

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_ep import routing
-from jax_ep.config import DeploymentConfig, capacity
+from jax_ep.config import DeploymentConfig, capacity, capacity_buckets
 from jax_ep.experts import expert_mlp
 
 STAGE, EXPERT, TP = "stage", "expert", "tp"
@@ -148,11 +148,15 @@ def moe(x_TxD_, w_router_DxE, w_up_ExDxF_, w_down_ExFxD_, w_gate_ExDxF_, *, top_
 
   Per round: gate -> pack a static [E, C, D] buffer by destination expert ->
   all_to_all -> local experts as one batched einsum -> all_to_all back -> combine.
-  Round 0 runs for every chunk as straight-line code, so XLA's scheduler can
-  overlap one chunk's exchange with another's expert compute. When dropless, a
-  while loop then runs further rounds until every queue position is served (zero
-  iterations unless some (source, expert) pair overflowed C); otherwise overflow
-  is dropped and counted.
+  Every chunk's exchange is straight-line code, so XLA's scheduler can overlap one
+  chunk's exchange with another's expert compute.
+
+  Dropless (default): the longest (source, expert) queue, agreed by every device,
+  picks the smallest of a few static capacities (config.capacity_buckets: 1x to 4x
+  the balanced share C) that holds it, through lax.switch, so an unlucky step costs
+  a larger buffer, not a second pass over the expert weights. Past 4x C a while loop
+  runs further rounds at the largest capacity until every token is served.
+  Otherwise overflow past C is dropped and counted.
 
   Args:
     x_TxD_: this device's tokens (replicated over tp).
@@ -175,7 +179,6 @@ def moe(x_TxD_, w_router_DxE, w_up_ExDxF_, w_down_ExFxD_, w_gate_ExDxF_, *, top_
   chunks = math.gcd(par.moe_chunks, tokens)
   chunk = tokens // chunks
   cap = capacity(chunk, num_experts, top_k, par.capacity_factor)
-  slots = num_experts * cap
 
   with jax.named_scope("gate"):
     logits_TxE = x_TxD_.astype(jnp.float32) @ w_router_DxE.astype(jnp.float32)
@@ -197,33 +200,46 @@ def moe(x_TxD_, w_router_DxE, w_up_ExDxF_, w_down_ExFxD_, w_gate_ExDxF_, *, top_
         out_ = jax.lax.psum(out_, TP)
     return _return(out_, par)
 
-  def one_round(r, n):
+  def one_round(r, n, cap):
     slot_TxK, _ = routing.slot_indices(experts_NxCxK[n], position_NxCxK[n], r, cap,
                                        num_experts)
     with jax.named_scope("dispatch"):
-      buf_ = routing.dispatch(x_NxCxD[n], slot_TxK, slots).reshape(num_experts, cap, dim)
-    out_ = expert_compute(buf_).reshape(slots, dim)
+      buf_ = routing.dispatch(x_NxCxD[n], slot_TxK, num_experts * cap)
+      buf_ = buf_.reshape(num_experts, cap, dim)
+    out_ = expert_compute(buf_).reshape(num_experts * cap, dim)
     with jax.named_scope("combine"):
       return routing.combine(out_, slot_TxK, weights_NxCxK[n])
 
-  y_chunks = [one_round(0, n) for n in range(chunks)]
   load_NxE = jnp.where(active, load_NxE, 0)
   most = load_NxE.max()
   if par.dropless:
     live = par._live(*AXES)
-    if live:  # every device must run the same number of exchanges
+    if live:  # every device must take the same branch and run the same exchanges
       most = jax.lax.pmax(most, live)
-    rounds = (most + cap - 1) // cap
+    caps = capacity_buckets(cap, chunk)
 
-    def more(carry):
-      r, ys = carry
-      return r + 1, [y + one_round(r, n) for n, y in enumerate(ys)]
+    def fits(c):  # one round holds every queue
+      return lambda: ([one_round(0, n, c) for n in range(chunks)], jnp.ones((), jnp.int32))
 
-    with jax.named_scope("overflow_rounds"):
+    def overflow():  # the largest capacity, as many rounds as the longest queue needs
+      c = caps[-1]
+      rounds = (most + c - 1) // c
+
+      def more(carry):
+        r, ys = carry
+        return r + 1, [y + one_round(r, n, c) for n, y in enumerate(ys)]
+
       start = jnp.ones((), jnp.int32)
-      _, y_chunks = jax.lax.while_loop(lambda c: c[0] < rounds, more, (start, y_chunks))
+      ys = [one_round(0, n, c) for n in range(chunks)]
+      _, ys = jax.lax.while_loop(lambda carry: carry[0] < rounds, more, (start, ys))
+      return ys, rounds.astype(jnp.int32)
+
+    branch = jnp.sum(jnp.asarray(caps[:-1]) < most)  # the first capacity >= most
+    with jax.named_scope("exchange"):
+      y_chunks, rounds = jax.lax.switch(branch, [fits(c) for c in caps[:-1]] + [overflow])
     dropped = jnp.zeros((), jnp.int32)
   else:
+    y_chunks = [one_round(0, n, cap) for n in range(chunks)]
     rounds = jnp.ones((), jnp.int32)
     dropped = jnp.maximum(load_NxE - cap, 0).sum().astype(jnp.int32)
 

@@ -31,7 +31,7 @@ import itertools
 import json
 import math
 
-from jax_ep.config import DeploymentConfig, ModelConfig, capacity
+from jax_ep.config import DeploymentConfig, ModelConfig, capacity, capacity_buckets
 
 # --- hardware ----------------------------------------------------------------------------
 
@@ -132,7 +132,7 @@ def layout(cfg: ModelConfig, dep: DeploymentConfig, batch: int) -> Layout:
   dep.check_model(cfg)
   dep.check_batch(batch)
   rows = batch // dep.expert
-  micro_rows = rows // dep.microbatches
+  micro_rows = rows // dep.decode_microbatches
   split_over_tp = dep.placement == "ep" and dep.tp > 1
   moe_tokens = micro_rows // dep.tp if split_over_tp else micro_rows
   moe_tokens = max(moe_tokens, 1)
@@ -151,28 +151,39 @@ def layout(cfg: ModelConfig, dep: DeploymentConfig, batch: int) -> Layout:
 
 def micro_steps(dep: DeploymentConfig) -> int:
   """GPipe steps of one forward pass: M micro-batches + S - 1 fill and drain (pipeline.py)."""
-  return dep.microbatches + dep.stages - 1
+  return dep.decode_microbatches + dep.stages - 1
 
 
 def bubble_factor(dep: DeploymentConfig) -> float:
   """(M + S - 1) / M: work done per micro-batch of useful work, bubbles included."""
-  return micro_steps(dep) / dep.microbatches
+  return micro_steps(dep) / dep.decode_microbatches
+
+
+def exchange_capacity(cfg: ModelConfig, dep: DeploymentConfig, lay: Layout,
+                      imbalance: float = 1.0) -> tuple[int, int]:
+  """(capacity, rounds) of each MoE exchange, as ep.moe picks them.
+
+  `imbalance` is max/mean of the expert load (decode.Generation.load_LxE). Dropless,
+  ep.moe takes the smallest of config.capacity_buckets (1x to 4x C) that holds the
+  busiest queue, in one round; past the largest, ceil(queue / largest) rounds of it.
+  Per-source queues are noisier than the global load the factor comes from: read this
+  as an expectation.
+  """
+  if not dep.dropless:
+    return lay.capacity, 1
+  mean_queue = lay.chunk_tokens * cfg.top_k / cfg.num_experts
+  busiest = min(imbalance * mean_queue, lay.chunk_tokens)
+  caps = capacity_buckets(lay.capacity, lay.chunk_tokens)
+  for c in caps[:-1]:
+    if c >= busiest - 1e-9:
+      return c, 1
+  return caps[-1], max(1, math.ceil(busiest / caps[-1] - 1e-9))
 
 
 def exchange_rounds(cfg: ModelConfig, dep: DeploymentConfig, lay: Layout,
                     imbalance: float = 1.0) -> int:
-  """All_to_all rounds per MoE layer: 1, plus more when a (source, expert) queue overflows C.
-
-  `imbalance` is max/mean of the expert load (decode.Generation.load_LxE). ep.moe runs
-  ceil(max queue / C) rounds on every device (dropless), so with capacity_factor 2 a
-  busiest expert below twice the mean still takes one round. Per-source queues are
-  noisier than the global load the factor comes from: read this as an expectation.
-  """
-  if not dep.dropless:
-    return 1
-  mean_queue = lay.chunk_tokens * cfg.top_k / cfg.num_experts
-  busiest = min(imbalance * mean_queue, lay.chunk_tokens)
-  return max(1, math.ceil(busiest / lay.capacity - 1e-9))
+  """All_to_all rounds per MoE layer (exchange_capacity)."""
+  return exchange_capacity(cfg, dep, lay, imbalance)[1]
 
 
 # --- bytes read from HBM, per device -----------------------------------------------------
@@ -378,7 +389,8 @@ def predict(cfg: ModelConfig, dep: DeploymentConfig, batch: int, context_len: in
     imbalance: expert load max/mean, sets the exchange rounds (exchange_rounds()).
   """
   lay = layout(cfg, dep, batch)
-  rounds = exchange_rounds(cfg, dep, lay, imbalance)
+  cap, rounds = exchange_capacity(cfg, dep, lay, imbalance)
+  lay = dataclasses.replace(lay, capacity=cap)
   gpn = hw.gpus_per_node
   lat = hw.collective_latency_s
   moe_calls = lay.chunks * rounds  # chunk-rounds per layer and micro-step
@@ -628,7 +640,8 @@ def ep_deployment(cfg: ModelConfig, n: int, order: str = "stages_first",
 
   order="stages_first": as configs/deployments.py's presets (stages up to L, then
   experts, then tp on each expert's MLP); "experts_first": experts up to E, then
-  stages, then tp. microbatches defaults to the number of stages (the presets' choice).
+  stages, then tp. microbatches (decode micro-batches) defaults to 1, the presets' choice;
+  -1 means one per stage.
   """
   first, second = ("stages", "expert") if order == "stages_first" else ("expert", "stages")
   limit = {"stages": cfg.num_layers, "expert": cfg.num_experts}
@@ -640,9 +653,10 @@ def ep_deployment(cfg: ModelConfig, n: int, order: str = "stages_first",
   tp = rest
   if tp > 1 and cfg.mlp_dim % tp:
     return None
-  m = sizes["stages"] if microbatches is None else microbatches
+  m = {None: 1, -1: sizes["stages"]}.get(microbatches, microbatches)
   return DeploymentConfig(kind="proposed", stages=sizes["stages"], expert=sizes["expert"],
-                          tp=tp, placement="tp" if tp > 1 else "ep", microbatches=m)
+                          tp=tp, placement="tp" if tp > 1 else "ep",
+                          microbatches=sizes["stages"], decode_microbatches=m)
 
 
 def describe_layout(cfg: ModelConfig, dep: DeploymentConfig, batch: int) -> str:
@@ -656,7 +670,8 @@ def describe_layout(cfg: ModelConfig, dep: DeploymentConfig, batch: int) -> str:
   if dep.tp > 1:
     attn += f" (1/{dep.tp} heads)"
   parts.append(attn)
-  return " + ".join(parts) + f"; S{dep.stages}xE{dep.expert}xTP{dep.tp}, M={dep.microbatches}"
+  mesh = f"S{dep.stages}xE{dep.expert}xTP{dep.tp}, M={dep.decode_microbatches}"
+  return " + ".join(parts) + "; " + mesh
 
 
 # --- the seed's table and a scaling curve ------------------------------------------------
@@ -677,8 +692,10 @@ def seed_rows(hw: Hardware = H100_SXM, batch: int = 1024, context_len: int = 128
            ("Proposed cross-node EP", deployments.SEED_PROPOSED, "seed_proposed")]
   if what_if:
     cases += [
-        ("  what if: baseline, M=1", dc.replace(deployments.SEED_BASELINE, microbatches=1), None),
-        ("  what if: proposed, M=1", dc.replace(deployments.SEED_PROPOSED, microbatches=1), None),
+        ("  what if: baseline, decode M=2",
+         dc.replace(deployments.SEED_BASELINE, decode_microbatches=2), None),
+        ("  what if: proposed, decode M=4",
+         dc.replace(deployments.SEED_PROPOSED, decode_microbatches=4), None),
         ("  what if: proposed, 2 MoE chunks",
          dc.replace(deployments.SEED_PROPOSED, moe_chunks=2), None),
         ("  what if: one GPU", deployments.SINGLE, None),
@@ -732,9 +749,9 @@ def scaling_curve(cfg: ModelConfig, hw: Hardware, batch: int = 1024, context_len
                   eff: Efficiency = IDEAL, gpus=(1, 2, 4, 8, 16, 32, 64, 128, 256)) -> dict:
   """Predicted TPS and TPOT against the GPU count for three families of EP deployments."""
   families = {
-      "stages first, M = S (jax_ep presets)": dict(order="stages_first"),
-      "stages first, M = 1": dict(order="stages_first", microbatches=1),
-      "experts first, M = 1": dict(order="experts_first", microbatches=1),
+      "stages first, decode M = 1 (jax_ep presets)": dict(order="stages_first"),
+      "stages first, decode M = S": dict(order="stages_first", microbatches=-1),
+      "experts first, decode M = 1": dict(order="experts_first"),
   }
   curves = {}
   for label, kw in families.items():
