@@ -169,13 +169,18 @@ class DeploymentConfig:
             f"microbatches={self.microbatches} (decode {self.decode_microbatches})")
 
 
-# Multiples of the balanced capacity that dropless routing may switch between per step.
+# Multiples of the balanced capacity that dropless routing may switch between per step,
+# and the most slots per (source, expert) a larger bucket may have: decode-sized buffers
+# grow, while a prefill's (thousands of tokens a device) keep C and take extra rounds
+# rather than an expert hidden of E x tokens x F.
 CAPACITY_STEPS = (1.0, 1.5, 2.0, 3.0, 4.0)
+MAX_BUCKET_SLOTS = 2048
 
 
 def capacity_buckets(cap: int, tokens: int) -> list[int]:
   """The static capacities a dropless exchange chooses from, ascending, none over `tokens`."""
-  return sorted({min(tokens, math.ceil(cap * m)) for m in CAPACITY_STEPS})
+  limit = max(cap, min(tokens, MAX_BUCKET_SLOTS))
+  return sorted({min(limit, math.ceil(cap * m)) for m in CAPACITY_STEPS})
 
 
 def capacity(tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:

@@ -148,7 +148,8 @@ def test_generate_equals_single_device(deployed):
 
 def test_all_tokens_to_two_experts_equals_single_device(deployed):
   # Adversarial routing: experts 0 and 1 get every token, the others none, so their
-  # (source, expert) queues overflow capacity and the dropless rounds must serve them.
+  # (source, expert) queues overflow C and the dropless exchange must serve them (with
+  # its largest capacity bucket, 4 C, which holds every token here: one round).
   params = deployed.engine.place_params(_zero_router(_single(deployed.model)[1]))
   got = _forward(deployed.engine, params, deployed.prompts)
   want = _reference(deployed.model, deployed.batch, zero_router=True)
@@ -157,14 +158,13 @@ def test_all_tokens_to_two_experts_equals_single_device(deployed):
   expected = np.zeros_like(got.load)
   expected[:, :2] = tokens
   assert_array_equal(got.load, expected)
-  assert (got.rounds > 1).all(), got.rounds
   assert_array_equal(got.dropped, 0)
 
 
 @pytest.mark.parametrize("name", ["proposed_tp2", "baseline_tp"])
 def test_small_capacity_and_chunks_equal_single_device(name):
-  # Random routing, but a quarter of a balanced share per round and two MoE chunks: several
-  # dropless rounds, each chunk's exchange separate.
+  # Random routing, but a quarter of a balanced share per round and two MoE chunks: queues
+  # past the largest capacity bucket (4 C) take several rounds, each chunk's exchange apart.
   model, dep, batch = CASES[name]
   dep = dataclasses.replace(dep, capacity_factor=0.25, moe_chunks=2)
   single, params = _single(model)
@@ -173,7 +173,7 @@ def test_small_capacity_and_chunks_equal_single_device(name):
   want = _reference(model, batch)
   assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
   assert_array_equal(got.load, want.load)
-  assert (got.rounds > 1).all(), got.rounds
+  assert got.rounds.max() > 1, got.rounds  # past the largest capacity bucket: more rounds
 
 
 # --- the lowered program has the collectives the deployment is made of ---------------------
