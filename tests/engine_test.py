@@ -173,7 +173,10 @@ def test_small_capacity_and_chunks_equal_single_device(name):
   want = _reference(model, batch)
   assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
   assert_array_equal(got.load, want.load)
-  assert got.rounds.max() > 1, got.rounds  # past the largest capacity bucket: more rounds
+  if name == "baseline_tp":  # chunks of 6 tokens, C = 1: queues can pass the largest bucket, 4
+    assert got.rounds.max() > 1, got.rounds
+  else:  # 3 tokens a micro-batch: the largest bucket (all 3) holds any queue in one round
+    assert (got.rounds == 1).all(), got.rounds
 
 
 # --- the lowered program has the collectives the deployment is made of ---------------------
