@@ -44,7 +44,8 @@ _CAPACITY = flags.DEFINE_float("capacity_factor", None,
                                "Override per-round expert buffer size relative to balance.")
 _DROPLESS = flags.DEFINE_bool("dropless", None, "Override: extra rounds instead of dropping.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights, prompts and sampling.")
-_BATCH = flags.DEFINE_integer("batch", 8, "Sequences decoded together.")
+_BATCH = flags.DEFINE_integer("batch", None, "Sequences decoded together (default: 8 for "
+                              "generate; 1024 for bench, the seed's tokens per forward pass).")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 16, "Tokens in each (random) prompt.")
 _NEW = flags.DEFINE_integer("max_new_tokens", 16, "Tokens generated per sequence.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy; > 0 samples.")
@@ -109,7 +110,7 @@ def _generate(profile_dir):
         f"top-{cfg.top_k}, {cfg.dtype}; deployment {dep.describe()}", flush=True)
   engine = Engine(cfg, dep)
   prompts = np.random.RandomState(_SEED.value).randint(
-      0, cfg.vocab_size, (_BATCH.value, _PROMPT_LEN.value))
+      0, cfg.vocab_size, (8 if _BATCH.value is None else _BATCH.value, _PROMPT_LEN.value))
   max_len = min(cfg.max_seq_len, _PROMPT_LEN.value + _NEW.value)
   # Everything that can be wrong with the request is checked before anything compiles.
   engine.check_tokens(prompts, 0, max_len)
