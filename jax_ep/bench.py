@@ -610,8 +610,9 @@ def main_from_flags() -> int:
 
   f = flags.FLAGS
   steps = max(1, f.max_new_tokens - 1 - 2)
-  spec = BenchSpec(config=f.config, batch=1024 if f.batch is None else f.batch, prompt_len=f.prompt_len,
-                   steps=steps, seed=f.seed)
+  batch = 1024 if f.batch is None else f.batch
+  spec = BenchSpec(config=f.config, batch=batch, prompt_len=f.prompt_len, steps=steps,
+                   seed=f.seed)
   result = run(spec, log=lambda m: print(m, flush=True))
   print(markdown(result))
   if f.output:
