@@ -100,8 +100,12 @@ def _generate(profile_dir):
 
   from configs import load_model
   from jax_ep import decode
+  from jax_ep.config import ConfigError
   from jax_ep.engine import Engine
 
+  for flag in (_BATCH, _PROMPT_LEN, _NEW):
+    if flag.value is not None and flag.value < 1:
+      raise ConfigError(f"--{flag.name}={flag.value} must be a positive integer.")
   cfg = load_model(_CONFIG.value)
   dep = _deployment(len(jax.devices()))
   logging.info("process %d of %d, %d devices (%s)", jax.process_index(), jax.process_count(),
@@ -113,7 +117,7 @@ def _generate(profile_dir):
       0, cfg.vocab_size, (8 if _BATCH.value is None else _BATCH.value, _PROMPT_LEN.value))
   max_len = min(cfg.max_seq_len, _PROMPT_LEN.value + _NEW.value)
   # Everything that can be wrong with the request is checked before anything compiles.
-  engine.check_tokens(prompts, 0, max_len)
+  decode.check_request(engine, prompts, _NEW.value, _TEMPERATURE.value, max_len)
   params = engine.init_params(_SEED.value)
   if profile_dir:
     jax.profiler.start_trace(profile_dir)

@@ -347,7 +347,7 @@ def run_one(p: Plan, params, spec: BenchSpec, prompts: np.ndarray, hw: perf_mode
       # the link if that is longer). work: this implementation's bytes and FLOPs (pipeline
       # re-reads, capacity padding, extra rounds) at the same ceilings.
       "floor_ms": max(1e3 * pred.ideal_s, 1e3 * comm_bytes / link if comm_bytes else 0.0),
-      "work_ms": 1e3 * pred.floor_s, "ideal_ms": 1e3 * pred.ideal_s,
+      "work_ms": 1e3 * pred.work_s, "ideal_ms": 1e3 * pred.ideal_s,
       "achieved_floor_fraction": max(pred.ideal_s, comm_bytes / link if comm_bytes else 0.0)
       / tpot,
       "model_ms": pred.tpot_ms, "model_terms_ms": {k: 1e3 * v for k, v in pred.terms_s.items()},

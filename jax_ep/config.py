@@ -59,6 +59,10 @@ class ModelConfig:
     if self.mlp_kind not in MLP_KINDS:
       raise ConfigError(
           f"ModelConfig.mlp_kind={self.mlp_kind!r} is unknown; use one of {list(MLP_KINDS)}.")
+    if not (0 < self.rope_theta < math.inf) or not (0 <= self.norm_eps < math.inf):
+      raise ConfigError(
+          f"ModelConfig.rope_theta={self.rope_theta} must be positive and norm_eps="
+          f"{self.norm_eps} non-negative, both finite.")
     if self.head_dim % 2:
       raise ConfigError(f"ModelConfig.head_dim={self.head_dim} must be even for rotary positions.")
 
@@ -114,9 +118,12 @@ class DeploymentConfig:
       raise ConfigError(
           f"DeploymentConfig.placement={self.placement!r} is unknown; "
           f"use one of {list(PLACEMENTS)}.")
-    if not self.capacity_factor > 0:
+    if not (isinstance(self.capacity_factor, (int, float)) and 0 < self.capacity_factor < math.inf):
       raise ConfigError(
-          f"DeploymentConfig.capacity_factor={self.capacity_factor} must be positive.")
+          f"DeploymentConfig.capacity_factor={self.capacity_factor!r} must be a positive, "
+          "finite number.")
+    if not isinstance(self.dropless, bool):
+      raise ConfigError(f"DeploymentConfig.dropless={self.dropless!r} must be True or False.")
 
   @property
   def num_devices(self) -> int:

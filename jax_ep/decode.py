@@ -63,21 +63,36 @@ def _progress(msg: str, log: Callable[[str], None] | None):
     log(msg)
 
 
-def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
-             temperature: float = 0.0, seed: int = 0, max_len: int | None = None,
-             time_steps: bool = False, log: Callable[[str], None] | None = None) -> Generation:
-  """Prefills `prompts_BxP` and generates `max_new_tokens` tokens per sequence."""
+def check_request(engine: Engine, prompts_BxP, max_new_tokens: int, temperature: float,
+                  max_len: int):
+  """Every check of a generate request, on the host, before anything compiles.
+
+  Returns the prompts as int32 [B, P]; raises ConfigError saying what to change.
+  """
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be a positive integer.")
-  if temperature < 0:
+  if not temperature >= 0:
     raise ConfigError(f"temperature={temperature} must be >= 0 (0 is greedy).")
-  max_len = max_len or engine.cfg.max_seq_len
   prompts = np.asarray(prompts_BxP)
   if prompts.ndim == 2 and prompts.shape[1] + max_new_tokens - 1 > max_len:
     raise ConfigError(
         f"prompt_len {prompts.shape[1]} + max_new_tokens {max_new_tokens} - 1 exceeds the KV "
         f"cache length {max_len}; lower one of them or raise max_seq_len.")
-  tokens = engine.check_tokens(prompts, 0, max_len)
+  return engine.check_tokens(prompts, 0, max_len)
+
+
+def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
+             temperature: float = 0.0, seed: int = 0, max_len: int | None = None,
+             time_steps: bool = False, log: Callable[[str], None] | None = None) -> Generation:
+  """Prefills `prompts_BxP` and generates `max_new_tokens` tokens per sequence.
+
+  `params` must be in `engine`'s layout (Engine.init_params or Engine.place_params).
+  """
+  max_len = max_len or engine.cfg.max_seq_len
+  tokens = check_request(engine, prompts_BxP, max_new_tokens, temperature, max_len)
+  if jax.tree.structure(params) != jax.tree.structure(engine.abstract_params):
+    raise ConfigError("params are not in this engine's layout; pass them through "
+                      "engine.place_params(params) first.")
   b = tokens.shape[0]
   tokens = jax.device_put(tokens, engine.tokens_sharding())
   params_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
@@ -108,7 +123,8 @@ def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
   cache = engine.init_cache(b, max_len)
   jax.block_until_ready(cache)
   t0 = time.perf_counter()
-  last, cache, stats = prefill_c(params, cache, tokens, jnp.int32(0), key)
+  key, prefill_key = jax.random.split(key)
+  last, cache, stats = prefill_c(params, cache, tokens, jnp.int32(0), prefill_key)
   last.block_until_ready()
   prefill_s = time.perf_counter() - t0
 

@@ -38,8 +38,10 @@ class Engine:
     dep.check_model(cfg)
     self.cfg, self.dep = cfg, dep
     self.mesh = make_mesh(dep) if mesh is None else mesh
-    if tuple(self.mesh.shape.values()) != dep.mesh_shape:
-      raise ConfigError(f"mesh {dict(self.mesh.shape)} does not match {dep.describe()}.")
+    want = dict(zip(ep.AXES, dep.mesh_shape, strict=True))
+    if dict(self.mesh.shape) != want:
+      raise ConfigError(f"mesh {dict(self.mesh.shape)} does not match {dep.describe()}: "
+                        f"it needs axes {want}; build it with jax_ep.mesh.make_mesh.")
     self.par = ep.Parallel.of(dep)
     self.table = sharding.table_for(dep)
     self.local_layers = cfg.num_layers // dep.stages
@@ -82,13 +84,24 @@ class Engine:
     return jax.jit(init, out_shardings=self.param_shardings)()
 
   def place_params(self, params):
-    """Lays out parameters, canonical or from any deployment, on this mesh."""
+    """Lays out parameters, canonical or from any deployment, on this mesh.
+
+    Raises ConfigError if they are not parameters of this engine's model.
+    """
     if isinstance(params, dict) and isinstance(params.get("layers"), tuple):
-      if len(params["layers"]) == self.local_layers and all(
-          a.shape == b.shape for a, b in zip(jax.tree.leaves(params),
-                                             jax.tree.leaves(self.abstract_params), strict=False)):
+      if _same_shapes(params, self.abstract_params):
         return jax.device_put(params, self.param_shardings)
+      if self.cfg.num_layers % len(params["layers"]):
+        raise ConfigError(f"params hold {len(params['layers'])} layers per stage, which does "
+                          f"not divide this model's {self.cfg.num_layers} layers.")
       params = jax.jit(_to_canonical_fn(self.cfg.num_layers))(params)
+    if not _same_shapes(params, self.abstract_canonical):
+      raise ConfigError(
+          "params do not match this engine's model "
+          f"({self.cfg.num_layers} layers x {self.cfg.num_experts} {self.cfg.mlp_kind} experts, "
+          f"D={self.cfg.model_dim}, F={self.cfg.mlp_dim}, V={self.cfg.vocab_size}): "
+          f"{_first_mismatch(params, self.abstract_canonical)}. Load them into the model "
+          "config they were made for.")
     # Canonical shards first (the stacked L axis splits over stages in the same blocks),
     # so each device receives only its share; the relayout is then local to each device.
     canonical_specs = sharding.param_specs(self.abstract_canonical, self.table)
@@ -204,6 +217,28 @@ def _to_canonical_fn(num_layers: int):
                            "layers": layers, "unembed_DxV": params["unembed_DxV"]}))
 
   return f
+
+
+def _same_shapes(tree, abstract) -> bool:
+  try:
+    return all(a.shape == b.shape and a.dtype == b.dtype
+               for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(abstract), strict=True)
+               ) and jax.tree.structure(tree) == jax.tree.structure(abstract)
+  except (ValueError, AttributeError):
+    return False
+
+
+def _first_mismatch(tree, abstract) -> str:
+  got = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  for path, want in jax.tree_util.tree_leaves_with_path(abstract):
+    key = jax.tree_util.keystr(path)
+    if key not in got:
+      return f"{key} is missing"
+    have = got[key]
+    if getattr(have, "shape", None) != want.shape or getattr(have, "dtype", None) != want.dtype:
+      return (f"{key} is {getattr(have, 'dtype', '?')}{list(getattr(have, 'shape', []))}, "
+              f"the model needs {want.dtype}{list(want.shape)}")
+  return "the parameter tree has other entries"
 
 
 def _raw(tree):

@@ -153,9 +153,10 @@ def moe(x_TxD_, w_router_DxE, w_up_ExDxF_, w_down_ExFxD_, w_gate_ExDxF_, *, top_
 
   Dropless (default): the longest (source, expert) queue, agreed by every device,
   picks the smallest of a few static capacities (config.capacity_buckets: 1x to 4x
-  the balanced share C) that holds it, through lax.switch, so an unlucky step costs
-  a larger buffer, not a second pass over the expert weights. Past 4x C a while loop
-  runs further rounds at the largest capacity until every token is served.
+  the balanced share C, at most config.MAX_BUCKET_SLOTS) that holds it, through
+  lax.switch, so an unlucky step costs a larger buffer, not a second pass over the
+  expert weights. Past the largest, a while loop runs further rounds of it until
+  every token is served.
   Otherwise overflow past C is dropped and counted.
 
   Args:
@@ -213,9 +214,11 @@ def moe(x_TxD_, w_router_DxE, w_up_ExDxF_, w_down_ExFxD_, w_gate_ExDxF_, *, top_
   load_NxE = jnp.where(active, load_NxE, 0)
   most = load_NxE.max()
   if par.dropless:
-    live = par._live(*AXES)
-    if live:  # every device must take the same branch and run the same exchanges
-      most = jax.lax.pmax(most, live)
+    # Every device of the exchange (the expert axes, and tp, whose ranks share the all_to_all
+    # or the psum) must take the same branch and run the same rounds; other stages need not.
+    group = par._live(EXPERT, TP)
+    if group:
+      most = jax.lax.pmax(most, group)
     caps = capacity_buckets(cap, chunk)
 
     def fits(c):  # one round holds every queue

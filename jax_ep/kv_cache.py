@@ -29,11 +29,6 @@ class KVCache(NamedTuple):
     shape = cls.shape(cfg, batch, max_len)
     return cls(jnp.zeros(shape, cfg.jnp_dtype), jnp.zeros(shape, cfg.jnp_dtype))
 
-  @classmethod
-  def abstract(cls, cfg: ModelConfig, batch: int, max_len: int | None = None) -> KVCache:
-    s = jax.ShapeDtypeStruct(cls.shape(cfg, batch, max_len), cfg.jnp_dtype)
-    return cls(s, s)
-
 
 class StagedKVCache(NamedTuple):
   """A deployment's cache: per local layer i, [stages, B, S, H, K] (stage s holds layer
@@ -46,5 +41,7 @@ class StagedKVCache(NamedTuple):
   @staticmethod
   def zeros(cfg: ModelConfig, stages: int, batch: int, max_len: int | None = None):
     l, b, s, h, k = KVCache.shape(cfg, batch, max_len)
-    z = tuple(jnp.zeros((stages, b, s, h, k), cfg.jnp_dtype) for _ in range(l // stages))
-    return StagedKVCache(z, z)
+    def zeros():
+      return tuple(jnp.zeros((stages, b, s, h, k), cfg.jnp_dtype) for _ in range(l // stages))
+
+    return StagedKVCache(zeros(), zeros())

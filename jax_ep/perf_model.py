@@ -361,7 +361,7 @@ class Prediction:
   comm_bytes: dict  # {"intra": ..., "inter": ...} sent per step, per device
   resident_bytes: float
   fits: bool  # weights + KV cache within the device's HBM
-  floor_s: float  # this implementation at the hardware ceilings, comm overlapped, no latency
+  work_s: float  # this implementation's work at the hardware ceilings, comm overlapped, no latency
   ideal_s: float  # the resident bytes read once (or the real FLOPs) at the ceilings
   components: dict  # roofline_s (with eff's memory, compute), comm_s (ideal), layer_steps
 
@@ -458,14 +458,14 @@ def predict(cfg: ModelConfig, dep: DeploymentConfig, batch: int, context_len: in
   comm_bw_s = max(intra / hw.intra_node_bytes_per_s, inter / hw.inter_node_bytes_per_s)
   ideal_roof_s = n * lay.layers * (_roofline(attn_bytes, attn_flops, hw)
                                    + moe_calls * _roofline(exp_bytes, exp_flops, hw))
-  floor_s = max(ideal_roof_s + _roofline(head_bytes(cfg, lay), head_flops(cfg, lay), hw),
-                comm_bw_s)
+  work_s = max(ideal_roof_s + _roofline(head_bytes(cfg, lay), head_flops(cfg, lay), hw),
+               comm_bw_s)
   resident = resident_bytes(cfg, lay, context_len)
   ideal_s = ideal_floor_s(cfg, dep, batch, context_len, hw)
   return Prediction(
       tpot_s=tpot_s, tps=batch / tpot_s, batch=batch, micro_steps=n, rounds=rounds,
       terms_s=terms, hbm_bytes=hbm, flops=flops, comm_bytes={"intra": intra, "inter": inter},
-      resident_bytes=resident, fits=resident <= hw.hbm_capacity_bytes, floor_s=floor_s,
+      resident_bytes=resident, fits=resident <= hw.hbm_capacity_bytes, work_s=work_s,
       ideal_s=ideal_s,
       components={"roofline_s": roof_s, "comm_s": comm_s, "layer_steps": layer_steps,
                   "memory_bound_s": memory_bound_s, "compute_bound_s": compute_bound_s})
@@ -489,10 +489,6 @@ def ideal_floor_s(cfg: ModelConfig, dep: DeploymentConfig, batch: int, context_l
   stage_s = _roofline(lay.layers * (weights + kv), lay.layers * (expert + attn), hw)
   return dep.stages * stage_s + _roofline(head_bytes(cfg, lay), head_flops(cfg, lay), hw)
 
-
-def floor_s(cfg, dep, batch, context_len, hw) -> float:
-  """This implementation's work at the hardware ceilings (see Prediction.floor_s)."""
-  return predict(cfg, dep, batch, context_len, hw).floor_s
 
 
 # --- calibration -------------------------------------------------------------------------
@@ -714,18 +710,18 @@ def seed_rows(hw: Hardware = H100_SXM, batch: int = 1024, context_len: int = 128
 def format_seed_table(rows: list[dict], hw: Hardware) -> str:
   lines = [f"Seed model, batch {rows[0]['prediction'].batch}, on {hw.name}:",
            "| Method | GPUs | Per-GPU deployment | TPS (model) | TPOT ms (model) | "
-           "TPS (seed) | TPOT ms (seed) | floor ms | ideal ms | bubble x | fits |",
+           "TPS (seed) | TPOT ms (seed) | work ms | ideal ms | bubble x | fits |",
            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
   for r in rows:
     p = r["prediction"]
     seed_tps = f"{r['seed_tps']:,}" if r["seed_tps"] else ""
     seed_tpot = f"{r['seed_tpot_ms']}" if r["seed_tpot_ms"] else ""
     lines.append(f"| {r['method']} | {r['gpus']} | {r['per_gpu']} | {p.tps:,.0f} | "
-                 f"{p.tpot_ms:.2f} | {seed_tps} | {seed_tpot} | {1e3 * p.floor_s:.2f} | "
+                 f"{p.tpot_ms:.2f} | {seed_tps} | {seed_tpot} | {1e3 * p.work_s:.2f} | "
                  f"{1e3 * p.ideal_s:.2f} | "
                  f"{r['bubble']:.2f} | {'yes' if p.fits else 'NO'} |")
   lines += ["", "model: this implementation's step at the hardware rates with the efficiency "
-            "factors; floor: the same work at the ceilings with communication overlapped and "
+            "factors; work: the same work at the ceilings with communication overlapped and "
             "no latency; ideal: S x one stage reading its weights and KV cache once, plus "
             "the head (any implementation of the layout); bubble: (M + S - 1) / M."]
   return "\n".join(lines)

@@ -89,15 +89,29 @@ def test_unknown_kind_and_placement():
     DeploymentConfig(kind="proposed", placement="dp")
 
 
-@pytest.mark.parametrize("field", ["stages", "expert", "tp", "microbatches", "moe_chunks"])
+@pytest.mark.parametrize("field", ["stages", "expert", "tp", "microbatches",
+                                   "decode_microbatches", "moe_chunks"])
 def test_mesh_sizes_must_be_positive(field):
   with _raises(f"{field}=0"):
     DeploymentConfig(**{field: 0})
 
 
-def test_capacity_factor_must_be_positive():
-  with _raises("capacity_factor=0.0"):
-    DeploymentConfig(capacity_factor=0.0)
+@pytest.mark.parametrize("value", [0.0, -1.0, float("inf"), float("nan"), "2"])
+def test_capacity_factor_must_be_positive_and_finite(value):
+  with _raises(f"capacity_factor={value!r}"):
+    DeploymentConfig(capacity_factor=value)
+
+
+def test_dropless_must_be_a_bool():
+  with _raises("dropless='no'"):
+    DeploymentConfig(dropless="no")
+
+
+@pytest.mark.parametrize("field,value", [("rope_theta", 0.0), ("rope_theta", float("inf")),
+                                         ("norm_eps", -1e-6)])
+def test_rope_theta_and_norm_eps(field, value):
+  with _raises(f"{field}={value}"):
+    dataclasses.replace(TINY, **{field: value})
 
 
 def test_layers_not_divisible_by_stages():
@@ -141,6 +155,8 @@ def test_check_batch():
     dep.check_batch(0)
   with _raises("batch=12 is not divisible by expert axis x microbatches = 4 x 2 = 8"):
     dep.check_batch(12)
+  with _raises("batch=8 is not divisible by expert axis x decode_microbatches = 4 x 4 = 16"):
+    dataclasses.replace(dep, decode_microbatches=4).check_batch(8)
   with _raises("batch=4"):
     dep.check_batch(4)
   with _raises("batch=8.0"):

@@ -46,7 +46,10 @@ def test_same_tokens_on_every_deployment(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--batch=0"], "empty dimension"),
+    (["--batch=0"], "--batch=0 must be a positive integer"),
+    (["--batch=-3"], "--batch=-3 must be a positive integer"),
+    (["--max_new_tokens=0"], "--max_new_tokens=0 must be a positive integer"),
+    (["--temperature=-1"], "temperature=-1.0 must be >= 0"),
     (["--batch=6"], "batch=6 is not divisible"),
     (["--prompt_len=60", "--max_new_tokens=10"], "exceeds the KV cache length 64"),
     (["--config=nope"], "--config='nope' is not a preset"),

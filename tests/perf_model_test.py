@@ -55,7 +55,7 @@ def test_single_step_time_is_the_sum_of_rooflines():
   head = max(73728 / 1e9, pm.head_flops(TINY, lay) / 1e12)
   assert p.tpot_s == pytest.approx(4 * (attn + experts) + head)
   assert p.tps == pytest.approx(8 / p.tpot_s)
-  assert p.floor_s == pytest.approx(p.tpot_s)  # nothing to communicate on one device
+  assert p.work_s == pytest.approx(p.tpot_s)  # nothing to communicate on one device
 
 
 def _decode_m(dep, m=None):

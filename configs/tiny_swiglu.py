@@ -1,0 +1,9 @@
+"""The tiny model with gated (SwiGLU) experts, to run the gated MLP on every mesh."""
+
+import dataclasses
+
+from configs import tiny
+
+
+def get_config():
+  return dataclasses.replace(tiny.get_config(), mlp_kind="swiglu")
