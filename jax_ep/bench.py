@@ -603,15 +603,25 @@ def write(result: dict, out_dir: str, stem: str = "seed_table") -> list[str]:
 def main_from_flags() -> int:
   """`jax-ep bench`: the side-by-side run with the CLI's flags (jax_ep/__main__.py).
 
-  --config, --batch, --prompt_len, --max_new_tokens (warm-up 2 + timed steps) and
-  --seed as for generate; --output names the JSON (markdown and PNG are written beside).
+  --config, --batch (default 1024), --prompt_len, --max_new_tokens (warm-up 2 + timed
+  steps) and --seed as for generate; unset, the platform's defaults apply (BenchSpec).
+  --output names the JSON (markdown and PNG are written beside). Mesh flags are
+  ignored, with a warning.
   """
   from absl import flags
 
   f = flags.FLAGS
-  steps = max(1, f.max_new_tokens - 1 - 2)
+  ignored = [n for n in ("deployment", "stages", "expert_axis", "tp", "placement",
+                         "microbatches", "decode_microbatches", "moe_chunks", "capacity_factor",
+                         "dropless", "temperature", "profile_dir") if f[n].present]
+  if ignored:
+    print(f"jax-ep bench ignores {', '.join('--' + n for n in ignored)}: it runs the single, "
+          "baseline and proposed presets for the devices present; for other meshes use "
+          "benchmarks/seed_table.py --kinds=mesh:SxExT/M.", flush=True)
+  steps = max(1, f.max_new_tokens - 1 - 2) if f["max_new_tokens"].present else None
   batch = 1024 if f.batch is None else f.batch
-  spec = BenchSpec(config=f.config, batch=batch, prompt_len=f.prompt_len, steps=steps,
+  prompt_len = f.prompt_len if f["prompt_len"].present else None
+  spec = BenchSpec(config=f.config, batch=batch, prompt_len=prompt_len, steps=steps,
                    seed=f.seed)
   result = run(spec, log=lambda m: print(m, flush=True))
   print(markdown(result))

@@ -417,3 +417,22 @@ def test_mesh_with_other_axis_names():
                            ("expert", "stage", "tp"))
   with pytest.raises(ConfigError, match="needs axes"):
     Engine(load_model("tiny"), DeploymentConfig(kind="proposed", stages=2, expert=4), mesh)
+
+
+def test_dropping_on_a_mesh():
+  # --nodropless on the baseline's tp token split: with room for every token nothing is
+  # dropped and the output is the single device's; with a quarter of a balanced share the
+  # overflow is dropped, counted over the devices, and the output changes.
+  single, _ = _single("tiny")
+  want = _reference("tiny", 8)
+  for factor, drops in ((8.0, False), (0.25, True)):
+    dep = dataclasses.replace(PRESETS["baseline_8"], dropless=False, capacity_factor=factor)
+    engine = Engine(single.cfg, dep)
+    got = _forward(engine, engine.place_params(_single("tiny")[1]), _prompts(256, 8))
+    assert_array_equal(got.load[0], want.load[0])  # layer 0 routes before any drop
+    if drops:
+      assert got.dropped.sum() > 0
+      assert not np.allclose(got.logits, want.logits, atol=1e-3)
+    else:
+      assert_array_equal(got.dropped, 0)
+      assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
