@@ -8,7 +8,6 @@ A thin shell over jax_ep/bench.py; see benchmarks/README.md.
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import sys
 
@@ -17,11 +16,12 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jax_ep import runtime  # noqa: E402  (imports no jax)
+from jax_ep.config import KINDS  # noqa: E402  (imports jax, starts no backend)
 
 _OUT = flags.DEFINE_string("out_dir", "benchmarks/results/latest",
                            "Directory for seed_table.{json,md,png}.")
 _CONFIG = flags.DEFINE_string("config", None, "Model preset; default seed on GPU, tiny on CPU.")
-_KINDS = flags.DEFINE_list("kinds", ["single", "baseline", "proposed"],
+_KINDS = flags.DEFINE_list("kinds", list(KINDS),
                            "Deployments: single, baseline, proposed (the seed's preset, or the "
                            "scaled one for the devices present), or preset names.")
 _SHARE = flags.DEFINE_string("share", None,
@@ -42,16 +42,10 @@ _OVERLAP = flags.DEFINE_bool("xla_overlap", True,
                              "XLA's latency-hiding scheduler on GPU (jax_ep/runtime.py).")
 
 
-def _has_gpu_plugin() -> bool:
-  names = {d.metadata["Name"].lower() for d in importlib.metadata.distributions()}
-  return any(n.startswith("jax-cuda") and "plugin" in n for n in names)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  simulate = _SIMULATE.value
-  runtime.simulate_devices(8 if simulate < 0 and not _has_gpu_plugin() else max(simulate, 0))
+  runtime.simulate_devices(_SIMULATE.value)
   runtime.set_xla_flags(_OVERLAP.value)
   from jax_ep import bench
 

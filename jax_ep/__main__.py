@@ -6,7 +6,6 @@ A thin shell: flags become configs once, here; the work is library calls.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import json
 import os
 import sys
@@ -57,11 +56,6 @@ _PROFILE = flags.DEFINE_string("profile_dir", None,
 _OVERLAP = flags.DEFINE_bool("xla_overlap", True,
                              "Turn on XLA's latency-hiding scheduler (async collectives "
                              "overlap compute on GPU; see jax_ep/runtime.py).")
-
-
-def _has_gpu_plugin() -> bool:
-  names = {d.metadata["Name"].lower() for d in importlib.metadata.distributions()}
-  return any(n.startswith("jax-cuda") and "plugin" in n for n in names)
 
 
 def _deployment(num_devices: int):
@@ -135,10 +129,7 @@ def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: jax-ep {{{','.join(COMMANDS)}}} [--flags]; see --help.")
   _check_output_path(_OUTPUT.value)
-  simulate = _SIMULATE.value
-  if simulate < 0:
-    simulate = 0 if _has_gpu_plugin() else 8
-  runtime.simulate_devices(simulate)
+  runtime.simulate_devices(_SIMULATE.value)
   runtime.set_xla_flags(_OVERLAP.value)
   if argv[1] == "bench":
     from jax_ep import bench

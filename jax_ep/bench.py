@@ -29,10 +29,9 @@ from jax.sharding import PartitionSpec as P
 
 from configs import deployments, load_model
 from jax_ep import decode, perf_model
-from jax_ep.config import ConfigError, DeploymentConfig, ModelConfig
+from jax_ep.config import KINDS, ConfigError, DeploymentConfig, ModelConfig
 from jax_ep.engine import Engine
 
-KINDS = ("single", "baseline", "proposed")
 SEED_PRESET = {"baseline": "seed_baseline", "proposed": "seed_proposed"}
 
 

@@ -23,9 +23,22 @@ def set_xla_flags(overlap: bool) -> None:
   os.environ["XLA_FLAGS"] = " ".join(flags)
 
 
+def has_gpu_plugin() -> bool:
+  """Whether a jax CUDA plugin is installed (found without starting a backend)."""
+  import importlib.metadata
+
+  names = {d.metadata["Name"].lower() for d in importlib.metadata.distributions()}
+  return any(n.startswith("jax-cuda") and "plugin" in n for n in names)
+
+
 def simulate_devices(n: int) -> None:
-  """Runs on the CPU with `n` fake devices (n > 0), e.g. 64 to lay out the seed's mesh."""
-  if n <= 0:
+  """Runs on the CPU with `n` fake devices (n > 0), e.g. 64 to lay out the seed's mesh.
+
+  n < 0 means: 8 fake devices when no GPU plugin is installed, else the real devices.
+  """
+  if n < 0:
+    n = 0 if has_gpu_plugin() else 8
+  if n == 0:
     return
   import jax
 
