@@ -94,7 +94,8 @@ class Engine:
       if self.cfg.num_layers % len(params["layers"]):
         raise ConfigError(f"params hold {len(params['layers'])} layers per stage, which does "
                           f"not divide this model's {self.cfg.num_layers} layers.")
-      params = jax.jit(_to_canonical_fn(self.cfg.num_layers))(params)
+      params = jax.jit(_to_canonical_fn(self.cfg.num_layers),
+                       out_shardings=_canonical_shardings_of(params))(params)
     if not _same_shapes(params, self.abstract_canonical):
       raise ConfigError(
           "params do not match this engine's model "
@@ -217,6 +218,21 @@ def _to_canonical_fn(num_layers: int):
                            "layers": layers, "unembed_DxV": params["unembed_DxV"]}))
 
   return f
+
+
+def _canonical_shardings_of(layout):
+  """Where the canonical form of a deployment layout stays on the devices it is on.
+
+  Each canonical layer leaf [L, ...] takes the spec of its [stages, ...] counterpart:
+  `stage` then splits L into the same contiguous blocks, so nothing is gathered (the
+  seed's weights would not fit on one device twice). None for host arrays.
+  """
+  try:
+    shardings = jax.tree.map(lambda a: a.sharding, layout)
+  except AttributeError:
+    return None
+  return nnx.State(_raw({**{k: v for k, v in shardings.items() if k != "layers"},
+                         "layers": shardings["layers"][0]}))
 
 
 def _same_shapes(tree, abstract) -> bool:
