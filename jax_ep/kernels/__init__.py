@@ -1,0 +1,1 @@
+"""Custom kernels: the grouped expert matmul (Pallas Triton on GPU, XLA elsewhere)."""

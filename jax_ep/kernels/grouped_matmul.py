@@ -1,0 +1,251 @@
+"""Grouped matmul over expert-sorted rows, whose cost follows the real rows.
+
+Rows `x_MxK` are sorted by group (expert); `group_sizes_G` says how many belong to
+each, in order, and may sum to less than M (a worst-case receive buffer whose tail is
+empty). Group g's rows are multiplied by `w_GxKxN[g]`. Each program of the Pallas
+Triton kernel computes one (row tile, column tile) of one group and skips rows
+outside it; programs are numbered group by group, and within a group column tile by
+column tile with its row tiles adjacent, so a group's few row tiles read each weight
+tile at nearly the same time (HBM once, then L2) and its rows stay in L2 while its
+weights stream past. Programs past the last real row tile do nothing. So the weights
+of each non-empty group are read about once and the FLOPs are those of the real rows
+rounded up to `block_m` per group: the padded batched einsum's cost grows with the
+largest group times the number of groups instead (shared/GPU.md).
+
+`impl`: "pallas" (the Triton kernel; GPU), "interpret" (the same kernel run by the
+Pallas interpreter: CPU tests), "xla" (`jax.lax.ragged_dot`: the reference, and the
+path on CPU). All three compute the same function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("xla", "pallas", "interpret")
+ACTIVATIONS = ("none", "gelu", "swiglu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+  """Tile sizes and Triton launch parameters (benchmarks/kernel_sweep.py measures them)."""
+
+  block_m: int = 64
+  block_n: int = 128
+  block_k: int = 64
+  num_warps: int = 4
+  num_stages: int = 4
+
+
+DEFAULT_BLOCKS = Blocks()
+
+
+def gelu_tanh(x):
+  """jax.nn.gelu(approximate=True), written with exp only (lowers everywhere):
+  0.5 x (1 + tanh(z)) = x * sigmoid(2 z)."""
+  z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+  return x / (1.0 + jnp.exp(-2.0 * z))
+
+
+def silu(x):
+  return x / (1.0 + jnp.exp(-x))
+
+
+def _activate(acc, gate, activation: str):
+  if activation == "gelu":
+    return gelu_tanh(acc)
+  if activation == "swiglu":
+    return silu(gate) * acc
+  return acc
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def tile_table(group_sizes_G: jax.Array, block_m: int, n_tiles: int) -> jax.Array:
+  """Per group: [row start, rows, row tiles, first program], int32 [4, G_pad], and the
+  number of live programs in column [4, 0]. G_pad is a power of two (Triton vectors);
+  padding groups are empty and start past every live program."""
+  g = group_sizes_G.shape[0]
+  sizes = group_sizes_G.astype(jnp.int32)
+  starts = jnp.cumsum(sizes) - sizes
+  tiles = (sizes + block_m - 1) // block_m
+  first = (jnp.cumsum(tiles) - tiles) * n_tiles
+  live = jnp.sum(tiles) * n_tiles
+  pad = _next_pow2(g) - g
+  table = jnp.stack([
+      jnp.pad(starts, (0, pad), constant_values=jnp.sum(sizes)),
+      jnp.pad(sizes, (0, pad)),
+      jnp.pad(tiles, (0, pad)),
+      jnp.pad(first, (0, pad), constant_values=live),
+  ])
+  live_row = jnp.zeros((1, table.shape[1]), jnp.int32).at[0, 0].set(live)
+  return jnp.concatenate([table, live_row], axis=0)
+
+
+def _kernel(table_ref, x_ref, w_ref, *rest, blocks: Blocks, k_steps: int, n_tiles: int,
+            activation: str):
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as plgpu
+
+  if activation == "swiglu":
+    wg_ref, o_ref = rest
+  else:
+    (o_ref,) = rest
+  bm, bn, bk = blocks.block_m, blocks.block_n, blocks.block_k
+  pid = pl.program_id(0)
+  live = pid < table_ref[4, 0]
+  first_G = table_ref[3, :]
+  g = jnp.maximum(jnp.sum((first_G <= pid).astype(jnp.int32)) - 1, 0)
+  tiles = jnp.maximum(table_ref[2, g], 1)
+  local = pid - table_ref[3, g]
+  n = local // tiles
+  row0 = table_ref[0, g] + (local % tiles) * bm
+  rows_left = table_ref[0, g] + table_ref[1, g] - row0
+  mask_M1 = (jnp.arange(bm, dtype=jnp.int32) < rows_left)[:, None]
+  cols = pl.ds(pl.multiple_of(n * bn, bn), bn)
+
+  @pl.when(live)
+  def _():
+    def step(k, accs):
+      ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
+      x = plgpu.load(x_ref.at[pl.ds(row0, bm), ks], mask=mask_M1, other=0.0)
+      out = [accs[0] + jnp.dot(x, w_ref[g, ks, cols], preferred_element_type=jnp.float32)]
+      if activation == "swiglu":
+        out.append(accs[1] + jnp.dot(x, wg_ref[g, ks, cols],
+                                     preferred_element_type=jnp.float32))
+      return tuple(out)
+
+    zeros = jnp.zeros((bm, bn), jnp.float32)
+    accs = jax.lax.fori_loop(0, k_steps, step, (zeros,) * (2 if activation == "swiglu" else 1))
+    y = _activate(accs[0], accs[-1], activation)
+    plgpu.store(o_ref.at[pl.ds(row0, bm), cols], y.astype(o_ref.dtype), mask=mask_M1)
+
+
+def _pallas(x_pad, m, w_GxKxN, group_sizes_G, wg_GxKxN, activation, blocks: Blocks,
+            interpret: bool):
+  """The kernel on rows x_pad [R, K], R >= m + block_m (rows past m are padding, so the
+  last tile's masked slice stays in bounds); returns [R, N], rows past the real ones
+  unset."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as plgpu
+
+  k = x_pad.shape[1]
+  g, _, n = w_GxKxN.shape
+  bm, bn, bk = blocks.block_m, blocks.block_n, blocks.block_k
+  n_tiles = n // bn
+  # At most cdiv(M, bm) + G - 1 row tiles hold a real row (each group adds at most one
+  # partial tile); the rest of the grid exits at once.
+  programs = (pl.cdiv(m, bm) + g) * n_tiles
+  table = tile_table(group_sizes_G, bm, n_tiles)
+  weights = (w_GxKxN,) if wg_GxKxN is None else (w_GxKxN, wg_GxKxN)
+  full = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
+  out = pl.pallas_call(
+      functools.partial(_kernel, blocks=blocks, k_steps=k // bk, n_tiles=n_tiles,
+                        activation=activation),
+      out_shape=jax.ShapeDtypeStruct((x_pad.shape[0], n), x_pad.dtype),
+      grid=(programs,),
+      in_specs=[full(table.shape), full(x_pad.shape)] + [full(w.shape) for w in weights],
+      out_specs=full((x_pad.shape[0], n)),
+      compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps,
+                                           num_stages=blocks.num_stages),
+      interpret=interpret,
+      name=f"grouped_matmul_{activation}",
+  )(table, x_pad, *weights)
+  return out
+
+
+def _xla(x_MxK, w_GxKxN, group_sizes_G, wg_GxKxN, activation):
+  dot = functools.partial(jax.lax.ragged_dot, group_sizes=group_sizes_G.astype(jnp.int32),
+                          preferred_element_type=jnp.float32)
+  acc = dot(x_MxK, w_GxKxN)
+  gate = dot(x_MxK, wg_GxKxN) if wg_GxKxN is not None else None
+  y = _activate(acc, gate, activation)
+  # ragged_dot leaves rows past sum(group_sizes) zero; the kernel leaves them unwritten.
+  # Zero them here too so the two agree on every row.
+  real = jnp.arange(x_MxK.shape[0]) < jnp.sum(group_sizes_G)
+  return jnp.where(real[:, None], y, 0).astype(x_MxK.dtype)
+
+
+def supports(x_MxK, w_GxKxN, blocks: Blocks = DEFAULT_BLOCKS) -> str | None:
+  """Why the Pallas kernel cannot take these shapes, or None if it can."""
+  _, k = x_MxK.shape
+  _, k2, n = w_GxKxN.shape
+  if k != k2:
+    return f"contraction sizes differ: x has {k}, w has {k2}"
+  if k % blocks.block_k or n % blocks.block_n:
+    return (f"K={k} and N={n} must be multiples of block_k={blocks.block_k} and "
+            f"block_n={blocks.block_n}")
+  return None
+
+
+def grouped_matmul(x_MxK: jax.Array, w_GxKxN: jax.Array, group_sizes_G: jax.Array, *,
+                   activation: str = "none", w_gate_GxKxN: jax.Array | None = None,
+                   impl: str = "xla", blocks: Blocks = DEFAULT_BLOCKS) -> jax.Array:
+  """act(x[rows of g] @ w[g]) for each group g; rows past sum(group_sizes) come out zero
+  ("xla") or unspecified (kernels: callers never read them).
+
+  Args:
+    x_MxK: rows sorted by group.
+    w_GxKxN: one matrix per group.
+    group_sizes_G: int32, rows of each group, in order; sum <= M.
+    activation: "none", "gelu" (tanh form, as jax.nn.gelu), or "swiglu":
+      silu(x @ w_gate) * (x @ w), fused so each row tile reads both.
+    impl: "xla", "pallas" or "interpret" (module docstring).
+  Returns:
+    [M, N] in x's dtype, accumulated in float32.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"impl={impl!r}: use one of {IMPLS}")
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"activation={activation!r}: use one of {ACTIVATIONS}")
+  if (activation == "swiglu") != (w_gate_GxKxN is not None):
+    raise ValueError("w_gate_GxKxN is given exactly when activation='swiglu'")
+  if impl == "xla":
+    return _xla(x_MxK, w_GxKxN, group_sizes_G, w_gate_GxKxN, activation)
+  why = supports(x_MxK, w_GxKxN, blocks)
+  if why:
+    raise ValueError(f"grouped_matmul impl={impl!r}: {why}; use impl='xla'.")
+  m = x_MxK.shape[0]
+  x_pad = jnp.pad(x_MxK, ((0, blocks.block_m), (0, 0)))
+  return _pallas(x_pad, m, w_GxKxN, group_sizes_G, w_gate_GxKxN, activation, blocks,
+                 interpret=impl == "interpret")[:m]
+
+
+def grouped_mlp(x_MxD: jax.Array, group_sizes_G: jax.Array, w_up_GxDxF: jax.Array,
+                w_down_GxFxD: jax.Array, w_gate_GxDxF: jax.Array | None = None, *,
+                impl: str = "xla", blocks: Blocks | tuple[Blocks, Blocks] = DEFAULT_BLOCKS
+                ) -> jax.Array:
+  """Each group's expert MLP on its rows: gelu(x W_up) W_down, or with w_gate the
+  SwiGLU form (silu(x W_gate) * x W_up) W_down. Rows past sum(group_sizes) are zero
+  ("xla") or unspecified (kernels).
+
+  `blocks` may be one Blocks or (up, down). The kernels keep the hidden [M + pad, F]
+  padded between the two products, so nothing is copied between them.
+  """
+  activation = "gelu" if w_gate_GxDxF is None else "swiglu"
+  up, down = blocks if isinstance(blocks, tuple) else (blocks, blocks)
+  if impl in ("pallas", "interpret"):
+    m = x_MxD.shape[0]
+    bad = supports(x_MxD, w_up_GxDxF, up) or supports(
+        jnp.zeros((1, w_down_GxFxD.shape[1]), x_MxD.dtype), w_down_GxFxD, down)
+    if bad:
+      raise ValueError(f"grouped_mlp impl={impl!r}: {bad}; use impl='xla'.")
+    interpret = impl == "interpret"
+    x_pad = jnp.pad(x_MxD, ((0, max(up.block_m, down.block_m)), (0, 0)))
+    h_pad = _pallas(x_pad, m, w_up_GxDxF, group_sizes_G, w_gate_GxDxF, activation, up,
+                    interpret)
+    return _pallas(h_pad, m, w_down_GxFxD, group_sizes_G, None, "none", down, interpret)[:m]
+  h_MxF = grouped_matmul(x_MxD, w_up_GxDxF, group_sizes_G, activation=activation,
+                         w_gate_GxKxN=w_gate_GxDxF, impl=impl)
+  return grouped_matmul(h_MxF, w_down_GxFxD, group_sizes_G, impl=impl)
+
+
+def cost_rows(group_sizes, block_m: int) -> int:
+  """Rows the kernel computes for these (host) group sizes: each group rounded up."""
+  return sum(math.ceil(s / block_m) * block_m for s in group_sizes)
