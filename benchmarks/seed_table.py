@@ -23,7 +23,9 @@ _OUT = flags.DEFINE_string("out_dir", "benchmarks/results/latest",
 _CONFIG = flags.DEFINE_string("config", None, "Model preset; default seed on GPU, tiny on CPU.")
 _KINDS = flags.DEFINE_list("kinds", list(KINDS),
                            "Deployments: single, baseline, proposed (the seed's preset, or the "
-                           "scaled one for the devices present), or preset names.")
+                           "scaled one for the devices present), preset names, mesh:SxExT, or "
+                           "seed slices (slice_1x4, slice_2x2, slice_4x2: their own model and "
+                           "batch); '/G' after any sets its decode groups in flight.")
 _SHARE = flags.DEFINE_string("share", None,
                              "Also run one device's share of this deployment on one device: "
                              "'proposed' (= seed_proposed: 1 layer, 1 expert, 64 sequences) or a "
@@ -31,8 +33,13 @@ _SHARE = flags.DEFINE_string("share", None,
 _BATCH = flags.DEFINE_integer("batch", 1024, "Sequences, each decoding one token per step.")
 _PROMPT = flags.DEFINE_integer("prompt_len", None, "Prompt tokens; default 32 on GPU, 8 on CPU. "
                                "The KV cache length is prompt_len + warmup + steps.")
-_STEPS = flags.DEFINE_integer("steps", None, "Timed decode steps; default 20 on GPU, 6 on CPU.")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Decode steps before the timed ones (not timed).")
+_STEPS = flags.DEFINE_integer("steps", None, "Decode steps timed back to back (one sync at the "
+                              "end: TPOT is their mean); default 20 on GPU, 4 on CPU.")
+_SYNCED = flags.DEFINE_integer("synced", 5, "Decode steps before those, each timed with a sync "
+                               "(median and p10-p90).")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "Decode steps after the ring's fill, not timed.")
+_PROBE = flags.DEFINE_integer("probe_mib", None, "Bandwidth probe size in MiB (default 4096 on "
+                              "GPU, 64 on CPU); the all_to_all probe moves 1/64 of it.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights and prompts.")
 _DEVICES = flags.DEFINE_integer("num_devices", 0, "Use the first N devices (0: all).")
 _SIMULATE = flags.DEFINE_integer("simulate_devices", -1,

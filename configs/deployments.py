@@ -29,6 +29,23 @@ def _proposed(stages, expert, tp=1):
                              microbatches=stages, placement="tp" if tp > 1 else "ep")
 
 
+# Seed slices: on the GPUs we have, each GPU does exactly the per-GPU work of
+# seed_proposed with one group of 1024 in flight per stage (one expert of 1.07 GB, one
+# layer's attention for 64 sequences, ~128 routed tokens, 2048 vocabulary columns), with
+# a ring of one group per stage. name -> (model preset in configs/, deployment).
+ROWS_PER_GPU = 64
+SLICES: dict[str, tuple[str, DeploymentConfig]] = {
+    "slice_1x4": ("seed_slice_1x4", _proposed(1, 4)),
+    "slice_2x2": ("seed_slice_2x2", _proposed(2, 2)),
+    "slice_4x2": ("seed_slice_4x2", _proposed(4, 2)),
+}
+
+
+def slice_batch(dep: DeploymentConfig) -> int:
+  """Sequences in flight on a slice: 64 per GPU of a stage, for each group."""
+  return ROWS_PER_GPU * dep.expert * dep.groups
+
+
 def _baseline(tp):
   return dataclasses.replace(SEED_BASELINE, tp=tp)
 
@@ -52,11 +69,32 @@ PRESETS: dict[str, DeploymentConfig] = {
     "baseline_4": _baseline(2),
     "baseline_8": _baseline(4),
     "baseline_16": SEED_BASELINE,
+    **{name: dep for name, (_, dep) in SLICES.items()},
 }
 
 
+def with_groups(name: str) -> tuple[str, int | None]:
+  """"preset/G" -> (preset, G); a plain name -> (name, None)."""
+  base, _, groups = name.partition("/")
+  if not groups:
+    return base, None
+  if not groups.isdigit() or int(groups) < 1:
+    raise ConfigError(f"{name!r}: after '/' give the number of decode groups, e.g. "
+                      f"{base}/1 for one group in flight.")
+  return base, int(groups)
+
+
 def resolve(name: str, num_devices: int) -> DeploymentConfig:
-  """A preset by name, or by kind ("single", "baseline", "proposed") for `num_devices`."""
+  """A preset by name, or by kind ("single", "baseline", "proposed") for `num_devices`.
+
+  "name/G" sets the preset's decode groups to G (e.g. seed_proposed/1: one in flight).
+  """
+  name, groups = with_groups(name)
+  dep = _resolve(name, num_devices)
+  return dep if groups is None else dataclasses.replace(dep, decode_groups=groups)
+
+
+def _resolve(name: str, num_devices: int) -> DeploymentConfig:
   if name in ("baseline", "proposed"):
     key = f"{name}_{num_devices}"
     if key not in PRESETS:

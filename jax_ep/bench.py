@@ -42,21 +42,22 @@ class BenchSpec:
   config: str | None = None  # model preset (configs/): GPU "seed", CPU "tiny"
   kinds: tuple[str, ...] = KINDS
   share: str | None = None  # "proposed" (= seed_proposed) or a preset: one device's share
-  batch: int = 1024  # sequences, each decoding 1 token per step
+  batch: int = 1024  # sequences in flight (slice presets set their own)
   prompt_len: int | None = None  # GPU 32, CPU 8
-  steps: int | None = None  # timed decode steps: GPU 20, CPU 6
-  warmup: int = 2  # decode steps run before the timed ones, not timed
+  steps: int | None = None  # decode steps timed back to back: GPU 20, CPU 4
+  synced: int = 5  # decode steps before those, each timed with a sync (median, p10-p90)
+  warmup: int = 1  # decode steps after the ring's fill, not timed
   num_devices: int | None = None  # use the first N devices (default: all)
   seed: int = 0
   probes: bool = True
-  probe_mib: int | None = None  # copy and all_to_all probe sizes (GPU 2048/64, CPU 64/4)
+  probe_mib: int | None = None  # copy probe size (GPU 4096, CPU 64); all_to_all 1/64 of it
 
 
 def _platform_defaults(spec: BenchSpec, platform: str) -> BenchSpec:
   gpu = platform != "cpu"
   return dataclasses.replace(
       spec, config=spec.config or ("seed" if gpu else "tiny"),
-      prompt_len=spec.prompt_len or (32 if gpu else 8), steps=spec.steps or (20 if gpu else 6))
+      prompt_len=spec.prompt_len or (32 if gpu else 8), steps=spec.steps or (20 if gpu else 4))
 
 
 # --- probes: the hardware floor, measured in this process --------------------------------
@@ -76,26 +77,37 @@ def _time(fn, *args, calls: int = 5, trials: int = 5) -> float:
   return float(np.median(times))
 
 
-def probe_copy(device, nbytes: int) -> float:
-  """Device memory bandwidth (read + write bytes per second) of an elementwise copy.
+def probe_bandwidth(device, nbytes: int) -> dict[str, float]:
+  """Device memory bandwidth by three methods, bytes per second (best is the ceiling).
 
-  Random data, never zeros (shared/GPU.md); negation so XLA cannot elide the copy.
+  "scale" (x * 1.0001) and "negate" count read + write bytes of `nbytes` of random fp16;
+  "weights_64_rows" streams an [8192, N] weight of `nbytes` through a 64-row matmul (the
+  way decode reads weights) and counts the weight's bytes. Random data, never zeros
+  (shared/GPU.md).
   """
   n = nbytes // 2
   x = jax.device_put(jax.random.normal(jax.random.key(1), (n,), jnp.float16), device)
-  t = _time(jax.jit(jnp.negative), x)
+  out = {"scale": 2 * 2 * n / _time(jax.jit(lambda a: a * jnp.float16(1.0001)), x),
+         "negate": 2 * 2 * n / _time(jax.jit(jnp.negative), x)}
   del x
-  return 2 * n * 2 / t
+  k = 8192 if nbytes >= (1 << 30) else 256
+  w = jax.device_put(jax.random.normal(jax.random.key(4), (k, n // k), jnp.float16), device)
+  rows = jax.device_put(jax.random.normal(jax.random.key(5), (64, k), jnp.float16), device)
+  out["weights_64_rows"] = w.size * 2 / _time(jax.jit(jnp.matmul), rows, w)
+  del w, rows
+  return out
 
 
-def probe_matmul(device, n: int, dtype) -> float:
-  """Matmul rate (FLOP/s) of random n x n matrices of the model's dtype."""
-  ka, kb = jax.random.split(jax.random.key(2))
-  a = jax.device_put(jax.random.normal(ka, (n, n), dtype), device)
-  b = jax.device_put(jax.random.normal(kb, (n, n), dtype), device)
-  t = _time(jax.jit(jnp.matmul), a, b)
-  del a, b
-  return 2 * n**3 / t
+def probe_matmul(device, sizes, dtype) -> dict[str, float]:
+  """Matmul rate (FLOP/s) of random n x n matrices of the model's dtype, per n."""
+  out = {}
+  for n in sizes:
+    ka, kb = jax.random.split(jax.random.key(2))
+    a = jax.device_put(jax.random.normal(ka, (n, n), dtype), device)
+    b = jax.device_put(jax.random.normal(kb, (n, n), dtype), device)
+    out[f"square_{n}"] = 2 * n**3 / _time(jax.jit(jnp.matmul), a, b)
+    del a, b
+  return out
 
 
 def probe_all_to_all(devices, nbytes: int) -> float:
@@ -114,16 +126,24 @@ def probe_all_to_all(devices, nbytes: int) -> float:
 
 def measure_hardware(devices, dtype, gpu: bool, log,
                      probe_mib: int | None = None) -> tuple[perf_model.Hardware, dict]:
-  """Probes the first device (and the collective over all): a Hardware and the raw numbers."""
-  copy_bytes = (probe_mib << 20) if probe_mib else ((2 << 30) if gpu else (64 << 20))
-  mm = 8192 if gpu else 512
-  a2a_big = (probe_mib << 20) // 16 if probe_mib else ((64 << 20) if gpu else (4 << 20))
+  """Probes the first device (and the collective over all): a Hardware and the raw numbers.
+
+  The ceilings are the best method of each probe; every method's figure is kept.
+  """
+  copy_bytes = (probe_mib << 20) if probe_mib else ((4 << 30) if gpu else (64 << 20))
+  sizes = (4096, 8192) if gpu else (256, 512)
+  a2a_big = copy_bytes // 64
   a2a_small = min(64 << 10, a2a_big // 4)
-  raw = {"copy_bytes": copy_bytes, "matmul_n": mm, "matmul_dtype": jnp.dtype(dtype).name}
-  raw["hbm_bytes_per_s"] = probe_copy(devices[0], copy_bytes)
-  log(f"probe: copy {copy_bytes / 2**20:.0f} MiB: {raw['hbm_bytes_per_s'] / 1e12:.3f} TB/s")
-  raw["matmul_flops"] = probe_matmul(devices[0], mm, dtype)
-  log(f"probe: matmul {mm}^3 {raw['matmul_dtype']}: {raw['matmul_flops'] / 1e12:.2f} TFLOP/s")
+  raw = {"copy_bytes": copy_bytes, "matmul_sizes": list(sizes),
+         "matmul_dtype": jnp.dtype(dtype).name}
+  raw["bandwidth_methods"] = probe_bandwidth(devices[0], copy_bytes)
+  raw["hbm_bytes_per_s"] = max(raw["bandwidth_methods"].values())
+  for name, v in raw["bandwidth_methods"].items():
+    log(f"probe: bandwidth {name} {copy_bytes / 2**20:.0f} MiB: {v / 1e12:.3f} TB/s")
+  raw["matmul_methods"] = probe_matmul(devices[0], sizes, dtype)
+  raw["matmul_flops"] = max(raw["matmul_methods"].values())
+  for name, v in raw["matmul_methods"].items():
+    log(f"probe: matmul {name} {raw['matmul_dtype']}: {v / 1e12:.2f} TFLOP/s")
   g = len(devices)
   if g > 1:
     t_big = probe_all_to_all(devices, a2a_big)
@@ -154,7 +174,7 @@ def measure_hardware(devices, dtype, gpu: bool, log,
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  name: str  # "single", "baseline", "proposed", "share:seed_proposed"
+  name: str  # "single", "baseline", "proposed", "share:seed_proposed", "slice_2x2/1"
   method: str  # the table's words
   cfg: ModelConfig
   dep: DeploymentConfig
@@ -162,6 +182,7 @@ class Plan:
   preset: str
   note: str = ""
   share_of: DeploymentConfig | None = None  # the deployment whose one device this is
+  model_name: str = ""  # the configs/ preset of cfg (weights are made once per model)
 
 
 def _preset_for(kind: str, num_devices: int) -> tuple[str, str]:
@@ -184,21 +205,22 @@ def _preset_for(kind: str, num_devices: int) -> tuple[str, str]:
 
 
 def parse_mesh(kind: str) -> DeploymentConfig:
-  """"mesh:SxExT" or "mesh:SxExT/M": a proposed-style deployment of any shape.
+  """"mesh:SxExT" or "mesh:SxExT/G": a proposed-style deployment of any shape.
 
   Whole experts over expert (and tp, as the baseline's placement) when T = 1 or the
-  expert axis is 1; each expert's MLP over tp otherwise. M defaults to 1.
+  expert axis is 1; each expert's MLP over tp otherwise. G: decode groups in flight
+  (default: one per stage).
   """
   try:
-    shape, _, m = kind.removeprefix("mesh:").partition("/")
+    shape, _, g = kind.removeprefix("mesh:").partition("/")
     s, e, t = (int(v) for v in shape.split("x"))
-    m = int(m) if m else 1
+    g = int(g) if g else 0
   except ValueError:
-    raise ConfigError(f"--kinds entry {kind!r}: write mesh:SxExT or mesh:SxExT/M, "
+    raise ConfigError(f"--kinds entry {kind!r}: write mesh:SxExT or mesh:SxExT/G, "
                       "e.g. mesh:1x2x1 for expert parallelism over 2 devices.") from None
   placement = "tp" if t > 1 and e > 1 else "ep"
   return DeploymentConfig(kind="proposed", stages=s, expert=e, tp=t, placement=placement,
-                          microbatches=m, decode_microbatches=m)
+                          microbatches=s, decode_groups=g)
 
 
 def share_config(cfg: ModelConfig, dep: DeploymentConfig, batch: int):
@@ -220,25 +242,42 @@ def share_config(cfg: ModelConfig, dep: DeploymentConfig, batch: int):
 
 
 def plan(cfg: ModelConfig, spec: BenchSpec, num_devices: int, log) -> tuple[list[Plan], list]:
-  """The deployments to run on `num_devices`, and notes on those that cannot."""
+  """The deployments to run on `num_devices`, and notes on those that cannot.
+
+  A kind is single, baseline or proposed (the seed's preset, or the largest scaled one
+  that fits), a preset name, mesh:SxExT, or a seed slice (slice_1x4, ...: its own model
+  and batch, configs/deployments.py); "/G" after any of them sets the decode groups.
+  """
   plans, skipped = [], []
   for kind in spec.kinds:
     try:
-      note = ""
-      if kind in SEED_PRESET:
-        name, note = _preset_for(kind, num_devices)
+      note, model_cfg, model_name, batch = "", cfg, spec.config, spec.batch
+      base, groups = deployments.with_groups(kind)
+      if base in SEED_PRESET:
+        name, note = _preset_for(base, num_devices)
         dep = deployments.PRESETS[name]
-      elif kind.startswith("mesh:"):
-        name, dep = kind, parse_mesh(kind)
+      elif base.startswith("mesh:"):
+        name, dep = base, parse_mesh(base)
       else:
-        name, dep = kind, deployments.resolve(kind, num_devices)
+        name, dep = base, deployments.resolve(base, num_devices)
+      if groups is not None:
+        dep = dataclasses.replace(dep, decode_groups=groups)
+      if base in deployments.SLICES:
+        model_name = deployments.SLICES[base][0]
+        model_cfg = load_model(model_name)
+        batch = deployments.slice_batch(dep)
+        note = (f"seed slice: each GPU does seed_proposed's per-GPU work ({model_name}, "
+                f"{deployments.ROWS_PER_GPU} sequences per GPU per group, {dep.groups} "
+                f"group(s) in flight)")
       if dep.num_devices > num_devices:
         raise ConfigError(f"{name} needs {dep.num_devices} devices, {num_devices} present")
-      dep.check_model(cfg)
-      dep.check_batch(spec.batch)
+      dep.check_model(model_cfg)
+      dep.check_batch(batch)
       label = {"single": "Single device", "baseline": "Baseline (TP x PP)",
-               "proposed": "Proposed cross-node EP"}.get(kind, kind)
-      plans.append(Plan(kind, label, cfg, dep, spec.batch, name, note))
+               "proposed": "Proposed cross-node EP"}.get(base, base)
+      if dep.stages > 1 or groups is not None:
+        label += f", {dep.groups} group{'s' if dep.groups > 1 else ''} in flight"
+      plans.append(Plan(kind, label, model_cfg, dep, batch, name, note, model_name=model_name))
     except ConfigError as e:
       skipped.append({"name": kind, "reason": str(e)})
       log(f"skip {kind}: {e}")
@@ -246,12 +285,13 @@ def plan(cfg: ModelConfig, spec: BenchSpec, num_devices: int, log) -> tuple[list
     name = SEED_PRESET.get(spec.share, spec.share)
     try:
       full = deployments.resolve(name, num_devices)
-      share_cfg, rows = share_config(cfg, full, spec.batch)
+      share_cfg, rows = share_config(cfg, full, spec.batch // full.groups)
       plans.append(Plan(f"share:{name}", f"One GPU's share of {name}", share_cfg,
                         deployments.SINGLE, rows, name,
-                        f"one device of {name} ({full.num_devices} GPUs): {share_cfg.num_layers} "
-                        f"layer(s) x {share_cfg.num_experts} expert(s), top-{share_cfg.top_k}, "
-                        f"{rows} sequences, one micro-batch", share_of=full))
+                        f"one device of {name} ({full.num_devices} GPUs) for one group of "
+                        f"{spec.batch // full.groups}: {share_cfg.num_layers} layer(s) x "
+                        f"{share_cfg.num_experts} expert(s), top-{share_cfg.top_k}, {rows} "
+                        "sequences", share_of=full, model_name=spec.config))
     except ConfigError as e:
       skipped.append({"name": f"share:{name}", "reason": str(e)})
       log(f"skip share {name}: {e}")
@@ -292,63 +332,65 @@ def _git_commit() -> str:
     return "unknown"
 
 
-def _imbalance(load_LxE: np.ndarray) -> float:
-  """Busiest expert over the mean, worst layer (1.0 is perfectly balanced)."""
-  load = np.asarray(load_LxE, np.float64)
-  mean = load.mean(axis=1)
-  return float(np.max(load.max(axis=1) / np.maximum(mean, 1e-9)))
-
-
 def _hw_dict(hw: perf_model.Hardware) -> dict:
   d = dataclasses.asdict(hw)
   d["measured"] = list(hw.measured)
   return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in d.items()}
 
 
+def _decode_calls(spec: BenchSpec) -> int:
+  """Decode calls of a run: the ring's fill, warm-up, synced and back-to-back steps."""
+  return 1 + spec.warmup + spec.synced + spec.steps
+
+
 def run_one(p: Plan, params, spec: BenchSpec, prompts: np.ndarray, hw: perf_model.Hardware,
             log) -> tuple[dict, np.ndarray]:
   """Decodes with one deployment; the record of its timings, floor and prediction."""
   engine = Engine(p.cfg, p.dep)
-  max_new = spec.warmup + spec.steps + 1  # the first new token comes from prefill
+  calls = _decode_calls(spec)
+  max_new = calls + 1  # the first new token comes from prefill
   max_len = spec.prompt_len + max_new - 1
-  gen = decode.generate(engine, params, prompts[:p.batch], max_new, max_len=max_len,
-                        seed=spec.seed, time_steps=True, log=lambda m: log("  " + m))
-  steps_s = np.asarray(gen.step_s[spec.warmup:])
-  tpot = float(np.median(steps_s))
-  imbalance = _imbalance(gen.load_LxE)
+  gen = decode.generate(engine, params, prompts[:p.batch] % p.cfg.vocab_size, max_new,
+                        max_len=max_len, seed=spec.seed, synced_steps=spec.warmup + spec.synced,
+                        log=lambda m: log("  " + m))
+  synced_s = np.asarray(gen.step_s[spec.warmup:])
+  tpot = gen.tpot_ms / 1e3
+  imbalance = gen.imbalance
+  # The KV cache the timed steps attend over: live positions at the middle of them.
+  live_context = spec.prompt_len + 1 + spec.warmup + spec.synced + spec.steps / 2
   pred = perf_model.predict(p.cfg, p.dep, p.batch, max_len, hw, perf_model.IDEAL, imbalance)
+  ops = perf_model.floor_operations(p.cfg, p.dep, p.batch, live_context)
+  floor = perf_model.floor_s(p.cfg, p.dep, p.batch, live_context, hw)
   lay = perf_model.layout(p.cfg, p.dep, p.batch)
   link = hw.intra_node_bytes_per_s
   comm_bytes = pred.comm_bytes["intra"] + pred.comm_bytes["inter"]
   record = {
       "name": p.name, "method": p.method, "preset": p.preset, "note": p.note,
       "gpus": p.dep.num_devices, "per_gpu": perf_model.describe_layout(p.cfg, p.dep, p.batch),
-      "model": dataclasses.asdict(p.cfg), "deployment": dataclasses.asdict(p.dep),
+      "model_name": p.model_name, "model": dataclasses.asdict(p.cfg),
+      "deployment": dataclasses.asdict(p.dep),
       "share_of": dataclasses.asdict(p.share_of) if p.share_of else None,
-      "batch": p.batch, "prompt_len": spec.prompt_len, "context_len": max_len,
-      "warmup_steps": spec.warmup, "timed_steps": int(steps_s.size),
-      "compile_s": gen.compile_s, "prefill_s": gen.prefill_s,
-      "warmup_step_ms": [1e3 * s for s in gen.step_s[:spec.warmup]],
-      "step_ms": (1e3 * steps_s).tolist(),
-      "tpot_ms": 1e3 * tpot, "tpot_p10_ms": 1e3 * float(np.percentile(steps_s, 10)),
-      "tpot_p90_ms": 1e3 * float(np.percentile(steps_s, 90)),
-      "tpot_mean_ms": 1e3 * float(steps_s.mean()), "tps": p.batch / tpot,
-      "imbalance": imbalance, "max_rounds": gen.max_rounds, "dropped": gen.dropped,
+      "batch": p.batch, "groups": p.dep.groups, "micro_steps_per_token": p.dep.ring_period,
+      "prompt_len": spec.prompt_len, "context_len": max_len, "live_context": live_context,
+      "warmup_steps": spec.warmup, "synced_steps": int(synced_s.size),
+      "timed_steps": gen.decode_steps, "compile_s": gen.compile_s, "prefill_s": gen.prefill_s,
+      "synced_step_ms": (1e3 * synced_s).tolist(),
+      "tpot_ms": 1e3 * tpot, "tpot_synced_ms": 1e3 * float(np.median(synced_s)),
+      "tpot_p10_ms": 1e3 * float(np.percentile(synced_s, 10)),
+      "tpot_p90_ms": 1e3 * float(np.percentile(synced_s, 90)),
+      "micro_step_ms": 1e3 * tpot / p.dep.ring_period, "tps": p.batch / tpot,
+      "imbalance": imbalance, "dropped": gen.dropped,
       "load_LxE": np.asarray(gen.load_LxE).tolist(),
       "hbm_bytes": pred.hbm_bytes, "flops": pred.flops, "comm_bytes": pred.comm_bytes,
-      "resident_bytes": pred.resident_bytes, "micro_steps": lay.micro_steps,
-      "capacity": lay.capacity, "rounds_predicted": pred.rounds,
-      "floor_terms_ms": {"hbm": 1e3 * pred.hbm_bytes / hw.hbm_bytes_per_s,
-                         "flops": 1e3 * pred.flops / hw.matmul_flops,
-                         "comm": 1e3 * comm_bytes / link if comm_bytes else 0.0},
-      # floor: what any implementation of this layout must spend (weights and KV read
-      # once per stage, routed FLOPs unpadded, stages in sequence; the exchange bytes over
-      # the link if that is longer). work: this implementation's bytes and FLOPs (pipeline
-      # re-reads, capacity padding, extra rounds) at the same ceilings.
-      "floor_ms": max(1e3 * pred.ideal_s, 1e3 * comm_bytes / link if comm_bytes else 0.0),
-      "work_ms": 1e3 * pred.work_s, "ideal_ms": 1e3 * pred.ideal_s,
-      "achieved_floor_fraction": max(pred.ideal_s, comm_bytes / link if comm_bytes else 0.0)
-      / tpot,
+      "resident_bytes": pred.resident_bytes, "send_rows": lay.send_rows,
+      # floor: what any implementation of the layout must spend per token step, each
+      # operation at its roofline (bytes of weights and the live KV cache, or unpadded
+      # FLOPs) at the best probes, summed (perf_model.floor_operations).
+      "floor_ops_ms": {name: 1e3 * k * max(b / hw.hbm_bytes_per_s, f / hw.matmul_flops)
+                       for name, k, b, f in ops},
+      "floor_ms": 1e3 * floor, "achieved_floor_fraction": floor / tpot,
+      "exchange_ms": 1e3 * comm_bytes / link if comm_bytes else 0.0,
+      "work_ms": 1e3 * pred.work_s,
       "model_ms": pred.tpot_ms, "model_terms_ms": {k: 1e3 * v for k, v in pred.terms_s.items()},
       "hardware": _hw_dict(hw),
   }
@@ -366,12 +408,12 @@ def run(spec: BenchSpec = BenchSpec(), log: Callable[[str], None] = print) -> di
   spec = _platform_defaults(spec, platform)
   n = len(devices)
   cfg = load_model(spec.config)
-  if spec.prompt_len + spec.warmup + spec.steps > cfg.max_seq_len:
-    raise ConfigError(f"prompt_len {spec.prompt_len} + warmup {spec.warmup} + steps "
-                      f"{spec.steps} exceed max_seq_len {cfg.max_seq_len} of {spec.config}.")
+  if spec.prompt_len + _decode_calls(spec) > cfg.max_seq_len:
+    raise ConfigError(f"prompt_len {spec.prompt_len} + {_decode_calls(spec)} decode steps "
+                      f"exceed max_seq_len {cfg.max_seq_len} of {spec.config}.")
   log(f"bench: {n} x {devices[0].device_kind} ({platform}), jax {jax.__version__}; model "
-      f"{spec.config}, batch {spec.batch}, prompt {spec.prompt_len}, {spec.warmup} warm-up + "
-      f"{spec.steps} timed decode steps")
+      f"{spec.config}, batch {spec.batch}, prompt {spec.prompt_len}; decode: the ring's fill, "
+      f"{spec.warmup} warm-up, {spec.synced} synced and {spec.steps} back-to-back steps")
   if spec.probes:
     hw, probes = measure_hardware(devices, cfg.jnp_dtype, platform != "cpu", log,
                                  spec.probe_mib)
@@ -380,46 +422,51 @@ def run(spec: BenchSpec = BenchSpec(), log: Callable[[str], None] = print) -> di
   plans, skipped = plan(cfg, spec, n, log)
   if not plans:
     raise ConfigError("nothing to run: " + "; ".join(s["reason"] for s in skipped))
+  prompts = np.random.RandomState(spec.seed).randint(
+      0, cfg.vocab_size, (max(p.batch for p in plans), spec.prompt_len))
 
-  # One set of weights: created by the deployment with the most devices (so no device
-  # holds more than the layouts need), then laid out on each of the others.
-  full = [p for p in plans if p.share_of is None]
-  source = max(full or plans, key=lambda p: p.dep.num_devices)
-  t0 = time.perf_counter()
-  params = Engine(source.cfg, source.dep).init_params(spec.seed)
-  jax.block_until_ready(params)
-  init_s = time.perf_counter() - t0
-  log(f"weights initialised on {source.name} ({source.dep.num_devices} devices) in {init_s:.1f} s")
-  prompts = np.random.RandomState(spec.seed).randint(0, cfg.vocab_size,
-                                                     (spec.batch, spec.prompt_len))
-
-  records, first_tokens = {}, None
-  order = [source] + [p for p in plans if p is not source]
-  for i, p in enumerate(order):
-    log(f"[{i + 1}/{len(order)}] {p.name}: {p.dep.describe()}, batch {p.batch}"
-        + (f" -- {p.note}" if p.note else ""))
-    engine_params = params
-    if p is not source:
-      t0 = time.perf_counter()
-      src = slice_share(params, cfg, p.cfg) if p.share_of else params
-      engine_params = Engine(p.cfg, p.dep).place_params(src)
-      jax.block_until_ready(engine_params)
-      log(f"  weights placed in {time.perf_counter() - t0:.1f} s")
-    rec, tokens = run_one(p, engine_params, spec, prompts, hw, log)
-    rec["placement_source"] = source.name
-    if p.share_of is None:
-      if first_tokens is None:
-        first_tokens = tokens
-      rec["tokens_agree_with_first"] = float(np.mean(tokens == first_tokens))
-    records[p.name] = rec
-    log(f"  {p.name}: TPOT {rec['tpot_ms']:.3f} ms (p10 {rec['tpot_p10_ms']:.3f}, p90 "
-        f"{rec['tpot_p90_ms']:.3f}), TPS {rec['tps']:,.0f}, floor {rec['floor_ms']:.3f} ms "
-        f"({100 * rec['achieved_floor_fraction']:.0f}% of floor), model {rec['model_ms']:.3f} ms,"
-        f" compile {rec['compile_s']:.1f} s")
-    del engine_params
+  # One set of weights per model: created by its deployment with the most devices (so no
+  # device holds more than the layouts need), laid out on each of the others, freed
+  # before the next model's.
+  records, first_tokens, init_s = {}, {}, {}
+  by_model: dict[str, list[Plan]] = {}
+  for p in plans:
+    by_model.setdefault(p.model_name, []).append(p)
+  done = 0
+  for model_name, group in by_model.items():
+    full = [p for p in group if p.share_of is None]
+    source = max(full or group, key=lambda p: p.dep.num_devices)
+    t0 = time.perf_counter()
+    params = Engine(source.cfg, source.dep).init_params(spec.seed)
+    jax.block_until_ready(params)
+    init_s[model_name] = time.perf_counter() - t0
+    log(f"{model_name}: weights initialised on {source.name} ({source.dep.num_devices} "
+        f"devices) in {init_s[model_name]:.1f} s")
+    for p in [source] + [p for p in group if p is not source]:
+      done += 1
+      log(f"[{done}/{len(plans)}] {p.name}: {p.dep.describe()}, batch {p.batch}"
+          + (f" -- {p.note}" if p.note else ""))
+      engine_params = params
+      if p is not source:
+        t0 = time.perf_counter()
+        src = slice_share(params, source.cfg, p.cfg) if p.share_of else params
+        engine_params = Engine(p.cfg, p.dep).place_params(src)
+        jax.block_until_ready(engine_params)
+        log(f"  weights placed in {time.perf_counter() - t0:.1f} s")
+      rec, tokens = run_one(p, engine_params, spec, prompts, hw, log)
+      rec["placement_source"] = source.name
+      if p.share_of is None:
+        ref = first_tokens.setdefault((model_name, p.batch), tokens)
+        rec["tokens_agree_with_first"] = float(np.mean(tokens == ref))
+      records[p.name] = rec
+      log(f"  {p.name}: TPOT {rec['tpot_ms']:.3f} ms back to back (synced median "
+          f"{rec['tpot_synced_ms']:.3f}), TPS {rec['tps']:,.0f}, floor {rec['floor_ms']:.3f} ms "
+          f"({100 * rec['achieved_floor_fraction']:.0f}% of floor), model {rec['model_ms']:.3f}"
+          f" ms, compile {rec['compile_s']:.1f} s")
+      del engine_params
+      gc.collect()
+    del params
     gc.collect()
-  del params
-  gc.collect()
 
   runs = [records[p.name] for p in plans]
   result = {
@@ -457,7 +504,8 @@ def calibration_summary(runs: list[dict], cfg: ModelConfig | None = None, batch:
   for hw_name, preset in perf_model.HARDWARE.items():
     rows = perf_model.seed_rows(preset, 1024, 128, eff, what_if=False)
     out["seed_table"][hw_name] = [
-        {"method": r["method"], "gpus": r["gpus"], "tps": r["prediction"].tps,
+        {"method": r["method"], "gpus": r["gpus"], "batch": r["prediction"].batch,
+         "tps": r["prediction"].tps,
          "tpot_ms": r["prediction"].tpot_ms, "seed_tps": r["seed_tps"],
          "seed_tpot_ms": r["seed_tpot_ms"]} for r in rows]
   if cfg is None or hw is None:
@@ -486,15 +534,16 @@ def calibration_summary(runs: list[dict], cfg: ModelConfig | None = None, batch:
 
 def markdown(result: dict) -> str:
   """The results as a markdown report: the table, notes, probes and the calibrated model."""
+  spec = result["spec"]
   lines = [f"# jax_ep decode benchmark, {result['date']}", "",
            f"{result['num_devices']} x {result['device_kind']} ({result['platform']}), jax "
            f"{result['jax_version']}, commit {result['git_commit'][:12]}; model "
-           f"{result['model_name']}, batch {result['spec']['batch']}, prompt "
-           f"{result['spec']['prompt_len']}, {result['spec']['warmup']} warm-up + "
-           f"{result['spec']['steps']} timed decode steps (median, p10-p90).", "",
-           "| Method | GPUs | Per-GPU deployment | TPS | TPOT ms | p10-p90 ms | floor ms | "
-           "achieved/floor | model ms | compile s |",
-           "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           f"{result['model_name']}, prompt {spec['prompt_len']}; decode: the ring's fill, "
+           f"{spec['warmup']} warm-up, {spec['synced']} synced and {spec['steps']} "
+           "back-to-back steps.", "",
+           "| Method | GPUs | Per-GPU deployment | batch | TPS | TPOT ms | synced median "
+           "(p10-p90) ms | floor ms | achieved/floor | model ms | compile s |",
+           "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
   notes = []
   for r in result["runs"]:
     mark = ""
@@ -502,27 +551,29 @@ def markdown(result: dict) -> str:
       notes.append(r["note"])
       mark = f" [{len(notes)}]"
     lines.append(
-        f"| {r['method']}{mark} | {r['gpus']} | {r['per_gpu']} | {r['tps']:,.0f} | "
-        f"{r['tpot_ms']:.3f} | {r['tpot_p10_ms']:.3f}-{r['tpot_p90_ms']:.3f} | "
+        f"| {r['method']}{mark} | {r['gpus']} | {r['per_gpu']} | {r['batch']} | "
+        f"{r['tps']:,.0f} | {r['tpot_ms']:.3f} | {r['tpot_synced_ms']:.3f} "
+        f"({r['tpot_p10_ms']:.3f}-{r['tpot_p90_ms']:.3f}) | "
         f"{r['floor_ms']:.3f} | {r['achieved_floor_fraction']:.2f} | {r['model_ms']:.3f} | "
         f"{r['compile_s']:.1f} |")
   lines.append("")
   lines += [f"[{i + 1}] {n}" for i, n in enumerate(notes)]
   lines += [f"Skipped {s['name']}: {s['reason']}" for s in result["skipped"]]
-  lines += ["", "floor: what any implementation of the layout must spend at the measured "
-            "ceilings: each stage reads its weights and KV cache once (copy bandwidth) or does "
-            "its routed, unpadded FLOPs (matmul rate), stages one after another, or its exchange "
-            "bytes over the measured all_to_all bandwidth, whichever is longer; achieved/floor = "
-            "floor / TPOT. model: perf_model.predict with the measured hardware and ideal "
-            "efficiency, which counts this implementation's work (pipeline re-reads, capacity "
-            "padding, extra rounds, latency).", ""]
+  lines += ["", "TPOT: time per output token of each sequence (one decode call: a ring "
+            "period of micro-steps), the mean of the back-to-back steps with one sync at the "
+            "end; the synced median times each step with a sync. floor: what any "
+            "implementation of the layout must spend per token step at the best probes, each "
+            "operation at its roofline (its weights and the live KV cache over the bandwidth, "
+            "or its unpadded FLOPs over the matmul rate), summed (perf_model.floor_operations; "
+            "per operation in the JSON's floor_ops_ms); achieved/floor = floor / TPOT. "
+            "model: perf_model.predict with the measured hardware and ideal efficiency.", ""]
   if result["probes"]:
     p = result["probes"]
-    lines += ["## Probes (this process)", "",
-              f"- copy {p['copy_bytes'] / 2**20:.0f} MiB random fp16, read+write: "
-              f"{p['hbm_bytes_per_s'] / 1e12:.3f} TB/s",
-              f"- matmul {p['matmul_n']}^3 random {p['matmul_dtype']}: "
-              f"{p['matmul_flops'] / 1e12:.2f} TFLOP/s"]
+    lines += ["## Probes (this process, random data)", ""]
+    lines += [f"- bandwidth, {name}, {p['copy_bytes'] / 2**20:.0f} MiB: {v / 1e12:.3f} TB/s"
+              for name, v in p["bandwidth_methods"].items()]
+    lines += [f"- matmul {name} {p['matmul_dtype']}: {v / 1e12:.1f} TFLOP/s"
+              for name, v in p["matmul_methods"].items()]
     if "all_to_all_s" in p:
       lines.append(f"- all_to_all over {result['num_devices']} devices: "
                    f"{p['all_to_all_bytes'] / 2**20:.0f} MiB/device in "
@@ -548,7 +599,8 @@ def markdown(result: dict) -> str:
               "| Method | GPUs | TPS (model) | TPOT ms (model) | TPS (seed) | TPOT ms (seed) |",
               "| --- | ---: | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r['method']} | {r['gpus']} | {r['tps']:,.0f} | {r['tpot_ms']:.2f} | "
-              f"{r['seed_tps']:,} | {r['seed_tpot_ms']} |" for r in rows]
+              f"{'' if r['seed_tps'] is None else format(r['seed_tps'], ',')} | "
+              f"{r['seed_tpot_ms'] or ''} |" for r in rows]
     lines.append("")
   return "\n".join(lines)
 
@@ -566,16 +618,16 @@ def plot(result: dict, path: str) -> bool:
   runs = result["runs"]
   x = np.arange(len(runs))
   med = np.array([r["tpot_ms"] for r in runs])
-  err = np.array([[r["tpot_ms"] - r["tpot_p10_ms"] for r in runs],
-                  [r["tpot_p90_ms"] - r["tpot_ms"] for r in runs]])
+  err = np.array([[max(r["tpot_ms"] - r["tpot_p10_ms"], 0) for r in runs],
+                  [max(r["tpot_p90_ms"] - r["tpot_ms"], 0) for r in runs]])
   fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(runs)), 4.5))
-  ax.bar(x - 0.27, med, 0.27, yerr=err, capsize=4, label="measured (median, p10-p90)")
+  ax.bar(x - 0.27, med, 0.27, yerr=err, capsize=4, label="measured (mean; synced p10-p90)")
   ax.bar(x, [r["model_ms"] for r in runs], 0.27, label="model (measured hw)")
   ax.bar(x + 0.27, [r["floor_ms"] for r in runs], 0.27, label="floor")
   ax.set_xticks(x, [f"{r['name']}\n{r['gpus']} dev" for r in runs], fontsize=8)
   ax.set_ylabel("TPOT (ms per decode step)")
   ax.set_yscale("log")
-  ax.set_title(f"{result['model_name']}, batch {result['spec']['batch']}, "
+  ax.set_title(f"{result['model_name']}, "
                f"{result['num_devices']} x {result['device_kind']}")
   ax.legend(fontsize=8)
   fig.tight_layout()
@@ -602,8 +654,9 @@ def write(result: dict, out_dir: str, stem: str = "seed_table") -> list[str]:
 def main_from_flags() -> int:
   """`jax-ep bench`: the side-by-side run with the CLI's flags (jax_ep/__main__.py).
 
-  --config, --batch (default 1024), --prompt_len, --max_new_tokens (warm-up 2 + timed
-  steps) and --seed as for generate; unset, the platform's defaults apply (BenchSpec).
+  --config, --batch (default 1024), --prompt_len, --max_new_tokens (the ring's fill, 1
+  warm-up and 5 synced steps, the rest timed back to back) and --seed as for generate;
+  unset, the platform's defaults apply (BenchSpec).
   --output names the JSON (markdown and PNG are written beside). Mesh flags are
   ignored, with a warning.
   """
@@ -611,13 +664,16 @@ def main_from_flags() -> int:
 
   f = flags.FLAGS
   ignored = [n for n in ("deployment", "stages", "expert_axis", "tp", "placement",
-                         "microbatches", "decode_microbatches", "moe_chunks", "capacity_factor",
-                         "dropless", "temperature", "profile_dir") if f[n].present]
+                         "microbatches", "decode_groups", "prefill_chunk", "expert_kernel",
+                         "capacity_factor", "dropless", "temperature", "profile_dir")
+             if f[n].present]
   if ignored:
     print(f"jax-ep bench ignores {', '.join('--' + n for n in ignored)}: it runs the single, "
           "baseline and proposed presets for the devices present; for other meshes use "
-          "benchmarks/seed_table.py --kinds=mesh:SxExT/M.", flush=True)
-  steps = max(1, f.max_new_tokens - 1 - 2) if f["max_new_tokens"].present else None
+          "benchmarks/seed_table.py --kinds=mesh:SxExT/G.", flush=True)
+  spec = BenchSpec()
+  fixed = 2 + spec.warmup + spec.synced  # prefill's token, the fill, warm-up, synced
+  steps = max(1, f.max_new_tokens - fixed) if f["max_new_tokens"].present else None
   batch = 1024 if f.batch is None else f.batch
   prompt_len = f.prompt_len if f["prompt_len"].present else None
   spec = BenchSpec(config=f.config, batch=batch, prompt_len=prompt_len, steps=steps,

@@ -11,6 +11,7 @@ DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float
 MLP_KINDS = ("gelu", "swiglu")
 PLACEMENTS = ("ep", "tp")
 KINDS = ("single", "baseline", "proposed")
+EXPERT_KERNELS = ("auto", "xla", "pallas", "interpret")
 
 
 class ConfigError(ValueError):
@@ -100,20 +101,37 @@ class DeploymentConfig:
   expert: int = 1  # size of the expert axis
   tp: int = 1
   placement: str = "ep"
-  microbatches: int = 1  # pipeline micro-batches per prefill
-  # Micro-batches per decode step. 1 by default: a decode step is bound by reading the
-  # weights, and each micro-batch re-reads its stage's weights (README, Results).
-  decode_microbatches: int = 1
-  moe_chunks: int = 1  # chunks inside an MoE layer, so one's exchange overlaps another's compute
-  capacity_factor: float = 2.0  # per-round buffer relative to a perfectly balanced load
-  dropless: bool = True  # extra rounds for overflow instead of dropping tokens
+  microbatches: int = 1  # pipeline micro-batches per prefill chunk
+  # Decode groups in flight (ring.py): the batch splits into G groups and stage s serves
+  # group (t - s) mod max(G, stages) at micro-step t, so G >= stages keeps every stage
+  # busy; 1 is one batch in flight (a stage works one micro-step in `stages`). 0: G =
+  # stages.
+  decode_groups: int = 0
+  # Prompt positions per prefill chunk (each chunk runs that many tokens of every
+  # sequence); 0: the whole prompt at once. Bounds prefill's activation memory.
+  prefill_chunk: int = 0
+  # Send-buffer rows per destination relative to a balanced share, when not dropless.
+  capacity_factor: float = 2.0
+  # Dropless: worst-case static buffers, nothing dropped, no step-dependent shapes.
+  dropless: bool = True
+  # Grouped expert matmul: "auto" (Pallas on GPU, XLA elsewhere), "xla", "pallas",
+  # "interpret" (the Pallas kernel through the interpreter: tests).
+  expert_kernel: str = "auto"
 
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ConfigError(
           f"DeploymentConfig.kind={self.kind!r} is unknown; use one of {list(KINDS)}.")
-    _positive(self, "stages", "expert", "tp", "microbatches", "decode_microbatches",
-              "moe_chunks")
+    _positive(self, "stages", "expert", "tp", "microbatches")
+    if not isinstance(self.decode_groups, int) or self.decode_groups < 0:
+      raise ConfigError(f"DeploymentConfig.decode_groups={self.decode_groups!r} must be 0 (as "
+                        "many as stages) or a positive number of groups.")
+    if not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 0:
+      raise ConfigError(f"DeploymentConfig.prefill_chunk={self.prefill_chunk!r} must be 0 (the "
+                        "whole prompt at once) or a positive number of prompt positions.")
+    if self.expert_kernel not in EXPERT_KERNELS:
+      raise ConfigError(f"DeploymentConfig.expert_kernel={self.expert_kernel!r} is unknown; "
+                        f"use one of {list(EXPERT_KERNELS)}.")
     if self.placement not in PLACEMENTS:
       raise ConfigError(
           f"DeploymentConfig.placement={self.placement!r} is unknown; "
@@ -156,45 +174,39 @@ class DeploymentConfig:
           "tensor-parallel attention gives each tp device whole heads.")
     if self.placement == "tp" and model.mlp_dim % self.tp:
       raise ConfigError(f"mlp_dim={model.mlp_dim} is not divisible by tp={self.tp}.")
+    shards = self.expert * self.tp
+    if model.vocab_size % shards:
+      raise ConfigError(
+          f"vocab_size={model.vocab_size} is not divisible by expert x tp = {shards}: the "
+          "unembedding splits the vocabulary over a stage's devices. Change the mesh or pad "
+          "the vocabulary.")
+
+  @property
+  def groups(self) -> int:
+    """Decode groups in flight (decode_groups, or stages when it is 0)."""
+    return self.decode_groups or self.stages
+
+  @property
+  def ring_period(self) -> int:
+    """Micro-steps between two tokens of one sequence: max(groups, stages)."""
+    return max(self.groups, self.stages)
 
   def check_batch(self, batch: int) -> None:
     """Raises ConfigError if a batch of `batch` sequences cannot be split on this deployment."""
-    if not isinstance(batch, int) or batch < 1:
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
       raise ConfigError(f"batch={batch!r} must be a positive integer.")
-    for field in ("microbatches", "decode_microbatches"):
+    for field in ("microbatches", "groups"):
       m = getattr(self, field)
       per = self.expert * m
       if batch % per:
+        what = "micro-batch" if field == "microbatches" else "decode group"
         raise ConfigError(
-            f"batch={batch} is not divisible by expert axis x {field} = "
+            f"batch={batch} is not divisible by expert axis x "
+            f"{'microbatches' if field == 'microbatches' else 'decode groups'} = "
             f"{self.expert} x {m} = {per}; each device's share of each "
-            f"micro-batch must be whole. Use a batch that is a multiple of {per}.")
+            f"{what} must be whole. Use a batch that is a multiple of {per}.")
 
   def describe(self) -> str:
     return (f"{self.kind}: stage {self.stages} x expert {self.expert} x tp {self.tp} "
             f"({self.num_devices} devices), placement={self.placement}, "
-            f"microbatches={self.microbatches} (decode {self.decode_microbatches})")
-
-
-# Multiples of the balanced capacity that dropless routing may switch between per step,
-# and the most slots per (source, expert) a larger bucket may have: decode-sized buffers
-# grow, while a prefill's (thousands of tokens a device) keep C and take extra rounds
-# rather than an expert hidden of E x tokens x F.
-CAPACITY_STEPS = (1.0, 1.5, 2.0, 3.0, 4.0)
-MAX_BUCKET_SLOTS = 2048
-
-
-def capacity_buckets(cap: int, tokens: int) -> list[int]:
-  """The static capacities a dropless exchange chooses from, ascending, none over `tokens`."""
-  limit = max(cap, min(tokens, MAX_BUCKET_SLOTS))
-  return sorted({min(limit, math.ceil(cap * m)) for m in CAPACITY_STEPS})
-
-
-def capacity(tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
-  """Slots per (source device, expert) per round: a balanced share times the factor.
-
-  Never more than `tokens`: a token picks an expert at most once, so that many slots
-  can never overflow.
-  """
-  balanced = tokens * top_k / num_experts
-  return max(1, min(tokens, math.ceil(balanced * capacity_factor)))
+            f"microbatches={self.microbatches}, decode groups {self.groups}")

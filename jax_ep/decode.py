@@ -1,8 +1,9 @@
-"""Prefill, then greedy or temperature decoding with the cache donated each step; TPS/TPOT.
+"""Prefill (chunked), then decoding on the ring with the cache donated; TPS/TPOT.
 
 Compilation is ahead of time (lower().compile()) so it is timed apart from running.
-The decode loop dispatches steps asynchronously; the only host synchronisation is
-the one a measurement needs (each step when `time_steps`, else once at the end).
+Decode calls are dispatched back to back; TPOT is their mean with one sync at the end
+(as a server runs), and the first `synced_steps` calls are also timed one by one, each
+with a sync, for their median and spread.
 """
 
 from __future__ import annotations
@@ -15,31 +16,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_ep import ring, sharding
 from jax_ep.config import ConfigError
 from jax_ep.engine import Engine
-
-
-def sample(logits_BxV: jax.Array, temperature: float, key) -> jax.Array:
-  """Greedy when temperature == 0, else a draw from softmax(logits / temperature)."""
-  if temperature == 0:
-    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(key, logits_BxV / temperature, axis=-1).astype(jnp.int32)
 
 
 @dataclasses.dataclass
 class Generation:
   tokens: np.ndarray  # [B, N] int32, the N new tokens of each sequence
-  compile_s: float  # prefill and decode step, compiled ahead of time
+  compile_s: float  # prefill and decode calls, compiled ahead of time
   prefill_s: float
-  step_s: list[float]  # each decode step (empty unless time_steps); else decode_s / steps
-  decode_s: float  # all N - 1 decode steps (the first new token comes from prefill)
+  step_s: list[float]  # decode steps timed one by one, each synced (the first synced_steps)
+  decode_s: float  # the remaining decode steps, dispatched back to back, one sync
+  decode_steps: int  # how many steps decode_s covers
   load_LxE: np.ndarray  # (token, pick) pairs per expert, prefill and decode together
   dropped: int
-  max_rounds: int
+  groups: int = 1
+  micro_steps_per_step: int = 1  # ring period: micro-steps per token of each sequence
 
   @property
   def batch(self) -> int:
     return self.tokens.shape[0]
+
+  @property
+  def imbalance(self) -> float:
+    """Expert load max/mean, the worst layer (1.0: perfectly balanced)."""
+    load = np.asarray(self.load_LxE, np.float64)
+    return float(np.max(load.max(axis=1) / np.maximum(load.mean(axis=1), 1e-9)))
 
   @property
   def steps(self) -> int:
@@ -47,14 +50,20 @@ class Generation:
 
   @property
   def tpot_ms(self) -> float:
-    """Median time per decode step, i.e. per output token of each sequence."""
-    if self.step_s:
-      return 1e3 * float(np.median(self.step_s))
-    return 1e3 * self.decode_s / max(self.steps, 1)
+    """Time per output token of each sequence: the mean of the back-to-back steps (the
+    synced median when there are none)."""
+    if self.decode_steps:
+      return 1e3 * self.decode_s / self.decode_steps
+    return self.tpot_synced_ms
+
+  @property
+  def tpot_synced_ms(self) -> float:
+    """Median of the steps timed one by one with a sync each (nan if none were)."""
+    return 1e3 * float(np.median(self.step_s)) if self.step_s else float("nan")
 
   @property
   def tps(self) -> float:
-    """Generated tokens per second over the whole batch, at the median step time."""
+    """Generated tokens per second over the whole batch, at tpot_ms."""
     return self.batch / (self.tpot_ms / 1e3) if self.steps else 0.0
 
 
@@ -81,74 +90,125 @@ def check_request(engine: Engine, prompts_BxP, max_new_tokens: int, temperature:
   return engine.check_tokens(prompts, 0, max_len)
 
 
+# Prefill tokens per device per chunk when DeploymentConfig.prefill_chunk is 0: bounds the
+# expert kernel's hidden (2 x 16384 rows x F = 2.1 GB for the seed) and attention's
+# scores, so the seed with SwiGLU experts, batch 1024, prompt 128 prefills on one H200.
+PREFILL_TOKENS_PER_DEVICE = 16384
+
+
+def prefill_chunks(prompt_len: int, chunk: int, rows_per_device: int) -> list[tuple[int, int]]:
+  """(start, length) of each prefill chunk. chunk 0: as many positions as keep a chunk
+  within PREFILL_TOKENS_PER_DEVICE tokens of each device's rows."""
+  chunk = chunk or max(1, PREFILL_TOKENS_PER_DEVICE // rows_per_device)
+  return [(s, min(chunk, prompt_len - s)) for s in range(0, prompt_len, chunk)]
+
+
 def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
              temperature: float = 0.0, seed: int = 0, max_len: int | None = None,
-             time_steps: bool = False, log: Callable[[str], None] | None = None) -> Generation:
+             synced_steps: int = 0, log: Callable[[str], None] | None = None) -> Generation:
   """Prefills `prompts_BxP` and generates `max_new_tokens` tokens per sequence.
 
   `params` must be in `engine`'s layout (Engine.init_params or Engine.place_params).
+  The first of the N - 1 decode steps also fills the ring; `synced_steps` of the next
+  are timed one by one, the rest back to back.
   """
   max_len = max_len or engine.cfg.max_seq_len
   tokens = check_request(engine, prompts_BxP, max_new_tokens, temperature, max_len)
   if jax.tree.structure(params) != jax.tree.structure(engine.abstract_params):
     raise ConfigError("params are not in this engine's layout; pass them through "
                       "engine.place_params(params) first.")
-  b = tokens.shape[0]
+  b, p = tokens.shape
+  dep = engine.dep
   tokens = jax.device_put(tokens, engine.tokens_sharding())
   params_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                             params)
   cache_abs = engine.abstract_cache(b, max_len)
   key = jax.random.key(seed)
+  i32 = jnp.int32(0)
 
-  def prefill(params, cache, tokens, pos, key):
-    # pos is an argument, not a constant, so XLA does not constant-fold the masks.
-    logits, cache, stats = engine.forward_last(params, cache, tokens, pos)
-    return sample(logits[:, -1], temperature, key), cache, stats
-
-  def step(params, cache, last_B, pos, key):
-    logits, cache, stats = engine.decode_forward(params, cache, last_B[:, None], pos)
-    key, sub = jax.random.split(key)
-    return sample(logits[:, -1], temperature, sub), cache, pos + 1, key, stats
-
-  _progress(f"compiling prefill and decode step for {engine.dep.describe()} ...", log)
+  _progress(f"compiling prefill and decode for {dep.describe()} ...", log)
   t0 = time.perf_counter()
-  prefill_c = jax.jit(prefill, donate_argnums=(1,)).lower(
-      params_abs, cache_abs, tokens, jnp.int32(0), key).compile()
-  last_abs = jax.ShapeDtypeStruct((b,), jnp.int32)
-  step_c = jax.jit(step, donate_argnums=(1,)).lower(
-      params_abs, cache_abs, last_abs, jnp.int32(0), key).compile()
+  chunks = prefill_chunks(p, dep.prefill_chunk, b // dep.expert)
+  compiled = {}
+  for i, (_, n) in enumerate(chunks):
+    last = i == len(chunks) - 1
+    if (n, last) not in compiled:
+      fn = engine.prefill_fn(temperature, sample=last)
+      compiled[n, last] = fn.lower(params_abs, cache_abs, tokens[:, :n], i32, key).compile()
+  state_abs = jax.eval_shape(engine.ring_state, jnp.zeros((b,), jnp.int32),
+                             jnp.zeros((b,), jnp.int32))
+  state_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                           state_abs, sharding.named(engine.mesh, engine.ring_specs()))
+  period = dep.ring_period
+  first_steps = ring.first_call_steps(dep.groups, dep.stages)
+  rings = {k: engine.ring_fn(b, k, temperature).lower(params_abs, cache_abs, state_abs,
+                                                      key).compile()
+           for k in {first_steps, period}}
   compile_s = time.perf_counter() - t0
-  _progress(f"compiled in {compile_s:.1f} s; prefill of {b} x {tokens.shape[1]} tokens", log)
+  _progress(f"compiled in {compile_s:.1f} s; prefill of {b} x {p} tokens in {len(chunks)} "
+            f"chunk(s)", log)
 
   cache = engine.init_cache(b, max_len)
   jax.block_until_ready(cache)
   t0 = time.perf_counter()
-  key, prefill_key = jax.random.split(key)
-  last, cache, stats = prefill_c(params, cache, tokens, jnp.int32(0), prefill_key)
-  last.block_until_ready()
+  loads, dropped = [], []
+  for i, (start, n) in enumerate(chunks):
+    out = compiled[n, i == len(chunks) - 1](params, cache, tokens[:, start:start + n],
+                                            jnp.int32(start), key)
+    cache, stats = out[-2:]
+    loads.append(stats.load_E)
+    dropped.append(stats.dropped)
+  first = out[0]
+  first.block_until_ready()
   prefill_s = time.perf_counter() - t0
 
-  out, step_s = [last], []
-  load, dropped, rounds = [stats.load_E], [stats.dropped], [stats.rounds]
-  pos = jnp.int32(tokens.shape[1])
+  # Decode: call 0 fills the ring; each later call is one token for every sequence.
+  state = engine.ring_state(first, jnp.full((b,), p, jnp.int32))
+  outs, step_s = [], []
+  steps = max_new_tokens - 1
+  synced = min(synced_steps, max(steps - 1, 0))
   t_all = time.perf_counter()
-  for i in range(max_new_tokens - 1):
+  for i in range(steps):
     t0 = time.perf_counter()
-    last, cache, pos, key, stats = step_c(params, cache, last, pos, key)
-    if time_steps:
-      last.block_until_ready()
-      step_s.append(time.perf_counter() - t0)
-    out.append(last)
-    load.append(stats.load_E)
+    state, cache, out, stats = rings[first_steps if i == 0 else period](params, cache, state, key)
+    outs.append(out)
+    loads.append(stats.load_E)
     dropped.append(stats.dropped)
-    rounds.append(stats.rounds)
-    if log and (i + 1) % max(1, (max_new_tokens - 1) // 4) == 0:
-      _progress(f"decode step {i + 1}/{max_new_tokens - 1}", log)
-  jax.block_until_ready(out[-1])
+    if 1 <= i <= synced:
+      out.tokens_KxBg.block_until_ready()
+      step_s.append(time.perf_counter() - t0)
+      t_all = time.perf_counter()
+    elif i == 0:
+      out.tokens_KxBg.block_until_ready()  # the fill is not a steady step
+      t_all = time.perf_counter()
+    if log and (i + 1) % max(1, steps // 4) == 0:
+      _progress(f"decode step {i + 1}/{steps}", log)
+  if outs:
+    jax.block_until_ready(outs[-1])
   decode_s = time.perf_counter() - t_all
+  new = assemble(np.asarray(first), outs, b, dep.groups, dep.expert, steps)
   return Generation(
-      tokens=np.stack([np.asarray(t) for t in out], axis=1),
-      compile_s=compile_s, prefill_s=prefill_s, step_s=step_s, decode_s=decode_s,
-      load_LxE=np.sum([np.asarray(x) for x in load], axis=0),
-      dropped=int(np.sum([np.asarray(x).sum() for x in dropped])),
-      max_rounds=int(np.max([np.asarray(x).max() for x in rounds])))
+      tokens=new, compile_s=compile_s, prefill_s=prefill_s, step_s=step_s,
+      decode_s=decode_s, decode_steps=max(steps - 1 - synced, 0),
+      load_LxE=np.sum([np.asarray(x) for x in loads], axis=0),
+      dropped=int(np.sum([np.asarray(x).sum() for x in dropped])), groups=dep.groups,
+      micro_steps_per_step=dep.ring_period)
+
+
+def assemble(first_B: np.ndarray, outs: list[ring.RingOutput], batch: int, groups: int,
+             experts: int, steps: int) -> np.ndarray:
+  """Per-sequence token lists [B, 1 + steps] from prefill's token and the ring's outputs."""
+  new = np.zeros((batch, 1 + steps), np.int32)
+  new[:, 0] = first_B
+  filled = np.ones((groups,), np.int64)
+  for out in outs:
+    toks, grp, valid = (np.asarray(a) for a in out)
+    for k in np.flatnonzero(valid):
+      g = int(grp[k])
+      if filled[g] <= steps:
+        ids = np.asarray(ring.group_ids(g, batch, groups, experts, xp=np))
+        new[ids, filled[g]] = toks[k]
+        filled[g] += 1
+  if steps and filled.min() <= steps:
+    raise RuntimeError(f"the ring produced {filled.min() - 1} of {steps} tokens for a group")
+  return new

@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_ep import ep, model, pipeline, sharding
+from jax_ep import ep, model, pipeline, ring, sampling, sharding
 from jax_ep.config import ConfigError, DeploymentConfig, ModelConfig
 from jax_ep.kv_cache import KVCache, StagedKVCache
 from jax_ep.mesh import make_mesh
@@ -131,55 +131,117 @@ class Engine:
   def tokens_sharding(self):
     return NamedSharding(self.mesh, self.table.tokens_BxT)
 
-  # --- forward ----------------------------------------------------------------------------
+  # --- forward ---------------------------------------------------------------------------
 
-  def _shard_forward(self, last_only: bool, m: int):
-    cfg, par = self.cfg, self.par
+  def _layers(self, params_):
+    return [nnx.merge(self.layer_graphdef, jax.tree.map(lambda a: a[0], p))
+            for p in params_["layers"]]
 
-    def forward_(params_, cache_, tokens_BxT_, pos):
+  def _shard_prefill(self, mode: str, temperature: float = 0.0):
+    """shard_map body: embed -> pipeline of stages -> head on the vocabulary shards.
+
+    mode "logits": logits of every position [B, T, V] (split over the vocabulary);
+    "sample": the next token [B] of every sequence (replicated); "cache": no head (an
+    early prefill chunk only fills the cache).
+    """
+    cfg, par, m = self.cfg, self.par, self.dep.microbatches
+
+    def forward_(params_, cache_, tokens_BxT_, pos, key):
       b, t = tokens_BxT_.shape
-      layers_ = [nnx.merge(self.layer_graphdef, jax.tree.map(lambda a: a[0], p))
-                 for p in params_["layers"]]
       with jax.named_scope("embed"):
         x_ = model.embed(params_["embed_VxD"][...], tokens_BxT_)
         x_ = x_.reshape(m, b // m, t, cfg.model_dim)
-      out_, cache_, stats = pipeline.run(layers_, x_, cache_, pos, par)
+      out_, cache_, stats = pipeline.run(self._layers(params_), x_, cache_, pos, par)
+      stats = ep.MoEStats(ep.psum_batch(stats.load_E, par), ep.psum_batch(stats.dropped, par))
+      if mode == "cache":
+        return cache_, stats
       h_ = out_.reshape(b, t, cfg.model_dim)
-      if last_only:
+      if mode == "sample":
         h_ = h_[:, -1:]
       with jax.named_scope("head"):
-        logits_ = model.head(h_, params_["final_norm"]["scale_D"][...],
-                             params_["unembed_DxV"][...], cfg.norm_eps)
-      stats = ep.MoEStats(ep.psum_batch(stats.load_E, par), ep.psum_batch(stats.dropped, par),
-                          stats.rounds)
-      return logits_, cache_, stats
+        hg_ = ep.gather_batch(h_, par)  # every row, for this device's vocabulary columns
+        unembed_ = params_["unembed_DxV"][...]
+        logits_ = model.head(hg_, params_["final_norm"]["scale_D"][...], unembed_,
+                             cfg.norm_eps)
+        if mode == "logits":
+          return logits_, cache_, stats
+        rows = hg_.shape[0]
+        seq_B = jnp.arange(rows, dtype=jnp.int32)
+        score, vid = sampling.local_best(logits_[:, -1], ep.vocab_shard(par) * unembed_.shape[1],
+                                         temperature, key, seq_B, jnp.full((rows,), pos + t))
+        return ep.best_over_vocab(score, vid, par), cache_, stats
 
     t = self.table
-    stats_specs = ep.MoEStats(t.load_LxE, t.load_LxE, t.load_LxE)
+    stats_specs = ep.MoEStats(t.load_LxE, t.load_LxE)
+    out = {"logits": t.logits_BxTxV, "sample": P(), "cache": None}[mode]
+    out_specs = (self.cache_specs, stats_specs) if out is None else (out, self.cache_specs,
+                                                                     stats_specs)
     return jax.shard_map(
         forward_, mesh=self.mesh,
-        in_specs=(self.param_specs, self.cache_specs, t.tokens_BxT, P()),
-        out_specs=(t.logits_BxTxV, self.cache_specs, stats_specs),
-        check_vma=False)
+        in_specs=(self.param_specs, self.cache_specs, t.tokens_BxT, P(), P()),
+        out_specs=out_specs, check_vma=False)
 
   @functools.cached_property
   def forward(self):
     """jit(params, cache, tokens [B, T], pos) -> (logits [B, T, V] f32, cache, MoEStats).
 
-    The cache is donated: it is updated in place. MoE stats are per layer, in stage
-    order: load [L, E] summed over the batch, dropped [L], exchange rounds [L].
+    Every sequence starts at `pos`. The cache is donated: it is updated in place. MoE
+    stats are per layer, in stage order: load [L, E] summed over the batch, dropped [L].
     """
-    return jax.jit(self._shard_forward(False, self.dep.microbatches), donate_argnums=(1,))
+    f = self._shard_prefill("logits")
+    return jax.jit(lambda params, cache, tokens, pos: f(params, cache, tokens, pos,
+                                                       jax.random.key(0)),
+                   donate_argnums=(1,))
 
-  @functools.cached_property
-  def forward_last(self):
-    """Like `forward`, logits of the last position only: [B, 1, V] (prefill)."""
-    return jax.jit(self._shard_forward(True, self.dep.microbatches), donate_argnums=(1,))
+  def prefill_fn(self, temperature: float = 0.0, sample: bool = True):
+    """jit(params, cache, tokens [B, T], pos, key) -> (next tokens [B], cache, MoEStats),
+    or without `sample` (cache, MoEStats): an early chunk of a chunked prefill.
 
-  @functools.cached_property
-  def decode_forward(self):
-    """Like `forward_last`, with `decode_microbatches` pipeline micro-batches."""
-    return jax.jit(self._shard_forward(True, self.dep.decode_microbatches), donate_argnums=(1,))
+    The next token is sampled at position pos + T (sampling.py: the same on every
+    deployment). The cache is donated.
+    """
+    return jax.jit(self._shard_prefill("sample" if sample else "cache", temperature),
+                   donate_argnums=(1,))
+
+  def ring_specs(self):
+    return ring.RingState(P(), P(), self.table.inflight_SxBxD, P())
+
+  def ring_fn(self, batch: int, steps: int, temperature: float = 0.0):
+    """jit(params, cache, RingState, key) -> (RingState, cache, RingOutput, MoEStats):
+    `steps` micro-steps of the decode ring (ring.py). Cache and state are donated."""
+    cfg, par, groups = self.cfg, self.par, self.dep.groups
+
+    def ring_(params_, cache_, state_, key):
+      state_, cache_, out, stats = ring.run(
+          self._layers(params_), params_, state_, cache_, key, steps=steps, groups=groups,
+          batch=batch, temperature=temperature, norm_eps=cfg.norm_eps, par=par)
+      stats = ep.MoEStats(ep.psum_batch(stats.load_E, par), ep.psum_batch(stats.dropped, par))
+      return state_, cache_, out, stats
+
+    t = self.table
+    stats_specs = ep.MoEStats(t.load_LxE, t.load_LxE)
+    out_specs = ring.RingOutput(P(), P(), P())
+    f = jax.shard_map(
+        ring_, mesh=self.mesh,
+        in_specs=(self.param_specs, self.cache_specs, self.ring_specs(), P()),
+        out_specs=(self.ring_specs(), self.cache_specs, out_specs, stats_specs),
+        check_vma=False)
+    return jax.jit(f, donate_argnums=(1, 2))
+
+  def ring_state(self, tokens_B, pos_B) -> ring.RingState:
+    """The ring's starting state after prefill: next tokens and their positions [B]."""
+    b = tokens_B.shape[0]
+    self.dep.check_batch(b)
+    bg = b // self.dep.groups
+    specs = self.ring_specs()
+    shardings = sharding.named(self.mesh, specs)
+
+    def make(tokens_B, pos_B):
+      return ring.RingState(tokens_B.astype(jnp.int32), pos_B.astype(jnp.int32),
+                            jnp.zeros((self.dep.stages, bg, self.cfg.model_dim),
+                                      self.cfg.jnp_dtype), jnp.zeros((), jnp.int32))
+
+    return jax.jit(make, out_shardings=shardings)(tokens_B, pos_B)
 
   def check_tokens(self, tokens_BxT, pos: int = 0, max_len: int | None = None):
     """Host-side checks before anything compiles; raises ConfigError."""

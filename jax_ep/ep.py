@@ -10,15 +10,14 @@ over an axis of size 1 are skipped, so the same model code runs on one device
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jax_ep import routing
-from jax_ep.config import DeploymentConfig, capacity, capacity_buckets
-from jax_ep.experts import expert_mlp
+from jax_ep.config import DeploymentConfig
+from jax_ep.kernels import grouped_matmul
 
 STAGE, EXPERT, TP = "stage", "expert", "tp"
 AXES = (STAGE, EXPERT, TP)
@@ -34,12 +33,12 @@ class Parallel:
   placement: str = "ep"
   capacity_factor: float = 2.0
   dropless: bool = True
-  moe_chunks: int = 1
+  expert_kernel: str = "auto"
 
   @classmethod
   def of(cls, dep: DeploymentConfig) -> Parallel:
     return cls(dep.stages, dep.expert, dep.tp, dep.placement, dep.capacity_factor,
-               dep.dropless, dep.moe_chunks)
+               dep.dropless, dep.expert_kernel)
 
   def _live(self, *names):
     sizes = {STAGE: self.stage, EXPERT: self.expert, TP: self.tp}
@@ -103,6 +102,46 @@ def from_last_stage(x, par: Parallel):
   return jax.lax.psum(jnp.where(is_last, x, jnp.zeros_like(x)), STAGE)
 
 
+def last_stage_value(x, par: Parallel):
+  """Every stage gets the last stage's `x` (ints too): a masked sum over stages."""
+  return from_last_stage(x, par)
+
+
+# --- head: vocabulary over expert x tp --------------------------------------------------
+
+
+def vocab_axes(par: Parallel) -> tuple[str, ...]:
+  """Axes the unembedding's vocabulary is split over (sharding.py): expert, then tp."""
+  return par._live(EXPERT, TP)
+
+
+def vocab_shard(par: Parallel):
+  """This device's index among the vocabulary shards (expert major, tp minor)."""
+  e = jax.lax.axis_index(EXPERT) if par.expert > 1 else 0
+  return e * par.tp + tp_index(par)
+
+
+def gather_batch(x_BxTxD_, par: Parallel):
+  """Every device of a stage gets all its rows (the batch is split over expert): the
+  head's input, so each vocabulary shard scores every row."""
+  return jax.lax.all_gather(x_BxTxD_, EXPERT, axis=0, tiled=True) if par.expert > 1 else x_BxTxD_
+
+
+def best_over_vocab(score_B, id_B, par: Parallel):
+  """Each shard's best (score, id) per row -> the best over all shards: the token.
+
+  Shards are gathered in vocabulary order, and argmax takes the first maximum, so a
+  tie goes to the lowest id, as argmax over whole logits does.
+  """
+  axes = vocab_axes(par)
+  if not axes:
+    return id_B
+  scores_NxB = jax.lax.all_gather(score_B, axes, axis=0)
+  ids_NxB = jax.lax.all_gather(id_B, axes, axis=0)
+  best_B = jnp.argmax(scores_NxB, axis=0)
+  return jnp.take_along_axis(ids_NxB, best_B[None], axis=0)[0]
+
+
 def psum_batch(x, par: Parallel):
   """Sums per-device statistics over the devices that hold different tokens."""
   axes = (EXPERT, TP) if par.split_tokens_over_tp else (EXPERT,)
@@ -115,140 +154,86 @@ def psum_batch(x, par: Parallel):
 
 class MoEStats(NamedTuple):
   load_E: jax.Array  # int32, (token, pick) pairs this device routed to each expert
-  dropped: jax.Array  # int32 scalar, pairs dropped for capacity (0 when dropless)
-  rounds: jax.Array  # int32 scalar, exchange rounds run (1 unless some expert overflowed)
+  dropped: jax.Array  # int32 scalar, pairs dropped for lack of buffer rows (0 when dropless)
 
 
-def _exchange(buf_ExCxD_, par: Parallel):
-  """all_to_all over the expert axes: buffer [E, C, D] by destination expert in,
-  [E_local, sources x C, D] for this device's experts out."""
-  e, c, d = buf_ExCxD_.shape
+def _exchange(buf_PxWxD_, par: Parallel):
+  """all_to_all over the expert axes: block p of the send buffer goes to device p;
+  block s of the result came from device s."""
   if not par.ep_axes:
-    return buf_ExCxD_
-  recv_ = jax.lax.all_to_all(buf_ExCxD_, par.ep_axes, 0, 0, tiled=True)
-  e_local = e // par.ep_size
-  recv_ = recv_.reshape(par.ep_size, e_local, c, d).transpose(1, 0, 2, 3)
-  return recv_.reshape(e_local, par.ep_size * c, d)
+    return buf_PxWxD_
+  return jax.lax.all_to_all(buf_PxWxD_, par.ep_axes, 0, 0, tiled=True)
 
 
-def _return(out_ElxNxD_, par: Parallel):
-  """Inverse of _exchange: each source gets back its [E, C, D] results."""
-  if not par.ep_axes:
-    return out_ElxNxD_
-  e_local, n, d = out_ElxNxD_.shape
-  c = n // par.ep_size
-  out_ = out_ElxNxD_.reshape(e_local, par.ep_size, c, d).transpose(1, 0, 2, 3)
-  out_ = out_.reshape(par.ep_size * e_local, c, d)
-  return jax.lax.all_to_all(out_, par.ep_axes, 0, 0, tiled=True)
+def expert_kernel(par: Parallel) -> str:
+  """The grouped matmul implementation for this backend (grouped_matmul.IMPLS)."""
+  if par.expert_kernel != "auto":
+    return par.expert_kernel
+  return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
 def moe(x_TxD_, w_router_DxE, w_up_ExDxF_, w_down_ExFxD_, w_gate_ExDxF_, *, top_k: int,
         par: Parallel, active=True) -> tuple[jax.Array, MoEStats]:
   """Routes this device's tokens to their experts wherever they live, and back.
 
-  Per round: gate -> pack a static [E, C, D] buffer by destination expert ->
-  all_to_all -> local experts as one batched einsum -> all_to_all back -> combine.
-  Every chunk's exchange is straight-line code, so XLA's scheduler can overlap one
-  chunk's exchange with another's expert compute.
+  gate -> pack a static [P, W, D] buffer by destination device (routing.py) ->
+  all_to_all (with the [P, El] row counts) -> compact the received rows by local
+  expert -> grouped expert MLP that computes only the real rows -> un-compact ->
+  all_to_all back -> combine with the gate weights.
 
-  Dropless (default): the longest (source, expert) queue, agreed by every device,
-  picks the smallest of a few static capacities (config.capacity_buckets: 1x to 4x
-  the balanced share C, at most config.MAX_BUCKET_SLOTS) that holds it, through
-  lax.switch, so an unlucky step costs a larger buffer, not a second pass over the
-  expert weights. Past the largest, a while loop runs further rounds of it until
-  every token is served.
-  Otherwise overflow past C is dropped and counted.
+  Every shape is static and nothing branches on the routing: dropless (default), W
+  is the worst case (routing.rows_per_destination), so a skewed step costs exchange
+  bytes, not a host round trip or a second pass over the expert weights. Otherwise
+  picks past W are dropped and counted.
 
   Args:
     x_TxD_: this device's tokens (replicated over tp).
     w_router_DxE: the whole router (every device routes its own tokens).
     w_*_Ex.._: this device's experts; with `ffn_over_tp`, F is this device's slice.
-    active: False in a pipeline bubble: the tokens are stand-ins, so their load
-      neither adds rounds nor counts as dropped.
+    active: False in a pipeline bubble: the tokens are stand-ins; they take no rows,
+      so the expert kernel skips them, and count no load.
   """
   num_experts = w_router_DxE.shape[1]
-  total, real_T = x_TxD_.shape[0], None
+  total = x_TxD_.shape[0]
+  valid_T = jnp.broadcast_to(jnp.asarray(active), (total,))
   if par.split_tokens_over_tp:
-    # Pad to a multiple of tp so every rank gets an equal slice (a decode step may have
-    # fewer tokens than tp). Padding rows come after every real token, so they queue last
-    # and take no real token's slot; they are kept out of the load, rounds and drops.
+    # Each tp rank dispatches its own slice (a decode step may have fewer tokens than
+    # tp: pad); padding rows are not tokens.
     t = -(-total // par.tp)
     x_TxD_ = jnp.pad(x_TxD_, ((0, t * par.tp - total), (0, 0)))
     x_TxD_ = jax.lax.dynamic_slice_in_dim(x_TxD_, tp_index(par) * t, t)
-    real_T = tp_index(par) * t + jnp.arange(t) < total
+    valid_T = jnp.pad(valid_T, (0, t * par.tp - total))
+    valid_T = jax.lax.dynamic_slice_in_dim(valid_T, tp_index(par) * t, t)
   tokens, dim = x_TxD_.shape
-  chunks = math.gcd(par.moe_chunks, tokens)
-  chunk = tokens // chunks
-  cap = capacity(chunk, num_experts, top_k, par.capacity_factor)
+  p = par.ep_size
+  e_local = num_experts // p
+  rows = routing.rows_per_destination(tokens, top_k, e_local, p, par.capacity_factor,
+                                      par.dropless)
 
   with jax.named_scope("gate"):
     logits_TxE = x_TxD_.astype(jnp.float32) @ w_router_DxE.astype(jnp.float32)
     weights_TxK, experts_TxK = routing.top_k_gate(logits_TxE, top_k)
-    weights_NxCxK = weights_TxK.reshape(chunks, chunk, top_k)
-    experts_NxCxK = experts_TxK.reshape(chunks, chunk, top_k)
-    position_NxCxK, load_NxE = jax.vmap(routing.assign_slots, (0, None))(experts_NxCxK,
-                                                                         num_experts)
-    if real_T is not None:
-      picks_NxCxKxE = jax.nn.one_hot(experts_NxCxK, num_experts, dtype=jnp.int32)
-      load_NxE = (picks_NxCxKxE * real_T.reshape(chunks, chunk, 1, 1)).sum((1, 2))
-  x_NxCxD = x_TxD_.reshape(chunks, chunk, dim)
-
-  def expert_compute(buf_ExCxD_):
-    recv_ElxNxD_ = _exchange(buf_ExCxD_, par)
-    with jax.named_scope("experts"):
-      out_ = expert_mlp(recv_ElxNxD_, w_up_ExDxF_, w_down_ExFxD_, w_gate_ExDxF_)
-      if par.ffn_over_tp:
-        out_ = jax.lax.psum(out_, TP)
-    return _return(out_, par)
-
-  def one_round(r, n, cap):
-    slot_TxK, _ = routing.slot_indices(experts_NxCxK[n], position_NxCxK[n], r, cap,
-                                       num_experts)
-    with jax.named_scope("dispatch"):
-      buf_ = routing.dispatch(x_NxCxD[n], slot_TxK, num_experts * cap)
-      buf_ = buf_.reshape(num_experts, cap, dim)
-    out_ = expert_compute(buf_).reshape(num_experts * cap, dim)
-    with jax.named_scope("combine"):
-      return routing.combine(out_, slot_TxK, weights_NxCxK[n])
-
-  load_NxE = jnp.where(active, load_NxE, 0)
-  most = load_NxE.max()
-  if par.dropless:
-    # Every device of the exchange (the expert axes, and tp, whose ranks share the all_to_all
-    # or the psum) must take the same branch and run the same rounds; other stages need not.
-    group = par._live(EXPERT, TP)
-    if group:
-      most = jax.lax.pmax(most, group)
-    caps = capacity_buckets(cap, chunk)
-
-    def fits(c):  # one round holds every queue
-      return lambda: ([one_round(0, n, c) for n in range(chunks)], jnp.ones((), jnp.int32))
-
-    def overflow():  # the largest capacity, as many rounds as the longest queue needs
-      c = caps[-1]
-      rounds = (most + c - 1) // c
-
-      def more(carry):
-        r, ys = carry
-        return r + 1, [y + one_round(r, n, c) for n, y in enumerate(ys)]
-
-      start = jnp.ones((), jnp.int32)
-      ys = [one_round(0, n, c) for n in range(chunks)]
-      _, ys = jax.lax.while_loop(lambda carry: carry[0] < rounds, more, (start, ys))
-      return ys, rounds.astype(jnp.int32)
-
-    branch = jnp.sum(jnp.asarray(caps[:-1]) < most)  # the first capacity >= most
-    with jax.named_scope("exchange"):
-      y_chunks, rounds = jax.lax.switch(branch, [fits(c) for c in caps[:-1]] + [overflow])
-    dropped = jnp.zeros((), jnp.int32)
-  else:
-    y_chunks = [one_round(0, n, cap) for n in range(chunks)]
-    rounds = jnp.ones((), jnp.int32)
-    dropped = jnp.maximum(load_NxE - cap, 0).sum().astype(jnp.int32)
-
-  y_TxD_ = jnp.concatenate(y_chunks, axis=0).astype(x_TxD_.dtype)
+    pack = routing.pack_by_destination(experts_TxK, valid_T, num_experts, p, rows)
+  with jax.named_scope("dispatch"):
+    send_ = routing.dispatch(x_TxD_, pack.slot_TxK, p * rows).reshape(p, rows, dim)
+    recv_ = _exchange(send_, par).reshape(p * rows, dim)
+    counts_SxEl = _exchange(pack.counts_PxEl, par)
+  with jax.named_scope("experts"):
+    if p > 1:
+      comp = routing.compact_received(counts_SxEl, rows)
+      x_RxD_ = routing.take_rows(recv_, comp.gather_R)
+      group_sizes = comp.group_sizes_El
+    else:  # the buffer is already one run per expert, nothing after the runs
+      x_RxD_, group_sizes = recv_, counts_SxEl[0]
+    y_RxD_ = grouped_matmul.grouped_mlp(x_RxD_, group_sizes, w_up_ExDxF_, w_down_ExFxD_,
+                                        w_gate_ExDxF_, impl=expert_kernel(par))
+    if par.ffn_over_tp:
+      y_RxD_ = jax.lax.psum(y_RxD_, TP)
+    if p > 1:
+      y_RxD_ = routing.take_rows(y_RxD_, comp.back_R)
+  with jax.named_scope("combine"):
+    back_ = _exchange(y_RxD_.reshape(p, rows, dim), par).reshape(p * rows, dim)
+    y_TxD_ = routing.combine(back_, pack.slot_TxK, weights_TxK).astype(x_TxD_.dtype)
   if par.split_tokens_over_tp:
     y_TxD_ = jax.lax.all_gather(y_TxD_, TP, axis=0, tiled=True)[:total]
-  stats = MoEStats(load_NxE.sum(0).astype(jnp.int32), dropped,
-                   jnp.maximum(rounds, 1).astype(jnp.int32))
-  return y_TxD_, stats
+  return y_TxD_, MoEStats(pack.load_E, pack.dropped)

@@ -14,11 +14,10 @@ class KVCache(NamedTuple):
   k_LxBxSxHxK: jax.Array  # S = max_seq_len slots; positions >= the decode position are stale
   v_LxBxSxHxK: jax.Array
 
-  def write(self, layer, row, pos, k_BxTxHxK, v_BxTxHxK) -> KVCache:
-    """Stores new keys and values for `layer`, batch rows row.., positions pos.."""
-    at = (layer, row, pos, 0, 0)
-    return KVCache(jax.lax.dynamic_update_slice(self.k_LxBxSxHxK, k_BxTxHxK[None], at),
-                   jax.lax.dynamic_update_slice(self.v_LxBxSxHxK, v_BxTxHxK[None], at))
+  def write(self, layer, pos_B, k_BxTxHxK, v_BxTxHxK) -> KVCache:
+    """Stores new keys and values for `layer`, sequence b at positions pos_B[b].."""
+    return KVCache(write_rows(self.k_LxBxSxHxK, layer, pos_B, k_BxTxHxK),
+                   write_rows(self.v_LxBxSxHxK, layer, pos_B, v_BxTxHxK))
 
   @staticmethod
   def shape(cfg: ModelConfig, batch: int, max_len: int | None = None) -> tuple[int, ...]:
@@ -28,6 +27,22 @@ class KVCache(NamedTuple):
   def zeros(cls, cfg: ModelConfig, batch: int, max_len: int | None = None) -> KVCache:
     shape = cls.shape(cfg, batch, max_len)
     return cls(jnp.zeros(shape, cfg.jnp_dtype), jnp.zeros(shape, cfg.jnp_dtype))
+
+
+def write_rows(cache_LxBxSxHxK, layer, pos_B, new_BxTxHxK, row0=0, valid=True):
+  """cache[layer, row0 + b, pos_B[b] + j] = new[b, j]: each sequence at its own position.
+
+  A scatter into the (donated) cache, in place. Positions past the cache are dropped,
+  so a sequence decoded past its length writes nothing. `valid` False (a pipeline
+  bubble) writes nothing either.
+  """
+  b, t = new_BxTxHxK.shape[:2]
+  s = cache_LxBxSxHxK.shape[2]
+  rows_BxT = jnp.broadcast_to(row0 + jnp.arange(b, dtype=jnp.int32)[:, None], (b, t))
+  pos_BxT = pos_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+  pos_BxT = jnp.where(valid, pos_BxT, s)  # out of range: dropped
+  return cache_LxBxSxHxK.at[layer, rows_BxT, pos_BxT].set(
+      new_BxTxHxK.astype(cache_LxBxSxHxK.dtype), mode="drop")
 
 
 class StagedKVCache(NamedTuple):

@@ -75,17 +75,19 @@ class Attention(nnx.Module):
     self.wo_HxKxD = nnx.Param(_normal(rngs, (h, k, d), h * k, dt))
     self.rope_theta = cfg.rope_theta
 
-  def __call__(self, x_BxTxD, k_BxSxHxK, v_BxSxHxK, pos, par: ep.Parallel):
-    """Attends the T new tokens at positions pos..pos+T-1 to cache positions < pos and
-    to each other (causally).
+  def __call__(self, x_BxTxD, k_BxSxHxK, v_BxSxHxK, pos_B, par: ep.Parallel):
+    """Attends sequence b's T new tokens at positions pos_B[b]..pos_B[b]+T-1 to its cache
+    positions < pos_B[b] and to each other (causally). Sequences may be at different
+    positions (decode groups, continuous batching).
 
-    The cache is only read here: the caller writes the returned new keys and values
-    at pos, so a pipeline bubble can skip the write without copying the cache.
+    The cache is only read here: the caller writes the returned new keys and values,
+    so a pipeline bubble can skip the write.
     Returns the output [B, T, D] and the new k, v [B, T, H, K].
     """
     b, t, _ = x_BxTxD.shape
     s = k_BxSxHxK.shape[1]
-    positions_BxT = jnp.broadcast_to(pos + jnp.arange(t, dtype=jnp.int32), (b, t))
+    pos_B = jnp.broadcast_to(jnp.asarray(pos_B, jnp.int32), (b,))
+    positions_BxT = pos_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     q = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wq_DxHxK[...])
     k = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wk_DxHxK[...])
     v = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wv_DxHxK[...])
@@ -93,8 +95,8 @@ class Attention(nnx.Module):
     k, v = k.astype(k_BxSxHxK.dtype), v.astype(v_BxSxHxK.dtype)
     scale = q.shape[-1] ** -0.5
     old_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q, k_BxSxHxK, preferred_element_type=jnp.float32)
-    seen_1x1x1xS = (jnp.arange(s) < pos)[None, None, None, :]
-    old_BxHxTxS = jnp.where(seen_1x1x1xS, old_BxHxTxS * scale, -jnp.inf)
+    seen_Bx1x1xS = (jnp.arange(s)[None, :] < pos_B[:, None])[:, None, None, :]
+    old_BxHxTxS = jnp.where(seen_Bx1x1xS, old_BxHxTxS * scale, -jnp.inf)
     new_BxHxTxT = jnp.einsum("bthk,buhk->bhtu", q, k, preferred_element_type=jnp.float32)
     causal_1x1xTxT = (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None, None]
     new_BxHxTxT = jnp.where(causal_1x1xTxT, new_BxHxTxT * scale, -jnp.inf)
@@ -133,12 +135,14 @@ class DecoderLayer(nnx.Module):
     self.moe_norm = RMSNorm(cfg.model_dim, cfg.norm_eps, cfg.jnp_dtype)
     self.moe = MoEBlock(cfg, rngs)
 
-  def __call__(self, x_BxTxD, k_BxSxHxK, v_BxSxHxK, pos, par: ep.Parallel, active=True):
+  def __call__(self, x_BxTxD, k_BxSxHxK, v_BxSxHxK, pos_B, par: ep.Parallel, active=True):
     """Returns the output, this layer's new keys and values [B, T, H, K], MoE stats.
 
-    `active` False marks a pipeline bubble: computed, but its load is not counted.
+    `active` False marks a pipeline bubble: attention runs, the experts skip its
+    tokens, and its load is not counted.
     """
-    h, k_BxTxHxK, v_BxTxHxK = self.attn(self.attn_norm(x_BxTxD), k_BxSxHxK, v_BxSxHxK, pos, par)
+    h, k_BxTxHxK, v_BxTxHxK = self.attn(self.attn_norm(x_BxTxD), k_BxSxHxK, v_BxSxHxK, pos_B,
+                                        par)
     x_BxTxD = x_BxTxD + h
     b, t, d = x_BxTxD.shape
     y_TxD, stats = self.moe(self.moe_norm(x_BxTxD).reshape(b * t, d), par, active)
@@ -170,13 +174,18 @@ class Transformer(nnx.Module):
     graphdef, state = nnx.split(self.layers)
     return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
-  def __call__(self, tokens_BxT, cache: KVCache, pos, par: ep.Parallel = ep.ONE_DEVICE):
-    """The whole model on one device: logits [B, T, V], the extended cache, MoE stats."""
+  def __call__(self, tokens_BxT, cache: KVCache, pos_B, par: ep.Parallel = ep.ONE_DEVICE):
+    """The whole model on one device: logits [B, T, V], the extended cache, MoE stats.
+
+    The reference every deployment is tested against. pos_B: each sequence's position
+    (a scalar: all the same).
+    """
+    pos_B = jnp.broadcast_to(jnp.asarray(pos_B, jnp.int32), (tokens_BxT.shape[0],))
     x = embed(self.embed_VxD[...], tokens_BxT)
     stats = []
     for i in range(self.num_local_layers()):
-      x, k, v, s = self.layer(i)(x, cache.k_LxBxSxHxK[i], cache.v_LxBxSxHxK[i], pos, par)
-      cache = cache.write(i, 0, pos, k, v)
+      x, k, v, s = self.layer(i)(x, cache.k_LxBxSxHxK[i], cache.v_LxBxSxHxK[i], pos_B, par)
+      cache = cache.write(i, pos_B, k, v)
       stats.append(s)
     stats = jax.tree.map(lambda *a: jnp.stack(a), *stats)
     logits = head(x, self.final_norm.scale_D[...], self.unembed_DxV[...], self.final_norm.eps)

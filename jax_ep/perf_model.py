@@ -1,27 +1,26 @@
 """Analytic performance model: predicted TPOT and TPS of a deployment, term by term.
 
 Pure Python over the configs (nothing here traces or runs jax). It follows what
-jax_ep's code does in one decode step, per device:
+jax_ep's code does per device for one decode step (a token for every sequence):
 
-  * pipeline.py runs M + S - 1 micro-steps (GPipe fill and drain); in every one
-    of them each stage runs all its layers, so it re-reads its attention and
-    expert weights M + S - 1 times per decode step, bubbles included;
-  * attention (model.py) reads the whole preallocated KV cache of its rows (masked),
-    so `context_len` here is the cache length (max_len), not the live length;
-  * ep.moe pads every (source device, expert) buffer to C = config.capacity(...)
-    slots per chunk and round, so expert FLOPs are those of the padded buffers,
-    and each chunk and each overflow round re-reads the local experts;
-  * the embedding and unembedding are replicated (sharding.py): every device
-    reads the whole unembedding once per step for its rows' logits.
+  * decode runs on the ring (ring.py): L = max(G, S) micro-steps per token, in each a
+    stage runs its layers on one group of B / (G x E) rows per device, and the head
+    (vocabulary split over the stage's devices) runs on one group's rows;
+  * attention reads the whole preallocated KV cache of its rows (masked), so
+    `context_len` here is the cache length (max_len);
+  * the MoE exchange sends a static [P, W, D] buffer each way, W the worst case when
+    dropless (routing.rows_per_destination); the grouped kernel reads each local
+    expert's weights once and multiplies only the real rows, rounded up per expert to
+    its tiles; a bubble sends no rows, so its experts cost nothing;
+  * the embedding is replicated (a lookup of the group's rows).
 
-Time of one micro-step = sum over its phases (attention, experts) of
-max(bytes / bandwidth, flops / rate), divided by an efficiency, plus the exposed
-communication (all_to_all dispatch and return, tp all-reduces, the pipeline
-ppermute, the dropless round count sync), plus a fixed cost per layer. A decode
-step is (M + S - 1) micro-steps, the head, and the final stage broadcast.
+Time of one micro-step = sum over its phases of max(bytes / bandwidth, flops / rate),
+divided by an efficiency, plus the exposed communication, plus a fixed cost per layer.
+The floor (floor_s) is what any implementation of the layout must spend: each
+operation's bytes (weights, the live KV cache) or unpadded FLOPs at the ceilings.
 
 Shape letters as in the README: B batch, L layers, E experts, D model dim,
-F MLP hidden, H heads, K head dim (Dh), V vocabulary, C capacity, S stages.
+F MLP hidden, H heads, K head dim (Dh), V vocabulary, G groups, S stages.
 """
 
 from __future__ import annotations
@@ -31,7 +30,9 @@ import itertools
 import json
 import math
 
-from jax_ep.config import DeploymentConfig, ModelConfig, capacity, capacity_buckets
+from jax_ep.config import DeploymentConfig, ModelConfig
+from jax_ep.kernels.grouped_matmul import DEFAULT_BLOCKS, cost_rows
+from jax_ep.routing import rows_per_destination
 
 # --- hardware ----------------------------------------------------------------------------
 
@@ -111,20 +112,25 @@ IDEAL = Efficiency()
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """Per-device sizes of one decode step (1 new token per sequence), as the code lays them out."""
+  """Per-device sizes of one decode micro-step, as the code lays them out."""
 
   layers: int  # L / S: layers of this device's stage
   heads: int  # H / tp
   experts: int  # E / expert_shards: experts of each local layer on this device
   mlp: int  # F, or F / tp when placement = "tp"
   rows: int  # B / expert: sequences this device attends for (replicated over tp, stage)
-  micro_rows: int  # rows / M: one micro-batch
+  groups: int  # G decode groups in flight
+  period: int  # L = max(G, S): micro-steps per token of each sequence
+  micro_rows: int  # rows / G: one group's rows on this device
   moe_tokens: int  # tokens this device routes per layer and micro-step (/ tp if split)
-  chunks: int  # MoE chunks (gcd(moe_chunks, moe_tokens), as ep.moe)
-  chunk_tokens: int
-  capacity: int  # slots per (source, expert), per chunk and round
   ep_size: int  # devices one layer's experts are spread over (the all_to_all group)
-  micro_steps: int  # M + S - 1
+  send_rows: int  # W: send-buffer rows per destination
+  vocab_shards: int  # expert x tp: the unembedding's columns are split this many ways
+  group_rows: int  # a group's rows over the stage (micro_rows x expert): the head's rows
+
+  @property
+  def micro_steps(self) -> int:
+    return self.period
 
 
 def layout(cfg: ModelConfig, dep: DeploymentConfig, batch: int) -> Layout:
@@ -132,58 +138,42 @@ def layout(cfg: ModelConfig, dep: DeploymentConfig, batch: int) -> Layout:
   dep.check_model(cfg)
   dep.check_batch(batch)
   rows = batch // dep.expert
-  micro_rows = rows // dep.decode_microbatches
+  micro_rows = rows // dep.groups
   split_over_tp = dep.placement == "ep" and dep.tp > 1
-  moe_tokens = micro_rows // dep.tp if split_over_tp else micro_rows
-  moe_tokens = max(moe_tokens, 1)
-  chunks = math.gcd(dep.moe_chunks, moe_tokens)
-  chunk_tokens = moe_tokens // chunks
+  moe_tokens = max(-(-micro_rows // dep.tp) if split_over_tp else micro_rows, 1)
+  experts = cfg.num_experts // dep.expert_shards
   return Layout(
-      layers=cfg.num_layers // dep.stages,
-      heads=cfg.num_heads // dep.tp,
-      experts=cfg.num_experts // dep.expert_shards,
+      layers=cfg.num_layers // dep.stages, heads=cfg.num_heads // dep.tp, experts=experts,
       mlp=cfg.mlp_dim // dep.tp if dep.placement == "tp" else cfg.mlp_dim,
-      rows=rows, micro_rows=micro_rows, moe_tokens=moe_tokens, chunks=chunks,
-      chunk_tokens=chunk_tokens,
-      capacity=capacity(chunk_tokens, cfg.num_experts, cfg.top_k, dep.capacity_factor),
-      ep_size=dep.expert_shards, micro_steps=micro_steps(dep))
+      rows=rows, groups=dep.groups, period=dep.ring_period, micro_rows=micro_rows,
+      moe_tokens=moe_tokens, ep_size=dep.expert_shards,
+      send_rows=rows_per_destination(moe_tokens, cfg.top_k, experts, dep.expert_shards,
+                                     dep.capacity_factor, dep.dropless),
+      vocab_shards=dep.expert * dep.tp, group_rows=micro_rows * dep.expert)
 
 
 def micro_steps(dep: DeploymentConfig) -> int:
-  """GPipe steps of one forward pass: M micro-batches + S - 1 fill and drain (pipeline.py)."""
-  return dep.decode_microbatches + dep.stages - 1
+  """Ring micro-steps per token of each sequence (ring.py): max(G, S)."""
+  return dep.ring_period
 
 
 def bubble_factor(dep: DeploymentConfig) -> float:
-  """(M + S - 1) / M: work done per micro-batch of useful work, bubbles included."""
-  return micro_steps(dep) / dep.decode_microbatches
+  """Micro-steps per token over the stage-busy ones: L / G (1 when G >= S)."""
+  return dep.ring_period / dep.groups
 
 
-def exchange_capacity(cfg: ModelConfig, dep: DeploymentConfig, lay: Layout,
-                      imbalance: float = 1.0) -> tuple[int, int]:
-  """(capacity, rounds) of each MoE exchange, as ep.moe picks them.
+def expert_rows(cfg: ModelConfig, lay: Layout, imbalance: float = 1.0) -> tuple[float, int]:
+  """(real rows, rows the kernel multiplies) on the busiest device per layer and micro-step.
 
-  `imbalance` is max/mean of the expert load (decode.Generation.load_LxE). Dropless,
-  ep.moe takes the smallest of config.capacity_buckets (1x to 4x C) that holds the
-  busiest queue, in one round; past the largest, ceil(queue / largest) rounds of it.
-  Per-source queues are noisier than the global load the factor comes from: read this
-  as an expectation.
+  Balanced, a device receives its tokens' picks' share: moe_tokens x K rows over its
+  El experts; `imbalance` (expert load max/mean) scales the busiest expert. The kernel
+  rounds each expert's rows up to its tiles (grouped_matmul.cost_rows).
   """
-  if not dep.dropless:
-    return lay.capacity, 1
-  mean_queue = lay.chunk_tokens * cfg.top_k / cfg.num_experts
-  busiest = min(imbalance * mean_queue, lay.chunk_tokens)
-  caps = capacity_buckets(lay.capacity, lay.chunk_tokens)
-  for c in caps[:-1]:
-    if c >= busiest - 1e-9:
-      return c, 1
-  return caps[-1], max(1, math.ceil(busiest / caps[-1] - 1e-9))
-
-
-def exchange_rounds(cfg: ModelConfig, dep: DeploymentConfig, lay: Layout,
-                    imbalance: float = 1.0) -> int:
-  """All_to_all rounds per MoE layer (exchange_capacity)."""
-  return exchange_capacity(cfg, dep, lay, imbalance)[1]
+  per_expert = lay.moe_tokens * cfg.top_k / lay.experts * lay.ep_size * lay.experts \
+      / cfg.num_experts
+  per_expert = min(per_expert * imbalance, lay.moe_tokens * lay.ep_size)
+  real = per_expert * lay.experts
+  return real, cost_rows([math.ceil(per_expert)] * lay.experts, DEFAULT_BLOCKS)
 
 
 # --- bytes read from HBM, per device -----------------------------------------------------
@@ -200,53 +190,51 @@ def expert_weight_bytes(cfg: ModelConfig, lay: Layout) -> int:
   return experts + cfg.model_dim * cfg.num_experts * 4
 
 
-def expert_activation_bytes(cfg: ModelConfig, lay: Layout) -> int:
-  """The hidden [E_local, slots, F] written and read back, one layer, chunk and round."""
-  slots = lay.ep_size * lay.capacity
-  hidden = lay.experts * slots * lay.mlp * cfg.bytes_per_param * 2 * (cfg.expert_mats - 1)
-  buffers = 4 * lay.experts * slots * cfg.model_dim * cfg.bytes_per_param  # in/out, both ways
-  return hidden + buffers
+def expert_activation_bytes(cfg: ModelConfig, lay: Layout, kernel_rows: int) -> int:
+  """The exchange buffers written and read (send, receive, compact, both ways) and the
+  kernel's hidden [rows, F] written and read back, one layer."""
+  buffers = 6 * lay.ep_size * lay.send_rows * cfg.model_dim * cfg.bytes_per_param
+  hidden = 2 * kernel_rows * lay.mlp * cfg.bytes_per_param
+  return buffers + hidden
 
 
 def kv_read_bytes(cfg: ModelConfig, lay: Layout, context_len: int) -> int:
-  """Keys and values of one micro-batch's rows, whole cache length, one layer."""
+  """Keys and values of one group's rows, `context_len` positions, one layer."""
   return lay.micro_rows * context_len * 2 * lay.heads * cfg.head_dim * cfg.bytes_per_param
 
 
 def head_bytes(cfg: ModelConfig, lay: Layout) -> int:
-  """The replicated unembedding, read once per step, and this device's f32 logits."""
-  return cfg.model_dim * cfg.vocab_size * cfg.bytes_per_param + lay.rows * cfg.vocab_size * 4
+  """This device's vocabulary columns of the unembedding and its f32 logits, per head call."""
+  cols = cfg.vocab_size // lay.vocab_shards
+  return cfg.model_dim * cols * cfg.bytes_per_param + lay.group_rows * cols * 4
 
 
 def resident_bytes(cfg: ModelConfig, lay: Layout, context_len: int) -> int:
   """Weights and KV cache one device holds (does it fit in HBM?)."""
-  replicated = 2 * cfg.vocab_size * cfg.model_dim * cfg.bytes_per_param
+  embed = cfg.vocab_size * cfg.model_dim * cfg.bytes_per_param
+  unembed = embed // lay.vocab_shards
   kv = lay.layers * lay.rows * context_len * 2 * lay.heads * cfg.head_dim * cfg.bytes_per_param
   per_layer = attention_weight_bytes(cfg, lay) + expert_weight_bytes(cfg, lay)
-  return replicated + lay.layers * per_layer + kv
+  return embed + unembed + lay.layers * per_layer + kv
 
 
-# --- FLOPs, per device -------------------------------------------------------------------
+# --- FLOPs, per device ---------------------------------------------------------------
 
 
 def attention_flops(cfg: ModelConfig, lay: Layout, context_len: int) -> int:
-  """One layer, one micro-batch: 4 projections and scores over the whole cache (QK and PV)."""
+  """One layer, one group: 4 projections and scores over `context_len` (QK and PV)."""
   hk = lay.heads * cfg.head_dim
   return lay.micro_rows * (2 * cfg.model_dim * hk * 4 + 4 * hk * context_len)
 
 
-def expert_flops(cfg: ModelConfig, lay: Layout) -> int:
-  """One layer, chunk and round: every padded slot of the local experts, and the router.
-
-  The local experts see ep_size x C slots each, filled or not (capacity padding).
-  """
-  slots = lay.ep_size * lay.capacity
-  mlp = lay.experts * slots * 2 * cfg.model_dim * lay.mlp * cfg.expert_mats
-  return mlp + 2 * lay.chunk_tokens * cfg.model_dim * cfg.num_experts
+def expert_flops(cfg: ModelConfig, lay: Layout, rows: float) -> float:
+  """One layer: the MLP on `rows` rows of this device's experts, and the router."""
+  return rows * 2 * cfg.model_dim * lay.mlp * cfg.expert_mats \
+      + 2 * lay.moe_tokens * cfg.model_dim * cfg.num_experts
 
 
 def head_flops(cfg: ModelConfig, lay: Layout) -> int:
-  return 2 * lay.rows * cfg.model_dim * cfg.vocab_size
+  return 2 * lay.group_rows * cfg.model_dim * (cfg.vocab_size // lay.vocab_shards)
 
 
 # --- communication -----------------------------------------------------------------------
@@ -286,19 +274,24 @@ def all_to_all_bytes(cfg: ModelConfig, dep: DeploymentConfig, lay: Layout,
                      gpus_per_node: int) -> tuple[float, float]:
   """(intra, inter) bytes one device sends in ONE all_to_all (dispatch; return is the same).
 
-  The buffer is [E, C, D] per chunk and round; 1 / ep_size of it stays on the device.
+  The buffer is [P, W, D]; block p goes to device p (its own block stays).
   """
   if lay.ep_size == 1:
     return 0.0, 0.0
   axes = ("expert", "tp") if dep.placement == "ep" else ("expert",)
   intra, inter = group_peers(dep, axes, gpus_per_node)
-  per_peer = cfg.num_experts * lay.capacity * cfg.model_dim * cfg.bytes_per_param / lay.ep_size
+  per_peer = lay.send_rows * cfg.model_dim * cfg.bytes_per_param
   return intra * per_peer, inter * per_peer
 
 
 def _ring_bytes(size_bytes: float, group: int) -> float:
   """Bytes one device sends in a ring all-reduce of `size_bytes` over `group` devices."""
   return 2 * (group - 1) / group * size_bytes
+
+
+def _gather_bytes(size_bytes: float, group: int) -> float:
+  """Bytes one device receives in an all-gather of `size_bytes` shards over `group`."""
+  return (group - 1) * size_bytes
 
 
 def _split(dep: DeploymentConfig, axes, nbytes: float, gpus_per_node: int):
@@ -315,11 +308,10 @@ def tp_allreduce_bytes(cfg: ModelConfig, dep: DeploymentConfig, lay: Layout) -> 
 
 
 def expert_tp_psum_bytes(cfg: ModelConfig, dep: DeploymentConfig, lay: Layout) -> float:
-  """placement="tp": partial expert outputs [E_local, slots, D] all-reduced over tp, per round."""
+  """placement="tp": partial expert outputs [P x W, D] all-reduced over tp, per layer."""
   if dep.placement != "tp" or dep.tp == 1:
     return 0.0
-  size = lay.experts * lay.ep_size * lay.capacity * cfg.model_dim * cfg.bytes_per_param
-  return _ring_bytes(size, dep.tp)
+  return _ring_bytes(lay.ep_size * lay.send_rows * cfg.model_dim * cfg.bytes_per_param, dep.tp)
 
 
 def tp_allgather_bytes(cfg: ModelConfig, dep: DeploymentConfig, lay: Layout) -> float:
@@ -330,17 +322,17 @@ def tp_allgather_bytes(cfg: ModelConfig, dep: DeploymentConfig, lay: Layout) -> 
 
 
 def pipeline_bytes(cfg: ModelConfig, dep: DeploymentConfig, lay: Layout) -> float:
-  """Activations [b, D] sent to the next stage (ppermute), once per micro-step."""
+  """A group's activations [b, D] sent to the next stage (ppermute), once per micro-step."""
   if dep.stages == 1:
     return 0.0
   return lay.micro_rows * cfg.model_dim * cfg.bytes_per_param
 
 
-def final_broadcast_bytes(cfg: ModelConfig, dep: DeploymentConfig, lay: Layout) -> float:
-  """The last stage's outputs [rows, D] psum'd over stages, once per step."""
-  if dep.stages == 1:
+def head_gather_bytes(cfg: ModelConfig, dep: DeploymentConfig, lay: Layout) -> float:
+  """The group's rows [Bg, D] gathered over the expert axis for the head, per micro-step."""
+  if dep.expert == 1:
     return 0.0
-  return _ring_bytes(lay.rows * cfg.model_dim * cfg.bytes_per_param, dep.stages)
+  return _gather_bytes(lay.micro_rows * cfg.model_dim * cfg.bytes_per_param, dep.expert)
 
 
 # --- the model ---------------------------------------------------------------------------
@@ -354,15 +346,14 @@ class Prediction:
   tps: float
   batch: int
   micro_steps: int
-  rounds: int
   terms_s: dict  # named times that add up to tpot_s
-  hbm_bytes: float  # read per step, per device, pipeline re-reads included
+  hbm_bytes: float  # read per step, per device
   flops: float
   comm_bytes: dict  # {"intra": ..., "inter": ...} sent per step, per device
   resident_bytes: float
   fits: bool  # weights + KV cache within the device's HBM
   work_s: float  # this implementation's work at the hardware ceilings, comm overlapped, no latency
-  ideal_s: float  # the resident bytes read once (or the real FLOPs) at the ceilings
+  ideal_s: float  # floor_s: any implementation of the layout at the ceilings
   components: dict  # roofline_s (with eff's memory, compute), comm_s (ideal), layer_steps
 
   @property
@@ -382,113 +373,127 @@ def predict(cfg: ModelConfig, dep: DeploymentConfig, batch: int, context_len: in
 
   Args:
     cfg, dep: the model and its deployment (dep.num_devices GPUs of kind `hw`).
-    batch: sequences decoded together (B).
+    batch: sequences decoded together (B), over dep.groups groups.
     context_len: KV cache length each step reads (jax_ep reads the whole max_len).
     hw: the GPU and network.
     eff: efficiency factors (calibrate() fits them).
-    imbalance: expert load max/mean, sets the exchange rounds (exchange_rounds()).
+    imbalance: expert load max/mean: the busiest device's kernel rows (expert_rows()).
   """
   lay = layout(cfg, dep, batch)
-  cap, rounds = exchange_capacity(cfg, dep, lay, imbalance)
-  lay = dataclasses.replace(lay, capacity=cap)
   gpn = hw.gpus_per_node
   lat = hw.collective_latency_s
-  moe_calls = lay.chunks * rounds  # chunk-rounds per layer and micro-step
+  _, kernel_rows = expert_rows(cfg, lay, imbalance)
 
-  # Compute and memory, per micro-step (all identical; bubbles compute too).
-  attn_bytes = attention_weight_bytes(cfg, lay) + kv_read_bytes(cfg, lay, context_len)
-  attn_flops = attention_flops(cfg, lay, context_len)
-  exp_bytes = expert_weight_bytes(cfg, lay) + expert_activation_bytes(cfg, lay)
-  exp_flops = expert_flops(cfg, lay)
-  attn_s = _roofline(attn_bytes, attn_flops, hw, eff)
+  # One micro-step of a stage that works on a real group (a bubble's experts are idle).
+  # Attention's projections (FLOP-bound at large batch) and its pass over the cache
+  # (bandwidth-bound) are separate kernels: each its own roofline.
+  hk = lay.heads * cfg.head_dim
+  proj_bytes, proj_flops = attention_weight_bytes(cfg, lay), lay.micro_rows * 8 * cfg.model_dim * hk
+  kv_bytes, kv_flops = kv_read_bytes(cfg, lay, context_len), lay.micro_rows * 4 * hk * context_len
+  attn_bytes, attn_flops = proj_bytes + kv_bytes, proj_flops + kv_flops
+  exp_bytes = expert_weight_bytes(cfg, lay) + expert_activation_bytes(cfg, lay, kernel_rows)
+  exp_flops = expert_flops(cfg, lay, kernel_rows)
+  attn_s = _roofline(proj_bytes, proj_flops, hw, eff) + _roofline(kv_bytes, kv_flops, hw, eff)
   expert_s = _roofline(exp_bytes, exp_flops, hw, eff)
+  head_s = _roofline(head_bytes(cfg, lay), head_flops(cfg, lay), hw, eff)
 
   # Communication per layer and micro-step.
   a2a_intra, a2a_inter = all_to_all_bytes(cfg, dep, lay, gpn)
-  a2a_s = 2 * moe_calls * collective_time(a2a_intra, a2a_inter, hw) if lay.ep_size > 1 else 0.0
+  a2a_s = 2 * collective_time(a2a_intra, a2a_inter, hw) if lay.ep_size > 1 else 0.0
   tp_axes = ("tp",)
   tp_ar = _split(dep, tp_axes, tp_allreduce_bytes(cfg, dep, lay), gpn)
   tp_ar_s = collective_time(*tp_ar, hw) if dep.tp > 1 else 0.0
   ffn_ps = _split(dep, tp_axes, expert_tp_psum_bytes(cfg, dep, lay), gpn)
-  ffn_ps_s = moe_calls * collective_time(*ffn_ps, hw) if sum(ffn_ps) else 0.0
+  ffn_ps_s = collective_time(*ffn_ps, hw) if sum(ffn_ps) else 0.0
   gather = _split(dep, tp_axes, tp_allgather_bytes(cfg, dep, lay), gpn)
   gather_s = collective_time(*gather, hw) if sum(gather) else 0.0
-  # Dropless: a pmax over every live axis fixes the round count (a latency, per layer).
-  sync_s = lat if dep.dropless and dep.num_devices > 1 else 0.0
-  if lay.chunks > 1:  # one chunk's exchange under another's experts: at most n-1 of n hidden
-    hideable = min(a2a_s * (lay.chunks - 1) / lay.chunks, moe_calls * expert_s)
-    a2a_s -= eff.overlap * hideable
-  comm_layer_s = a2a_s + tp_ar_s + ffn_ps_s + gather_s + sync_s
+  comm_layer_s = a2a_s + tp_ar_s + ffn_ps_s + gather_s
+  # Per micro-step: activations to the next stage, the head's row gather and its pick
+  # over vocabulary shards, the sampled tokens to every stage.
   pipe = _split(dep, ("stage",), pipeline_bytes(cfg, dep, lay), gpn)
   pipe_s = collective_time(*pipe, hw) if dep.stages > 1 else 0.0
+  hg = _split(dep, ("expert",), head_gather_bytes(cfg, dep, lay), gpn)
+  head_comm_s = (collective_time(*hg, hw) if dep.expert > 1 else 0.0) + (
+      2 * lat if lay.vocab_shards > 1 else 0.0) + (lat if dep.stages > 1 else 0.0)
 
-  # Once per step.
-  head_s = _roofline(head_bytes(cfg, lay), head_flops(cfg, lay), hw, eff)
-  bcast = _split(dep, ("stage",), final_broadcast_bytes(cfg, dep, lay), gpn)
-  bcast_s = collective_time(*bcast, hw) if dep.stages > 1 else 0.0
-  stats_s = 2 * lat if dep.num_devices > 1 else 0.0  # load and dropped psums
-
-  n = lay.micro_steps
+  n = lay.period
   layer_steps = n * lay.layers
-  roof_s = n * lay.layers * (attn_s + moe_calls * expert_s) + head_s
-  phases = [(n * lay.layers, attn_bytes, attn_flops), (n * lay.layers * moe_calls, exp_bytes,
-            exp_flops), (1, head_bytes(cfg, lay), head_flops(cfg, lay))]
-  compute_bound_s = sum(k * _roofline(b, f, hw) for k, b, f in phases
-                        if f / hw.matmul_flops > b / hw.hbm_bytes_per_s)
-  memory_bound_s = sum(k * _roofline(b, f, hw) for k, b, f in phases) - compute_bound_s
-  comm_s = n * (lay.layers * comm_layer_s + pipe_s) + bcast_s + stats_s
+  micro_roof_s = lay.layers * (attn_s + expert_s) + head_s
+  roof_s = n * micro_roof_s
+  comm_s = n * (lay.layers * comm_layer_s + pipe_s + head_comm_s)
   terms = {
       "attention": n * lay.layers * attn_s,
-      "experts": n * lay.layers * moe_calls * expert_s,
-      "head": head_s,
+      "experts": n * lay.layers * expert_s,
+      "head": n * head_s,
       "all_to_all": n * lay.layers * a2a_s / eff.comm,
       "tp_collectives": n * lay.layers * (tp_ar_s + ffn_ps_s + gather_s) / eff.comm,
-      "syncs": (n * lay.layers * sync_s + stats_s) / eff.comm,
-      "pipeline": (n * pipe_s + bcast_s) / eff.comm,
+      "pipeline": n * (pipe_s + head_comm_s) / eff.comm,
       "layer_overhead": layer_steps * eff.layer_overhead_s,
   }
   tpot_s = sum(terms.values())
+  phases = [(n * lay.layers, proj_bytes, proj_flops), (n * lay.layers, kv_bytes, kv_flops),
+            (n * lay.layers, exp_bytes, exp_flops), (n, head_bytes(cfg, lay), head_flops(cfg, lay))]
+  compute_bound_s = sum(k * _roofline(b, f, hw) for k, b, f in phases
+                        if f / hw.matmul_flops > b / hw.hbm_bytes_per_s)
+  memory_bound_s = sum(k * _roofline(b, f, hw) for k, b, f in phases) - compute_bound_s
 
-  hbm = n * lay.layers * (attn_bytes + moe_calls * exp_bytes) + head_bytes(cfg, lay)
-  flops = n * lay.layers * (attn_flops + moe_calls * exp_flops) + head_flops(cfg, lay)
-  per_layer_intra = 2 * moe_calls * a2a_intra + tp_ar[0] + moe_calls * ffn_ps[0] + gather[0]
-  per_layer_inter = 2 * moe_calls * a2a_inter + tp_ar[1] + moe_calls * ffn_ps[1] + gather[1]
-  intra = n * (lay.layers * per_layer_intra + pipe[0]) + bcast[0]
-  inter = n * (lay.layers * per_layer_inter + pipe[1]) + bcast[1]
+  hbm = sum(k * b for k, b, _ in phases)
+  flops = sum(k * f for k, _, f in phases)
+  per_layer_intra = 2 * a2a_intra + tp_ar[0] + ffn_ps[0] + gather[0]
+  per_layer_inter = 2 * a2a_inter + tp_ar[1] + ffn_ps[1] + gather[1]
+  intra = n * (lay.layers * per_layer_intra + pipe[0] + hg[0])
+  inter = n * (lay.layers * per_layer_inter + pipe[1] + hg[1])
   comm_bw_s = max(intra / hw.intra_node_bytes_per_s, inter / hw.inter_node_bytes_per_s)
-  ideal_roof_s = n * lay.layers * (_roofline(attn_bytes, attn_flops, hw)
-                                   + moe_calls * _roofline(exp_bytes, exp_flops, hw))
-  work_s = max(ideal_roof_s + _roofline(head_bytes(cfg, lay), head_flops(cfg, lay), hw),
-               comm_bw_s)
+  work_s = max(sum(k * _roofline(b, f, hw) for k, b, f in phases), comm_bw_s)
   resident = resident_bytes(cfg, lay, context_len)
-  ideal_s = ideal_floor_s(cfg, dep, batch, context_len, hw)
   return Prediction(
-      tpot_s=tpot_s, tps=batch / tpot_s, batch=batch, micro_steps=n, rounds=rounds,
+      tpot_s=tpot_s, tps=batch / tpot_s, batch=batch, micro_steps=n,
       terms_s=terms, hbm_bytes=hbm, flops=flops, comm_bytes={"intra": intra, "inter": inter},
       resident_bytes=resident, fits=resident <= hw.hbm_capacity_bytes, work_s=work_s,
-      ideal_s=ideal_s,
+      ideal_s=floor_s(cfg, dep, batch, context_len, hw),
       components={"roofline_s": roof_s, "comm_s": comm_s, "layer_steps": layer_steps,
                   "memory_bound_s": memory_bound_s, "compute_bound_s": compute_bound_s})
 
 
-def ideal_floor_s(cfg: ModelConfig, dep: DeploymentConfig, batch: int, context_len: int,
-                  hw: Hardware) -> float:
-  """A lower bound for any implementation of this layout, communication ignored.
+def floor_operations(cfg: ModelConfig, dep: DeploymentConfig, batch: int,
+                     context_len: float) -> list[tuple[str, float, float, float]]:
+  """(name, count per token step, bytes, unpadded FLOPs) of each operation a device must
+  do for one token of every sequence, in any implementation of this layout.
 
-  A token crosses the S stages one after another, so a step takes at least S times one
-  stage reading its weights and KV cache once (or doing its routed, unpadded FLOPs),
-  plus the head. Pipelining independent batches could raise TPS, not lower TPOT.
+  Per micro-step a stage's layers on one group: the attention projections (its heads'
+  weights), attention over the live KV cache (`context_len` positions), the router and
+  its experts (weights once, the real rows' FLOPs); and the head on one group's rows
+  (this device's vocabulary columns). L = max(G, S) micro-steps per token step; the
+  head runs G times (once per group).
   """
   lay = layout(cfg, dep, batch)
-  routed = batch * cfg.top_k / cfg.num_experts  # tokens per expert per layer
-  expert = lay.experts * routed * 2 * cfg.model_dim * lay.mlp * cfg.expert_mats
-  attn = lay.rows * (2 * cfg.model_dim * lay.heads * cfg.head_dim * 4
-                     + 4 * lay.heads * cfg.head_dim * context_len)
-  kv = lay.rows * context_len * 2 * lay.heads * cfg.head_dim * cfg.bytes_per_param
-  weights = attention_weight_bytes(cfg, lay) + expert_weight_bytes(cfg, lay)
-  stage_s = _roofline(lay.layers * (weights + kv), lay.layers * (expert + attn), hw)
-  return dep.stages * stage_s + _roofline(head_bytes(cfg, lay), head_flops(cfg, lay), hw)
+  hk = lay.heads * cfg.head_dim
+  real_rows, _ = expert_rows(cfg, lay)
+  n = lay.period
+  kv = lay.micro_rows * context_len * 2 * hk * cfg.bytes_per_param
+  return [
+      ("attention projections", n * lay.layers, attention_weight_bytes(cfg, lay),
+       lay.micro_rows * 2 * cfg.model_dim * hk * 4),
+      ("attention over the KV cache", n * lay.layers, kv, lay.micro_rows * 4 * hk * context_len),
+      ("router and experts", n * lay.layers, expert_weight_bytes(cfg, lay),
+       expert_flops(cfg, lay, real_rows)),
+      ("head", lay.groups, cfg.model_dim * (cfg.vocab_size // lay.vocab_shards)
+       * cfg.bytes_per_param, head_flops(cfg, lay)),
+  ]
 
+
+def floor_s(cfg: ModelConfig, dep: DeploymentConfig, batch: int, context_len: float,
+            hw: Hardware) -> float:
+  """A lower bound on TPOT: each operation's roofline (floor_operations), summed.
+
+  A token crosses the S stages one after another, so with one group a step takes at
+  least S times one stage; groups in flight raise TPS, not lower TPOT.
+  """
+  return sum(k * _roofline(b, f, hw) for _, k, b, f in floor_operations(cfg, dep, batch,
+                                                                        context_len))
+
+
+ideal_floor_s = floor_s
 
 
 # --- calibration -------------------------------------------------------------------------
@@ -631,13 +636,12 @@ def load_records(source) -> list[dict]:
 
 
 def ep_deployment(cfg: ModelConfig, n: int, order: str = "stages_first",
-                  microbatches: int | None = None) -> DeploymentConfig | None:
+                  groups: int | None = None) -> DeploymentConfig | None:
   """A proposed-style deployment of `cfg` on n GPUs, or None if n does not factor.
 
   order="stages_first": as configs/deployments.py's presets (stages up to L, then
   experts, then tp on each expert's MLP); "experts_first": experts up to E, then
-  stages, then tp. microbatches (decode micro-batches) defaults to 1, the presets' choice;
-  -1 means one per stage.
+  stages, then tp. groups (decode groups in flight) defaults to 0: one per stage.
   """
   first, second = ("stages", "expert") if order == "stages_first" else ("expert", "stages")
   limit = {"stages": cfg.num_layers, "expert": cfg.num_experts}
@@ -649,10 +653,9 @@ def ep_deployment(cfg: ModelConfig, n: int, order: str = "stages_first",
   tp = rest
   if tp > 1 and cfg.mlp_dim % tp:
     return None
-  m = {None: 1, -1: sizes["stages"]}.get(microbatches, microbatches)
   return DeploymentConfig(kind="proposed", stages=sizes["stages"], expert=sizes["expert"],
                           tp=tp, placement="tp" if tp > 1 else "ep",
-                          microbatches=sizes["stages"], decode_microbatches=m)
+                          microbatches=sizes["stages"], decode_groups=groups or 0)
 
 
 def describe_layout(cfg: ModelConfig, dep: DeploymentConfig, batch: int) -> str:
@@ -666,7 +669,7 @@ def describe_layout(cfg: ModelConfig, dep: DeploymentConfig, batch: int) -> str:
   if dep.tp > 1:
     attn += f" (1/{dep.tp} heads)"
   parts.append(attn)
-  mesh = f"S{dep.stages}xE{dep.expert}xTP{dep.tp}, M={dep.decode_microbatches}"
+  mesh = f"S{dep.stages}xE{dep.expert}xTP{dep.tp}, G={dep.groups}"
   return " + ".join(parts) + "; " + mesh
 
 
@@ -684,25 +687,28 @@ def seed_rows(hw: Hardware = H100_SXM, batch: int = 1024, context_len: int = 128
   from configs import deployments, load_model
 
   cfg = load_model("seed")
-  cases = [("Baseline (TP=8, PP=2)", deployments.SEED_BASELINE, "seed_baseline"),
-           ("Proposed cross-node EP", deployments.SEED_PROPOSED, "seed_proposed")]
+  one = dict(decode_groups=1)
+  cases = [("Baseline (TP=8, PP=2), one group", dc.replace(deployments.SEED_BASELINE, **one),
+            "seed_baseline", batch),
+           ("Baseline, ring of 2 groups", deployments.SEED_BASELINE, None, batch),
+           ("Proposed cross-node EP, one group", dc.replace(deployments.SEED_PROPOSED, **one),
+            "seed_proposed", batch),
+           ("Proposed, ring of 4 groups of 256", deployments.SEED_PROPOSED, "seed_proposed",
+            batch),
+           ("Proposed, ring of 4 groups of 1024", deployments.SEED_PROPOSED, None, 4 * batch)]
   if what_if:
     cases += [
-        ("  what if: baseline, decode M=2",
-         dc.replace(deployments.SEED_BASELINE, decode_microbatches=2), None),
-        ("  what if: proposed, decode M=4",
-         dc.replace(deployments.SEED_PROPOSED, decode_microbatches=4), None),
-        ("  what if: proposed, 2 MoE chunks",
-         dc.replace(deployments.SEED_PROPOSED, moe_chunks=2), None),
-        ("  what if: one GPU", deployments.SINGLE, None),
+        ("  what if: proposed, 8 groups of 1024", dc.replace(deployments.SEED_PROPOSED,
+                                                            decode_groups=8), None, 8 * batch),
+        ("  what if: one GPU", deployments.SINGLE, None, batch),
     ]
   rows = []
-  for name, dep, key in cases:
-    p = predict(cfg, dep, batch, context_len, hw, eff)
+  for name, dep, key, b in cases:
+    p = predict(cfg, dep, b, context_len, hw, eff)
     tps, tpot = SEED_FIGURES.get(key, (None, None))
     rows.append({"method": name, "gpus": dep.num_devices,
-                 "per_gpu": describe_layout(cfg, dep, batch), "prediction": p,
-                 "bubble": bubble_factor(dep),
+                 "per_gpu": describe_layout(cfg, dep, b), "prediction": p,
+                 "bubble": bubble_factor(dep), "groups": dep.groups,
                  "seed_tps": tps, "seed_tpot_ms": tpot})
   return rows
 
@@ -723,7 +729,8 @@ def format_seed_table(rows: list[dict], hw: Hardware) -> str:
   lines += ["", "model: this implementation's step at the hardware rates with the efficiency "
             "factors; work: the same work at the ceilings with communication overlapped and "
             "no latency; ideal: S x one stage reading its weights and KV cache once, plus "
-            "the head (any implementation of the layout); bubble: (M + S - 1) / M."]
+            "the head (any implementation of the layout); bubble: L / G, micro-steps per token over "
+            "the busy ones."]
   return "\n".join(lines)
 
 
@@ -745,9 +752,9 @@ def scaling_curve(cfg: ModelConfig, hw: Hardware, batch: int = 1024, context_len
                   eff: Efficiency = IDEAL, gpus=(1, 2, 4, 8, 16, 32, 64, 128, 256)) -> dict:
   """Predicted TPS and TPOT against the GPU count for three families of EP deployments."""
   families = {
-      "stages first, decode M = 1 (jax_ep presets)": dict(order="stages_first"),
-      "stages first, decode M = S": dict(order="stages_first", microbatches=-1),
-      "experts first, decode M = 1": dict(order="experts_first"),
+      "stages first, ring of G = S groups (jax_ep presets)": dict(order="stages_first"),
+      "stages first, one group": dict(order="stages_first", groups=1),
+      "experts first, G = S": dict(order="experts_first"),
   }
   curves = {}
   for label, kw in families.items():

@@ -1,10 +1,10 @@
-"""Pipeline of stages over micro-batches, run inside shard_map (GPipe schedule).
+"""Prefill's pipeline of stages over micro-batches, run inside shard_map (GPipe).
 
 At step t stage s works on micro-batch t - s while the activations it produced at
 step t - 1 travel to stage s + 1 (ppermute), so with M micro-batches and S stages
-a forward pass takes M + S - 1 steps, S - 1 of them fill and drain. Each stage
-keeps its layers' KV cache; a bubble step computes on a stand-in micro-batch and
-writes nothing.
+a pass takes M + S - 1 steps, S - 1 of them fill and drain. Each stage keeps its
+layers' KV cache; a bubble step computes on a stand-in micro-batch, writes nothing
+and sends nothing to the experts. Decode runs on the ring (ring.py) instead.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_ep import ep
-from jax_ep.kv_cache import StagedKVCache
+from jax_ep.kv_cache import StagedKVCache, write_rows
 from jax_ep.model import DecoderLayer
 
 
@@ -24,7 +24,7 @@ def run(layers_: list[DecoderLayer], x_MxBxTxD_, cache_: StagedKVCache, pos, par
     layers_: this stage's L_local layers, holding this device's shards.
     x_MxBxTxD_: this device's batch, embedded, split into M micro-batches of B rows.
     cache_: this stage's cache, per local layer [1, M * B, S, H_local, K].
-    pos: position of the first new token (all sequences share it).
+    pos: position of the first new token (every sequence of a prefill shares it).
 
   Returns:
     The last stage's output for every micro-batch (on every stage), the updated
@@ -33,6 +33,7 @@ def run(layers_: list[DecoderLayer], x_MxBxTxD_, cache_: StagedKVCache, pos, par
   m, b = x_MxBxTxD_.shape[:2]
   num_layers = len(layers_)
   stage = ep.stage_index(par)
+  pos_B = jnp.full((b,), pos, jnp.int32)
 
   def rows(a_1xBxSxHxK, mb):
     if m == 1:  # no slice, so no copy of the cache
@@ -40,7 +41,7 @@ def run(layers_: list[DecoderLayer], x_MxBxTxD_, cache_: StagedKVCache, pos, par
     return jax.lax.dynamic_slice_in_dim(a_1xBxSxHxK[0], mb * b, b, axis=0)
 
   def step(t, carry):
-    inflight_, outputs_, (ks, vs), load_, dropped_, rounds_ = carry
+    inflight_, outputs_, (ks, vs), load_, dropped_ = carry
     ks, vs = list(ks), list(vs)
     mb = t - stage
     valid = (mb >= 0) & (mb < m)
@@ -49,29 +50,23 @@ def run(layers_: list[DecoderLayer], x_MxBxTxD_, cache_: StagedKVCache, pos, par
     h_ = jnp.where(stage == 0, fresh_, inflight_)
     for i, layer in enumerate(layers_):
       with jax.named_scope(f"layer{i}"):
-        h_, k_new, v_new, stats = layer(h_, rows(ks[i], mb), rows(vs[i], mb), pos, par, valid)
-        # A bubble rewrites what is already there: only the T new positions are touched.
-        at = (0, mb * b, pos, 0, 0)
-        k_old = jax.lax.dynamic_slice(ks[i], at, (1, *k_new.shape))[0]
-        v_old = jax.lax.dynamic_slice(vs[i], at, (1, *v_new.shape))[0]
-        ks[i] = jax.lax.dynamic_update_slice(ks[i], jnp.where(valid, k_new, k_old)[None], at)
-        vs[i] = jax.lax.dynamic_update_slice(vs[i], jnp.where(valid, v_new, v_old)[None], at)
+        h_, k_new, v_new, stats = layer(h_, rows(ks[i], mb), rows(vs[i], mb), pos_B, par, valid)
+        ks[i] = write_rows(ks[i], 0, pos_B, k_new, mb * b, valid)
+        vs[i] = write_rows(vs[i], 0, pos_B, v_new, mb * b, valid)
         load_ = load_.at[i].add(stats.load_E)
         dropped_ = dropped_.at[i].add(stats.dropped)
-        rounds_ = rounds_.at[i].max(jnp.where(valid, stats.rounds, 0))
     last = valid & (stage == par.stage - 1)
     outputs_ = jax.lax.dynamic_update_index_in_dim(
         outputs_, jnp.where(last, h_, outputs_[mb]), mb, axis=0)
     with jax.named_scope("to_next_stage"):
       inflight_ = ep.to_next_stage(h_, par)
-    return inflight_, outputs_, (tuple(ks), tuple(vs)), load_, dropped_, rounds_
+    return inflight_, outputs_, (tuple(ks), tuple(vs)), load_, dropped_
 
   num_experts = layers_[0].moe.w_router_DxE.shape[-1]
   carry = (jnp.zeros_like(x_MxBxTxD_[0]), jnp.zeros_like(x_MxBxTxD_), (cache_.k, cache_.v),
-           jnp.zeros((num_layers, num_experts), jnp.int32), jnp.zeros((num_layers,), jnp.int32),
-           jnp.zeros((num_layers,), jnp.int32))
+           jnp.zeros((num_layers, num_experts), jnp.int32), jnp.zeros((num_layers,), jnp.int32))
   steps = m + par.stage - 1
-  _, outputs_, (ks, vs), load_, dropped_, rounds_ = jax.lax.fori_loop(0, steps, step, carry)
+  _, outputs_, (ks, vs), load_, dropped_ = jax.lax.fori_loop(0, steps, step, carry)
   with jax.named_scope("from_last_stage"):
     outputs_ = ep.from_last_stage(outputs_, par)
-  return outputs_, StagedKVCache(ks, vs), ep.MoEStats(load_, dropped_, rounds_)
+  return outputs_, StagedKVCache(ks, vs), ep.MoEStats(load_, dropped_)

@@ -33,14 +33,17 @@ class ShardingTable:
   logits_BxTxV: P
   kv_LxBxSxHxK: P
   load_LxE: P
+  inflight_SxBxD: P  # the decode ring's activations between stages
 
 
 def table_for(dep: DeploymentConfig) -> ShardingTable:
   experts = (EXPERT, TP) if dep.placement == "ep" else EXPERT
   ffn = TP if dep.placement == "tp" else None
   return ShardingTable(
+      # The embedding is replicated: a lookup reads only its B rows. The unembedding is
+      # split over the vocabulary (ep.best_over_vocab samples across the shards).
       embed_VxD=P(),
-      unembed_DxV=P(),
+      unembed_DxV=P(None, (EXPERT, TP)),
       final_norm_D=P(),
       norm_LxD=P(STAGE),
       attn_in_LxDxHxK=P(STAGE, None, TP, None),
@@ -49,9 +52,10 @@ def table_for(dep: DeploymentConfig) -> ShardingTable:
       expert_in_LxExDxF=P(STAGE, experts, None, ffn),
       expert_out_LxExFxD=P(STAGE, experts, ffn, None),
       tokens_BxT=P(EXPERT),
-      logits_BxTxV=P(EXPERT),
+      logits_BxTxV=P(None, None, (EXPERT, TP)),
       kv_LxBxSxHxK=P(STAGE, EXPERT, None, TP, None),
       load_LxE=P(STAGE),
+      inflight_SxBxD=P(STAGE, EXPERT),
   )
 
 

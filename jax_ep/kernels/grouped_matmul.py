@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-
 import jax
 import jax.numpy as jnp
 
@@ -32,16 +30,32 @@ ACTIVATIONS = ("none", "gelu", "swiglu")
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
-  """Tile sizes and Triton launch parameters (benchmarks/kernel_sweep.py measures them)."""
+  """Tile sizes and Triton launch parameters (benchmarks/kernel_sweep.py measures them).
 
-  block_m: int = 64
-  block_n: int = 128
+  With `half_tiles`, a group's last row tile that holds at most block_m / 2 rows runs a
+  loop of half the height: FLOPs follow the rows at block_m / 2 granularity while the
+  weights are still streamed per block_m rows (measured on the H200: 128-row tiles
+  reach 3.1 TB/s of weights, 64-row ones 2.7, since each row tile reads its group's
+  weight tile again from L2).
+  """
+
+  block_m: int = 128
+  block_n: int = 256
   block_k: int = 64
-  num_warps: int = 4
-  num_stages: int = 4
+  num_warps: int = 8
+  num_stages: int = 3
+  half_tiles: bool = True
+
+  def smem_bytes(self, weights: int = 1, itemsize: int = 2) -> int:
+    """Shared memory of the software pipeline: x and weight tiles per stage."""
+    return self.num_stages * (self.block_m + weights * self.block_n) * self.block_k * itemsize
 
 
+# Measured on one H200 (benchmarks/results/h200_kernel/, jax 0.11.2): the best of the
+# sweep for the seed's 8192 x 32768 products. SwiGLU's fused up product loads two weight
+# tiles per step, so it takes narrower ones to fit the 227 KiB of shared memory.
 DEFAULT_BLOCKS = Blocks()
+SWIGLU_UP_BLOCKS = Blocks(block_n=128)
 
 
 def gelu_tanh(x):
@@ -107,24 +121,37 @@ def _kernel(table_ref, x_ref, w_ref, *rest, blocks: Blocks, k_steps: int, n_tile
   n = local // tiles
   row0 = table_ref[0, g] + (local % tiles) * bm
   rows_left = table_ref[0, g] + table_ref[1, g] - row0
-  mask_M1 = (jnp.arange(bm, dtype=jnp.int32) < rows_left)[:, None]
   cols = pl.ds(pl.multiple_of(n * bn, bn), bn)
+  gated = activation == "swiglu"
 
-  @pl.when(live)
-  def _():
+  def tile(height):
+    mask_M1 = (jnp.arange(height, dtype=jnp.int32) < rows_left)[:, None]
+    rows = pl.ds(row0, height)
+
+    def dot(a, b):
+      # float32 models (the agreement tests) multiply in full float32, not TF32.
+      exact = a.dtype == jnp.float32
+      return jnp.dot(a, b, preferred_element_type=jnp.float32,
+                     precision=jax.lax.Precision.HIGHEST if exact else None)
+
     def step(k, accs):
       ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
-      x = plgpu.load(x_ref.at[pl.ds(row0, bm), ks], mask=mask_M1, other=0.0)
-      out = [accs[0] + jnp.dot(x, w_ref[g, ks, cols], preferred_element_type=jnp.float32)]
-      if activation == "swiglu":
-        out.append(accs[1] + jnp.dot(x, wg_ref[g, ks, cols],
-                                     preferred_element_type=jnp.float32))
+      x = plgpu.load(x_ref.at[rows, ks], mask=mask_M1, other=0.0)
+      out = [accs[0] + dot(x, w_ref[g, ks, cols])]
+      if gated:
+        out.append(accs[1] + dot(x, wg_ref[g, ks, cols]))
       return tuple(out)
 
-    zeros = jnp.zeros((bm, bn), jnp.float32)
-    accs = jax.lax.fori_loop(0, k_steps, step, (zeros,) * (2 if activation == "swiglu" else 1))
+    zeros = jnp.zeros((height, bn), jnp.float32)
+    accs = jax.lax.fori_loop(0, k_steps, step, (zeros,) * (2 if gated else 1))
     y = _activate(accs[0], accs[-1], activation)
-    plgpu.store(o_ref.at[pl.ds(row0, bm), cols], y.astype(o_ref.dtype), mask=mask_M1)
+    plgpu.store(o_ref.at[rows, cols], y.astype(o_ref.dtype), mask=mask_M1)
+
+  if blocks.half_tiles:
+    pl.when(live & (rows_left > bm // 2))(lambda: tile(bm))
+    pl.when(live & (rows_left <= bm // 2))(lambda: tile(bm // 2))
+  else:
+    pl.when(live)(lambda: tile(bm))
 
 
 def _pallas(x_pad, m, w_GxKxN, group_sizes_G, wg_GxKxN, activation, blocks: Blocks,
@@ -219,17 +246,23 @@ def grouped_matmul(x_MxK: jax.Array, w_GxKxN: jax.Array, group_sizes_G: jax.Arra
 
 def grouped_mlp(x_MxD: jax.Array, group_sizes_G: jax.Array, w_up_GxDxF: jax.Array,
                 w_down_GxFxD: jax.Array, w_gate_GxDxF: jax.Array | None = None, *,
-                impl: str = "xla", blocks: Blocks | tuple[Blocks, Blocks] = DEFAULT_BLOCKS
+                impl: str = "xla", blocks: Blocks | tuple[Blocks, Blocks] | None = None
                 ) -> jax.Array:
   """Each group's expert MLP on its rows: gelu(x W_up) W_down, or with w_gate the
   SwiGLU form (silu(x W_gate) * x W_up) W_down. Rows past sum(group_sizes) are zero
   ("xla") or unspecified (kernels).
 
-  `blocks` may be one Blocks or (up, down). The kernels keep the hidden [M + pad, F]
-  padded between the two products, so nothing is copied between them.
+  `blocks` may be one Blocks or (up, down); None picks the measured defaults, narrowed
+  to the shapes (blocks_for). The kernels keep the hidden [M + pad, F] padded between
+  the two products, so nothing is copied between them.
   """
   activation = "gelu" if w_gate_GxDxF is None else "swiglu"
-  up, down = blocks if isinstance(blocks, tuple) else (blocks, blocks)
+  if blocks is None:
+    up = blocks_for(w_up_GxDxF.shape[1], w_up_GxDxF.shape[2],
+                    SWIGLU_UP_BLOCKS if w_gate_GxDxF is not None else DEFAULT_BLOCKS)
+    down = blocks_for(w_down_GxFxD.shape[1], w_down_GxFxD.shape[2], DEFAULT_BLOCKS)
+  else:
+    up, down = blocks if isinstance(blocks, tuple) else (blocks, blocks)
   if impl in ("pallas", "interpret"):
     m = x_MxD.shape[0]
     bad = supports(x_MxD, w_up_GxDxF, up) or supports(
@@ -246,6 +279,24 @@ def grouped_mlp(x_MxD: jax.Array, group_sizes_G: jax.Array, w_up_GxDxF: jax.Arra
   return grouped_matmul(h_MxF, w_down_GxFxD, group_sizes_G, impl=impl)
 
 
-def cost_rows(group_sizes, block_m: int) -> int:
-  """Rows the kernel computes for these (host) group sizes: each group rounded up."""
-  return sum(math.ceil(s / block_m) * block_m for s in group_sizes)
+def blocks_for(k: int, n: int, preferred: Blocks = DEFAULT_BLOCKS) -> Blocks:
+  """`preferred`, with block_k and block_n shrunk (halving, down to 16) until they divide
+  K and N: small models (the tests' tiny one) run the same kernel."""
+  bk, bn = preferred.block_k, preferred.block_n
+  while bk > 16 and k % bk:
+    bk //= 2
+  while bn > 16 and n % bn:
+    bn //= 2
+  return dataclasses.replace(preferred, block_k=bk, block_n=bn)
+
+
+def cost_rows(group_sizes, blocks: Blocks = DEFAULT_BLOCKS) -> int:
+  """Rows the kernel multiplies for these (host) group sizes: each group rounded up to
+  block_m, or to block_m / 2 when its last tile is at most half full (half_tiles)."""
+  bm = blocks.block_m
+  rows = 0
+  for s in group_sizes:
+    full, rest = divmod(int(s), bm)
+    rows += full * bm + (0 if rest == 0 else bm // 2 if blocks.half_tiles and rest <= bm // 2
+                         else bm)
+  return rows

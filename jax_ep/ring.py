@@ -1,0 +1,134 @@
+"""Decode as a ring of stages with several groups of sequences in flight (in shard_map).
+
+The batch of B sequences splits into G groups (DeploymentConfig.groups); the ring's
+period is L = max(G, S) micro-steps for S stages. At micro-step t, stage s runs its
+layers for group (t - s) mod L (a real group if that is < G; otherwise the stage idles
+on a stand-in: a bubble, which writes nothing and sends the experts nothing). Its
+activations move to stage s + 1 with ppermute; the last stage's output goes through
+the head, and the sampled tokens reach every stage, where stage 0 embeds them at the
+group's next turn. Each group's KV cache stays on the stages that own its layers.
+
+With G >= S every stage is busy every micro-step and each sequence gets a token every
+L = G micro-steps; G = 1 is one batch in flight (each stage busy one micro-step in S).
+Stage roles are masks (no lax.cond), and a call runs a static number of micro-steps,
+so nothing syncs with the host between them.
+
+Group g holds, on the device at expert index e, its rows g * Bl .. (g + 1) * Bl of that
+device's B / E rows (Bl = B / (G * E)): global sequence e * B / E + g * Bl + r.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jax_ep import ep, model, sampling
+from jax_ep.kv_cache import StagedKVCache, write_rows
+
+
+class RingState(NamedTuple):
+  """What the ring carries between calls (all but `inflight` replicated)."""
+
+  tokens_B: jax.Array  # int32: each sequence's next input token, global order
+  pos_B: jax.Array  # int32: the position that token takes
+  inflight_SxBgxD: jax.Array  # activations each stage receives next, [S, Bg, D] over stage, expert
+  t: jax.Array  # int32 scalar: micro-steps since the ring started
+
+
+class RingOutput(NamedTuple):
+  """Per micro-step of a call: the tokens the last stage sampled, and for which group."""
+
+  tokens_KxBg: jax.Array  # int32, in group order (expert-major: e * Bl + r)
+  group_K: jax.Array  # int32
+  valid_K: jax.Array  # bool: False while the ring fills (the first S - 1 micro-steps)
+
+
+def group_ids(g, batch: int, groups: int, experts: int, xp=jnp):
+  """Global sequence ids of group g, in its order (expert-major), [B / G] int32."""
+  per_device, bl = batch // experts, batch // (groups * experts)
+  e = xp.arange(experts, dtype=xp.int32)[:, None]
+  return (e * per_device + g * bl + xp.arange(bl, dtype=xp.int32)[None, :]).reshape(-1)
+
+
+def first_call_steps(groups: int, stages: int) -> int:
+  """Micro-steps of the first call after prefill so that every group gets exactly one
+  token: the period plus the fill, max(G, S) + min(G, S) - 1 = G + S - 1."""
+  return groups + stages - 1
+
+
+def run(layers_, params_, state_: RingState, cache_: StagedKVCache, key, *, steps: int,
+        groups: int, batch: int, temperature: float, norm_eps: float, par: ep.Parallel):
+  """`steps` micro-steps of the ring on this device (inside shard_map).
+
+  Args:
+    layers_: this stage's layers (this device's shards).
+    params_: the deployment params (embedding, final norm, this device's vocabulary
+      columns of the unembedding).
+    state_: RingState; inflight_ is this device's [1, Bl, D].
+    cache_: this stage's cache, per local layer [1, B / E, S, H_local, K].
+    key: the sampling key (temperature > 0); noise is keyed by sequence and position.
+  Returns:
+    (RingState, StagedKVCache, RingOutput, MoEStats summed over the micro-steps).
+  """
+  period = max(groups, par.stage)
+  stage = ep.stage_index(par)
+  e_index = jax.lax.axis_index(ep.EXPERT) if par.expert > 1 else 0
+  per_device = batch // par.expert
+  bl = per_device // groups
+  embed_VxD = params_["embed_VxD"][...]
+  scale_D = params_["final_norm"]["scale_D"][...]
+  unembed_DxV_ = params_["unembed_DxV"][...]
+  vocab0 = ep.vocab_shard(par) * unembed_DxV_.shape[1]
+  num_layers = len(layers_)
+  num_experts = layers_[0].moe.w_router_DxE.shape[-1]
+
+  def micro_step(i, carry):
+    st, (ks, vs), load_, dropped_, out = carry
+    ks, vs = list(ks), list(vs)
+    slot = (st.t - stage) % period
+    valid = (slot < groups) & (st.t >= stage)
+    g = jnp.minimum(slot, groups - 1)
+    ids_ = e_index * per_device + g * bl + jnp.arange(bl, dtype=jnp.int32)
+    pos_ = st.pos_B[ids_]
+    with jax.named_scope("embed"):
+      fresh_ = model.embed(embed_VxD, st.tokens_B[ids_][:, None])
+    h_ = jnp.where(stage == 0, fresh_, st.inflight_SxBgxD[0][:, None].astype(fresh_.dtype))
+    for li, layer in enumerate(layers_):
+      with jax.named_scope(f"layer{li}"):
+        k_ = jax.lax.dynamic_slice_in_dim(ks[li][0], g * bl, bl, axis=0)
+        v_ = jax.lax.dynamic_slice_in_dim(vs[li][0], g * bl, bl, axis=0)
+        h_, k_new, v_new, stats = layer(h_, k_, v_, pos_, par, valid)
+        ks[li] = write_rows(ks[li], 0, pos_, k_new, g * bl, valid)
+        vs[li] = write_rows(vs[li], 0, pos_, v_new, g * bl, valid)
+        load_ = load_.at[li].add(stats.load_E)
+        dropped_ = dropped_.at[li].add(stats.dropped)
+    # The head, on every stage (SPMD); the last stage's result is the one kept.
+    last_slot = (st.t - (par.stage - 1)) % period
+    last_valid = (last_slot < groups) & (st.t >= par.stage - 1)
+    last_g = jnp.minimum(last_slot, groups - 1)
+    with jax.named_scope("head"):
+      hg_ = ep.gather_batch(h_, par)  # [Bg, 1, D], expert-major
+      logits_ = model.head(hg_, scale_D, unembed_DxV_, norm_eps)[:, 0]
+      gids = group_ids(g, batch, groups, par.expert)
+      score, vid = sampling.local_best(logits_, vocab0, temperature, key, gids,
+                                       st.pos_B[gids] + 1)
+      token_Bg = ep.last_stage_value(ep.best_over_vocab(score, vid, par), par)
+    with jax.named_scope("to_next_stage"):
+      inflight_ = ep.to_next_stage(h_[:, 0], par)[None].astype(st.inflight_SxBgxD.dtype)
+    last_ids = group_ids(last_g, batch, groups, par.expert)
+    tokens_B = st.tokens_B.at[last_ids].set(jnp.where(last_valid, token_Bg, st.tokens_B[last_ids]))
+    pos_B = st.pos_B.at[last_ids].add(last_valid.astype(jnp.int32))
+    out = RingOutput(out.tokens_KxBg.at[i].set(token_Bg), out.group_K.at[i].set(last_g),
+                     out.valid_K.at[i].set(last_valid))
+    st = RingState(tokens_B, pos_B, inflight_, st.t + 1)
+    return st, (tuple(ks), tuple(vs)), load_, dropped_, out
+
+  bg = bl * par.expert
+  out = RingOutput(jnp.zeros((steps, bg), jnp.int32), jnp.zeros((steps,), jnp.int32),
+                   jnp.zeros((steps,), bool))
+  carry = (state_, (cache_.k, cache_.v), jnp.zeros((num_layers, num_experts), jnp.int32),
+           jnp.zeros((num_layers,), jnp.int32), out)
+  state_, (ks, vs), load_, dropped_, out = jax.lax.fori_loop(0, steps, micro_step, carry)
+  return state_, StagedKVCache(ks, vs), out, ep.MoEStats(load_, dropped_)
