@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One device call on nvidia-h200-x4: every GPU measurement of the floor and ring issues.
-# Usage (from the repo root, on the GPU machine): bash benchmarks/scripts/h200_x4.sh COMMIT
-# Writes $OUT/results.tgz (everything) and $OUT/summary.txt (the tables).
+# Usage (from the repo root, on the GPU machine): bash benchmarks/scripts/h200_x4.sh PART COMMIT
+# PART 1: one GPU (kernel sweep, the seed, seed_swiglu); PART 2: several (seed slices, EP2).
+# Each part fits one 10-minute call. Writes $OUT/results.tgz and $OUT/summary.txt.
 set -u
-export PYTHONPATH=. PYTHONUNBUFFERED=1 JAX_EP_COMMIT=${1:-unknown}
+PART=${1:-1}
+export PYTHONPATH=. PYTHONUNBUFFERED=1 JAX_EP_COMMIT=${2:-unknown}
 R=$OUT/r; mkdir -p $R
 step() {  # name timeout_s command...
   local name=$1 t=$2; shift 2
@@ -12,15 +14,18 @@ step() {  # name timeout_s command...
   grep -E "^\| |TPOT|rc=|Error|error" $R/$name.log | tail -25 >> $OUT/summary.txt
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv > $R/nvidia_smi.txt
-step kernel 150 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/kernel_sweep.py --out=$R/kernel_sweep.json
-step seed_1gpu 200 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+if [ "$PART" = 1 ]; then
+step kernel 110 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/kernel_sweep.py --out=$R/kernel_sweep.json
+step seed_1gpu 220 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 benchmarks/seed_table.py --kinds=single --share=seed_proposed/1 --out_dir=$R/seed_1gpu
-step swiglu_1gpu 200 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+step swiglu_1gpu 220 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 benchmarks/seed_table.py --config=seed_swiglu --kinds=single --prompt_len=128 \
   --out_dir=$R/swiglu_1gpu
-step slices_4gpu 200 python3 benchmarks/seed_table.py --kinds=slice_1x4,slice_2x2,slice_2x2/1 \
+else
+step slices_4gpu 250 python3 benchmarks/seed_table.py --kinds=slice_1x4,slice_2x2,slice_2x2/1 \
   --out_dir=$R/slices_4gpu
-step ep2 200 env CUDA_VISIBLE_DEVICES=0,1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+step ep2 300 env CUDA_VISIBLE_DEVICES=0,1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 benchmarks/seed_table.py --kinds=mesh:1x2x1,single --out_dir=$R/ep2
+fi
 tar czf $OUT/results.tgz -C $OUT r
 cat $OUT/summary.txt
