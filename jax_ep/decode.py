@@ -105,12 +105,14 @@ def prefill_chunks(prompt_len: int, chunk: int, rows_per_device: int) -> list[tu
 
 def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
              temperature: float = 0.0, seed: int = 0, max_len: int | None = None,
-             synced_steps: int = 0, log: Callable[[str], None] | None = None) -> Generation:
+             synced_steps: int = 0, log: Callable[[str], None] | None = None,
+             profile_dir: str | None = None) -> Generation:
   """Prefills `prompts_BxP` and generates `max_new_tokens` tokens per sequence.
 
   `params` must be in `engine`'s layout (Engine.init_params or Engine.place_params).
   The first of the N - 1 decode steps also fills the ring; `synced_steps` of the next
-  are timed one by one, the rest back to back.
+  are timed one by one, the rest back to back (traced with jax.profiler into
+  `profile_dir` if given).
   """
   max_len = max_len or engine.cfg.max_seq_len
   tokens = check_request(engine, prompts_BxP, max_new_tokens, temperature, max_len)
@@ -181,11 +183,15 @@ def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
     elif i == 0:
       out.tokens_KxBg.block_until_ready()  # the fill is not a steady step
       t_all = time.perf_counter()
+    if i == min(synced, steps - 1) and profile_dir:
+      jax.profiler.start_trace(profile_dir)
     if log and (i + 1) % max(1, steps // 4) == 0:
       _progress(f"decode step {i + 1}/{steps}", log)
   if outs:
     jax.block_until_ready(outs[-1])
   decode_s = time.perf_counter() - t_all
+  if profile_dir and steps:
+    jax.profiler.stop_trace()
   new = assemble(np.asarray(first), outs, b, dep.groups, dep.expert, steps)
   return Generation(
       tokens=new, compile_s=compile_s, prefill_s=prefill_s, step_s=step_s,

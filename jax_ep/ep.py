@@ -225,8 +225,10 @@ def moe(x_TxD_, w_router_DxE, w_up_ExDxF_, w_down_ExFxD_, w_gate_ExDxF_, *, top_
       group_sizes = comp.group_sizes_El
     else:  # the buffer is already one run per expert, nothing after the runs
       x_RxD_, group_sizes = recv_, counts_SxEl[0]
+    # Balanced, a device receives as many rows as it sends picks (tokens x K).
     y_RxD_ = grouped_matmul.grouped_mlp(x_RxD_, group_sizes, w_up_ExDxF_, w_down_ExFxD_,
-                                        w_gate_ExDxF_, impl=expert_kernel(par))
+                                        w_gate_ExDxF_, impl=expert_kernel(par),
+                                        expected_rows=tokens * top_k)
     if par.ffn_over_tp:
       y_RxD_ = jax.lax.psum(y_RxD_, TP)
     if p > 1:

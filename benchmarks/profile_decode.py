@@ -1,0 +1,100 @@
+"""Where a decode step's device time goes: a jax.profiler trace of back-to-back steps,
+summed per named scope (gate, dispatch, experts, combine, head, ...) and per kernel.
+
+  PYTHONPATH=. python3 benchmarks/profile_decode.py --config=seed --deployment=single \\
+      --batch=1024 --out=$OUT/profile_single.json
+
+Also checks the compiled decode program for conditionals and while loops (trip counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+
+SCOPES = ("gate", "dispatch", "experts", "combine", "head", "embed", "to_next_stage")
+
+
+def summarize(trace_dir: str, steps: int) -> dict:
+  """Device kernel time per scope and per kernel name, ms per decode step."""
+  path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
+  with gzip.open(path) as f:
+    events = json.load(f)["traceEvents"]
+  devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+             and "/device:GPU" in e.get("args", {}).get("name", "")}
+  by_scope, by_kernel = collections.Counter(), collections.Counter()
+  total = 0.0
+  for e in events:
+    if e.get("ph") != "X" or e.get("pid") not in devices:
+      continue
+    dur = e.get("dur", 0) / 1e3  # ms
+    args = e.get("args", {})
+    op = " ".join(str(args.get(k, "")) for k in ("tf_op", "long_name", "hlo_op", "name"))
+    scope = next((s for s in SCOPES if f"/{s}" in op or f"{s}/" in op), None)
+    if scope is None:
+      m = re.search(r"(attn|layer\d+|moe|ring|pipeline)", op)
+      scope = m.group(1) if m else "other"
+    by_scope[scope] += dur
+    by_kernel[e.get("name", "?")[:90]] += dur
+    total += dur
+  per = max(steps, 1) * max(len(devices), 1)
+  return {"trace": path, "device_ms_per_step": total / per,
+          "scopes_ms": {k: v / per for k, v in by_scope.most_common()},
+          "kernels_ms": {k: v / per for k, v in by_kernel.most_common(40)}}
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--config", default="seed")
+  ap.add_argument("--deployment", default="single")
+  ap.add_argument("--batch", type=int, default=1024)
+  ap.add_argument("--prompt_len", type=int, default=32)
+  ap.add_argument("--steps", type=int, default=6)
+  ap.add_argument("--out", default="profile.json")
+  args = ap.parse_args()
+
+  import jax
+  import numpy as np
+
+  from configs import deployments, load_model
+  from jax_ep import decode
+  from jax_ep.engine import Engine
+
+  cfg = load_model(args.config)
+  dep = deployments.resolve(args.deployment, len(jax.devices()))
+  engine = Engine(cfg, dep)
+  params = engine.init_params(0)
+  prompts = np.random.RandomState(0).randint(0, cfg.vocab_size, (args.batch, args.prompt_len))
+  trace_dir = tempfile.mkdtemp()
+  new = 1 + 1 + 2 + args.steps
+  gen = decode.generate(engine, params, prompts, new, max_len=args.prompt_len + new,
+                        synced_steps=2, profile_dir=trace_dir)
+  out = {"config": args.config, "deployment": dep.describe(), "batch": args.batch,
+         "tpot_ms": gen.tpot_ms, "tpot_synced_ms": gen.tpot_synced_ms,
+         "imbalance": gen.imbalance, **summarize(trace_dir, gen.decode_steps)}
+  # The compiled decode call: no conditional; while loops and their known trip counts.
+  fn = engine.ring_fn(args.batch, dep.ring_period)
+  hlo = fn.lower(params, engine.init_cache(args.batch, args.prompt_len + new),
+                 engine.ring_state(jax.numpy.zeros((args.batch,), "int32"),
+                                   jax.numpy.zeros((args.batch,), "int32")),
+                 jax.random.key(0)).compile().as_text()
+  out["hlo_conditionals"] = hlo.count(" conditional(")
+  out["hlo_whiles"] = len(re.findall(r" while\(", hlo))
+  out["hlo_known_trip_counts"] = re.findall(r'known_trip_count":\{"n":"(\d+)"', hlo)
+  out["hlo_copies"] = len(re.findall(r" copy\(", hlo))
+  with open(args.out, "w") as f:
+    json.dump(out, f, indent=1)
+  print(json.dumps({k: v for k, v in out.items() if k != "kernels_ms"}, indent=1))
+  print("top kernels (ms per step):")
+  for k, v in list(out["kernels_ms"].items())[:25]:
+    print(f"  {v:8.3f}  {k}")
+
+
+if __name__ == "__main__":
+  main()
