@@ -44,7 +44,8 @@ def summarize(trace_dir: str, steps: int) -> dict:
     by_kernel[e.get("name", "?")[:90]] += dur
     total += dur
   per = max(steps, 1) * max(len(devices), 1)
-  return {"trace": path, "device_ms_per_step": total / per,
+  sample = [e.get("args", {}) for e in events if e.get("ph") == "X" and e.get("pid") in devices][:5]
+  return {"trace": path, "device_ms_per_step": total / per, "sample_args": sample,
           "scopes_ms": {k: v / per for k, v in by_scope.most_common()},
           "kernels_ms": {k: v / per for k, v in by_kernel.most_common(40)}}
 
@@ -88,9 +89,12 @@ def main():
   out["hlo_whiles"] = len(re.findall(r" while\(", hlo))
   out["hlo_known_trip_counts"] = re.findall(r'known_trip_count":\{"n":"(\d+)"', hlo)
   out["hlo_copies"] = len(re.findall(r" copy\(", hlo))
+  with gzip.open(args.out.replace(".json", "_hlo.txt.gz"), "wt") as f:
+    f.write(hlo)
   with open(args.out, "w") as f:
     json.dump(out, f, indent=1)
-  print(json.dumps({k: v for k, v in out.items() if k != "kernels_ms"}, indent=1))
+  print(json.dumps({k: v for k, v in out.items() if k not in ("kernels_ms", "sample_args")},
+                   indent=1))
   print("top kernels (ms per step):")
   for k, v in list(out["kernels_ms"].items())[:25]:
     print(f"  {v:8.3f}  {k}")
