@@ -43,10 +43,10 @@ _PREFILL_CHUNK = flags.DEFINE_integer(
     "prefill_chunk", None,
     "Prompt positions per prefill chunk (each chunk runs that many tokens of every "
     "sequence); 0: the whole prompt at once.")
-_KERNEL = flags.DEFINE_enum(
-    "expert_kernel", None, ["auto", "xla", "pallas", "interpret"],
-    "Grouped expert matmul: auto (the Pallas kernel on GPU, XLA's ragged_dot elsewhere), "
-    "xla, pallas, interpret (the kernel through Pallas' interpreter).")
+_KERNELS = flags.DEFINE_enum(
+    "kernels", None, ["auto", "xla", "pallas", "interpret"],
+    "The grouped expert matmul and decode attention: auto (the Pallas kernels on GPU, XLA "
+    "elsewhere), xla, pallas, interpret (the kernels through Pallas' interpreter).")
 _CAPACITY = flags.DEFINE_float(
     "capacity_factor", None,
     "With --nodropless: send-buffer rows per destination device, relative to a balanced share.")
@@ -77,7 +77,7 @@ def _deployment(num_devices: int):
   overrides = {"stages": _STAGES.value, "expert": _EXPERT.value, "tp": _TP.value,
                "placement": _PLACEMENT.value, "microbatches": _MICRO.value,
                "decode_groups": _GROUPS.value, "prefill_chunk": _PREFILL_CHUNK.value,
-               "expert_kernel": _KERNEL.value, "capacity_factor": _CAPACITY.value,
+               "kernels": _KERNELS.value, "capacity_factor": _CAPACITY.value,
                "dropless": _DROPLESS.value}
   return dataclasses.replace(dep, **{k: v for k, v in overrides.items() if v is not None})
 

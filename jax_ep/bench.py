@@ -664,7 +664,7 @@ def main_from_flags() -> int:
 
   f = flags.FLAGS
   ignored = [n for n in ("deployment", "stages", "expert_axis", "tp", "placement",
-                         "microbatches", "decode_groups", "prefill_chunk", "expert_kernel",
+                         "microbatches", "decode_groups", "prefill_chunk", "kernels",
                          "capacity_factor", "dropless", "temperature", "profile_dir")
              if f[n].present]
   if ignored:

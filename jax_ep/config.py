@@ -11,7 +11,7 @@ DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float
 MLP_KINDS = ("gelu", "swiglu")
 PLACEMENTS = ("ep", "tp")
 KINDS = ("single", "baseline", "proposed")
-EXPERT_KERNELS = ("auto", "xla", "pallas", "interpret")
+KERNELS = ("auto", "xla", "pallas", "interpret")
 
 
 class ConfigError(ValueError):
@@ -114,9 +114,9 @@ class DeploymentConfig:
   capacity_factor: float = 2.0
   # Dropless: worst-case static buffers, nothing dropped, no step-dependent shapes.
   dropless: bool = True
-  # Grouped expert matmul: "auto" (Pallas on GPU, XLA elsewhere), "xla", "pallas",
-  # "interpret" (the Pallas kernel through the interpreter: tests).
-  expert_kernel: str = "auto"
+  # The grouped expert matmul and decode attention: "auto" (Pallas on GPU, XLA
+  # elsewhere), "xla", "pallas", "interpret" (the Pallas kernels through the interpreter).
+  kernels: str = "auto"
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -129,9 +129,9 @@ class DeploymentConfig:
     if not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 0:
       raise ConfigError(f"DeploymentConfig.prefill_chunk={self.prefill_chunk!r} must be 0 (the "
                         "whole prompt at once) or a positive number of prompt positions.")
-    if self.expert_kernel not in EXPERT_KERNELS:
-      raise ConfigError(f"DeploymentConfig.expert_kernel={self.expert_kernel!r} is unknown; "
-                        f"use one of {list(EXPERT_KERNELS)}.")
+    if self.kernels not in KERNELS:
+      raise ConfigError(f"DeploymentConfig.kernels={self.kernels!r} is unknown; "
+                        f"use one of {list(KERNELS)}.")
     if self.placement not in PLACEMENTS:
       raise ConfigError(
           f"DeploymentConfig.placement={self.placement!r} is unknown; "

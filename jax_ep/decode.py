@@ -124,7 +124,10 @@ def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
   tokens = jax.device_put(tokens, engine.tokens_sharding())
   params_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                             params)
-  cache_abs = engine.abstract_cache(b, max_len)
+  # The cache rounds up to a multiple of 16 positions (the decode attention kernel's
+  # tile); attention masks every position at or past a sequence's own.
+  cache_len = -(-max_len // 16) * 16
+  cache_abs = engine.abstract_cache(b, cache_len)
   key = jax.random.key(seed)
   i32 = jnp.int32(0)
 
@@ -150,7 +153,7 @@ def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
   _progress(f"compiled in {compile_s:.1f} s; prefill of {b} x {p} tokens in {len(chunks)} "
             f"chunk(s)", log)
 
-  cache = engine.init_cache(b, max_len)
+  cache = engine.init_cache(b, cache_len)
   jax.block_until_ready(cache)
   t0 = time.perf_counter()
   loads, dropped = [], []

@@ -51,7 +51,7 @@ class Engine:
     self.abstract_params = jax.eval_shape(self.to_layout, self.abstract_canonical)
     self.param_specs = sharding.param_specs(self.abstract_params, self.table)
     self.param_shardings = sharding.named(self.mesh, self.param_specs)
-    kv = (self.table.kv_LxBxSxHxK,) * self.local_layers
+    kv = (self.table.kv_LxBxHxSxK,) * self.local_layers
     self.cache_specs = StagedKVCache(kv, kv)
     self.cache_shardings = sharding.named(self.mesh, self.cache_specs)
 

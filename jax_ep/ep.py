@@ -33,12 +33,12 @@ class Parallel:
   placement: str = "ep"
   capacity_factor: float = 2.0
   dropless: bool = True
-  expert_kernel: str = "auto"
+  kernels: str = "auto"
 
   @classmethod
   def of(cls, dep: DeploymentConfig) -> Parallel:
     return cls(dep.stages, dep.expert, dep.tp, dep.placement, dep.capacity_factor,
-               dep.dropless, dep.expert_kernel)
+               dep.dropless, dep.kernels)
 
   def _live(self, *names):
     sizes = {STAGE: self.stage, EXPERT: self.expert, TP: self.tp}
@@ -165,10 +165,10 @@ def _exchange(buf_PxWxD_, par: Parallel):
   return jax.lax.all_to_all(buf_PxWxD_, par.ep_axes, 0, 0, tiled=True)
 
 
-def expert_kernel(par: Parallel) -> str:
-  """The grouped matmul implementation for this backend (grouped_matmul.IMPLS)."""
-  if par.expert_kernel != "auto":
-    return par.expert_kernel
+def kernels(par: Parallel) -> str:
+  """The kernels for this backend: "pallas" on GPU, "xla" elsewhere, unless set."""
+  if par.kernels != "auto":
+    return par.kernels
   return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
@@ -227,7 +227,7 @@ def moe(x_TxD_, w_router_DxE, w_up_ExDxF_, w_down_ExFxD_, w_gate_ExDxF_, *, top_
       x_RxD_, group_sizes = recv_, counts_SxEl[0]
     # Balanced, a device receives as many rows as it sends picks (tokens x K).
     y_RxD_ = grouped_matmul.grouped_mlp(x_RxD_, group_sizes, w_up_ExDxF_, w_down_ExFxD_,
-                                        w_gate_ExDxF_, impl=expert_kernel(par),
+                                        w_gate_ExDxF_, impl=kernels(par),
                                         expected_rows=tokens * top_k)
     if par.ffn_over_tp:
       y_RxD_ = jax.lax.psum(y_RxD_, TP)

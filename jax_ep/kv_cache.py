@@ -11,17 +11,20 @@ from jax_ep.config import ModelConfig
 
 
 class KVCache(NamedTuple):
-  k_LxBxSxHxK: jax.Array  # S = max_seq_len slots; positions >= the decode position are stale
-  v_LxBxSxHxK: jax.Array
+  # [L, B, H, S, K]: each (sequence, head) is one contiguous [S, K] run, what decode
+  # attention reads (kernels/decode_attention.py). S = max_seq_len slots; positions at or
+  # past a sequence's position are stale.
+  k_LxBxHxSxK: jax.Array
+  v_LxBxHxSxK: jax.Array
 
   def write(self, layer, pos_B, k_BxTxHxK, v_BxTxHxK) -> KVCache:
     """Stores new keys and values for `layer`, sequence b at positions pos_B[b].."""
-    return KVCache(write_rows(self.k_LxBxSxHxK, layer, pos_B, k_BxTxHxK),
-                   write_rows(self.v_LxBxSxHxK, layer, pos_B, v_BxTxHxK))
+    return KVCache(write_rows(self.k_LxBxHxSxK, layer, pos_B, k_BxTxHxK),
+                   write_rows(self.v_LxBxHxSxK, layer, pos_B, v_BxTxHxK))
 
   @staticmethod
   def shape(cfg: ModelConfig, batch: int, max_len: int | None = None) -> tuple[int, ...]:
-    return (cfg.num_layers, batch, max_len or cfg.max_seq_len, cfg.num_heads, cfg.head_dim)
+    return (cfg.num_layers, batch, cfg.num_heads, max_len or cfg.max_seq_len, cfg.head_dim)
 
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, max_len: int | None = None) -> KVCache:
@@ -29,24 +32,25 @@ class KVCache(NamedTuple):
     return cls(jnp.zeros(shape, cfg.jnp_dtype), jnp.zeros(shape, cfg.jnp_dtype))
 
 
-def write_rows(cache_LxBxSxHxK, layer, pos_B, new_BxTxHxK, row0=0, valid=True):
-  """cache[layer, row0 + b, pos_B[b] + j] = new[b, j]: each sequence at its own position.
+def write_rows(cache_LxBxHxSxK, layer, pos_B, new_BxTxHxK, row0=0, valid=True):
+  """cache[layer, row0 + b, :, pos_B[b] + j] = new[b, j]: each sequence at its own position.
 
   A scatter into the (donated) cache, in place. Positions past the cache are dropped,
   so a sequence decoded past its length writes nothing. `valid` False (a pipeline
   bubble) writes nothing either.
   """
   b, t = new_BxTxHxK.shape[:2]
-  s = cache_LxBxSxHxK.shape[2]
+  s = cache_LxBxHxSxK.shape[3]
   rows_BxT = jnp.broadcast_to(row0 + jnp.arange(b, dtype=jnp.int32)[:, None], (b, t))
   pos_BxT = pos_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
   pos_BxT = jnp.where(valid, pos_BxT, s)  # out of range: dropped
-  return cache_LxBxSxHxK.at[layer, rows_BxT, pos_BxT].set(
-      new_BxTxHxK.astype(cache_LxBxSxHxK.dtype), mode="drop")
+  # Advanced indices split by the head slice: the update is [B, T, H, K], as `new`.
+  return cache_LxBxHxSxK.at[layer, rows_BxT, :, pos_BxT].set(
+      new_BxTxHxK.astype(cache_LxBxHxSxK.dtype), mode="drop")
 
 
 class StagedKVCache(NamedTuple):
-  """A deployment's cache: per local layer i, [stages, B, S, H, K] (stage s holds layer
+  """A deployment's cache: per local layer i, [stages, B, H, S, K] (stage s holds layer
   s * L_local + i), sharded over stages. Inside shard_map each array is [1, ...], so
   taking layer i's cache is a free reshape, not a copy of the cache."""
 
@@ -55,8 +59,9 @@ class StagedKVCache(NamedTuple):
 
   @staticmethod
   def zeros(cfg: ModelConfig, stages: int, batch: int, max_len: int | None = None):
-    l, b, s, h, k = KVCache.shape(cfg, batch, max_len)
+    l, b, h, s, k = KVCache.shape(cfg, batch, max_len)
+
     def zeros():
-      return tuple(jnp.zeros((stages, b, s, h, k), cfg.jnp_dtype) for _ in range(l // stages))
+      return tuple(jnp.zeros((stages, b, h, s, k), cfg.jnp_dtype) for _ in range(l // stages))
 
     return StagedKVCache(zeros(), zeros())

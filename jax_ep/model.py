@@ -14,6 +14,7 @@ from flax import nnx
 
 from jax_ep import ep
 from jax_ep.config import ModelConfig
+from jax_ep.kernels import decode_attention
 from jax_ep.kv_cache import KVCache
 
 
@@ -75,35 +76,43 @@ class Attention(nnx.Module):
     self.wo_HxKxD = nnx.Param(_normal(rngs, (h, k, d), h * k, dt))
     self.rope_theta = cfg.rope_theta
 
-  def __call__(self, x_BxTxD, k_BxSxHxK, v_BxSxHxK, pos_B, par: ep.Parallel):
+  def __call__(self, x_BxTxD, k_BxHxSxK, v_BxHxSxK, pos_B, par: ep.Parallel):
     """Attends sequence b's T new tokens at positions pos_B[b]..pos_B[b]+T-1 to its cache
     positions < pos_B[b] and to each other (causally). Sequences may be at different
     positions (decode groups, continuous batching).
 
     The cache is only read here: the caller writes the returned new keys and values,
-    so a pipeline bubble can skip the write.
+    so a pipeline bubble can skip the write. One new token per sequence (decode) with
+    the Pallas kernels on reads only the live positions (kernels/decode_attention.py).
     Returns the output [B, T, D] and the new k, v [B, T, H, K].
     """
     b, t, _ = x_BxTxD.shape
-    s = k_BxSxHxK.shape[1]
+    s = k_BxHxSxK.shape[2]
     pos_B = jnp.broadcast_to(jnp.asarray(pos_B, jnp.int32), (b,))
     positions_BxT = pos_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     q = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wq_DxHxK[...])
     k = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wk_DxHxK[...])
     v = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wv_DxHxK[...])
     q, k = rope(q, positions_BxT, self.rope_theta), rope(k, positions_BxT, self.rope_theta)
-    k, v = k.astype(k_BxSxHxK.dtype), v.astype(v_BxSxHxK.dtype)
+    k, v = k.astype(k_BxHxSxK.dtype), v.astype(v_BxHxSxK.dtype)
     scale = q.shape[-1] ** -0.5
-    old_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q, k_BxSxHxK, preferred_element_type=jnp.float32)
-    seen_Bx1x1xS = (jnp.arange(s)[None, :] < pos_B[:, None])[:, None, None, :]
-    old_BxHxTxS = jnp.where(seen_Bx1x1xS, old_BxHxTxS * scale, -jnp.inf)
-    new_BxHxTxT = jnp.einsum("bthk,buhk->bhtu", q, k, preferred_element_type=jnp.float32)
-    causal_1x1xTxT = (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None, None]
-    new_BxHxTxT = jnp.where(causal_1x1xTxT, new_BxHxTxT * scale, -jnp.inf)
-    probs = jax.nn.softmax(jnp.concatenate([old_BxHxTxS, new_BxHxTxT], axis=-1), axis=-1)
-    probs = probs.astype(v.dtype)
-    o_BxTxHxK = (jnp.einsum("bhts,bshk->bthk", probs[..., :s], v_BxSxHxK)
-                 + jnp.einsum("bhtu,buhk->bthk", probs[..., s:], v))
+    kernel = ep.kernels(par)
+    if t == 1 and kernel != "xla" and decode_attention.supports(s):
+      o_BxHxK = decode_attention.attend_decode(q[:, 0], k_BxHxSxK, v_BxHxSxK, pos_B, k[:, 0],
+                                               v[:, 0], scale, interpret=kernel == "interpret")
+      o_BxTxHxK = o_BxHxK[:, None].astype(v.dtype)
+    else:
+      old_BxHxTxS = jnp.einsum("bthk,bhsk->bhts", q, k_BxHxSxK,
+                               preferred_element_type=jnp.float32)
+      seen_Bx1x1xS = (jnp.arange(s)[None, :] < pos_B[:, None])[:, None, None, :]
+      old_BxHxTxS = jnp.where(seen_Bx1x1xS, old_BxHxTxS * scale, -jnp.inf)
+      new_BxHxTxT = jnp.einsum("bthk,buhk->bhtu", q, k, preferred_element_type=jnp.float32)
+      causal_1x1xTxT = (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None, None]
+      new_BxHxTxT = jnp.where(causal_1x1xTxT, new_BxHxTxT * scale, -jnp.inf)
+      probs = jax.nn.softmax(jnp.concatenate([old_BxHxTxS, new_BxHxTxT], axis=-1), axis=-1)
+      probs = probs.astype(v.dtype)
+      o_BxTxHxK = (jnp.einsum("bhts,bhsk->bthk", probs[..., :s], v_BxHxSxK)
+                   + jnp.einsum("bhtu,buhk->bthk", probs[..., s:], v))
     out_BxTxD = jnp.einsum("bthk,hkd->btd", o_BxTxHxK, self.wo_HxKxD[...])
     return ep.psum_tp(out_BxTxD, par), k, v
 
@@ -135,13 +144,13 @@ class DecoderLayer(nnx.Module):
     self.moe_norm = RMSNorm(cfg.model_dim, cfg.norm_eps, cfg.jnp_dtype)
     self.moe = MoEBlock(cfg, rngs)
 
-  def __call__(self, x_BxTxD, k_BxSxHxK, v_BxSxHxK, pos_B, par: ep.Parallel, active=True):
+  def __call__(self, x_BxTxD, k_BxHxSxK, v_BxHxSxK, pos_B, par: ep.Parallel, active=True):
     """Returns the output, this layer's new keys and values [B, T, H, K], MoE stats.
 
     `active` False marks a pipeline bubble: attention runs, the experts skip its
     tokens, and its load is not counted.
     """
-    h, k_BxTxHxK, v_BxTxHxK = self.attn(self.attn_norm(x_BxTxD), k_BxSxHxK, v_BxSxHxK, pos_B,
+    h, k_BxTxHxK, v_BxTxHxK = self.attn(self.attn_norm(x_BxTxD), k_BxHxSxK, v_BxHxSxK, pos_B,
                                         par)
     x_BxTxD = x_BxTxD + h
     b, t, d = x_BxTxD.shape
@@ -184,7 +193,7 @@ class Transformer(nnx.Module):
     x = embed(self.embed_VxD[...], tokens_BxT)
     stats = []
     for i in range(self.num_local_layers()):
-      x, k, v, s = self.layer(i)(x, cache.k_LxBxSxHxK[i], cache.v_LxBxSxHxK[i], pos_B, par)
+      x, k, v, s = self.layer(i)(x, cache.k_LxBxHxSxK[i], cache.v_LxBxHxSxK[i], pos_B, par)
       cache = cache.write(i, pos_B, k, v)
       stats.append(s)
     stats = jax.tree.map(lambda *a: jnp.stack(a), *stats)

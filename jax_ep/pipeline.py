@@ -35,10 +35,10 @@ def run(layers_: list[DecoderLayer], x_MxBxTxD_, cache_: StagedKVCache, pos, par
   stage = ep.stage_index(par)
   pos_B = jnp.full((b,), pos, jnp.int32)
 
-  def rows(a_1xBxSxHxK, mb):
+  def rows(a_1xBxHxSxK, mb):
     if m == 1:  # no slice, so no copy of the cache
-      return a_1xBxSxHxK[0]
-    return jax.lax.dynamic_slice_in_dim(a_1xBxSxHxK[0], mb * b, b, axis=0)
+      return a_1xBxHxSxK[0]
+    return jax.lax.dynamic_slice_in_dim(a_1xBxHxSxK[0], mb * b, b, axis=0)
 
   def step(t, carry):
     inflight_, outputs_, (ks, vs), load_, dropped_ = carry

@@ -31,7 +31,7 @@ class ShardingTable:
   # activations and state
   tokens_BxT: P
   logits_BxTxV: P
-  kv_LxBxSxHxK: P
+  kv_LxBxHxSxK: P
   load_LxE: P
   inflight_SxBxD: P  # the decode ring's activations between stages
 
@@ -53,7 +53,7 @@ def table_for(dep: DeploymentConfig) -> ShardingTable:
       expert_out_LxExFxD=P(STAGE, experts, ffn, None),
       tokens_BxT=P(EXPERT),
       logits_BxTxV=P(None, None, (EXPERT, TP)),
-      kv_LxBxSxHxK=P(STAGE, EXPERT, None, TP, None),
+      kv_LxBxHxSxK=P(STAGE, EXPERT, TP, None, None),
       load_LxE=P(STAGE),
       inflight_SxBxD=P(STAGE, EXPERT),
   )

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call on nvidia-h200-x4: every GPU measurement of the floor and ring issues.
 # Usage (from the repo root, on the GPU machine): bash benchmarks/scripts/h200_x4.sh PART COMMIT
-# PART 1: one GPU (kernel sweep, the seed, seed_swiglu); PART 2: several (seed slices, EP2).
+# PART kernel: the grouped kernel's sweep; 1: one GPU (profile, the seed, seed_swiglu);
+# 2: several (seed slices with and without the ring, EP2).
 # Each part fits one 10-minute call. Writes $OUT/results.tgz and $OUT/summary.txt.
 set -u
 PART=${1:-1}
@@ -11,11 +12,16 @@ step() {  # name timeout_s command...
   local name=$1 t=$2; shift 2
   echo "== $name" | tee -a $OUT/summary.txt
   timeout $t "$@" > $R/$name.log 2>&1; echo "rc=$?" >> $R/$name.log
-  grep -E "^\| |TPOT|rc=|Error|error" $R/$name.log | tail -25 >> $OUT/summary.txt
+  grep -E "^\| (Single|One|Prop|Base|slice|mesh|share)|TPOT|rc=|Error|error|ms_per_step|^    " \
+    $R/$name.log | tail -30 >> $OUT/summary.txt
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv > $R/nvidia_smi.txt
-if [ "$PART" = 1 ]; then
+if [ "$PART" = kernel ]; then
 step kernel 110 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/kernel_sweep.py --out=$R/kernel_sweep.json
+elif [ "$PART" = 1 ]; then
+step profile_1gpu 150 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+  python3 benchmarks/profile_decode.py --config=seed --deployment=single --batch=1024 \
+  --steps=4 --out=$R/profile_single.json
 step seed_1gpu 220 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 benchmarks/seed_table.py --kinds=single --share=seed_proposed/1 --out_dir=$R/seed_1gpu
 step swiglu_1gpu 220 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \

@@ -1,0 +1,65 @@
+"""Decode attention over the live part of the KV cache (one new query per sequence).
+
+XLA turns attention of one query over the cache (a batched vector-matrix product) into
+a multiply-reduce fused with the softmax's concatenate, which ran at a tenth of the
+bandwidth on the H200 (benchmarks/NOTES.md). This uses jax's own Pallas Triton decode
+kernel (jax.experimental.pallas.ops.gpu.decode_attention), which reads only the first
+`length` positions of each sequence, and merges the new token's own score with the
+kernel's softmax residuals, so the cache is read before the new key is written (a
+pipeline bubble then writes nothing).
+
+The cache is [B, H, S, K]: each (sequence, head) is one contiguous [S, K] run.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def _block_k(s: int) -> int | None:
+  return next((b for b in (128, 64, 32, 16) if s % b == 0), None)
+
+
+def supports(cache_len: int) -> bool:
+  """The kernel needs the cache length to be a multiple of 16."""
+  return _block_k(cache_len) is not None
+
+
+def cache_attention(q_BxHxK, k_BxHxSxK, v_BxHxSxK, lengths_B, scale: float, interpret: bool):
+  """Softmax attention of each query over its sequence's cache positions < lengths_B[b].
+
+  Returns o [B, H, K] (normalised, q's dtype) and the softmax's running max m and sum l
+  [B, H] float32 (l = sum over positions of exp(score - m)).
+  """
+  from jax.experimental.pallas.ops.gpu import decode_attention as da
+
+  b, h, s, k = k_BxHxSxK.shape
+  inner = functools.partial(
+      da.decode_attn_unbatched, sm_scale=scale, block_h=16, block_k=_block_k(s), k_splits=1,
+      num_warps=4, num_stages=2, grid=None, interpret=interpret, debug=False,
+      return_residuals=True, normalize_output=True)
+  lengths_BxH = jnp.broadcast_to(lengths_B[:, None], (b, h)).astype(jnp.int32)
+  o, (l, m) = jax.vmap(jax.vmap(inner))(q_BxHxK[:, :, None, :], k_BxHxSxK, v_BxHxSxK,
+                                        None, lengths_BxH)
+  return o[:, :, 0], l[:, :, 0], m[:, :, 0]
+
+
+def attend_decode(q_BxHxK, k_BxHxSxK, v_BxHxSxK, pos_B, k_new_BxHxK, v_new_BxHxK,
+                  scale: float, interpret: bool):
+  """One new query per sequence over its cache (positions < pos_B) and its own new key.
+
+  Returns [B, H, K] float32.
+  """
+  o_c, l_c, m_c = cache_attention(q_BxHxK, k_BxHxSxK, v_BxHxSxK, pos_B, scale, interpret)
+  f32 = jnp.float32
+  s_new = jnp.einsum("bhk,bhk->bh", q_BxHxK.astype(f32), k_new_BxHxK.astype(f32)) * scale
+  has_cache = (l_c > 0) & jnp.isfinite(m_c)
+  m = jnp.where(has_cache, jnp.maximum(m_c, s_new), s_new)
+  w_cache = jnp.where(has_cache, l_c * jnp.exp(m_c - m), 0.0)
+  w_new = jnp.exp(s_new - m)
+  o = (jnp.where(has_cache[..., None], o_c.astype(f32), 0.0) * w_cache[..., None]
+       + v_new_BxHxK.astype(f32) * w_new[..., None])
+  return o / (w_cache + w_new)[..., None]
