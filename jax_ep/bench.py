@@ -285,7 +285,10 @@ def plan(cfg: ModelConfig, spec: BenchSpec, num_devices: int, log) -> tuple[list
     name = SEED_PRESET.get(spec.share, spec.share)
     try:
       full = deployments.resolve(name, num_devices)
-      share_cfg, rows = share_config(cfg, full, spec.batch // full.groups)
+      # One group on one device of `full` (the ring's micro-step on one device).
+      share_cfg, rows = share_config(cfg, dataclasses.replace(full, decode_groups=1,
+                                                              microbatches=1),
+                                     spec.batch // full.groups)
       plans.append(Plan(f"share:{name}", f"One GPU's share of {name}", share_cfg,
                         deployments.SINGLE, rows, name,
                         f"one device of {name} ({full.num_devices} GPUs) for one group of "

@@ -390,7 +390,6 @@ def predict(cfg: ModelConfig, dep: DeploymentConfig, batch: int, context_len: in
   hk = lay.heads * cfg.head_dim
   proj_bytes, proj_flops = attention_weight_bytes(cfg, lay), lay.micro_rows * 8 * cfg.model_dim * hk
   kv_bytes, kv_flops = kv_read_bytes(cfg, lay, context_len), lay.micro_rows * 4 * hk * context_len
-  attn_bytes, attn_flops = proj_bytes + kv_bytes, proj_flops + kv_flops
   exp_bytes = expert_weight_bytes(cfg, lay) + expert_activation_bytes(cfg, lay, kernel_rows)
   exp_flops = expert_flops(cfg, lay, kernel_rows)
   attn_s = _roofline(proj_bytes, proj_flops, hw, eff) + _roofline(kv_bytes, kv_flops, hw, eff)
@@ -728,8 +727,8 @@ def format_seed_table(rows: list[dict], hw: Hardware) -> str:
                  f"{r['bubble']:.2f} | {'yes' if p.fits else 'NO'} |")
   lines += ["", "model: this implementation's step at the hardware rates with the efficiency "
             "factors; work: the same work at the ceilings with communication overlapped and "
-            "no latency; ideal: S x one stage reading its weights and KV cache once, plus "
-            "the head (any implementation of the layout); bubble: L / G, micro-steps per token over "
+            "no latency; ideal: floor_s, each operation of a token step at its roofline "
+            "(any implementation of the layout); bubble: L / G, micro-steps per token over "
             "the busy ones."]
   return "\n".join(lines)
 

@@ -52,39 +52,6 @@ def dense_gate(weights_TxK: jax.Array, experts_TxK: jax.Array, num_experts: int)
   return jnp.einsum("tk,tke->te", weights_TxK, onehot_TxKxE)
 
 
-def assign_slots(experts_TxK: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
-  """Position of each (token, pick) in its expert's queue, in token order.
-
-  Returns:
-    position_TxK: int32, 0 for the first token routed to that expert, 1 for the next...
-    load_E: int32, how many (token, pick) pairs each expert received.
-  """
-  t, k = experts_TxK.shape
-  flat_A = experts_TxK.reshape(t * k)
-  onehot_AxE = jax.nn.one_hot(flat_A, num_experts, dtype=jnp.int32)
-  # Exclusive prefix count per expert: earlier tokens (and earlier picks) queue first.
-  before_AxE = jnp.cumsum(onehot_AxE, axis=0) - onehot_AxE
-  position_A = jnp.take_along_axis(before_AxE, flat_A[:, None], axis=1)[:, 0]
-  return position_A.reshape(t, k), onehot_AxE.sum(axis=0)
-
-
-def slot_indices(experts_TxK: jax.Array, position_TxK: jax.Array, round_index,
-                 capacity: int, num_experts: int) -> tuple[jax.Array, jax.Array]:
-  """Flat buffer slot of each (token, pick) in round `round_index`, or a sentinel.
-
-  Round r holds queue positions [r * C, (r + 1) * C). The buffer is [E, C] flattened;
-  picks outside this round point at the sentinel E * C.
-
-  Returns:
-    slot_TxK: int32 in [0, E * C]; E * C means "not in this round".
-    in_round_TxK: bool.
-  """
-  local_TxK = position_TxK - round_index * capacity
-  in_round_TxK = (local_TxK >= 0) & (local_TxK < capacity)
-  slot_TxK = jnp.where(in_round_TxK, experts_TxK * capacity + local_TxK, num_experts * capacity)
-  return slot_TxK.astype(jnp.int32), in_round_TxK
-
-
 def dispatch(x_TxD: jax.Array, slot_TxK: jax.Array, num_slots: int) -> jax.Array:
   """Packs tokens into a [num_slots, D] buffer; empty slots are zero.
 

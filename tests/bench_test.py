@@ -8,22 +8,24 @@ from configs import deployments, load_model
 from jax_ep import bench
 
 RUN_FIELDS = {
-    "name", "method", "preset", "note", "gpus", "per_gpu", "model", "deployment", "share_of",
-    "batch", "prompt_len", "context_len", "warmup_steps", "timed_steps", "compile_s",
-    "prefill_s", "warmup_step_ms", "step_ms", "tpot_ms", "tpot_p10_ms", "tpot_p90_ms",
-    "tpot_mean_ms", "tps", "imbalance", "max_rounds", "dropped", "load_LxE", "hbm_bytes",
-    "flops", "comm_bytes", "resident_bytes", "micro_steps", "capacity", "rounds_predicted",
-    "floor_terms_ms", "floor_ms", "ideal_ms", "achieved_floor_fraction", "model_ms",
-    "model_terms_ms", "hardware", "placement_source"}
+    "name", "method", "preset", "note", "gpus", "per_gpu", "model_name", "model", "deployment",
+    "share_of", "batch", "groups", "micro_steps_per_token", "prompt_len", "context_len",
+    "live_context", "warmup_steps", "synced_steps", "timed_steps", "compile_s", "prefill_s",
+    "synced_step_ms", "tpot_ms", "tpot_synced_ms", "tpot_p10_ms", "tpot_p90_ms",
+    "micro_step_ms", "tps", "imbalance", "dropped", "load_LxE", "hbm_bytes", "flops",
+    "comm_bytes", "resident_bytes", "send_rows", "floor_ops_ms", "floor_ms",
+    "achieved_floor_fraction", "exchange_ms", "work_ms", "model_ms", "model_terms_ms",
+    "hardware", "placement_source"}
 TOP_FIELDS = {"date", "git_commit", "jax_version", "jaxlib_version", "flax_version", "platform",
               "device_kind", "num_devices", "xla_flags", "spec", "model_name", "init_s",
               "probes", "hardware", "runs", "skipped", "calibration"}
 PROBE_FIELDS = {"hbm_bytes_per_s", "matmul_flops", "link_bytes_per_s", "collective_latency_s",
-                "all_to_all_s", "all_to_all_small_s"}
+                "all_to_all_s", "all_to_all_small_s", "bandwidth_methods", "matmul_methods"}
 
 
 def test_share_of_seed_proposed_is_one_expert_one_layer():
-  share, rows = bench.share_config(load_model("seed"), deployments.SEED_PROPOSED, 1024)
+  one_group = bench.dataclasses.replace(deployments.SEED_PROPOSED, decode_groups=1)
+  share, rows = bench.share_config(load_model("seed"), one_group, 1024)
   assert (share.num_layers, share.num_experts, share.top_k, rows) == (1, 1, 1, 64)
   assert share.model_dim == 8192 and share.mlp_dim == 32768
 
@@ -41,8 +43,9 @@ def test_scaled_preset_when_devices_are_few():
 
 def test_mesh_kind():
   dep = bench.parse_mesh("mesh:1x2x1")
-  assert dep.mesh_shape == (1, 2, 1) and dep.microbatches == 1
-  assert bench.parse_mesh("mesh:4x2x2/4").placement == "tp"
+  assert dep.mesh_shape == (1, 2, 1) and dep.microbatches == 1 and dep.groups == 1
+  four = bench.parse_mesh("mesh:4x2x2/8")
+  assert four.placement == "tp" and four.groups == 8 and four.microbatches == 4
   with pytest.raises(bench.ConfigError, match="mesh:SxExT"):
     bench.parse_mesh("mesh:2x2")
 
@@ -53,7 +56,8 @@ def test_one_device_has_no_scaled_baseline():
 
 
 def test_end_to_end_json_holds_every_field(tmp_path):
-  spec = bench.BenchSpec(config="tiny", batch=8, prompt_len=4, steps=2, warmup=1,
+  spec = bench.BenchSpec(config="tiny", kinds=("single", "baseline", "proposed", "proposed/1"),
+                         batch=16, prompt_len=4, steps=2, synced=2, warmup=1,
                          num_devices=8, share="proposed_8", probe_mib=8)
   result = bench.run(spec, log=lambda m: None)
   paths = bench.write(result, str(tmp_path))
@@ -61,20 +65,25 @@ def test_end_to_end_json_holds_every_field(tmp_path):
     saved = json.load(f)
   assert TOP_FIELDS <= set(saved)
   assert PROBE_FIELDS <= set(saved["probes"])
-  assert [r["name"] for r in saved["runs"]] == ["single", "baseline", "proposed",
+  assert [r["name"] for r in saved["runs"]] == ["single", "baseline", "proposed", "proposed/1",
                                                 "share:proposed_8"]
   for r in saved["runs"]:
     assert RUN_FIELDS <= set(r), RUN_FIELDS - set(r)
-    assert r["timed_steps"] == 2 and len(r["step_ms"]) == 2 and r["tpot_ms"] > 0
-    assert r["tpot_p10_ms"] <= r["tpot_ms"] <= r["tpot_p90_ms"]
+    assert r["timed_steps"] == 2 and r["synced_steps"] == 2 and r["tpot_ms"] > 0
+    assert r["tpot_p10_ms"] <= r["tpot_synced_ms"] <= r["tpot_p90_ms"]
     assert r["floor_ms"] > 0 and r["model_ms"] > 0
+    assert set(r["floor_ops_ms"]) == {"attention projections", "attention over the KV cache",
+                                      "router and experts", "head"}
   runs = {r["name"]: r for r in saved["runs"]}
   assert runs["baseline"]["gpus"] == 8 and "scaled preset baseline_8" in runs["baseline"]["note"]
-  assert runs["share:proposed_8"]["batch"] == 4 and runs["share:proposed_8"]["share_of"]
+  assert runs["proposed"]["groups"] == 4 and runs["proposed/1"]["groups"] == 1
+  assert runs["proposed"]["micro_steps_per_token"] == runs["proposed/1"]["micro_steps_per_token"]
+  assert runs["share:proposed_8"]["batch"] == 2 and runs["share:proposed_8"]["share_of"]
   # Same weights and prompts: the full-model deployments decode the same tokens.
   assert runs["proposed"]["tokens_agree_with_first"] == 1.0
+  assert runs["proposed/1"]["tokens_agree_with_first"] == 1.0
   assert set(saved["calibration"]) == {"efficiency", "validation", "seed_table", "extrapolated"}
   assert saved["calibration"]["extrapolated"][0]["gpus"] == 8
   md = open(paths[1]).read()
-  assert "| Method | GPUs | Per-GPU deployment | TPS | TPOT ms" in md
+  assert "| Method | GPUs | Per-GPU deployment | batch | TPS | TPOT ms" in md
   assert "achieved/floor" in md

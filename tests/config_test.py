@@ -7,7 +7,7 @@ import jax
 import pytest
 
 from configs import deployments, load_model, model_names, seed, seed_e64, tiny, tiny_e64
-from jax_ep import config, mesh
+from jax_ep import mesh
 from jax_ep.config import ConfigError, DeploymentConfig, ModelConfig
 
 TINY = tiny.get_config()
@@ -89,11 +89,21 @@ def test_unknown_kind_and_placement():
     DeploymentConfig(kind="proposed", placement="dp")
 
 
-@pytest.mark.parametrize("field", ["stages", "expert", "tp", "microbatches",
-                                   "decode_microbatches", "moe_chunks"])
+@pytest.mark.parametrize("field", ["stages", "expert", "tp", "microbatches"])
 def test_mesh_sizes_must_be_positive(field):
   with _raises(f"{field}=0"):
     DeploymentConfig(**{field: 0})
+
+
+def test_decode_groups_prefill_chunk_and_kernels():
+  assert DeploymentConfig(stages=4).groups == 4  # 0: one group per stage
+  assert DeploymentConfig(stages=4, decode_groups=1).ring_period == 4
+  assert DeploymentConfig(stages=2, decode_groups=6).ring_period == 6
+  for field in ("decode_groups", "prefill_chunk"):
+    with _raises(f"{field}=-1"):
+      DeploymentConfig(**{field: -1})
+  with _raises("kernels='cuda'"):
+    DeploymentConfig(kernels="cuda")
 
 
 @pytest.mark.parametrize("value", [0.0, -1.0, float("inf"), float("nan"), "2"])
@@ -145,6 +155,9 @@ def test_mlp_dim_not_divisible_by_tp_with_tp_placement():
   with _raises("mlp_dim=100"):
     DeploymentConfig(kind="proposed", tp=8, placement="tp").check_model(cfg)
   DeploymentConfig(kind="baseline", tp=8, placement="ep").check_model(cfg)  # F is not split
+  with _raises("vocab_size=250 is not divisible by expert x tp = 8"):
+    DeploymentConfig(kind="proposed", expert=4, tp=2).check_model(
+        dataclasses.replace(TINY, vocab_size=250))
 
 
 def test_check_batch():
@@ -155,8 +168,9 @@ def test_check_batch():
     dep.check_batch(0)
   with _raises("batch=12 is not divisible by expert axis x microbatches = 4 x 2 = 8"):
     dep.check_batch(12)
-  with _raises("batch=8 is not divisible by expert axis x decode_microbatches = 4 x 4 = 16"):
-    dataclasses.replace(dep, decode_microbatches=4).check_batch(8)
+  with _raises("batch=8 is not divisible by expert axis x decode groups = 4 x 4 = 16; each "
+               "device's share of each decode group must be whole"):
+    dataclasses.replace(dep, decode_groups=4).check_batch(8)
   with _raises("batch=4"):
     dep.check_batch(4)
   with _raises("batch=8.0"):
@@ -168,22 +182,6 @@ def test_derived_sizes():
   assert (dep.num_devices, dep.mesh_shape, dep.expert_shards) == (16, (2, 4, 2), 4)
   assert dataclasses.replace(dep, placement="ep").expert_shards == 8
   assert "16 devices" in dep.describe()
-
-
-# --- capacity -----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("tokens,experts,k,factor,expected", [
-    (64, 16, 2, 1.0, 8),  # balanced share 64 * 2 / 16 = 8
-    (64, 16, 2, 2.0, 16),
-    (64, 16, 2, 1.25, 10),
-    (10, 16, 2, 1.0, 2),  # 1.25 rounds up
-    (3, 16, 2, 2.0, 1),  # 0.75 rounds up to 1
-    (1, 64, 2, 0.01, 1),  # never zero slots
-    (4, 2, 2, 8.0, 4),  # never more than the tokens: 4 * 2 / 2 * 8 = 32 -> 4
-])
-def test_capacity_by_hand(tokens, experts, k, factor, expected):
-  assert config.capacity(tokens, experts, k, factor) == expected
 
 
 # --- mesh ---------------------------------------------------------------------------------

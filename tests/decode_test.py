@@ -1,6 +1,5 @@
 """Tests for jax_ep/decode.py: generation on one device, sampling, timing, input errors."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -32,7 +31,7 @@ def prompts():
 
 @pytest.fixture(scope="module")
 def greedy(engine, params, prompts):
-  return decode.generate(engine, params, prompts, NEW, max_len=MAX_LEN, time_steps=True)
+  return decode.generate(engine, params, prompts, NEW, max_len=MAX_LEN, synced_steps=2)
 
 
 def test_generate_returns_new_tokens_and_timings(greedy):
@@ -40,8 +39,9 @@ def test_generate_returns_new_tokens_and_timings(greedy):
   assert ((greedy.tokens >= 0) & (greedy.tokens < CFG.vocab_size)).all()
   assert (greedy.batch, greedy.steps) == (B, NEW - 1)
   assert greedy.compile_s > 0 and greedy.prefill_s > 0 and greedy.decode_s > 0
-  assert len(greedy.step_s) == NEW - 1 and min(greedy.step_s) > 0
-  assert greedy.tpot_ms > 0 and greedy.tps > 0
+  # 4 decode calls: the first fills the ring, 2 are timed with a sync each, 1 back to back.
+  assert len(greedy.step_s) == 2 and min(greedy.step_s) > 0 and greedy.decode_steps == 1
+  assert greedy.tpot_ms > 0 and greedy.tps > 0 and greedy.tpot_synced_ms > 0
   assert greedy.tps == pytest.approx(B / (greedy.tpot_ms / 1e3))
 
 
@@ -51,13 +51,14 @@ def test_greedy_tokens_are_the_argmax_of_a_full_forward(engine, params, prompts,
   seq = np.concatenate([prompts, greedy.tokens[:, :-1]], axis=1)  # [B, PROMPT + NEW - 1]
   logits, _, _ = engine.forward(params, engine.init_cache(B, MAX_LEN), jnp.asarray(seq),
                                 jnp.int32(0))
+  logits = np.asarray(logits)
   assert_array_equal(np.argmax(np.asarray(logits)[:, PROMPT - 1:], axis=-1), greedy.tokens)
 
 
 def test_load_counts_prefill_and_every_decode_step(greedy):
   tokens = B * (PROMPT + NEW - 1)  # the last new token is sampled, never fed back
   assert_array_equal(greedy.load_LxE.sum(-1), [tokens * CFG.top_k] * CFG.num_layers)
-  assert greedy.dropped == 0 and greedy.max_rounds == 1
+  assert greedy.dropped == 0
 
 
 def test_temperature_sampling_is_reproducible(engine, params, prompts, greedy):
@@ -74,25 +75,37 @@ def test_temperature_sampling_is_reproducible(engine, params, prompts, greedy):
   assert all(len(set(row)) > 1 for row in first.tolist())
 
 
-def test_sample():
-  logits = jnp.array([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0]])
-  assert_array_equal(decode.sample(logits, 0.0, None), [1, 0])
-  key = jax.random.key(0)
-  draws = decode.sample(jnp.tile(logits, (500, 1)), 1.0, key)
-  assert_array_equal(draws, decode.sample(jnp.tile(logits, (500, 1)), 1.0, key))
-  # softmax([0, 3, 1]) puts 84% on token 1.
-  assert 0.75 < float(jnp.mean(draws[0::2] == 1)) < 0.92
-
-
 def test_tpot_and_tps_arithmetic():
   tokens = np.zeros((4, 3), np.int32)
-  gen = decode.Generation(tokens, 1.0, 0.1, [0.3, 0.1, 0.2], 0.6, np.zeros((1, 1)), 0, 1)
-  assert gen.tpot_ms == pytest.approx(200.0)  # the median step
+  gen = decode.Generation(tokens, 1.0, 0.1, [0.3, 0.1, 0.2], 0.6, 3, np.zeros((1, 1)), 0)
+  assert gen.tpot_ms == pytest.approx(200.0)  # back to back: 0.6 s over 3 steps
+  assert gen.tpot_synced_ms == pytest.approx(200.0)  # the median synced step
   assert gen.tps == pytest.approx(20.0)  # 4 sequences / 0.2 s
-  gen = decode.Generation(tokens, 1.0, 0.1, [], 0.5, np.zeros((1, 1)), 0, 1)
-  assert gen.tpot_ms == pytest.approx(250.0)  # 0.5 s over 2 steps
-  gen = decode.Generation(tokens[:, :1], 1.0, 0.1, [], 0.0, np.zeros((1, 1)), 0, 1)
+  gen = decode.Generation(tokens, 1.0, 0.1, [0.25], 0.0, 0, np.zeros((1, 1)), 0)
+  assert gen.tpot_ms == pytest.approx(250.0)  # no back-to-back steps: the synced median
+  gen = decode.Generation(tokens[:, :1], 1.0, 0.1, [], 0.0, 0, np.zeros((1, 1)), 0)
   assert gen.tps == 0.0
+
+
+def test_prefill_chunks():
+  assert decode.prefill_chunks(10, 4, 8) == [(0, 4), (4, 4), (8, 2)]
+  assert decode.prefill_chunks(10, 0, 1024) == [(0, 10)]  # 16 positions fit 16384 tokens
+  assert decode.prefill_chunks(128, 0, 1024) == [(i, 16) for i in range(0, 128, 16)]
+
+
+def test_chunked_prefill_equals_one_shot(params, prompts, greedy):
+  import dataclasses
+
+  chunked = Engine(CFG, dataclasses.replace(deployments.SINGLE, prefill_chunk=3))
+  gen = decode.generate(chunked, params, prompts, NEW, max_len=MAX_LEN)
+  assert_array_equal(gen.tokens, greedy.tokens)  # prompt 4 in chunks of 3 and 1
+  assert_array_equal(gen.load_LxE, greedy.load_LxE)
+
+
+def test_imbalance():
+  gen = decode.Generation(np.zeros((1, 1), np.int32), 0, 0, [], 0, 0,
+                          np.array([[1, 1, 2], [3, 3, 0]]), 0)
+  assert gen.imbalance == pytest.approx(1.5)  # worst layer: 3 / 2
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -110,4 +123,4 @@ def test_errors_before_compiling(params, prompts, kwargs, message):
   with pytest.raises(ConfigError, match=message):
     decode.generate(engine, params, args["prompts"], args["max_new_tokens"],
                     temperature=args["temperature"], max_len=MAX_LEN)
-  assert "forward_last" not in engine.__dict__  # the error came before any tracing
+  assert "forward" not in engine.__dict__  # the error came before any tracing

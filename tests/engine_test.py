@@ -41,9 +41,12 @@ CASES = {
     "seed_baseline": ("tiny", PRESETS["seed_baseline"], 8),  # 2 stages x tp 8
     "baseline_tp": ("tiny", DeploymentConfig(kind="baseline", stages=2, tp=4, placement="tp",
                                              microbatches=2), 8),
-    # Decode steps with 2 pipeline micro-batches (prefill with 4).
-    "proposed_8_decode_m2": ("tiny", dataclasses.replace(PRESETS["proposed_8"],
-                                                         decode_microbatches=2), 8),
+    # One decode group in flight (prefill with 4 micro-batches).
+    "proposed_8_one_group": ("tiny", dataclasses.replace(PRESETS["proposed_8"],
+                                                         decode_groups=1), 8),
+    # The Pallas kernels (grouped experts, decode attention) through the interpreter.
+    "proposed_8_kernels": ("tiny", dataclasses.replace(PRESETS["proposed_8"],
+                                                       kernels="interpret"), 8),
     "baseline_8_swiglu": ("tiny_swiglu", PRESETS["baseline_8"], 8),  # gated experts
     # Experts over expert x tp while the batch is split over expert and the tokens over tp.
     "expert_x_tp": ("tiny", DeploymentConfig(kind="proposed", stages=2, expert=2, tp=2,
@@ -78,7 +81,6 @@ class Result(NamedTuple):
   v: np.ndarray
   load: np.ndarray  # [L, E]
   dropped: np.ndarray  # [L]
-  rounds: np.ndarray  # [L]
 
 
 def _forward(engine, params, tokens) -> Result:
@@ -137,8 +139,6 @@ def test_forward_equals_single_device(deployed):
   assert_array_equal(got.load, want.load)
   assert_array_equal(got.load.sum(-1), [deployed.batch * PROMPT * cfg.top_k] * cfg.num_layers)
   assert_array_equal(got.dropped, 0)
-  # Default capacity (2 x balanced) has buckets up to 4 C >= every token of a chunk: 1 round.
-  assert_array_equal(got.rounds, 1)
 
 
 def test_generate_equals_single_device(deployed):
@@ -147,14 +147,19 @@ def test_generate_equals_single_device(deployed):
   want = _reference_generation(deployed.model, deployed.batch)
   assert gen.tokens.shape == (deployed.batch, NEW)
   assert_array_equal(gen.tokens, want.tokens)
-  assert_array_equal(gen.load_LxE, want.load_LxE)
+  if deployed.engine.dep.stages > 1 and deployed.engine.dep.groups > 1:
+    # The ring ends its last call with groups in flight, whose next tokens the first
+    # stages have routed already (ring_test.py); the last stage routed exactly these.
+    assert_array_equal(gen.load_LxE[-1], want.load_LxE[-1])
+    assert (gen.load_LxE >= want.load_LxE).all()
+  else:
+    assert_array_equal(gen.load_LxE, want.load_LxE)
   assert gen.dropped == 0
 
 
 def test_all_tokens_to_two_experts_equals_single_device(deployed):
-  # Adversarial routing: experts 0 and 1 get every token, the others none, so their
-  # (source, expert) queues overflow C and the dropless exchange must serve them (with
-  # its largest capacity bucket, 4 C, which holds every token here: one round).
+  # Adversarial routing: experts 0 and 1 get every token, the others none: the device
+  # holding them receives every pick, which the worst-case dropless buffer holds.
   params = deployed.engine.place_params(_zero_router(_single(deployed.model)[1]))
   got = _forward(deployed.engine, params, deployed.prompts)
   want = _reference(deployed.model, deployed.batch, zero_router=True)
@@ -164,24 +169,6 @@ def test_all_tokens_to_two_experts_equals_single_device(deployed):
   expected[:, :2] = tokens
   assert_array_equal(got.load, expected)
   assert_array_equal(got.dropped, 0)
-
-
-@pytest.mark.parametrize("name", ["proposed_tp2", "baseline_tp"])
-def test_small_capacity_and_chunks_equal_single_device(name):
-  # Random routing, but a quarter of a balanced share per round and two MoE chunks: queues
-  # past the largest capacity bucket (4 C) take several rounds, each chunk's exchange apart.
-  model, dep, batch = CASES[name]
-  dep = dataclasses.replace(dep, capacity_factor=0.25, moe_chunks=2)
-  single, params = _single(model)
-  engine = Engine(single.cfg, dep)
-  got = _forward(engine, engine.place_params(params), _prompts(single.cfg.vocab_size, batch))
-  want = _reference(model, batch)
-  assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
-  assert_array_equal(got.load, want.load)
-  if name == "baseline_tp":  # chunks of 6 tokens, C = 1: queues can pass the largest bucket, 4
-    assert got.rounds.max() > 1, got.rounds
-  else:  # 3 tokens a micro-batch: the largest bucket (all 3) holds any queue in one round
-    assert (got.rounds == 1).all(), got.rounds
 
 
 # --- the lowered program has the collectives the deployment is made of ---------------------
@@ -230,8 +217,12 @@ def test_lowered_program_has_the_collectives(deployed):
   split = dep.placement == "ep" and dep.tp > 1
   assert any(op == "all_gather" and n == dep.tp for op, n, _ in ops) == split, ops
   if dep.placement == "tp" and dep.tp > 1:  # expert MLPs split over F: partial sums
-    assert any(op == "all_reduce" and n == dep.tp and shape != activation and len(shape) == 3
+    assert any(op == "all_reduce" and n == dep.tp and shape != activation and len(shape) == 2
                for op, n, shape in ops), ops
+  # The head: the stage's rows gathered over expert for each vocabulary shard.
+  if dep.expert > 1:
+    assert ("all_gather", dep.expert, (rows * dep.microbatches, PROMPT,
+                                       engine.cfg.model_dim)) in ops, ops
 
 
 def test_single_device_program_has_no_collectives():
@@ -278,7 +269,12 @@ def test_seed_proposed_one_expert_per_device():
   for shard in moe["w_router_DxE"][...].addressable_shards:
     assert shard.data.shape == (1, d, cfg.num_experts)
   (cache_k,) = engine.cache_shardings.k
-  assert cache_k.shard_shape((4, 64, MAX_LEN, h, k)) == (1, 4, MAX_LEN, h, k)
+  assert cache_k.shard_shape((4, 64, h, MAX_LEN, k)) == (1, 4, h, MAX_LEN, k)
+  # The unembedding: 256 / 16 vocabulary columns on each device of a stage.
+  for shard in params["unembed_DxV"][...].addressable_shards:
+    stage, expert, _ = coords[shard.device.id]
+    assert shard.data.shape == (d, cfg.vocab_size // 16)
+    assert _starts(shard)[1] == expert * cfg.vocab_size // 16
 
 
 def test_seed_baseline_four_experts_and_an_eighth_of_the_heads_per_device():
@@ -303,7 +299,9 @@ def test_seed_baseline_four_experts_and_an_eighth_of_the_heads_per_device():
         head_axis = 2 if name == "wq_DxHxK" else 1
         assert _starts(shard)[0] == stage and _starts(shard)[head_axis] == heads * tp
   for cache_k in engine.cache_shardings.k:
-    assert cache_k.shard_shape((2, 8, MAX_LEN, 8, k)) == (1, 8, MAX_LEN, 1, k)
+    assert cache_k.shard_shape((2, 8, 8, MAX_LEN, k)) == (1, 8, 1, MAX_LEN, k)
+  for shard in params["unembed_DxV"][...].addressable_shards:  # vocabulary over tp
+    assert shard.data.shape == (d, cfg.vocab_size // 8)
 
 
 def test_seed_proposed_e64_every_layer_one_expert_of_each():

@@ -1,8 +1,7 @@
-"""Tests for jax_ep/ep.py: ep.moe equals the dense reference, on one device and in shard_map."""
+"""Tests for jax_ep/ep.py: ep.moe equals the dense reference, on one device and in
+shard_map (tokens really cross devices in the all_to_all), and the head's collectives."""
 
-import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +10,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from numpy.testing import assert_allclose, assert_array_equal
 
-from jax_ep import ep, experts
-from jax_ep.config import DeploymentConfig, capacity, capacity_buckets
+from jax_ep import ep, experts, routing, sampling
+from jax_ep.config import DeploymentConfig
 from jax_ep.mesh import make_mesh
 
 T, E, K, D, F = 24, 8, 2, 16, 32
@@ -38,90 +37,60 @@ def _moe_one_device(par: ep.Parallel, active=True):
   return jax.jit(functools.partial(ep.moe, top_k=K, par=par, active=active))
 
 
-def _np_routing(x, router, chunks):
-  """(token, pick) load per chunk and expert, by numpy: [chunks, E]."""
+def _np_load(x, router):
+  """(token, pick) pairs per expert, by numpy."""
   logits = np.asarray(x) @ np.asarray(router)
   picks = np.argsort(-logits, axis=-1, kind="stable")[:, :K]
-  load = np.zeros((chunks, E), int)
-  for t, row in enumerate(picks):
-    for e in row:
-      load[t // (len(picks) // chunks), e] += 1
-  return load
-
-
-def _expected_rounds(load, cap, chunk):
-  """Dropless: the smallest capacity bucket that holds the longest queue, one round;
-  past the largest bucket, as many rounds of it as the longest queue needs."""
-  caps = capacity_buckets(cap, chunk)
-  most = load.max()
-  return 1 if any(c >= most for c in caps[:-1]) else max(1, math.ceil(most / caps[-1]))
+  return np.bincount(picks.ravel(), minlength=E)
 
 
 @pytest.mark.parametrize("mlp_kind", ["gelu", "swiglu"])
-@pytest.mark.parametrize("moe_chunks,capacity_factor", [(1, 2.0), (1, 0.25), (3, 0.25),
-                                                        (2, 1.0)])
-def test_moe_one_device_equals_dense_reference(mlp_kind, moe_chunks, capacity_factor):
+@pytest.mark.parametrize("kernels", ["xla", "interpret"])
+def test_moe_one_device_equals_dense_reference(mlp_kind, kernels):
   x, router, up, down, gate = _weights(mlp_kind)
-  par = ep.Parallel(capacity_factor=capacity_factor, moe_chunks=moe_chunks)
-  y, stats = _moe_one_device(par)(x, router, up, down, gate)
+  y, stats = _moe_one_device(ep.Parallel(kernels=kernels))(x, router, up, down, gate)
   assert y.shape == (T, D) and y.dtype == x.dtype
   assert_allclose(y, _reference(x, router, up, down, gate), rtol=1e-5, atol=1e-5)
-
-  load = _np_routing(x, router, moe_chunks)
-  cap = capacity(T // moe_chunks, E, K, capacity_factor)
-  assert_array_equal(stats.load_E, load.sum(0))
+  assert_array_equal(stats.load_E, _np_load(x, router))
   assert int(stats.dropped) == 0
-  assert int(stats.rounds) == _expected_rounds(load, cap, T // moe_chunks)
-  if capacity_factor < 1:
-    assert int(stats.rounds) > 1  # the overflow rounds did run, and the output is right
 
 
-def test_moe_chunks_that_do_not_divide_tokens_fall_back_to_a_divisor():
-  x, router, up, down, _ = _weights()
-  y, _ = _moe_one_device(ep.Parallel(moe_chunks=5))(x, router, up, down, None)  # gcd(5, 24)=1
-  assert_allclose(y, _reference(x, router, up, down, None), rtol=1e-5, atol=1e-5)
+def test_dropless_whatever_the_skew():
+  # All-zero router: every token picks experts 0 and 1. Dropless still serves every pick.
+  x, router, up, down, _ = _weights(zero_router=True)
+  for kernels in ("xla", "interpret"):
+    y, stats = _moe_one_device(ep.Parallel(kernels=kernels))(x, router, up, down, None)
+    assert_allclose(y, _reference(x, router, up, down, None), rtol=1e-5, atol=1e-5)
+    assert_array_equal(stats.load_E, [T, T, 0, 0, 0, 0, 0, 0])
+    assert int(stats.dropped) == 0
 
 
 def test_dropping_hand_counted():
-  # All-zero router: every token ties and picks experts 0 and 1 with weight 1/2.
-  # Two chunks of 12 tokens; capacity ceil(12 * 2 / 8 * 0.5) = 2 slots per expert per chunk,
-  # so each chunk keeps its first 2 tokens and drops 10 tokens x 2 picks: 40 dropped.
+  # All-zero router, one device: W = ceil(24 * 2 / 1 * 0.25) = 12 rows. In token order the
+  # device gets t0->e0, t0->e1, t1->e0, ...: the first 12 picks (tokens 0..5) stay.
   x, router, up, down, _ = _weights(zero_router=True)
-  par = ep.Parallel(capacity_factor=0.5, moe_chunks=2, dropless=False)
-  assert capacity(12, E, K, 0.5) == 2
+  par = ep.Parallel(capacity_factor=0.25, dropless=False)
+  assert routing.rows_per_destination(T, K, E, 1, 0.25, False) == 12
   y, stats = _moe_one_device(par)(x, router, up, down, None)
-  assert int(stats.dropped) == 40
-  assert int(stats.rounds) == 1
-  assert_array_equal(stats.load_E, [24, 24, 0, 0, 0, 0, 0, 0])
+  assert int(stats.dropped) == 2 * T - 12
+  assert_array_equal(stats.load_E, [T, T, 0, 0, 0, 0, 0, 0])
   full = _reference(x, router, up, down, None)
-  kept = np.zeros((T, 1))
-  kept[[0, 1, 12, 13]] = 1.0
+  kept = (np.arange(T) < 6)[:, None].astype(np.float32)
   assert_allclose(y, full * kept, rtol=1e-5, atol=1e-5)
-  assert not np.allclose(y, full, atol=1e-3)
 
 
-def test_dropping_random_routing_counts_overflow():
-  x, router, up, down, gate = _weights("swiglu", seed=3)
-  par = ep.Parallel(capacity_factor=0.5, moe_chunks=2, dropless=False)
-  cap = capacity(T // 2, E, K, 0.5)
-  load = _np_routing(x, router, 2)
-  expected = int(np.maximum(load - cap, 0).sum())
-  assert expected > 0
-  y, stats = _moe_one_device(par)(x, router, up, down, gate)
-  assert int(stats.dropped) == expected
-  assert not np.allclose(y, _reference(x, router, up, down, gate), atol=1e-3)
-  # Dropless with the same capacity gets it right (a larger capacity bucket, one round).
-  y, stats = _moe_one_device(dataclasses.replace(par, dropless=True))(x, router, up, down, gate)
-  assert int(stats.dropped) == 0
-  assert int(stats.rounds) == _expected_rounds(load, cap, T // 2)
-  assert_allclose(y, _reference(x, router, up, down, gate), rtol=1e-5, atol=1e-5)
-
-
-def test_inactive_tokens_are_not_counted():
-  x, router, up, down, _ = _weights(zero_router=True)
-  par = ep.Parallel(capacity_factor=0.5, dropless=False)
-  _, stats = _moe_one_device(par, active=False)(x, router, up, down, None)
+def test_inactive_tokens_are_not_counted_and_get_nothing():
+  x, router, up, down, _ = _weights()
+  y, stats = _moe_one_device(ep.Parallel(kernels="interpret"), active=False)(
+      x, router, up, down, None)
   assert int(stats.load_E.sum()) == 0 and int(stats.dropped) == 0
+  assert_allclose(y, 0.0)  # a bubble's tokens take no rows: the experts skip them
+
+
+def test_compiled_moe_has_no_conditional_or_loop():
+  x, router, up, down, _ = _weights()
+  hlo = _moe_one_device(ep.Parallel()).lower(x, router, up, down, None).compile().as_text()
+  assert " conditional(" not in hlo and " while(" not in hlo
 
 
 # --- in shard_map, over the expert and tp axes ---------------------------------------------
@@ -139,7 +108,7 @@ def _moe_sharded(dep: DeploymentConfig):
 
   def f(x_, router, up_, down_):
     y_, stats = ep.moe(x_, router, up_, down_, None, top_k=K, par=par)
-    return y_, ep.psum_batch(stats.load_E, par), stats.rounds
+    return y_, ep.psum_batch(stats.load_E, par), ep.psum_batch(stats.dropped, par)
 
   return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("expert"), P(), w_in, w_out),
                                out_specs=(P("expert"), P(), P()), check_vma=False))
@@ -150,20 +119,83 @@ def _moe_sharded(dep: DeploymentConfig):
 def test_moe_sharded_equals_dense_reference(placement, per_device):
   # 4 expert devices x tp 2. With placement "ep" each tp rank dispatches its own slice of
   # the device's tokens, so 3 or 1 tokens per device do not split evenly over tp.
-  dep = DeploymentConfig(kind="proposed", expert=4, tp=2, placement=placement,
-                         capacity_factor=0.5)
+  dep = DeploymentConfig(kind="proposed", expert=4, tp=2, placement=placement)
   x, router, up, down, _ = _weights(tokens=4 * per_device, seed=per_device)
-  y, load, rounds = _moe_sharded(dep)(x, router, up, down)
+  y, load, dropped = _moe_sharded(dep)(x, router, up, down)
   assert_allclose(y, _reference(x, router, up, down, None), rtol=1e-5, atol=1e-5)
-  assert_array_equal(load, _np_routing(x, router, 1).sum(0))  # every pick counted once
+  assert_array_equal(load, _np_load(x, router))  # every pick counted once
+  assert int(dropped) == 0
 
 
-def test_moe_sharded_skewed_routing_takes_more_rounds():
-  dep = DeploymentConfig(kind="proposed", expert=4, tp=2, placement="ep", capacity_factor=0.5)
+def test_moe_sharded_all_to_one_is_dropless_and_the_kernel_agrees():
   x, router, up, down, _ = _weights(tokens=128, zero_router=True)
-  y, load, rounds = _moe_sharded(dep)(x, router, up, down)
-  assert_allclose(y, _reference(x, router, up, down, None), rtol=1e-5, atol=1e-5)
-  assert_array_equal(load, [128, 128, 0, 0, 0, 0, 0, 0])
-  # Each tp rank routes 16 tokens to expert 0 with capacity ceil(16 * 2 / 8 * 0.5) = 2;
-  # the largest bucket is 4 x 2 = 8, so the queue of 16 takes two rounds of it.
-  assert int(rounds) == 2
+  for kernels in ("xla", "interpret"):
+    dep = DeploymentConfig(kind="proposed", expert=4, tp=2, placement="ep", kernels=kernels)
+    y, load, dropped = _moe_sharded(dep)(x, router, up, down)
+    assert_allclose(y, _reference(x, router, up, down, None), rtol=1e-5, atol=1e-5)
+    assert_array_equal(load, [128, 128, 0, 0, 0, 0, 0, 0])
+    assert int(dropped) == 0
+
+
+def test_moe_sharded_drops_past_the_rows():
+  dep = DeploymentConfig(kind="proposed", expert=4, capacity_factor=0.5, dropless=False)
+  x, router, up, down, _ = _weights(tokens=64, zero_router=True)
+  y, load, dropped = _moe_sharded(dep)(x, router, up, down)
+  # Each device routes 16 tokens x 2 picks, all to device 0 (experts 0 and 1): W =
+  # ceil(16 * 2 / 4 * 0.5) = 4 rows kept of 32, on each of 4 devices.
+  assert int(dropped) == 4 * (32 - 4)
+  assert not np.allclose(y, _reference(x, router, up, down, None), atol=1e-3)
+
+
+def test_tokens_cross_devices_in_the_all_to_all():
+  dep = DeploymentConfig(kind="proposed", expert=4)
+  x, router, up, down, _ = _weights(tokens=16)
+  hlo = _moe_sharded(dep).lower(x, router, up, down).as_text()
+  assert hlo.count("all_to_all") >= 3  # rows there, counts there, results back
+  # The exchange moves [P, W, D] rows: W = 4 tokens x min(K, 2 experts) = 8.
+  assert "tensor<4x8x16xf32>" in hlo
+
+
+# --- the head's collectives -----------------------------------------------------------------
+
+
+def test_best_over_vocab_equals_argmax_of_the_whole_logits():
+  dep = DeploymentConfig(kind="proposed", expert=4, tp=2)
+  par, mesh = ep.Parallel.of(dep), make_mesh(dep)
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(5, 64)).astype(np.float32)
+  logits[0, [3, 40]] = 9.0  # a tie across shards: the lower id wins, as argmax
+  key = jax.random.key(7)
+  seq, pos = jnp.arange(5), jnp.full((5,), 3)
+
+  def f(logits_, temperature):
+    vocab0 = ep.vocab_shard(par) * logits_.shape[1]
+    score, vid = sampling.local_best(logits_, vocab0, temperature, key, seq, pos)
+    return ep.best_over_vocab(score, vid, par)
+
+  for temperature in (0.0, 0.7):
+    sharded = jax.jit(jax.shard_map(functools.partial(f, temperature=temperature), mesh=mesh,
+                                    in_specs=P(None, ("expert", "tp")), out_specs=P(),
+                                    check_vma=False))(jnp.asarray(logits))
+    whole = sampling.sample(jnp.asarray(logits), temperature, key, seq, pos)
+    assert_array_equal(sharded, whole)
+  greedy = jax.jit(jax.shard_map(functools.partial(f, temperature=0.0), mesh=mesh,
+                                 in_specs=P(None, ("expert", "tp")), out_specs=P(),
+                                 check_vma=False))(jnp.asarray(logits))
+  assert_array_equal(greedy, np.argmax(logits, axis=-1))
+  assert int(greedy[0]) == 3
+
+
+def test_gather_batch_and_last_stage_value():
+  dep = DeploymentConfig(kind="proposed", stages=2, expert=4)
+  par, mesh = ep.Parallel.of(dep), make_mesh(dep)
+  x = jnp.arange(8, dtype=jnp.float32)
+
+  def f(x_):
+    rows = ep.gather_batch(x_, par)  # every row of the stage
+    stage = ep.stage_index(par)
+    return ep.last_stage_value(rows + 100.0 * stage, par)
+
+  out = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("expert"), out_specs=P(),
+                              check_vma=False))(x)
+  assert_array_equal(out, np.arange(8) + 100.0)  # the last stage's (stage 1) value

@@ -12,6 +12,7 @@ from flax import nnx
 from numpy.testing import assert_allclose, assert_array_equal
 
 from configs import seed, seed_e64, tiny
+from jax_ep import ep
 from jax_ep.kv_cache import KVCache
 from jax_ep.model import Transformer, rope
 
@@ -75,19 +76,19 @@ def test_swiglu_adds_a_gate_matrix():
 class _Model:
   """A tiny model and its jitted __call__(tokens, cache, pos); one compile per input shape."""
 
-  def __init__(self, cfg):
+  def __init__(self, cfg, par=ep.ONE_DEVICE):
     self.cfg = cfg
     self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
     self.params = jax.jit(lambda: nnx.split(Transformer(cfg, nnx.Rngs(0)))[1])()
 
     @jax.jit
     def call(params, tokens, cache, pos):
-      return nnx.merge(self.graphdef, params)(tokens, cache, pos)
+      return nnx.merge(self.graphdef, params)(tokens, cache, pos, par)
 
     self.call = call
 
   def __call__(self, tokens, cache, pos):
-    return self.call(self.params, tokens, cache, jnp.int32(pos))
+    return self.call(self.params, tokens, cache, jnp.asarray(pos, jnp.int32))
 
   def full(self, tokens):
     return self(tokens, KVCache.zeros(self.cfg, B, L), 0)
@@ -123,11 +124,36 @@ def test_cache_decoding_equals_full_forward(model, tokens):
   inc, inc_cache = model.incremental(tokens)
   assert_allclose(inc, full, rtol=1e-5, atol=1e-5)
   # The cache holds the same keys and values either way, at every position.
-  assert_allclose(inc_cache.k_LxBxSxHxK, full_cache.k_LxBxSxHxK, rtol=1e-5, atol=1e-5)
-  assert_allclose(inc_cache.v_LxBxSxHxK, full_cache.v_LxBxSxHxK, rtol=1e-5, atol=1e-5)
-  assert np.abs(np.asarray(full_cache.k_LxBxSxHxK)).min(axis=(0, 1, 3, 4)).all()  # all written
+  assert_allclose(inc_cache.k_LxBxHxSxK, full_cache.k_LxBxHxSxK, rtol=1e-5, atol=1e-5)
+  assert_allclose(inc_cache.v_LxBxHxSxK, full_cache.v_LxBxHxSxK, rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(full_cache.k_LxBxHxSxK)).min(axis=(0, 1, 2, 4)).all()  # all written
   # Every token picks top_k experts in every layer.
   assert_array_equal(stats.load_E.sum(-1), [B * L * TINY.top_k] * TINY.num_layers)
+
+
+def test_decode_kernels_equal_full_forward():
+  """One token at a time through the Pallas decode attention and grouped expert kernels
+  (interpreted; a 16-position cache, the kernel's tile) equals the full forward."""
+  cfg = dataclasses.replace(TINY, max_seq_len=16)
+  full_model = _Model(cfg)
+  kern = _Model(cfg, ep.Parallel(kernels="interpret"))
+  kern.params = full_model.params
+  toks = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (B, 16)), jnp.int32)
+  full, _, _ = full_model(toks[:, :10], KVCache.zeros(cfg, B, 16), 0)
+  _, cache, _ = kern(toks[:, :PROMPT], KVCache.zeros(cfg, B, 16), 0)
+  for pos in range(PROMPT, 10):
+    logits, cache, _ = kern(toks[:, pos:pos + 1], cache, pos)
+    assert_allclose(logits[:, 0], full[:, pos], rtol=1e-4, atol=1e-4)
+
+
+def test_sequences_at_different_positions(model, tokens):
+  """pos_B per sequence: sequence 1 decodes a position behind sequence 0, in one call."""
+  full, _, _ = model.full(tokens)
+  _, cache, _ = model(tokens[:, :PROMPT], KVCache.zeros(model.cfg, B, L), 0)
+  step = jnp.stack([tokens[0, PROMPT], tokens[1, PROMPT - 1]])[:, None]
+  logits, _, _ = model(step, cache, np.array([PROMPT, PROMPT - 1]))
+  assert_allclose(logits[0, 0], full[0, PROMPT], rtol=1e-5, atol=1e-5)
+  assert_allclose(logits[1, 0], full[1, PROMPT - 1], rtol=1e-5, atol=1e-5)
 
 
 def test_stale_cache_beyond_pos_is_ignored(model, tokens):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -34,17 +35,16 @@ class Blocks:
 
   With `half_tiles`, a group's last row tile that holds at most block_m / 2 rows runs a
   loop of half the height: FLOPs follow the rows at block_m / 2 granularity while the
-  weights are still streamed per block_m rows (measured on the H200: 128-row tiles
-  reach 3.1 TB/s of weights, 64-row ones 2.7, since each row tile reads its group's
-  weight tile again from L2).
+  weights are still streamed per block_m rows. Measured on the H200 it gained nothing
+  (benchmarks/NOTES.md): the half-height loop runs at the 64-row tiles' lower rate.
   """
 
   block_m: int = 128
   block_n: int = 256
   block_k: int = 64
   num_warps: int = 8
-  num_stages: int = 3
-  half_tiles: bool = True
+  num_stages: int = 4
+  half_tiles: bool = False
 
   def smem_bytes(self, weights: int = 1, itemsize: int = 2) -> int:
     """Shared memory of the software pipeline: x and weight tiles per stage."""
@@ -55,7 +55,7 @@ class Blocks:
 # sweep for the seed's 8192 x 32768 products. SwiGLU's fused up product loads two weight
 # tiles per step, so it takes narrower ones to fit the 227 KiB of shared memory.
 DEFAULT_BLOCKS = Blocks()
-SWIGLU_UP_BLOCKS = Blocks(block_n=128)
+SWIGLU_UP_BLOCKS = Blocks(block_n=128, num_stages=3)
 
 
 def gelu_tanh(x):
@@ -209,6 +209,8 @@ def _pallas_partial(x_pad, m, w_GxKxN, group_sizes_G, blocks: Blocks, interpret:
   k = x_pad.shape[1]
   g, _, n = w_GxKxN.shape
   bm, bn, bk = blocks.block_m, blocks.block_n, blocks.block_k
+  if k % (bk * split_k):
+    raise ValueError(f"K={k} does not split into {split_k} slices of block_k={bk} steps")
   n_tiles = n // bn
   programs = (pl.cdiv(m, bm) + g) * n_tiles
   table = tile_table(group_sizes_G, bm, n_tiles)
@@ -352,8 +354,9 @@ def grouped_mlp(x_MxD: jax.Array, group_sizes_G: jax.Array, w_up_GxDxF: jax.Arra
 
   `blocks` may be one Blocks or (up, down); None picks the measured defaults, narrowed
   to the shapes (blocks_for). `expected_rows` (the real rows of a typical call, M if
-  None) sets split-K: with few row tiles, K is split so the GPU has enough programs. The kernels keep the hidden [M + pad, F] padded between
-  the two products, so nothing is copied between them.
+  None) sets split-K: with few row tiles, K is split so the GPU has enough programs.
+  The kernels keep the hidden [M + pad, F] padded between the two products, so nothing
+  is copied between them.
   """
   activation = "gelu" if w_gate_GxDxF is None else "swiglu"
   if blocks is None:
@@ -381,9 +384,10 @@ def grouped_mlp(x_MxD: jax.Array, group_sizes_G: jax.Array, w_up_GxDxF: jax.Arra
   return grouped_matmul(h_MxF, w_down_GxFxD, group_sizes_G, impl=impl)
 
 
-# Programs a launch should have at least, so every SM streams weights (132 SMs on an
-# H100 / H200; measured: a one-expert down product of 32 programs ran at 1.95 TB/s).
-MIN_PROGRAMS = 2 * 132
+# Programs a launch should have at least, so every SM streams weights: about two waves
+# of an H100's / H200's 132 SMs (measured: a one-expert down product of 32 programs ran
+# at 1.95 TB/s).
+MIN_PROGRAMS = 256
 
 
 def split_for(rows: int, w_shape, blocks: Blocks) -> int:

@@ -1,0 +1,33 @@
+"""Tests for jax_ep/kernels/decode_attention.py: jax's Pallas decode kernel (through the
+interpreter) over the live cache, merged with the new token, against plain softmax."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpy.testing import assert_allclose
+
+from jax_ep.kernels import decode_attention
+
+
+def test_attend_decode_equals_softmax_over_live_positions_and_the_new_token():
+  rng = np.random.default_rng(0)
+  b, h, s, k = 3, 2, 32, 16
+  f = lambda *sh: jnp.asarray(rng.normal(size=sh), jnp.float32)
+  q, kc, vc, kn, vn = f(b, h, k), f(b, h, s, k), f(b, h, s, k), f(b, h, k), f(b, h, k)
+  pos = jnp.array([1, 17, 31], jnp.int32)  # live lengths differ per sequence
+  # Poison the stale positions (finite, as a stale cache is): they must weigh nothing.
+  stale = jnp.arange(s)[None, None, :, None] >= pos[:, None, None, None]
+  kc, vc = jnp.where(stale, 1e3, kc), jnp.where(stale, 1e4, vc)
+  scale = k**-0.5
+  out = decode_attention.attend_decode(q, kc, vc, pos, kn, vn, scale, interpret=True)
+  for i in range(b):
+    n = int(pos[i])
+    keys = jnp.concatenate([kc[i, :, :n], kn[i, :, None]], axis=1)  # [H, n + 1, K]
+    vals = jnp.concatenate([vc[i, :, :n], vn[i, :, None]], axis=1)
+    p = jax.nn.softmax(jnp.einsum("hk,hsk->hs", q[i], keys) * scale, axis=-1)
+    assert_allclose(out[i], jnp.einsum("hs,hsk->hk", p, vals), rtol=1e-5, atol=1e-5)
+
+
+def test_supports_multiples_of_16():
+  assert decode_attention.supports(64) and decode_attention.supports(48)
+  assert not decode_attention.supports(40)

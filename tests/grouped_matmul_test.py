@@ -1,0 +1,126 @@
+"""Tests for jax_ep/kernels/grouped_matmul.py: the Pallas kernel (through the interpreter)
+and the XLA path against a dense per-group reference, on random, empty, all-to-one and
+skewed group sizes, with and without split-K, GELU and SwiGLU."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+
+from jax_ep.experts import expert_mlp
+from jax_ep.kernels import grouped_matmul as gm
+
+G, M, D, F = 4, 40, 64, 128
+BLOCKS = gm.Blocks(block_m=16, block_n=32, block_k=32, half_tiles=True)
+SIZES = {
+    "random": [10, 0, 17, 5],
+    "empty": [0, 0, 0, 0],
+    "all_to_one": [0, 0, 0, 40],
+    "skewed": [33, 1, 2, 4],
+    "buffer_tail": [3, 8, 0, 1],  # 12 real rows in a 40-row buffer
+}
+
+
+def _weights(seed=0):
+  rng = np.random.default_rng(seed)
+  f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  return f(M, D), f(G, D, F) / 8, f(G, F, D) / 11, f(G, D, F) / 8
+
+
+def _dense(x, sizes, up, down, gate):
+  """Each group's rows through its expert alone (experts.expert_mlp), zeros after."""
+  out, start = [], 0
+  for g, n in enumerate(sizes):
+    w = (up[g:g + 1], down[g:g + 1], None if gate is None else gate[g:g + 1])
+    out.append(expert_mlp(x[None, start:start + n], *w)[0])
+    start += n
+  return jnp.concatenate(out + [jnp.zeros((M - start, D))])
+
+
+@pytest.mark.parametrize("name", sorted(SIZES))
+@pytest.mark.parametrize("gated", [False, True])
+def test_kernel_and_xla_equal_the_dense_reference(name, gated):
+  x, up, down, gate = _weights()
+  gate = gate if gated else None
+  sizes = SIZES[name]
+  gs = jnp.asarray(sizes, jnp.int32)
+  want = _dense(x, sizes, up, down, gate)
+  real = sum(sizes)
+  xla = gm.grouped_mlp(x, gs, up, down, gate, impl="xla")
+  assert_allclose(xla, want, rtol=1e-5, atol=1e-5)  # rows past the real ones are zero
+  kernel = gm.grouped_mlp(x, gs, up, down, gate, impl="interpret", blocks=BLOCKS)
+  assert_allclose(kernel[:real], want[:real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("split_k", [2])
+def test_split_k_sums_to_the_same(split_k):
+  x, up, down, gate = _weights(1)
+  sizes = SIZES["random"]
+  gs = jnp.asarray(sizes, jnp.int32)
+  pad = jnp.pad(x, ((0, BLOCKS.block_m), (0, 0)))
+  for g, act in ((None, "gelu"), (gate, "swiglu")):
+    h = gm._pallas(pad, M, up, gs, g, act, BLOCKS, True, split_k=split_k)
+    y = gm._pallas(h, M, down, gs, None, "none", BLOCKS, True, split_k=split_k)[:M]
+    want = _dense(x, sizes, up, down, g)
+    assert_allclose(y[:sum(sizes)], want[:sum(sizes)], rtol=1e-5, atol=1e-5)
+
+
+def test_half_tiles_and_full_tiles_agree():
+  x, up, down, _ = _weights(2)
+  gs = jnp.asarray(SIZES["skewed"], jnp.int32)
+  full = gm.grouped_mlp(x, gs, up, down, impl="interpret",
+                        blocks=dataclasses.replace(BLOCKS, half_tiles=False))
+  half = gm.grouped_mlp(x, gs, up, down, impl="interpret", blocks=BLOCKS)
+  assert_allclose(half[:40], full[:40], rtol=1e-6, atol=1e-6)
+
+
+def test_tile_table():
+  table = np.asarray(gm.tile_table(jnp.array([10, 0, 17], jnp.int32), 8, 3))
+  # rows start, rows, row tiles, first program; G padded to 4 with an empty group.
+  np.testing.assert_array_equal(table[:4], [[0, 10, 10, 27], [10, 0, 17, 0], [2, 0, 3, 0],
+                                            [0, 6, 6, 15]])
+  assert table[4, 0] == 15  # (2 + 3) tiles x 3 column tiles
+
+
+def test_cost_rows_follow_the_real_rows():
+  b = gm.Blocks(block_m=128)
+  assert gm.cost_rows([128] * 16, b) == 2048
+  assert gm.cost_rows([0, 0, 2048], b) == 2048
+  assert gm.cost_rows([129, 1, 0], b) == 256 + 128
+  half = dataclasses.replace(b, half_tiles=True)
+  assert gm.cost_rows([129, 1, 0], half) == 128 + 64 + 64  # half tiles for <= 64 rows left
+
+
+def test_split_and_narrow_for_few_row_tiles():
+  b = gm.DEFAULT_BLOCKS
+  # 16 experts on 2048 rows: plenty of programs, no split.
+  assert gm.split_for(2048, (16, 8192, 32768), b) == 1
+  # One expert, 128 rows (a proposed-layout device): narrower tiles, then split K.
+  down = gm.narrow_for(128, (1, 32768, 8192), b)
+  assert down.block_n == 128
+  assert gm.split_for(128, (1, 32768, 8192), down) == 4
+  up = gm.narrow_for(128, (1, 8192, 32768), b)
+  assert up.block_n == 128 and gm.split_for(128, (1, 8192, 32768), up) == 1
+  with pytest.raises(ValueError, match="does not split"):
+    x, w, _, _ = _weights()
+    gm._pallas_partial(jnp.pad(x, ((0, 16), (0, 0))), M, w, jnp.asarray([1, 0, 0, 0]),
+                       BLOCKS, True, split_k=4)
+
+
+def test_blocks_for_small_shapes_and_errors():
+  b = gm.blocks_for(64, 48)
+  assert (b.block_k, b.block_n) == (64, 16)
+  x, up, down, _ = _weights()
+  with pytest.raises(ValueError, match="multiples of block_k"):
+    gm.grouped_matmul(x, up, jnp.asarray([40, 0, 0, 0]), impl="interpret",
+                      blocks=gm.Blocks(block_n=96))
+  with pytest.raises(ValueError, match="impl="):
+    gm.grouped_matmul(x, up, jnp.asarray([40, 0, 0, 0]), impl="cuda")
+
+
+def test_gelu_matches_jax():
+  x = jnp.linspace(-30, 30, 301)
+  assert_allclose(gm.gelu_tanh(x), jax.nn.gelu(x, approximate=True), rtol=1e-5, atol=1e-6)
