@@ -17,31 +17,18 @@ import argparse
 import datetime
 import itertools
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_ep.bench import time_call as timeit
 from jax_ep.kernels import grouped_matmul as gm
 
 D, F, E = 8192, 32768, 16
 IMPL = "pallas"  # --cpu_check: tiny shapes through the Pallas interpreter (a dry run)
 SKEWED = [265, 231, 204, 178, 161, 147, 139, 128, 117, 106, 98, 85, 72, 51, 36, 30]
 assert sum(SKEWED) == 2048
-
-
-def timeit(fn, *args, calls=5, trials=5):
-  jax.block_until_ready(fn(*args))
-  out, times = None, []
-  for _ in range(trials):
-    t0 = time.perf_counter()
-    for _ in range(calls):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / calls)
-  del out
-  return float(np.median(times))
 
 
 def probes(log):

@@ -9,3 +9,13 @@ def get_config() -> ModelConfig:
   return ModelConfig(num_layers=4, num_experts=16, top_k=2, num_heads=16, head_dim=512,
                      model_dim=8192, mlp_dim=32768, mlp_kind="gelu", vocab_size=32768,
                      max_seq_len=2048, dtype="float16")
+
+
+def slice_config(stages: int, experts: int):
+  """One layer per stage and `experts` experts a layer, top-2, and 2048 vocabulary
+  columns a GPU: each GPU of the slice does what one GPU of seed_proposed does
+  (configs/deployments.py SLICES)."""
+  import dataclasses
+
+  return dataclasses.replace(get_config(), num_layers=stages, num_experts=experts,
+                             vocab_size=2048 * experts)

@@ -63,7 +63,7 @@ def _platform_defaults(spec: BenchSpec, platform: str) -> BenchSpec:
 # --- probes: the hardware floor, measured in this process --------------------------------
 
 
-def _time(fn, *args, calls: int = 5, trials: int = 5) -> float:
+def time_call(fn, *args, calls: int = 5, trials: int = 5) -> float:
   """Median seconds per call; `calls` back-to-back calls per trial hide dispatch."""
   jax.block_until_ready(fn(*args))  # compile and warm up
   times = []
@@ -87,13 +87,13 @@ def probe_bandwidth(device, nbytes: int) -> dict[str, float]:
   """
   n = nbytes // 2
   x = jax.device_put(jax.random.normal(jax.random.key(1), (n,), jnp.float16), device)
-  out = {"scale": 2 * 2 * n / _time(jax.jit(lambda a: a * jnp.float16(1.0001)), x),
-         "negate": 2 * 2 * n / _time(jax.jit(jnp.negative), x)}
+  out = {"scale": 2 * 2 * n / time_call(jax.jit(lambda a: a * jnp.float16(1.0001)), x),
+         "negate": 2 * 2 * n / time_call(jax.jit(jnp.negative), x)}
   del x
   k = 8192 if nbytes >= (1 << 30) else 256
   w = jax.device_put(jax.random.normal(jax.random.key(4), (k, n // k), jnp.float16), device)
   rows = jax.device_put(jax.random.normal(jax.random.key(5), (64, k), jnp.float16), device)
-  out["weights_64_rows"] = w.size * 2 / _time(jax.jit(jnp.matmul), rows, w)
+  out["weights_64_rows"] = w.size * 2 / time_call(jax.jit(jnp.matmul), rows, w)
   del w, rows
   return out
 
@@ -105,7 +105,7 @@ def probe_matmul(device, sizes, dtype) -> dict[str, float]:
     ka, kb = jax.random.split(jax.random.key(2))
     a = jax.device_put(jax.random.normal(ka, (n, n), dtype), device)
     b = jax.device_put(jax.random.normal(kb, (n, n), dtype), device)
-    out[f"square_{n}"] = 2 * n**3 / _time(jax.jit(jnp.matmul), a, b)
+    out[f"square_{n}"] = 2 * n**3 / time_call(jax.jit(jnp.matmul), a, b)
     del a, b
   return out
 
@@ -119,7 +119,7 @@ def probe_all_to_all(devices, nbytes: int) -> float:
   x = jax.device_put(x, NamedSharding(mesh, P("x")))
   f = jax.jit(jax.shard_map(lambda a: jax.lax.all_to_all(a, "x", 0, 0, tiled=True),
                             mesh=mesh, in_specs=P("x"), out_specs=P("x")))
-  t = _time(f, x)
+  t = time_call(f, x)
   del x
   return t
 
