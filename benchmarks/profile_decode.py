@@ -18,10 +18,23 @@ import os
 import re
 import tempfile
 
-SCOPES = ("gate", "dispatch", "experts", "combine", "head", "embed", "to_next_stage")
+SCOPES = ("gate", "dispatch", "experts", "combine", "head", "embed", "to_next_stage",
+          "scatter")
 
 
-def summarize(trace_dir: str, steps: int) -> dict:
+def scopes_of(hlo: str) -> dict[str, str]:
+  """Kernel name -> named scope, from the compiled HLO's op_name metadata (the trace
+  names kernels after HLO instructions, "fusion.3" as "fusion_3"; under CUDA graphs
+  its events carry no scope of their own)."""
+  out = {}
+  for m in re.finditer(r"%([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]+)\"", hlo):
+    name, op = m.group(1).replace(".", "_"), m.group(2)
+    out[name] = next((s for s in SCOPES if f"/{s}/" in op or op.endswith(f"/{s}")),
+                     "attention" if "attn" in op else "other")
+  return out
+
+
+def summarize(trace_dir: str, steps: int, scopes: dict[str, str]) -> dict:
   """Device kernel time per scope and per kernel name, ms per decode step."""
   path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
   with gzip.open(path) as f:
@@ -34,12 +47,9 @@ def summarize(trace_dir: str, steps: int) -> dict:
     if e.get("ph") != "X" or e.get("pid") not in devices:
       continue
     dur = e.get("dur", 0) / 1e3  # ms
-    args = e.get("args", {})
-    op = " ".join(str(args.get(k, "")) for k in ("tf_op", "long_name", "hlo_op", "name"))
-    scope = next((s for s in SCOPES if f"/{s}" in op or f"{s}/" in op), None)
-    if scope is None:
-      m = re.search(r"(attn|layer\d+|moe|ring|pipeline)", op)
-      scope = m.group(1) if m else "other"
+    name = e.get("name", "?")
+    scope = scopes.get(name) or ("experts" if name.startswith("grouped_matmul")
+                                 else "attention" if name.startswith("mha") else "other")
     by_scope[scope] += dur
     by_kernel[e.get("name", "?")[:90]] += dur
     total += dur
@@ -76,15 +86,16 @@ def main():
   new = 1 + 1 + 2 + args.steps
   gen = decode.generate(engine, params, prompts, new, max_len=args.prompt_len + new,
                         synced_steps=2, profile_dir=trace_dir)
-  out = {"config": args.config, "deployment": dep.describe(), "batch": args.batch,
-         "tpot_ms": gen.tpot_ms, "tpot_synced_ms": gen.tpot_synced_ms,
-         "imbalance": gen.imbalance, **summarize(trace_dir, gen.decode_steps)}
-  # The compiled decode call: no conditional; while loops and their known trip counts.
+  # The compiled decode call, as generate compiled it (the same cache length): no
+  # conditional; while loops and their known trip counts; the scopes of its kernels.
   fn = engine.ring_fn(args.batch, dep.ring_period)
-  hlo = fn.lower(params, engine.init_cache(args.batch, args.prompt_len + new),
+  hlo = fn.lower(params, engine.init_cache(args.batch, decode.cache_len(args.prompt_len + new)),
                  engine.ring_state(jax.numpy.zeros((args.batch,), "int32"),
                                    jax.numpy.zeros((args.batch,), "int32")),
                  jax.random.key(0)).compile().as_text()
+  out = {"config": args.config, "deployment": dep.describe(), "batch": args.batch,
+         "tpot_ms": gen.tpot_ms, "tpot_synced_ms": gen.tpot_synced_ms,
+         "imbalance": gen.imbalance, **summarize(trace_dir, gen.decode_steps, scopes_of(hlo))}
   out["hlo_conditionals"] = hlo.count(" conditional(")
   out["hlo_whiles"] = len(re.findall(r" while\(", hlo))
   out["hlo_known_trip_counts"] = re.findall(r'known_trip_count":\{"n":"(\d+)"', hlo)

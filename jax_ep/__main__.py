@@ -17,8 +17,9 @@ from jax_ep import runtime
 
 COMMANDS = ("generate", "bench")
 
-_CONFIG = flags.DEFINE_string("config", "tiny", "Model preset: a file in configs/ (tiny, seed, "
-                              "seed_e64, tiny_e64).")
+_CONFIG = flags.DEFINE_string("config", "tiny", "Model preset: a file in configs/ (tiny, "
+                              "tiny_e64, tiny_swiglu, seed, seed_e64, seed_swiglu, "
+                              "seed_slice_1x4, seed_slice_2x2, seed_slice_4x2).")
 _DEPLOYMENT = flags.DEFINE_string(
     "deployment", "proposed",
     "single, baseline or proposed (the preset for the device count), or a preset name from "

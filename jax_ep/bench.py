@@ -1,11 +1,11 @@
 """The seed's TPS/TPOT table from one run: deployments side by side, floor probes, model.
 
-One process, the devices present (real GPUs or fake CPU devices): the same weights
-(initialised once, then placed on each deployment's mesh), the same prompts, the
-same batch. Compilation and warm-up steps are timed apart from the decode steps,
-which are reported as median and p10/p90. Short probes in the same process measure
-the device's copy bandwidth, matmul rate and all_to_all bandwidth; with them the
-performance model (perf_model.py) gives each deployment's floor and prediction,
+One process, the devices present (real GPUs or fake CPU devices): the same weights per
+model (initialised once, then placed on each deployment's mesh) and the same prompts.
+Compilation and warm-up steps are timed apart from the decode steps, which are reported
+as the back-to-back mean (TPOT) and the synced median and p10/p90. Short probes in the
+same process measure the device's bandwidth, matmul rate and all_to_all bandwidth; with
+them the performance model (perf_model.py) gives each deployment's floor and prediction,
 and its efficiency factors are fitted to the run.
 """
 
@@ -228,8 +228,10 @@ def share_config(cfg: ModelConfig, dep: DeploymentConfig, batch: int):
 
   Its stage's layers, its experts of each (top-k capped at their number), the rows it
   attends for; the embedding, unembedding and whole attention as the device holds them.
-  The share runs one micro-batch of all its rows: the pipeline's M + S - 1 micro-steps
-  and the collectives are what perf_model adds to turn it into the deployment's step.
+  The share runs one group's rows once: the ring's micro-steps and the collectives are
+  what perf_model adds to turn it into the deployment's step. With top-k capped, the
+  share's experts see fewer rows than the deployment's (64, not ~128, for seed_proposed:
+  the seed slices give the exact per-GPU work).
   """
   if dep.tp > 1:
     raise ConfigError(f"a share of {dep.describe()} splits attention heads over tp={dep.tp}, "

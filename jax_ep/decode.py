@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ep import ring, sharding
+from jax_ep import perf_model, ring, sharding
 from jax_ep.config import ConfigError
 from jax_ep.engine import Engine
 
@@ -90,17 +90,25 @@ def check_request(engine: Engine, prompts_BxP, max_new_tokens: int, temperature:
   return engine.check_tokens(prompts, 0, max_len)
 
 
-# Prefill tokens per device per chunk when DeploymentConfig.prefill_chunk is 0: bounds the
-# expert kernel's hidden (2 x 16384 rows x F = 2.1 GB for the seed) and attention's
-# scores, so the seed with SwiGLU experts, batch 1024, prompt 128 prefills on one H200.
-PREFILL_TOKENS_PER_DEVICE = 16384
+# Rows of the expert kernel's buffer per device per prefill chunk when
+# DeploymentConfig.prefill_chunk is 0: bounds its hidden (32768 rows x F = 2.1 GB for the
+# seed) and the exchange buffers, so the seed with SwiGLU experts, batch 1024, prompt 128
+# prefills on one H200.
+PREFILL_ROWS_PER_DEVICE = 32768
 
 
-def prefill_chunks(prompt_len: int, chunk: int, rows_per_device: int) -> list[tuple[int, int]]:
-  """(start, length) of each prefill chunk. chunk 0: as many positions as keep a chunk
-  within PREFILL_TOKENS_PER_DEVICE tokens of each device's rows."""
-  chunk = chunk or max(1, PREFILL_TOKENS_PER_DEVICE // rows_per_device)
+def prefill_chunks(prompt_len: int, chunk: int, rows_per_position: int) -> list[tuple[int, int]]:
+  """(start, length) of each prefill chunk. chunk 0: as many positions as keep a chunk's
+  kernel buffer within PREFILL_ROWS_PER_DEVICE, at `rows_per_position` buffer rows per
+  prompt position (routing.rows_per_destination of one position's tokens, times P)."""
+  chunk = chunk or max(1, PREFILL_ROWS_PER_DEVICE // rows_per_position)
   return [(s, min(chunk, prompt_len - s)) for s in range(0, prompt_len, chunk)]
+
+
+def cache_len(max_len: int) -> int:
+  """The allocated cache: max_len rounded up to a multiple of 16 positions (the decode
+  attention kernel's tile); attention masks every position at or past a sequence's own."""
+  return -(-max_len // 16) * 16
 
 
 def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
@@ -124,16 +132,14 @@ def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
   tokens = jax.device_put(tokens, engine.tokens_sharding())
   params_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                             params)
-  # The cache rounds up to a multiple of 16 positions (the decode attention kernel's
-  # tile); attention masks every position at or past a sequence's own.
-  cache_len = -(-max_len // 16) * 16
-  cache_abs = engine.abstract_cache(b, cache_len)
+  cache_abs = engine.abstract_cache(b, cache_len(max_len))
   key = jax.random.key(seed)
   i32 = jnp.int32(0)
 
   _progress(f"compiling prefill and decode for {dep.describe()} ...", log)
   t0 = time.perf_counter()
-  chunks = prefill_chunks(p, dep.prefill_chunk, b // dep.expert)
+  lay = perf_model.layout(engine.cfg, dataclasses.replace(dep, decode_groups=1), b)
+  chunks = prefill_chunks(p, dep.prefill_chunk, lay.ep_size * lay.send_rows)
   compiled = {}
   for i, (_, n) in enumerate(chunks):
     last = i == len(chunks) - 1
@@ -153,7 +159,7 @@ def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
   _progress(f"compiled in {compile_s:.1f} s; prefill of {b} x {p} tokens in {len(chunks)} "
             f"chunk(s)", log)
 
-  cache = engine.init_cache(b, cache_len)
+  cache = engine.init_cache(b, cache_len(max_len))
   jax.block_until_ready(cache)
   t0 = time.perf_counter()
   loads, dropped = [], []

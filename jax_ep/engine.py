@@ -121,7 +121,7 @@ class Engine:
                         self.cache_shardings)
 
   def canonical_cache(self, cache: StagedKVCache) -> KVCache:
-    """The cache in layer order, [L, B, S, H, K] (for inspection; copies it)."""
+    """The cache in layer order, [L, B, H, S, K] (for inspection; copies it)."""
     def stack(parts):
       a = jnp.stack(parts, axis=1)  # [stages, L_local, ...]
       return a.reshape(self.cfg.num_layers, *a.shape[2:])

@@ -95,16 +95,11 @@ def to_next_stage(x, par: Parallel):
 
 
 def from_last_stage(x, par: Parallel):
-  """Every stage gets the last stage's value of `x`."""
+  """Every stage gets the last stage's value of `x` (ints too): a masked sum over stages."""
   if par.stage == 1:
     return x
   is_last = jax.lax.axis_index(STAGE) == par.stage - 1
   return jax.lax.psum(jnp.where(is_last, x, jnp.zeros_like(x)), STAGE)
-
-
-def last_stage_value(x, par: Parallel):
-  """Every stage gets the last stage's `x` (ints too): a masked sum over stages."""
-  return from_last_stage(x, par)
 
 
 # --- head: vocabulary over expert x tp --------------------------------------------------
@@ -172,6 +167,15 @@ def kernels(par: Parallel) -> str:
   return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
+def expert_impl(par: Parallel, d: int, f: int) -> str:
+  """kernels(par) for the expert MLP, falling back to XLA under "auto" when the kernel
+  cannot tile D x F (grouped_matmul.mlp_supports); an explicit choice is kept."""
+  impl = kernels(par)
+  if par.kernels == "auto" and impl == "pallas" and grouped_matmul.mlp_supports(d, f):
+    return "xla"
+  return impl
+
+
 def moe(x_TxD_, w_router_DxE, w_up_ExDxF_, w_down_ExFxD_, w_gate_ExDxF_, *, top_k: int,
         par: Parallel, active=True) -> tuple[jax.Array, MoEStats]:
   """Routes this device's tokens to their experts wherever they live, and back.
@@ -227,7 +231,8 @@ def moe(x_TxD_, w_router_DxE, w_up_ExDxF_, w_down_ExFxD_, w_gate_ExDxF_, *, top_
       x_RxD_, group_sizes = recv_, counts_SxEl[0]
     # Balanced, a device receives as many rows as it sends picks (tokens x K).
     y_RxD_ = grouped_matmul.grouped_mlp(x_RxD_, group_sizes, w_up_ExDxF_, w_down_ExFxD_,
-                                        w_gate_ExDxF_, impl=kernels(par),
+                                        w_gate_ExDxF_,
+                                        impl=expert_impl(par, dim, w_up_ExDxF_.shape[2]),
                                         expected_rows=tokens * top_k)
     if par.ffn_over_tp:
       y_RxD_ = jax.lax.psum(y_RxD_, TP)

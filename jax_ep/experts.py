@@ -12,9 +12,8 @@ def expert_mlp(x_ExCxD: jax.Array, w_up_ExDxF: jax.Array, w_down_ExFxD: jax.Arra
                w_gate_ExDxF: jax.Array | None = None) -> jax.Array:
   """Each expert's MLP on its own tokens, as one batched einsum per matrix.
 
-  Batched einsum, not jax.lax.ragged_dot: on NVIDIA XLA rewrites ragged_dot as a
-  masked dense product over all groups (shared/GPU.md: ten times slower).
-  With F sharded over tp this returns a partial sum; the caller reduces it.
+  The reference the tests compare the grouped kernel and the MoE against (serving runs
+  kernels/grouped_matmul.py). With F sharded over tp this returns a partial sum.
   """
   h_ExCxF = jnp.einsum("ecd,edf->ecf", x_ExCxD, w_up_ExDxF)
   if w_gate_ExDxF is None:

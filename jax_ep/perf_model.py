@@ -6,8 +6,8 @@ jax_ep's code does per device for one decode step (a token for every sequence):
   * decode runs on the ring (ring.py): L = max(G, S) micro-steps per token, in each a
     stage runs its layers on one group of B / (G x E) rows per device, and the head
     (vocabulary split over the stage's devices) runs on one group's rows;
-  * attention reads the whole preallocated KV cache of its rows (masked), so
-    `context_len` here is the cache length (max_len);
+  * attention reads `context_len` positions of its rows' KV cache (on GPU the decode
+    kernel reads only the live ones; the XLA path the whole allocated cache);
   * the MoE exchange sends a static [P, W, D] buffer each way, W the worst case when
     dropless (routing.rows_per_destination); the grouped kernel reads each local
     expert's weights once and multiplies only the real rows, rounded up per expert to
@@ -95,8 +95,7 @@ class Efficiency:
   memory: float = 1.0  # achieved fraction of HBM bandwidth in each phase
   compute: float = 1.0  # achieved fraction of the matmul rate in each phase
   comm: float = 1.0  # achieved fraction of link bandwidth and latency (divides comm time)
-  overlap: float = 1.0  # with moe_chunks = n > 1: share of the other n - 1 chunks'
-  #                       exchanges hidden behind expert compute (0 = none, 1 = all it can)
+  overlap: float = 1.0  # share of the exchange hidden under compute (not yet modelled)
   layer_overhead_s: float = 0.0  # fixed cost per layer per micro-step (launches, small ops)
 
   def describe(self) -> str:
@@ -163,17 +162,17 @@ def bubble_factor(dep: DeploymentConfig) -> float:
 
 
 def expert_rows(cfg: ModelConfig, lay: Layout, imbalance: float = 1.0) -> tuple[float, int]:
-  """(real rows, rows the kernel multiplies) on the busiest device per layer and micro-step.
+  """(real rows, rows the kernel multiplies) on a device per layer and micro-step.
 
-  Balanced, a device receives its tokens' picks' share: moe_tokens x K rows over its
-  El experts; `imbalance` (expert load max/mean) scales the busiest expert. The kernel
-  rounds each expert's rows up to its tiles (grouped_matmul.cost_rows).
+  Balanced, each expert receives moe_tokens x K x P / E rows. `imbalance` (expert load
+  max/mean) gives one local expert that many times the mean and the others the rest.
+  The kernel rounds each expert's rows up to its tiles (grouped_matmul.cost_rows).
   """
-  per_expert = lay.moe_tokens * cfg.top_k / lay.experts * lay.ep_size * lay.experts \
-      / cfg.num_experts
-  per_expert = min(per_expert * imbalance, lay.moe_tokens * lay.ep_size)
-  real = per_expert * lay.experts
-  return real, cost_rows([math.ceil(per_expert)] * lay.experts, DEFAULT_BLOCKS)
+  mean = lay.moe_tokens * cfg.top_k * lay.ep_size / cfg.num_experts
+  real = mean * lay.experts
+  busiest = min(mean * imbalance, real, lay.moe_tokens * lay.ep_size)
+  rest = [(real - busiest) / (lay.experts - 1)] * (lay.experts - 1) if lay.experts > 1 else []
+  return real, cost_rows([math.ceil(r) for r in [busiest] + rest], DEFAULT_BLOCKS)
 
 
 # --- bytes read from HBM, per device -----------------------------------------------------
@@ -451,7 +450,9 @@ def predict(cfg: ModelConfig, dep: DeploymentConfig, batch: int, context_len: in
       resident_bytes=resident, fits=resident <= hw.hbm_capacity_bytes, work_s=work_s,
       ideal_s=floor_s(cfg, dep, batch, context_len, hw),
       components={"roofline_s": roof_s, "comm_s": comm_s, "layer_steps": layer_steps,
-                  "memory_bound_s": memory_bound_s, "compute_bound_s": compute_bound_s})
+                  "memory_bound_s": memory_bound_s, "compute_bound_s": compute_bound_s,
+                  "phases": [(k, b / hw.hbm_bytes_per_s, f / hw.matmul_flops)
+                             for k, b, f in phases]})
 
 
 def floor_operations(cfg: ModelConfig, dep: DeploymentConfig, batch: int,
@@ -490,9 +491,6 @@ def floor_s(cfg: ModelConfig, dep: DeploymentConfig, batch: int, context_len: fl
   """
   return sum(k * _roofline(b, f, hw) for _, k, b, f in floor_operations(cfg, dep, batch,
                                                                         context_len))
-
-
-ideal_floor_s = floor_s
 
 
 # --- calibration -------------------------------------------------------------------------
@@ -584,22 +582,60 @@ def calibrate(records, overlap: float = 1.0) -> Efficiency:
       rest = rest - cols @ coef
     return float(np.sum((rest / y) ** 2)), coef
 
-  best, center, span, points = None, (0.2, 0.2), math.log(20.0), 41
-  for _ in range(4):  # a coarse log grid, then finer ones around the best point
+  # A coarse log grid, then finer grids around the few best points of the last: the
+  # error has long valleys (memory efficiency against per-layer overhead), so refining
+  # around one grid point can settle in the wrong part of a valley.
+  centers, span, points, found = [(0.2, 0.2)], math.log(20.0), 41, []
+  for _ in range(4):
     offsets = np.exp(np.linspace(-span, span, points))
-    pairs = ([(center[0] * o, center[0] * o) for o in offsets] if tied else
-             [(center[0] * om, center[1] * oc) for om in offsets for oc in offsets])
-    for m, c in pairs:
-      err, coef = fit(m, c)
-      if best is None or err < best[0]:
-        best = (err, m, c, coef)
-    center, span, points = (best[1], best[2]), 2 * span / (points - 1), 21
+    found = []
+    for cm, cc in centers:
+      pairs = ([(cm * o, cm * o) for o in offsets] if tied else
+               [(cm * om, cc * oc) for om in offsets for oc in offsets])
+      found += [(*fit(m, c), m, c) for m, c in pairs]
+    found.sort(key=lambda t: t[0])
+    centers = [(m, c) for _, _, m, c in found[:4]]
+    span, points = 2 * span / (points - 1), 21
+  err, coef, memory, compute = found[0]
+  memory, compute = _polish(base, linear, y, memory, compute, tied)
+  best = (fit(memory, compute)[0], memory, compute, fit(memory, compute)[1])
   _, memory, compute, coef = best
+  if memory > 1 or compute > 1:
+    # No kernel beats the probed ceilings: with too few runs to separate the factors the
+    # fit can wander past them; hold them at 1 and refit the rest.
+    memory, compute = min(memory, 1.0), min(compute, 1.0)
+    _, coef = fit(memory, compute)
   values = dict(zip([n for n, _ in linear], coef, strict=True))
   comm_coef = values.get("comm", 0.0)
   return Efficiency(memory=float(memory), compute=float(compute),
                     comm=float(1.0 / comm_coef) if comm_coef > 0 else 1.0, overlap=overlap,
                     layer_overhead_s=float(values.get("layer_steps", 0.0)))
+
+
+def _polish(base, linear, y, memory, compute, tied, rounds: int = 20):
+  """Refines (memory, compute) from a grid point: with each phase's bound side (bytes or
+  FLOPs) fixed, a step's time is linear in 1/memory, 1/compute and the linear terms, so
+  non-negative least squares solves it; repeat until the sides stop changing."""
+  import numpy as np
+
+  extra = np.stack([col for _, col in linear], axis=1) if linear else np.zeros((len(y), 0))
+  for _ in range(rounds):
+    rows = []
+    for p in base:
+      mem = sum(k * t_b for k, t_b, t_f in p.components["phases"]
+                if t_b / memory >= t_f / compute)
+      cmp = sum(k * t_f for k, t_b, t_f in p.components["phases"]
+                if t_b / memory < t_f / compute)
+      rows.append([mem + cmp] if tied else [mem, cmp])
+    a = np.concatenate([np.asarray(rows), extra], axis=1) / y[:, None]
+    x = np.asarray(_nnls(a.tolist(), (y / y).tolist()))
+    if not (x[:1 if tied else 2] > 0).all():
+      return memory, compute
+    new = (1 / x[0], 1 / x[0]) if tied else (1 / x[0], 1 / x[1])
+    if np.allclose(new, (memory, compute), rtol=1e-9):
+      break
+    memory, compute = new
+  return memory, compute
 
 
 def validate(records, eff: Efficiency = IDEAL) -> list[dict]:
@@ -858,8 +894,8 @@ def _define_flags():
   flags.DEFINE_enum("hardware", "h100", sorted(HARDWARE), "GPU kind of the prediction.")
   flags.DEFINE_integer("batch", 1024, "Sequences decoded together (the seed's 1024).")
   flags.DEFINE_integer("context_len", 128,
-                       "KV cache length each step reads (jax_ep attends over max_len). The "
-                       "seed does not say; 128 keeps the step weight-bound as its text implies.")
+                       "KV cache positions each step reads. The seed does not say; 128 keeps "
+                       "the step weight-bound as its text implies.")
   flags.DEFINE_string("calibration", None,
                       "A bench results JSON (benchmarks/seed_table.py): fit the efficiency "
                       "factors to its runs before predicting.")

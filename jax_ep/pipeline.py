@@ -23,7 +23,7 @@ def run(layers_: list[DecoderLayer], x_MxBxTxD_, cache_: StagedKVCache, pos, par
   Args:
     layers_: this stage's L_local layers, holding this device's shards.
     x_MxBxTxD_: this device's batch, embedded, split into M micro-batches of B rows.
-    cache_: this stage's cache, per local layer [1, M * B, S, H_local, K].
+    cache_: this stage's cache, per local layer [1, M * B, H_local, S, K].
     pos: position of the first new token (every sequence of a prefill shares it).
 
   Returns:

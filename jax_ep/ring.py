@@ -67,7 +67,7 @@ def run(layers_, params_, state_: RingState, cache_: StagedKVCache, key, *, step
     params_: the deployment params (embedding, final norm, this device's vocabulary
       columns of the unembedding).
     state_: RingState; inflight_ is this device's [1, Bl, D].
-    cache_: this stage's cache, per local layer [1, B / E, S, H_local, K].
+    cache_: this stage's cache, per local layer [1, B / E, H_local, S, K].
     key: the sampling key (temperature > 0); noise is keyed by sequence and position.
   Returns:
     (RingState, StagedKVCache, RingOutput, MoEStats summed over the micro-steps).
@@ -90,7 +90,7 @@ def run(layers_, params_, state_: RingState, cache_: StagedKVCache, key, *, step
     slot = (st.t - stage) % period
     valid = (slot < groups) & (st.t >= stage)
     g = jnp.minimum(slot, groups - 1)
-    ids_ = e_index * per_device + g * bl + jnp.arange(bl, dtype=jnp.int32)
+    ids_ = group_ids(g, batch, groups, par.expert).reshape(par.expert, bl)[e_index]
     pos_ = st.pos_B[ids_]
     with jax.named_scope("embed"):
       fresh_ = model.embed(embed_VxD, st.tokens_B[ids_][:, None])
@@ -114,7 +114,7 @@ def run(layers_, params_, state_: RingState, cache_: StagedKVCache, key, *, step
       gids = group_ids(g, batch, groups, par.expert)
       score, vid = sampling.local_best(logits_, vocab0, temperature, key, gids,
                                        st.pos_B[gids] + 1)
-      token_Bg = ep.last_stage_value(ep.best_over_vocab(score, vid, par), par)
+      token_Bg = ep.from_last_stage(ep.best_over_vocab(score, vid, par), par)
     with jax.named_scope("to_next_stage"):
       inflight_ = ep.to_next_stage(h_[:, 0], par)[None].astype(st.inflight_SxBgxD.dtype)
     last_ids = group_ids(last_g, batch, groups, par.expert)

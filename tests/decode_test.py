@@ -89,8 +89,11 @@ def test_tpot_and_tps_arithmetic():
 
 def test_prefill_chunks():
   assert decode.prefill_chunks(10, 4, 8) == [(0, 4), (4, 4), (8, 2)]
-  assert decode.prefill_chunks(10, 0, 1024) == [(0, 10)]  # 16 positions fit 16384 tokens
-  assert decode.prefill_chunks(128, 0, 1024) == [(i, 16) for i in range(0, 128, 16)]
+  # The seed on one device: 1024 tokens x 2 picks = 2048 kernel rows a position, so
+  # chunks of 16 positions keep 32768 rows.
+  assert decode.prefill_chunks(10, 0, 2048) == [(0, 10)]
+  assert decode.prefill_chunks(128, 0, 2048) == [(i, 16) for i in range(0, 128, 16)]
+  assert decode.cache_len(60) == 64 and decode.cache_len(64) == 64
 
 
 def test_chunked_prefill_equals_one_shot(params, prompts, greedy):

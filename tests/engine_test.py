@@ -28,7 +28,7 @@ PROMPT, NEW, MAX_LEN = 3, 3, 8  # prompt length, new tokens, KV cache length
 PRESETS = deployments.PRESETS
 
 # name -> (model preset, deployment, batch). Batch 8 is the CLI's default; on seed_baseline
-# its decode steps give each micro-batch 4 tokens for tp=8 (fewer tokens than tp ranks).
+# each decode group has 4 tokens for tp=8 (fewer tokens than tp ranks).
 CASES = {
     "proposed_8": ("tiny", PRESETS["proposed_8"], 8),  # 4 x 2
     "proposed_16": ("tiny", PRESETS["proposed_16"], 64),  # 4 x 4
@@ -77,7 +77,7 @@ def _single(model):
 
 class Result(NamedTuple):
   logits: np.ndarray  # [B, PROMPT, V]
-  k: np.ndarray  # the cache after the forward, canonical [L, B, MAX_LEN, H, K]
+  k: np.ndarray  # the cache after the forward, canonical [L, B, H, MAX_LEN, K]
   v: np.ndarray
   load: np.ndarray  # [L, E]
   dropped: np.ndarray  # [L]

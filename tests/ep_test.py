@@ -186,7 +186,7 @@ def test_best_over_vocab_equals_argmax_of_the_whole_logits():
   assert int(greedy[0]) == 3
 
 
-def test_gather_batch_and_last_stage_value():
+def test_gather_batch_and_from_last_stage():
   dep = DeploymentConfig(kind="proposed", stages=2, expert=4)
   par, mesh = ep.Parallel.of(dep), make_mesh(dep)
   x = jnp.arange(8, dtype=jnp.float32)
@@ -194,8 +194,16 @@ def test_gather_batch_and_last_stage_value():
   def f(x_):
     rows = ep.gather_batch(x_, par)  # every row of the stage
     stage = ep.stage_index(par)
-    return ep.last_stage_value(rows + 100.0 * stage, par)
+    return ep.from_last_stage(rows + 100.0 * stage, par)
 
   out = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("expert"), out_specs=P(),
                               check_vma=False))(x)
   assert_array_equal(out, np.arange(8) + 100.0)  # the last stage's (stage 1) value
+
+
+def test_auto_kernels_fall_back_to_xla_for_shapes_the_kernel_cannot_tile(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  auto = ep.Parallel()
+  assert ep.expert_impl(auto, 8192, 32768) == "pallas"
+  assert ep.expert_impl(auto, 60, 128) == "xla"  # D = 60: no block_k divides it
+  assert ep.expert_impl(ep.Parallel(kernels="pallas"), 60, 128) == "pallas"  # asked for

@@ -30,6 +30,8 @@ RINGS = {
     "4_stages_8_devices_g4": (PRESETS["proposed_8"], 16),
     "4_stages_16_devices_g4": (PRESETS["proposed_16"], 32),
     "baseline_8_g2": (PRESETS["baseline_8"], 8),  # tp 4: the head's vocabulary over tp
+    # 1 < G < S, G not dividing S: 3 real groups and one idle slot in a period of 4.
+    "4_stages_8_devices_g3": (dataclasses.replace(PRESETS["proposed_8"], decode_groups=3), 24),
 }
 
 

@@ -14,7 +14,8 @@ largest group times the number of groups instead (shared/GPU.md).
 
 `impl`: "pallas" (the Triton kernel; GPU), "interpret" (the same kernel run by the
 Pallas interpreter: CPU tests), "xla" (`jax.lax.ragged_dot`: the reference, and the
-path on CPU). All three compute the same function.
+path on CPU; on NVIDIA XLA rewrites it as a masked dense product over all groups, ten
+times slower, shared/GPU.md). All three compute the same function.
 """
 
 from __future__ import annotations
@@ -301,14 +302,22 @@ def _xla(x_MxK, w_GxKxN, group_sizes_G, wg_GxKxN, activation):
 
 def supports(x_MxK, w_GxKxN, blocks: Blocks = DEFAULT_BLOCKS) -> str | None:
   """Why the Pallas kernel cannot take these shapes, or None if it can."""
-  _, k = x_MxK.shape
-  _, k2, n = w_GxKxN.shape
+  return _supports(x_MxK.shape[1], w_GxKxN.shape[1], w_GxKxN.shape[2], blocks)
+
+
+def _supports(k: int, k2: int, n: int, blocks: Blocks) -> str | None:
   if k != k2:
     return f"contraction sizes differ: x has {k}, w has {k2}"
   if k % blocks.block_k or n % blocks.block_n:
     return (f"K={k} and N={n} must be multiples of block_k={blocks.block_k} and "
             f"block_n={blocks.block_n}")
   return None
+
+
+def mlp_supports(d: int, f: int) -> str | None:
+  """Why grouped_mlp's kernels cannot take a D x F expert MLP (with its default blocks
+  narrowed to the shapes, blocks_for), or None if they can."""
+  return (_supports(d, d, f, blocks_for(d, f)) or _supports(f, f, d, blocks_for(f, d)))
 
 
 def grouped_matmul(x_MxK: jax.Array, w_GxKxN: jax.Array, group_sizes_G: jax.Array, *,
@@ -367,8 +376,8 @@ def grouped_mlp(x_MxD: jax.Array, group_sizes_G: jax.Array, w_up_GxDxF: jax.Arra
     up, down = blocks if isinstance(blocks, tuple) else (blocks, blocks)
   if impl in ("pallas", "interpret"):
     m = x_MxD.shape[0]
-    bad = supports(x_MxD, w_up_GxDxF, up) or supports(
-        jnp.zeros((1, w_down_GxFxD.shape[1]), x_MxD.dtype), w_down_GxFxD, down)
+    d, f = w_up_GxDxF.shape[1:]
+    bad = _supports(d, d, f, up) or _supports(f, w_down_GxFxD.shape[1], d, down)
     if bad:
       raise ValueError(f"grouped_mlp impl={impl!r}: {bad}; use impl='xla'.")
     interpret = impl == "interpret"
