@@ -193,6 +193,7 @@ class Engine:
                                                        jax.random.key(0)),
                    donate_argnums=(1,))
 
+  @functools.cache  # noqa: B019 - one jit per (engine, arguments), kept for its life
   def prefill_fn(self, temperature: float = 0.0, sample: bool = True):
     """jit(params, cache, tokens [B, T], pos, key) -> (next tokens [B], cache, MoEStats),
     or without `sample` (cache, MoEStats): an early chunk of a chunked prefill.
@@ -206,6 +207,7 @@ class Engine:
   def ring_specs(self):
     return ring.RingState(P(), P(), self.table.inflight_SxBxD, P())
 
+  @functools.cache  # noqa: B019 - one jit per (engine, arguments), kept for its life
   def ring_fn(self, batch: int, steps: int, temperature: float = 0.0):
     """jit(params, cache, RingState, key) -> (RingState, cache, RingOutput, MoEStats):
     `steps` micro-steps of the decode ring (ring.py). Cache and state are donated."""
