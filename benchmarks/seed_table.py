@@ -41,6 +41,9 @@ _WARMUP = flags.DEFINE_integer("warmup", 1, "Decode steps after the ring's fill,
 _PROBE = flags.DEFINE_integer("probe_mib", None, "Bandwidth probe size in MiB (default 4096 on "
                               "GPU, 64 on CPU); the all_to_all probe moves 1/64 of it.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights and prompts.")
+_PER_CALL = flags.DEFINE_integer("tokens_per_call", 1,
+                                 "Tokens per sequence per decode call (a loop of static trip "
+                                 "count on the device; the host dispatches once per call).")
 _DEVICES = flags.DEFINE_integer("num_devices", 0, "Use the first N devices (0: all).")
 _SIMULATE = flags.DEFINE_integer("simulate_devices", -1,
                                  "N fake CPU devices; -1: 8 when no GPU plugin is installed, "
@@ -58,8 +61,9 @@ def main(argv):
 
   spec = bench.BenchSpec(config=_CONFIG.value, kinds=tuple(_KINDS.value), share=_SHARE.value,
                          batch=_BATCH.value, prompt_len=_PROMPT.value, steps=_STEPS.value,
-                         warmup=_WARMUP.value, num_devices=_DEVICES.value or None,
-                         seed=_SEED.value)
+                         synced=_SYNCED.value, warmup=_WARMUP.value,
+                         num_devices=_DEVICES.value or None, seed=_SEED.value,
+                         probe_mib=_PROBE.value, tokens_per_call=_PER_CALL.value)
   result = bench.run(spec, log=lambda m: print(m, flush=True))
   print()
   print(bench.markdown(result))

@@ -40,6 +40,11 @@ _GROUPS = flags.DEFINE_integer(
     "decode_groups", None,
     "Decode groups in flight on the ring of stages (jax_ep/ring.py): G >= stages keeps every "
     "stage busy; 1 is one batch in flight; 0 (the presets): one per stage.")
+_PER_CALL = flags.DEFINE_integer(
+    "tokens_per_call", None,
+    "Tokens per sequence that one decode call generates (a loop of static trip count on "
+    "the device, one host dispatch per call, as multi-step scheduling in servers); 1 "
+    "(default): a call per token.")
 _PREFILL_CHUNK = flags.DEFINE_integer(
     "prefill_chunk", None,
     "Prompt positions per prefill chunk (each chunk runs that many tokens of every "
@@ -77,7 +82,8 @@ def _deployment(num_devices: int):
   dep = deployments.resolve(_DEPLOYMENT.value, num_devices)
   overrides = {"stages": _STAGES.value, "expert": _EXPERT.value, "tp": _TP.value,
                "placement": _PLACEMENT.value, "microbatches": _MICRO.value,
-               "decode_groups": _GROUPS.value, "prefill_chunk": _PREFILL_CHUNK.value,
+               "decode_groups": _GROUPS.value, "tokens_per_call": _PER_CALL.value,
+               "prefill_chunk": _PREFILL_CHUNK.value,
                "kernels": _KERNELS.value, "capacity_factor": _CAPACITY.value,
                "dropless": _DROPLESS.value}
   return dataclasses.replace(dep, **{k: v for k, v in overrides.items() if v is not None})

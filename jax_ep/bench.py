@@ -51,6 +51,7 @@ class BenchSpec:
   seed: int = 0
   probes: bool = True
   probe_mib: int | None = None  # copy probe size (GPU 4096, CPU 64); all_to_all 1/64 of it
+  tokens_per_call: int = 1  # tokens per sequence per decode call (DeploymentConfig)
 
 
 def _platform_defaults(spec: BenchSpec, platform: str) -> BenchSpec:
@@ -264,6 +265,7 @@ def plan(cfg: ModelConfig, spec: BenchSpec, num_devices: int, log) -> tuple[list
         name, dep = base, deployments.resolve(base, num_devices)
       if groups is not None:
         dep = dataclasses.replace(dep, decode_groups=groups)
+      dep = dataclasses.replace(dep, tokens_per_call=spec.tokens_per_call)
       if base in deployments.SLICES:
         model_name = deployments.SLICES[base][0]
         model_cfg = load_model(model_name)
@@ -292,7 +294,8 @@ def plan(cfg: ModelConfig, spec: BenchSpec, num_devices: int, log) -> tuple[list
                                                               microbatches=1),
                                      spec.batch // full.groups)
       plans.append(Plan(f"share:{name}", f"One GPU's share of {name}", share_cfg,
-                        deployments.SINGLE, rows, name,
+                        dataclasses.replace(deployments.SINGLE,
+                                            tokens_per_call=spec.tokens_per_call), rows, name,
                         f"one device of {name} ({full.num_devices} GPUs) for one group of "
                         f"{spec.batch // full.groups}: {share_cfg.num_layers} layer(s) x "
                         f"{share_cfg.num_experts} expert(s), top-{share_cfg.top_k}, {rows} "
@@ -344,16 +347,20 @@ def _hw_dict(hw: perf_model.Hardware) -> dict:
 
 
 def _decode_calls(spec: BenchSpec) -> int:
-  """Decode calls of a run: the ring's fill, warm-up, synced and back-to-back steps."""
+  """Decode calls of a run: the ring's fill, warm-up, synced and back-to-back calls."""
   return 1 + spec.warmup + spec.synced + spec.steps
+
+
+def _new_tokens(spec: BenchSpec) -> int:
+  """Tokens per sequence of a run: prefill's, the fill's, then tokens_per_call a call."""
+  return 2 + (_decode_calls(spec) - 1) * spec.tokens_per_call
 
 
 def run_one(p: Plan, params, spec: BenchSpec, prompts: np.ndarray, hw: perf_model.Hardware,
             log) -> tuple[dict, np.ndarray]:
   """Decodes with one deployment; the record of its timings, floor and prediction."""
   engine = Engine(p.cfg, p.dep)
-  calls = _decode_calls(spec)
-  max_new = calls + 1  # the first new token comes from prefill
+  max_new = _new_tokens(spec)
   max_len = spec.prompt_len + max_new - 1
   gen = decode.generate(engine, params, prompts[:p.batch] % p.cfg.vocab_size, max_new,
                         max_len=max_len, seed=spec.seed, synced_steps=spec.warmup + spec.synced,
@@ -362,7 +369,8 @@ def run_one(p: Plan, params, spec: BenchSpec, prompts: np.ndarray, hw: perf_mode
   tpot = gen.tpot_ms / 1e3
   imbalance = gen.imbalance
   # The KV cache the timed steps attend over: live positions at the middle of them.
-  live_context = spec.prompt_len + 1 + spec.warmup + spec.synced + spec.steps / 2
+  live_context = spec.prompt_len + 1 + spec.tokens_per_call * (
+      spec.warmup + spec.synced + spec.steps / 2)
   pred = perf_model.predict(p.cfg, p.dep, p.batch, max_len, hw, perf_model.IDEAL, imbalance)
   ops = perf_model.floor_operations(p.cfg, p.dep, p.batch, live_context)
   floor = perf_model.floor_s(p.cfg, p.dep, p.batch, live_context, hw)
@@ -413,12 +421,13 @@ def run(spec: BenchSpec = BenchSpec(), log: Callable[[str], None] = print) -> di
   spec = _platform_defaults(spec, platform)
   n = len(devices)
   cfg = load_model(spec.config)
-  if spec.prompt_len + _decode_calls(spec) > cfg.max_seq_len:
-    raise ConfigError(f"prompt_len {spec.prompt_len} + {_decode_calls(spec)} decode steps "
+  if spec.prompt_len + _new_tokens(spec) - 1 > cfg.max_seq_len:
+    raise ConfigError(f"prompt_len {spec.prompt_len} + {_new_tokens(spec) - 1} decode steps "
                       f"exceed max_seq_len {cfg.max_seq_len} of {spec.config}.")
   log(f"bench: {n} x {devices[0].device_kind} ({platform}), jax {jax.__version__}; model "
       f"{spec.config}, batch {spec.batch}, prompt {spec.prompt_len}; decode: the ring's fill, "
-      f"{spec.warmup} warm-up, {spec.synced} synced and {spec.steps} back-to-back steps")
+      f"{spec.warmup} warm-up, {spec.synced} synced and {spec.steps} back-to-back calls of "
+      f"{spec.tokens_per_call} token(s)")
   if spec.probes:
     hw, probes = measure_hardware(devices, cfg.jnp_dtype, platform != "cpu", log,
                                  spec.probe_mib)
@@ -682,7 +691,7 @@ def main_from_flags() -> int:
   batch = 1024 if f.batch is None else f.batch
   prompt_len = f.prompt_len if f["prompt_len"].present else None
   spec = BenchSpec(config=f.config, batch=batch, prompt_len=prompt_len, steps=steps,
-                   seed=f.seed)
+                   seed=f.seed, tokens_per_call=f.tokens_per_call or 1)
   result = run(spec, log=lambda m: print(m, flush=True))
   print(markdown(result))
   if f.output:

@@ -107,6 +107,11 @@ class DeploymentConfig:
   # busy; 1 is one batch in flight (a stage works one micro-step in `stages`). 0: G =
   # stages.
   decode_groups: int = 0
+  # Tokens per sequence that one decode call generates: the call runs that many ring
+  # periods in a loop of static trip count, so the host dispatches (and can stop or
+  # admit sequences) once per `tokens_per_call` tokens, as servers' multi-step
+  # scheduling does. 1: a call per token.
+  tokens_per_call: int = 1
   # Prompt positions per prefill chunk (each chunk runs that many tokens of every
   # sequence); 0: the whole prompt at once. Bounds prefill's activation memory.
   prefill_chunk: int = 0
@@ -122,7 +127,7 @@ class DeploymentConfig:
     if self.kind not in KINDS:
       raise ConfigError(
           f"DeploymentConfig.kind={self.kind!r} is unknown; use one of {list(KINDS)}.")
-    _positive(self, "stages", "expert", "tp", "microbatches")
+    _positive(self, "stages", "expert", "tp", "microbatches", "tokens_per_call")
     if not isinstance(self.decode_groups, int) or self.decode_groups < 0:
       raise ConfigError(f"DeploymentConfig.decode_groups={self.decode_groups!r} must be 0 (as "
                         "many as stages) or a positive number of groups.")

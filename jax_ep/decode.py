@@ -26,9 +26,10 @@ class Generation:
   tokens: np.ndarray  # [B, N] int32, the N new tokens of each sequence
   compile_s: float  # prefill and decode calls, compiled ahead of time
   prefill_s: float
-  step_s: list[float]  # decode steps timed one by one, each synced (the first synced_steps)
-  decode_s: float  # the remaining decode steps, dispatched back to back, one sync
-  decode_steps: int  # how many steps decode_s covers
+  step_s: list[float]  # per token, decode calls timed one by one, each synced (the first
+  # synced_steps calls after the ring's fill)
+  decode_s: float  # the remaining decode calls, dispatched back to back, one sync
+  decode_steps: int  # how many tokens per sequence decode_s covers
   load_LxE: np.ndarray  # (token, pick) pairs per expert, prefill and decode together
   dropped: int
   groups: int = 1
@@ -152,9 +153,10 @@ def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
                            state_abs, sharding.named(engine.mesh, engine.ring_specs()))
   period = dep.ring_period
   first_steps = ring.first_call_steps(dep.groups, dep.stages)
+  calls = decode_calls(max_new_tokens - 1, dep.tokens_per_call)
   rings = {k: engine.ring_fn(b, k, temperature).lower(params_abs, cache_abs, state_abs,
                                                       key).compile()
-           for k in {first_steps, period}}
+           for k in {first_steps} | {period * n for n in calls[1:]}}
   compile_s = time.perf_counter() - t0
   _progress(f"compiled in {compile_s:.1f} s; prefill of {b} x {p} tokens in {len(chunks)} "
             f"chunk(s)", log)
@@ -173,41 +175,53 @@ def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
   first.block_until_ready()
   prefill_s = time.perf_counter() - t0
 
-  # Decode: call 0 fills the ring; each later call is one token for every sequence.
+  # Decode: call 0 fills the ring (one token); each later call is calls[i] tokens for
+  # every sequence.
   state = engine.ring_state(first, jnp.full((b,), p, jnp.int32))
   outs, step_s = [], []
-  steps = max_new_tokens - 1
-  synced = min(synced_steps, max(steps - 1, 0))
+  synced = min(synced_steps, max(len(calls) - 1, 0))
   t_all = time.perf_counter()
-  for i in range(steps):
+  timed = 0
+  for i, n in enumerate(calls):
     t0 = time.perf_counter()
-    state, cache, out, stats = rings[first_steps if i == 0 else period](params, cache, state, key)
+    state, cache, out, stats = rings[first_steps if i == 0 else period * n](params, cache,
+                                                                            state, key)
     outs.append(out)
     loads.append(stats.load_E)
     dropped.append(stats.dropped)
-    if 1 <= i <= synced:
+    if i <= synced:  # the fill (not a steady step), then the calls timed one by one
       out.tokens_KxBg.block_until_ready()
-      step_s.append(time.perf_counter() - t0)
+      if i:
+        step_s.append((time.perf_counter() - t0) / n)
       t_all = time.perf_counter()
-    elif i == 0:
-      out.tokens_KxBg.block_until_ready()  # the fill is not a steady step
-      t_all = time.perf_counter()
-    if i == min(synced, steps - 1) and profile_dir:
+    else:
+      timed += n
+    if i == synced and profile_dir:
       jax.profiler.start_trace(profile_dir)
-    if log and (i + 1) % max(1, steps // 4) == 0:
-      _progress(f"decode step {i + 1}/{steps}", log)
+    if log and (i + 1) % max(1, len(calls) // 4) == 0:
+      _progress(f"decode call {i + 1}/{len(calls)}", log)
   if outs:
     jax.block_until_ready(outs[-1])
   decode_s = time.perf_counter() - t_all
-  if profile_dir and steps:
+  if profile_dir and calls:
     jax.profiler.stop_trace()
+  steps = max_new_tokens - 1
   new = assemble(np.asarray(first), outs, b, dep.groups, dep.expert, steps)
   return Generation(
       tokens=new, compile_s=compile_s, prefill_s=prefill_s, step_s=step_s,
-      decode_s=decode_s, decode_steps=max(steps - 1 - synced, 0),
+      decode_s=decode_s, decode_steps=timed,
       load_LxE=np.sum([np.asarray(x) for x in loads], axis=0),
       dropped=int(np.sum([np.asarray(x).sum() for x in dropped])), groups=dep.groups,
       micro_steps_per_step=dep.ring_period)
+
+
+def decode_calls(steps: int, tokens_per_call: int) -> list[int]:
+  """Tokens per sequence of each decode call for `steps` tokens after prefill's: the
+  ring's fill (one token), then calls of `tokens_per_call`, the last one shorter."""
+  if steps < 1:
+    return []
+  full, rest = divmod(steps - 1, tokens_per_call)
+  return [1] + [tokens_per_call] * full + ([rest] if rest else [])
 
 
 def assemble(first_B: np.ndarray, outs: list[ring.RingOutput], batch: int, groups: int,

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from jax_ep import routing
 from jax_ep.config import DeploymentConfig
+from jax_ep.kernels import combine as combine_kernel
 from jax_ep.kernels import grouped_matmul
 
 STAGE, EXPERT, TP = "stage", "expert", "tp"
@@ -176,6 +177,15 @@ def expert_impl(par: Parallel, d: int, f: int) -> str:
   return impl
 
 
+def combine(y_SxD_, slot_TxK, weights_TxK, par: Parallel, dtype):
+  """routing.combine, through the Pallas kernel where the kernels run and it tiles."""
+  impl = kernels(par)
+  if impl != "xla" and combine_kernel.supports(slot_TxK.shape[0], y_SxD_.shape[1]):
+    return combine_kernel.combine(y_SxD_, slot_TxK, weights_TxK,
+                                  interpret=impl == "interpret").astype(dtype)
+  return routing.combine(y_SxD_, slot_TxK, weights_TxK).astype(dtype)
+
+
 def moe(x_TxD_, w_router_DxE, w_up_ExDxF_, w_down_ExFxD_, w_gate_ExDxF_, *, top_k: int,
         par: Parallel, active=True) -> tuple[jax.Array, MoEStats]:
   """Routes this device's tokens to their experts wherever they live, and back.
@@ -240,7 +250,7 @@ def moe(x_TxD_, w_router_DxE, w_up_ExDxF_, w_down_ExFxD_, w_gate_ExDxF_, *, top_
       y_RxD_ = routing.take_rows(y_RxD_, comp.back_R)
   with jax.named_scope("combine"):
     back_ = _exchange(y_RxD_.reshape(p, rows, dim), par).reshape(p * rows, dim)
-    y_TxD_ = routing.combine(back_, pack.slot_TxK, weights_TxK).astype(x_TxD_.dtype)
+    y_TxD_ = combine(back_, pack.slot_TxK, weights_TxK, par, x_TxD_.dtype)
   if par.split_tokens_over_tp:
     y_TxD_ = jax.lax.all_gather(y_TxD_, TP, axis=0, tiled=True)[:total]
   return y_TxD_, MoEStats(pack.load_E, pack.dropped)

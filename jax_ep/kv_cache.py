@@ -38,15 +38,20 @@ def write_rows(cache_LxBxHxSxK, layer, pos_B, new_BxTxHxK, row0=0, valid=True):
   A scatter into the (donated) cache, in place. Positions past the cache are dropped,
   so a sequence decoded past its length writes nothing. `valid` False (a pipeline
   bubble) writes nothing either.
+
+  The (row, position) pairs are distinct and sorted, dropped ones included (a bubble's
+  go to positions S + j), and the scatter is told so: without the promise XLA:GPU
+  guards each element's write against a duplicate (benchmarks/NOTES.md).
   """
   b, t = new_BxTxHxK.shape[:2]
   s = cache_LxBxHxSxK.shape[3]
   rows_BxT = jnp.broadcast_to(row0 + jnp.arange(b, dtype=jnp.int32)[:, None], (b, t))
-  pos_BxT = pos_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-  pos_BxT = jnp.where(valid, pos_BxT, s)  # out of range: dropped
+  step_1xT = jnp.arange(t, dtype=jnp.int32)[None, :]
+  pos_BxT = jnp.where(valid, pos_B[:, None] + step_1xT, s + step_1xT)  # past S: dropped
   # Advanced indices split by the head slice: the update is [B, T, H, K], as `new`.
   return cache_LxBxHxSxK.at[layer, rows_BxT, :, pos_BxT].set(
-      new_BxTxHxK.astype(cache_LxBxHxSxK.dtype), mode="drop")
+      new_BxTxHxK.astype(cache_LxBxHxSxK.dtype), mode="drop", unique_indices=True,
+      indices_are_sorted=True)
 
 
 class StagedKVCache(NamedTuple):

@@ -105,6 +105,19 @@ def test_chunked_prefill_equals_one_shot(params, prompts, greedy):
   assert_array_equal(gen.load_LxE, greedy.load_LxE)
 
 
+def test_several_tokens_per_call_give_the_same_tokens(params, prompts, greedy):
+  import dataclasses
+
+  # NEW = 5: prefill's token, the fill's, then calls of 2 and 1 (the shorter last call).
+  assert decode.decode_calls(NEW - 1, 2) == [1, 2, 1]
+  assert decode.decode_calls(7, 3) == [1, 3, 3] and decode.decode_calls(0, 3) == []
+  multi = Engine(CFG, dataclasses.replace(deployments.SINGLE, tokens_per_call=2))
+  gen = decode.generate(multi, params, prompts, NEW, max_len=MAX_LEN, synced_steps=1)
+  assert_array_equal(gen.tokens, greedy.tokens)
+  assert_array_equal(gen.load_LxE, greedy.load_LxE)
+  assert len(gen.step_s) == 1 and gen.decode_steps == 1  # the call of 2 synced, 1 timed
+
+
 def test_imbalance():
   gen = decode.Generation(np.zeros((1, 1), np.int32), 0, 0, [], 0, 0,
                           np.array([[1, 1, 2], [3, 3, 0]]), 0)

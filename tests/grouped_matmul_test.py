@@ -41,8 +41,9 @@ def _dense(x, sizes, up, down, gate):
 
 
 @pytest.mark.parametrize("name", sorted(SIZES))
-@pytest.mark.parametrize("gated", [False, True])
-def test_kernel_and_xla_equal_the_dense_reference(name, gated):
+@pytest.mark.parametrize("gated,order", [(False, "expert"), (True, "expert"), (False, "column"),
+                                         (True, "column")])
+def test_kernel_and_xla_equal_the_dense_reference(name, gated, order):
   x, up, down, gate = _weights()
   gate = gate if gated else None
   sizes = SIZES[name]
@@ -51,19 +52,21 @@ def test_kernel_and_xla_equal_the_dense_reference(name, gated):
   real = sum(sizes)
   xla = gm.grouped_mlp(x, gs, up, down, gate, impl="xla")
   assert_allclose(xla, want, rtol=1e-5, atol=1e-5)  # rows past the real ones are zero
-  kernel = gm.grouped_mlp(x, gs, up, down, gate, impl="interpret", blocks=BLOCKS)
+  blocks = dataclasses.replace(BLOCKS, order=order)
+  kernel = gm.grouped_mlp(x, gs, up, down, gate, impl="interpret", blocks=blocks)
   assert_allclose(kernel[:real], want[:real], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("split_k", [2])
-def test_split_k_sums_to_the_same(split_k):
+@pytest.mark.parametrize("split_k,order", [(2, "expert"), (2, "column")])
+def test_split_k_sums_to_the_same(split_k, order):
   x, up, down, gate = _weights(1)
   sizes = SIZES["random"]
   gs = jnp.asarray(sizes, jnp.int32)
   pad = jnp.pad(x, ((0, BLOCKS.block_m), (0, 0)))
+  blocks = dataclasses.replace(BLOCKS, order=order)
   for g, act in ((None, "gelu"), (gate, "swiglu")):
-    h = gm._pallas(pad, M, up, gs, g, act, BLOCKS, True, split_k=split_k)
-    y = gm._pallas(h, M, down, gs, None, "none", BLOCKS, True, split_k=split_k)[:M]
+    h = gm._pallas(pad, M, up, gs, g, act, blocks, True, split_k=split_k)
+    y = gm._pallas(h, M, down, gs, None, "none", blocks, True, split_k=split_k)[:M]
     want = _dense(x, sizes, up, down, g)
     assert_allclose(y[:sum(sizes)], want[:sum(sizes)], rtol=1e-5, atol=1e-5)
 
@@ -78,11 +81,43 @@ def test_half_tiles_and_full_tiles_agree():
 
 
 def test_tile_table():
-  table = np.asarray(gm.tile_table(jnp.array([10, 0, 17], jnp.int32), 8, 3))
-  # rows start, rows, row tiles, first program; G padded to 4 with an empty group.
+  table = np.asarray(gm.tile_table(jnp.array([10, 0, 17], jnp.int32), 8))
+  # rows start, rows, row tiles, first row tile; G padded to 4 with an empty group.
   np.testing.assert_array_equal(table[:4], [[0, 10, 10, 27], [10, 0, 17, 0], [2, 0, 3, 0],
-                                            [0, 6, 6, 15]])
-  assert table[4, 0] == 15  # (2 + 3) tiles x 3 column tiles
+                                            [0, 2, 2, 5]])
+  assert table[4, 0] == 5  # 2 + 3 live row tiles
+
+
+class _Ref:
+  """A table as the kernel reads it (ref[i, j]), on the host."""
+
+  def __init__(self, a):
+    self.a = np.asarray(a)
+
+  def __getitem__(self, idx):
+    return jnp.asarray(self.a[idx])
+
+
+@pytest.mark.parametrize("order", gm.ORDERS)
+def test_every_live_tile_has_exactly_one_program(order):
+  # Sizes [10, 0, 17] at 8-row tiles, 3 column tiles: 5 row tiles x 3 = 15 live programs,
+  # each (group, row tile, column tile) once, in the order's sequence.
+  sizes = [10, 0, 17]
+  ref = _Ref(gm.tile_table(jnp.array(sizes, jnp.int32), 8))
+  seen = []
+  for pid in range(24):
+    t = gm._locate(ref, jnp.int32(pid), 8, 3, order)
+    if bool(t.live):
+      seen.append((int(t.g), int(t.row0), int(t.n)))
+      assert 0 < int(t.rows_left) and int(t.row0) + min(8, int(t.rows_left)) <= 27
+    else:
+      assert pid >= 15
+  want = [(g, r, n) for g, r in ((0, 0), (0, 8), (2, 10), (2, 18), (2, 26)) for n in range(3)]
+  assert sorted(seen) == sorted(want) and len(seen) == 15
+  if order == "column":  # every row tile of column tile 0 first
+    assert [n for _, _, n in seen[:5]] == [0] * 5
+  else:  # group 0's six programs first
+    assert [g for g, _, _ in seen[:6]] == [0] * 6
 
 
 def test_cost_rows_follow_the_real_rows():

@@ -114,7 +114,8 @@ def test_groups_at_different_positions():
 def test_generate_uses_the_ring_and_equals_the_single_device():
   dep, batch = RINGS["4_stages_16_devices_g4"]
   single, params = _single()
-  engine = Engine(single.cfg, dep)
+  # Two tokens per call: each call runs two ring periods in its loop.
+  engine = Engine(single.cfg, dataclasses.replace(dep, tokens_per_call=2))
   gen = decode.generate(engine, engine.place_params(params), _prompts(batch), NEW,
                         max_len=PROMPT + NEW, synced_steps=1)
   want = decode.generate(single, params, _prompts(batch), NEW, max_len=PROMPT + NEW)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call on nvidia-h200-x4: every GPU measurement of the floor and ring issues.
 # Usage (from the repo root, on the GPU machine): bash benchmarks/scripts/h200_x4.sh PART COMMIT
-# PART kernel: the grouped kernel's sweep; 1: one GPU (profile, the seed, seed_swiglu);
+# PART parts: a decode step's parts A/B (decode_parts.py), with and without command buffers;
+# kernel: the grouped kernel's sweep; 1: one GPU (profile, the seed, seed_swiglu);
 # 2: several (seed slices with and without the ring, EP2).
 # Each part fits one 10-minute call. Writes $OUT/results.tgz and $OUT/summary.txt.
 set -u
@@ -12,11 +13,17 @@ step() {  # name timeout_s command...
   local name=$1 t=$2; shift 2
   echo "== $name" | tee -a $OUT/summary.txt
   timeout $t "$@" > $R/$name.log 2>&1; echo "rc=$?" >> $R/$name.log
-  grep -E "^\| (Single|One|Prop|Base|slice|mesh|share)|TPOT|rc=|Error|error|ms_per_step|^    " \
+  grep -E "^\| (Single|One|Prop|Base|slice|mesh|share)|TPOT|rc=|Error|error|ms_per_step|^    |^(combine|cache|kernel|calls|probe) " \
     $R/$name.log | tail -30 >> $OUT/summary.txt
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv > $R/nvidia_smi.txt
-if [ "$PART" = kernel ]; then
+if [ "$PART" = parts ]; then
+step parts 330 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+  python3 benchmarks/decode_parts.py --out=$R/decode_parts.json
+step calls_no_command_buffer 200 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+  XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 benchmarks/decode_parts.py --parts=calls \
+  --out=$R/decode_parts_no_command_buffer.json
+elif [ "$PART" = kernel ]; then
 step kernel 110 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/kernel_sweep.py --out=$R/kernel_sweep.json
 elif [ "$PART" = 1 ]; then
 step profile_1gpu 150 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 IMPLS = ("xla", "pallas", "interpret")
 ACTIVATIONS = ("none", "gelu", "swiglu")
+ORDERS = ("expert", "column")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,15 @@ class Blocks:
   num_warps: int = 8
   num_stages: int = 4
   half_tiles: bool = False
+  # Program order. "expert": group by group, each group's column tiles in turn (its row
+  # tiles adjacent). "column": column tile by column tile, every group's row tiles in
+  # turn, so each wave of programs mixes heavy (compute-bound) and light
+  # (weight-bound) groups instead of running them one after the other.
+  order: str = "expert"
+
+  def __post_init__(self):
+    if self.order not in ORDERS:
+      raise ValueError(f"Blocks.order={self.order!r}: use one of {ORDERS}")
 
   def smem_bytes(self, weights: int = 1, itemsize: int = 2) -> int:
     """Shared memory of the software pipeline: x and weight tiles per stage."""
@@ -82,16 +93,16 @@ def _next_pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
 
-def tile_table(group_sizes_G: jax.Array, block_m: int, n_tiles: int) -> jax.Array:
-  """Per group: [row start, rows, row tiles, first program], int32 [4, G_pad], and the
-  number of live programs in column [4, 0]. G_pad is a power of two (Triton vectors);
-  padding groups are empty and start past every live program."""
+def tile_table(group_sizes_G: jax.Array, block_m: int) -> jax.Array:
+  """Per group: [row start, rows, row tiles, first row tile], int32 [4, G_pad], and the
+  number of live row tiles in column [4, 0]. G_pad is a power of two (Triton vectors);
+  padding groups are empty and start past every live tile."""
   g = group_sizes_G.shape[0]
   sizes = group_sizes_G.astype(jnp.int32)
   starts = jnp.cumsum(sizes) - sizes
   tiles = (sizes + block_m - 1) // block_m
-  first = (jnp.cumsum(tiles) - tiles) * n_tiles
-  live = jnp.sum(tiles) * n_tiles
+  first = jnp.cumsum(tiles) - tiles
+  live = jnp.sum(tiles)
   pad = _next_pow2(g) - g
   table = jnp.stack([
       jnp.pad(starts, (0, pad), constant_values=jnp.sum(sizes)),
@@ -101,6 +112,32 @@ def tile_table(group_sizes_G: jax.Array, block_m: int, n_tiles: int) -> jax.Arra
   ])
   live_row = jnp.zeros((1, table.shape[1]), jnp.int32).at[0, 0].set(live)
   return jnp.concatenate([table, live_row], axis=0)
+
+
+class _Tile(NamedTuple):
+  live: jax.Array  # bool: this program holds a real row tile
+  g: jax.Array  # its group
+  n: jax.Array  # its column tile
+  row0: jax.Array  # its first row
+  rows_left: jax.Array  # real rows from row0 to the group's end
+
+
+def _locate(table_ref, pid, block_m: int, n_tiles: int, order: str) -> _Tile:
+  """Which (group, row tile, column tile) program `pid` computes (Blocks.order)."""
+  live_tiles = table_ref[4, 0]
+  first_G = table_ref[3, :]
+  if order == "column":
+    n, j = pid // jnp.maximum(live_tiles, 1), pid % jnp.maximum(live_tiles, 1)
+    g = jnp.maximum(jnp.sum((first_G <= j).astype(jnp.int32)) - 1, 0)
+    row_tile = j - table_ref[3, g]
+  else:
+    g = jnp.maximum(jnp.sum((first_G * n_tiles <= pid).astype(jnp.int32)) - 1, 0)
+    tiles = jnp.maximum(table_ref[2, g], 1)
+    local = pid - table_ref[3, g] * n_tiles
+    n, row_tile = local // tiles, local % tiles
+  row0 = table_ref[0, g] + row_tile * block_m
+  return _Tile(pid < live_tiles * n_tiles, g, n, row0,
+               table_ref[0, g] + table_ref[1, g] - row0)
 
 
 def _kernel(table_ref, x_ref, w_ref, *rest, blocks: Blocks, k_steps: int, n_tiles: int,
@@ -115,16 +152,9 @@ def _kernel(table_ref, x_ref, w_ref, *rest, blocks: Blocks, k_steps: int, n_tile
   bm, bn, bk = blocks.block_m, blocks.block_n, blocks.block_k
   # With split_k > 1, program (pid, s) sums the s-th of split_k slices of K into its own
   # float32 partial; the caller adds the partials and applies the activation.
-  pid = pl.program_id(0)
   k0 = pl.program_id(1) * k_steps if split_k > 1 else 0
-  live = pid < table_ref[4, 0]
-  first_G = table_ref[3, :]
-  g = jnp.maximum(jnp.sum((first_G <= pid).astype(jnp.int32)) - 1, 0)
-  tiles = jnp.maximum(table_ref[2, g], 1)
-  local = pid - table_ref[3, g]
-  n = local // tiles
-  row0 = table_ref[0, g] + (local % tiles) * bm
-  rows_left = table_ref[0, g] + table_ref[1, g] - row0
+  live, g, n, row0, rows_left = _locate(table_ref, pl.program_id(0), bm, n_tiles,
+                                        blocks.order)
   cols = pl.ds(pl.multiple_of(n * bn, bn), bn)
   gated = activation == "swiglu"
 
@@ -183,7 +213,7 @@ def _pallas(x_pad, m, w_GxKxN, group_sizes_G, wg_GxKxN, activation, blocks: Bloc
   # At most cdiv(M, bm) + G - 1 row tiles hold a real row (each group adds at most one
   # partial tile); the rest of the grid exits at once.
   programs = (pl.cdiv(m, bm) + g) * n_tiles
-  table = tile_table(group_sizes_G, bm, n_tiles)
+  table = tile_table(group_sizes_G, bm)
   weights = (w_GxKxN,) if wg_GxKxN is None else (w_GxKxN, wg_GxKxN)
   full = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
   rows = x_pad.shape[0]
@@ -214,7 +244,7 @@ def _pallas_partial(x_pad, m, w_GxKxN, group_sizes_G, blocks: Blocks, interpret:
     raise ValueError(f"K={k} does not split into {split_k} slices of block_k={bk} steps")
   n_tiles = n // bn
   programs = (pl.cdiv(m, bm) + g) * n_tiles
-  table = tile_table(group_sizes_G, bm, n_tiles)
+  table = tile_table(group_sizes_G, bm)
   full = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
   rows = x_pad.shape[0]
   out = pl.pallas_call(
@@ -239,17 +269,12 @@ def _reduce_kernel(table_ref, *refs, blocks: Blocks, n_tiles: int, split_k: int,
 
   *part_refs, o_ref = refs
   bm, bn = blocks.block_m, blocks.block_n
-  pid = pl.program_id(0)
-  first_G = table_ref[3, :]
-  g = jnp.maximum(jnp.sum((first_G <= pid).astype(jnp.int32)) - 1, 0)
-  tiles = jnp.maximum(table_ref[2, g], 1)
-  local = pid - table_ref[3, g]
-  row0 = table_ref[0, g] + (local % tiles) * bm
-  rows_left = table_ref[0, g] + table_ref[1, g] - row0
+  live, _, n, row0, rows_left = _locate(table_ref, pl.program_id(0), bm, n_tiles,
+                                        blocks.order)
   mask_M1 = (jnp.arange(bm, dtype=jnp.int32) < rows_left)[:, None]
-  rows, cols = pl.ds(row0, bm), pl.ds(pl.multiple_of((local // tiles) * bn, bn), bn)
+  rows, cols = pl.ds(row0, bm), pl.ds(pl.multiple_of(n * bn, bn), bn)
 
-  @pl.when(pid < table_ref[4, 0])
+  @pl.when(live)
   def _():
     sums = []
     for ref in part_refs:
@@ -273,7 +298,7 @@ def _reduce_partials(parts, m, group_sizes_G, activation, blocks: Blocks, interp
   g = group_sizes_G.shape[0]
   bm, bn = blocks.block_m, blocks.block_n
   n_tiles = n // bn
-  table = tile_table(group_sizes_G, bm, n_tiles)
+  table = tile_table(group_sizes_G, bm)
   full = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
   return pl.pallas_call(
       functools.partial(_reduce_kernel, blocks=blocks, n_tiles=n_tiles, split_k=split_k,

@@ -1,0 +1,216 @@
+"""A decode step's parts on one GPU, each variant beside its floor, in one process.
+
+  PYTHONPATH=. python3 benchmarks/decode_parts.py --parts=combine,cache,kernel,calls \\
+      --out=$OUT/decode_parts.json
+
+Parts (the seed's shapes: batch 1024, top-2, D 8192, 16 GELU experts of 32768):
+  combine: the MoE combine (each token's two picked rows, weighted, plus the residual)
+    through XLA (routing.combine) and through the Pallas kernel (kernels/combine.py);
+  cache:   the KV-cache write of one decode token per sequence at its own position, as a
+    scatter with and without the unique/sorted promise (kv_cache.write_rows);
+  kernel:  the grouped expert MLP on skewed and balanced rows, per program order and
+    row-tile height (kernels/grouped_matmul.py Blocks);
+  calls:   the seed model on one device, and one GPU's share of seed_proposed, with
+    1 and more tokens per decode call (DeploymentConfig.tokens_per_call).
+Every variant is checked against the first one on random data (never zeros), and timed
+with bench.time_call; the floor is its bytes over the best bandwidth probe of this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import gc
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_ep import bench, routing
+from jax_ep.kernels import combine as combine_kernel
+from jax_ep.kernels import grouped_matmul as gm
+from jax_ep.kv_cache import write_rows
+
+T, K, D, E, F, H, HK = 1024, 2, 8192, 16, 32768, 16, 512
+INTERPRET, MODEL = False, "seed"  # --cpu_check: tiny shapes through the interpreter
+SKEWED = [265, 231, 204, 178, 161, 147, 139, 128, 117, 106, 98, 85, 72, 51, 36, 30]
+
+
+def _rand(key, shape, dtype=jnp.float16, scale=1.0):
+  return (jax.random.normal(jax.random.key(key), shape, jnp.float32) * scale).astype(dtype)
+
+
+def part_combine(bw, log):
+  rows = T * K
+  y = _rand(1, (rows + 128, D))
+  x = _rand(2, (T, D))
+  slot = jnp.asarray(np.random.default_rng(0).permutation(rows).reshape(T, K), jnp.int32)
+  w = jax.nn.softmax(_rand(3, (T, K), jnp.float32), axis=-1)
+  fns = {
+      "xla": lambda y, s, w, x: x + routing.combine(y, s, w).astype(x.dtype),
+      "pallas": lambda y, s, w, x: x + combine_kernel.combine(y, s, w, interpret=INTERPRET),
+  }
+  floor = (rows * D + 2 * T * D) * 2 / bw  # the picked rows and x read, out written
+  return _run_variants(fns, (y, slot, w, x), floor, log, "combine")
+
+
+def _old_write(cache, layer, pos_B, new):
+  """kv_cache.write_rows before the unique/sorted promise (commit 7306118)."""
+  b, t = new.shape[:2]
+  s = cache.shape[3]
+  rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, t))
+  pos = pos_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+  pos = jnp.where(True, pos, s)
+  return cache.at[layer, rows, :, pos].set(new.astype(cache.dtype), mode="drop")
+
+
+def part_cache(bw, log):
+  s = 64
+  new = _rand(4, (T, 1, H, HK))
+  pos = jnp.asarray(np.random.default_rng(1).integers(0, 48, T), jnp.int32)
+  out = {}
+  ref = None
+  for name, fn in (("scatter", _old_write),
+                   ("scatter_unique_sorted", lambda c, l, p, n: write_rows(c, l, p, n))):
+    step = jax.jit(lambda c, p, n, fn=fn: fn(c, 0, p, n), donate_argnums=0)
+    cache = _rand(5, (1, T, H, s, HK))
+    cache = step(cache, pos, new)
+    jax.block_until_ready(cache)
+    times = []
+    for _ in range(5):
+      t0 = _now()
+      for _ in range(10):
+        cache = step(cache, pos, new)
+      jax.block_until_ready(cache)
+      times.append((_now() - t0) / 10)
+    got = np.asarray(cache[0, :, :, :48].astype(jnp.float32))
+    if ref is None:
+      ref = got
+    err = float(np.abs(got - ref).max())
+    t = float(np.median(times))
+    floor = 2 * T * H * HK * 2 / bw
+    out[name] = {"ms": 1e3 * t, "floor_ms": 1e3 * floor, "max_abs_diff_vs_first": err}
+    log(f"cache {name}: {1e3 * t:.4f} ms (floor {1e3 * floor:.4f}), diff {err:.2e}")
+    del cache
+  return out
+
+
+def part_kernel(bw, log):
+  w_up = _rand(6, (E, D, F), scale=D ** -0.5)
+  w_down = _rand(7, (E, F, D), scale=F ** -0.5)
+  x = _rand(8, (T * K, D))
+  out = {}
+  up, down = gm.blocks_for(D, F), gm.blocks_for(F, D)  # the defaults at the seed's shapes
+  variants = {"expert_m128": {},
+              "column_m128": {"order": "column"},
+              "column_m64": {"order": "column", "block_m": 64}}
+  skewed = SKEWED if not INTERPRET else [5, 3, 0, 8]
+  for sizes_name, sizes in (("skewed", skewed), ("balanced", [T * K // E] * E)):
+    gs = jnp.asarray(sizes, jnp.int32)
+    fns = {name: jax.jit(functools.partial(
+        _mlp, blocks=(dataclasses.replace(up, **v), dataclasses.replace(down, **v)),
+        real=sum(sizes))) for name, v in variants.items()}
+    floor = 2 * E * D * F * 2 / bw
+    out[sizes_name] = _run_variants(fns, (x, gs, w_up, w_down), floor, log,
+                                    f"kernel {sizes_name}")
+  return out
+
+
+def _mlp(x, gs, w_up, w_down, blocks, real):
+  """The real rows only: the kernel leaves the buffer's other rows unset."""
+  return gm.grouped_mlp(x, gs, w_up, w_down, impl="interpret" if INTERPRET else "pallas",
+                        blocks=blocks)[:real]
+
+
+def _now():
+  return time.perf_counter()
+
+
+def _run_variants(fns, args, floor, log, label):
+  out, ref = {}, None
+  for name, fn in fns.items():
+    try:
+      fn = jax.jit(fn)
+      got = np.asarray(fn(*args).astype(jnp.float32))
+      if ref is None:
+        ref = got
+      err = float(np.abs(got - ref).max())
+      t = bench.time_call(fn, *args, calls=10)
+      out[name] = {"ms": 1e3 * t, "floor_ms": 1e3 * floor, "max_abs_diff_vs_first": err}
+      log(f"{label} {name}: {1e3 * t:.4f} ms (floor {1e3 * floor:.4f}), diff {err:.2e}")
+    except Exception as e:  # a variant that does not compile here is reported, not fatal
+      out[name] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+      log(f"{label} {name}: FAILED {type(e).__name__}: {str(e)[:300]}")
+  return out
+
+
+def part_calls(hw, per_call, log):
+  from configs import load_model
+
+  spec = bench._platform_defaults(
+      bench.BenchSpec(config=MODEL, kinds=("single",), share="seed_proposed/1", steps=20,
+                      probes=not INTERPRET), "cpu" if INTERPRET else "gpu")
+  cfg = load_model(MODEL)
+  plans, _ = bench.plan(cfg, spec, 1, log)
+  out = {}
+  from jax_ep.engine import Engine
+  params = Engine(cfg, plans[0].dep).init_params(0)
+  prompts = np.random.RandomState(0).randint(0, cfg.vocab_size, (spec.batch, spec.prompt_len))
+  for p in plans:
+    engine_params = params if p.share_of is None else Engine(p.cfg, p.dep).place_params(
+        bench.slice_share(params, cfg, p.cfg))
+    for n in per_call:
+      # About the same tokens (so the same live context) for every n: 5 synced and 20
+      # back-to-back tokens after the fill and one warm-up call.
+      q = dataclasses.replace(p, dep=dataclasses.replace(p.dep, tokens_per_call=n))
+      spec_n = dataclasses.replace(spec, tokens_per_call=n, synced=max(1, 5 // n),
+                                   steps=max(3, spec.steps // n))
+      rec, _ = bench.run_one(q, engine_params, spec_n, prompts, hw, log)
+      key = f"{p.name}@{n}"
+      out[key] = {k: rec[k] for k in ("tpot_ms", "tpot_synced_ms", "floor_ms",
+                                      "achieved_floor_fraction", "floor_ops_ms", "imbalance",
+                                      "compile_s", "tps", "timed_steps")}
+      log(f"calls {key}: TPOT {rec['tpot_ms']:.3f} ms (synced {rec['tpot_synced_ms']:.3f}), "
+          f"floor {rec['floor_ms']:.3f}, {rec['achieved_floor_fraction']:.3f} of floor")
+    del engine_params
+    gc.collect()
+  return out
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--parts", default="combine,cache,kernel,calls")
+  ap.add_argument("--tokens_per_call", default="1,4")
+  ap.add_argument("--out", default="decode_parts.json")
+  ap.add_argument("--cpu_check", action="store_true", help="tiny shapes, interpreted kernels")
+  args = ap.parse_args()
+  if args.cpu_check:
+    global T, D, E, F, H, HK, INTERPRET, MODEL
+    T, D, E, F, H, HK, INTERPRET, MODEL = 16, 64, 4, 128, 8, 8, True, "tiny"
+  log = lambda m: print(m, flush=True)
+  dev = jax.devices()[0]
+  hw, probes = bench.measure_hardware([dev], jnp.float16, not args.cpu_check, log,
+                                      64 if args.cpu_check else 4096)
+  bw = hw.hbm_bytes_per_s
+  result = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "git_commit": bench._git_commit(), "jax": jax.__version__,
+            "device": dev.device_kind, "probes": probes}
+  parts = args.parts.split(",")
+  for part in parts:
+    if part == "calls":
+      per_call = [int(n) for n in args.tokens_per_call.split(",")]
+      result[part] = part_calls(hw, per_call, log)
+    else:
+      result[part] = {"combine": part_combine, "cache": part_cache,
+                      "kernel": part_kernel}[part](bw, log)
+    gc.collect()
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
