@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import glob
 import gzip
 import json
@@ -57,7 +58,33 @@ def summarize(trace_dir: str, steps: int, scopes: dict[str, str]) -> dict:
   sample = [e.get("args", {}) for e in events if e.get("ph") == "X" and e.get("pid") in devices][:5]
   return {"trace": path, "device_ms_per_step": total / per, "sample_args": sample,
           "scopes_ms": {k: v / per for k, v in by_scope.most_common()},
-          "kernels_ms": {k: v / per for k, v in by_kernel.most_common(40)}}
+          "kernels_ms": {k: v / per for k, v in by_kernel.most_common(40)},
+          **idle(events, devices, per)}
+
+
+def idle(events, devices, per: float) -> dict:
+  """Device idle time: the gaps between the union of kernel intervals (all streams) of
+  each device, ms per step, with the largest gaps and the kernels on either side."""
+  gaps, span_ms, idle_ms = [], 0.0, 0.0
+  for pid in devices:
+    iv = sorted((e["ts"], e["ts"] + e.get("dur", 0), e.get("name", "?")) for e in events
+                if e.get("ph") == "X" and e.get("pid") == pid)
+    if not iv:
+      continue
+    end, prev = iv[0][1], iv[0][2]
+    span_ms += (max(b for _, b, _ in iv) - iv[0][0]) / 1e3
+    for a, b, name in iv[1:]:
+      if a > end:
+        gaps.append(((a - end) / 1e3, prev[:60], name[:60]))
+        idle_ms += (a - end) / 1e3
+      if b > end:
+        end, prev = b, name
+  by_pair = collections.Counter()
+  for ms, before, after in gaps:
+    by_pair[f"{before} -> {after}"] += ms
+  return {"traced_span_ms_per_step": span_ms / per, "idle_ms_per_step": idle_ms / per,
+          "idle_gaps_per_step": len(gaps) / per,
+          "idle_by_neighbours_ms": {k: v / per for k, v in by_pair.most_common(25)}}
 
 
 def main():
@@ -67,6 +94,7 @@ def main():
   ap.add_argument("--batch", type=int, default=1024)
   ap.add_argument("--prompt_len", type=int, default=32)
   ap.add_argument("--steps", type=int, default=6)
+  ap.add_argument("--tokens_per_call", type=int, default=1)
   ap.add_argument("--out", default="profile.json")
   args = ap.parse_args()
 
@@ -79,6 +107,7 @@ def main():
 
   cfg = load_model(args.config)
   dep = deployments.resolve(args.deployment, len(jax.devices()))
+  dep = dataclasses.replace(dep, tokens_per_call=args.tokens_per_call)
   engine = Engine(cfg, dep)
   params = engine.init_params(0)
   prompts = np.random.RandomState(0).randint(0, cfg.vocab_size, (args.batch, args.prompt_len))
@@ -88,7 +117,7 @@ def main():
                         synced_steps=2, profile_dir=trace_dir)
   # The compiled decode call, as generate compiled it (the same cache length): no
   # conditional; while loops and their known trip counts; the scopes of its kernels.
-  fn = engine.ring_fn(args.batch, dep.ring_period)
+  fn = engine.ring_fn(args.batch, dep.ring_period * dep.tokens_per_call)
   hlo = fn.lower(params, engine.init_cache(args.batch, decode.cache_len(args.prompt_len + new)),
                  engine.ring_state(jax.numpy.zeros((args.batch,), "int32"),
                                    jax.numpy.zeros((args.batch,), "int32")),
@@ -106,6 +135,9 @@ def main():
     json.dump(out, f, indent=1)
   print(json.dumps({k: v for k, v in out.items() if k not in ("kernels_ms", "sample_args")},
                    indent=1))
+  print("idle between kernels (ms per step), by neighbours:")
+  for k, v in list(out["idle_by_neighbours_ms"].items())[:12]:
+    print(f"  {v:8.3f}  {k}")
   print("top kernels (ms per step):")
   for k, v in list(out["kernels_ms"].items())[:25]:
     print(f"  {v:8.3f}  {k}")

@@ -23,6 +23,11 @@ step parts 330 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
 step calls_no_command_buffer 200 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 benchmarks/decode_parts.py --parts=calls \
   --out=$R/decode_parts_no_command_buffer.json
+elif [ "$PART" = profile ]; then
+step profile_1gpu 200 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+  python3 benchmarks/profile_decode.py --config=seed --deployment=single --batch=1024 \
+  --steps=4 --out=$R/profile_single.json
+cp $R/profile_single_hlo.txt.gz $OUT/ 2>/dev/null
 elif [ "$PART" = kernel ]; then
 step kernel 110 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/kernel_sweep.py --out=$R/kernel_sweep.json
 elif [ "$PART" = 1 ]; then
