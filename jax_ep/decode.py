@@ -193,11 +193,11 @@ def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
       out.tokens_KxBg.block_until_ready()
       if i:
         step_s.append((time.perf_counter() - t0) / n)
+      if i == synced and profile_dir:  # before the clock starts: tracing takes a while
+        jax.profiler.start_trace(profile_dir)
       t_all = time.perf_counter()
     else:
       timed += n
-    if i == synced and profile_dir:
-      jax.profiler.start_trace(profile_dir)
     if log and (i + 1) % max(1, len(calls) // 4) == 0:
       _progress(f"decode call {i + 1}/{len(calls)}", log)
   if outs:

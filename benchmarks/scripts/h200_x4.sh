@@ -26,14 +26,14 @@ step calls_no_command_buffer 200 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_ME
 elif [ "$PART" = profile ]; then
 step profile_1gpu 200 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 benchmarks/profile_decode.py --config=seed --deployment=single --batch=1024 \
-  --steps=4 --out=$R/profile_single.json
+  --steps=12 --out=$R/profile_single.json
 cp $R/profile_single_hlo.txt.gz $OUT/ 2>/dev/null
 elif [ "$PART" = kernel ]; then
 step kernel 110 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/kernel_sweep.py --out=$R/kernel_sweep.json
 elif [ "$PART" = 1 ]; then
 step profile_1gpu 150 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 benchmarks/profile_decode.py --config=seed --deployment=single --batch=1024 \
-  --steps=4 --out=$R/profile_single.json
+  --steps=12 --out=$R/profile_single.json
 step seed_1gpu 220 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 benchmarks/seed_table.py --kinds=single --share=seed_proposed/1 --out_dir=$R/seed_1gpu
 step swiglu_1gpu 220 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
