@@ -37,6 +37,16 @@ from jax_ep.kv_cache import write_rows
 
 T, K, D, E, F, H, HK = 1024, 2, 8192, 16, 32768, 16, 512
 INTERPRET, MODEL = False, "seed"  # --cpu_check: tiny shapes through the interpreter
+# Blocks fields changed from the defaults, per variant of the kernel part.
+KERNEL_SETS = {
+    "order": {"expert_m128": {}, "column_m128": {"order": "column"},
+              "column_m64": {"order": "column", "block_m": 64}},
+    "tiles": {"m128_n256_s4": {}, "m128_n256_s3": {"num_stages": 3},
+              "m256_n128_s3": {"block_m": 256, "block_n": 128, "num_stages": 3},
+              "m256_n128_s4": {"block_m": 256, "block_n": 128, "num_stages": 4},
+              "m64_n256_s4_w4": {"block_m": 64, "num_warps": 4}},
+}
+KERNEL_VARIANTS = KERNEL_SETS["order"]
 SKEWED = [265, 231, 204, 178, 161, 147, 139, 128, 117, 106, 98, 85, 72, 51, 36, 30]
 
 
@@ -105,9 +115,7 @@ def part_kernel(bw, log):
   x = _rand(8, (T * K, D))
   out = {}
   up, down = gm.blocks_for(D, F), gm.blocks_for(F, D)  # the defaults at the seed's shapes
-  variants = {"expert_m128": {},
-              "column_m128": {"order": "column"},
-              "column_m64": {"order": "column", "block_m": 64}}
+  variants = KERNEL_VARIANTS
   skewed = SKEWED if not INTERPRET else [5, 3, 0, 8]
   for sizes_name, sizes in (("skewed", skewed), ("balanced", [T * K // E] * E)):
     gs = jnp.asarray(sizes, jnp.int32)
@@ -187,7 +195,10 @@ def main():
   ap.add_argument("--tokens_per_call", default="1,4")
   ap.add_argument("--out", default="decode_parts.json")
   ap.add_argument("--cpu_check", action="store_true", help="tiny shapes, interpreted kernels")
+  ap.add_argument("--kernel_set", default="order", choices=sorted(KERNEL_SETS))
   args = ap.parse_args()
+  global KERNEL_VARIANTS
+  KERNEL_VARIANTS = KERNEL_SETS[args.kernel_set]
   if args.cpu_check:
     global T, D, E, F, H, HK, INTERPRET, MODEL
     T, D, E, F, H, HK, INTERPRET, MODEL = 16, 64, 4, 128, 8, 8, True, "tiny"
