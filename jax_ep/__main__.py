@@ -188,6 +188,8 @@ def _generate(profile_dir):
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: jax-ep {{{','.join(COMMANDS)}}} [--flags]; see --help.")
+  if _DRY_RUN.value and argv[1] != "generate":
+    raise app.UsageError("--dry_run is for generate (jax-ep generate --dry_run).")
   runtime.simulate_devices(_SIMULATE.value)
   runtime.set_xla_flags(_OVERLAP.value)
   _setup_processes(argv[1])
