@@ -13,7 +13,7 @@ import tempfile
 
 from absl import app, flags, logging
 
-from jax_ep import runtime
+from jax_ep import distributed, runtime
 
 COMMANDS = ("generate", "bench")
 
@@ -75,6 +75,47 @@ _OVERLAP = flags.DEFINE_bool("xla_overlap", True,
                              "Turn on XLA's latency-hiding scheduler (async collectives "
                              "overlap compute on GPU; see jax_ep/runtime.py).")
 
+# --- multi-process (jax_ep/distributed.py; launch/ has SLURM, mpirun and local launchers) ---
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "HOST:PORT of process 0's jax.distributed coordinator, for a run over several processes "
+    "(else JAX_EP_COORDINATOR, or found from SLURM / Open MPI).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes of a multi-process run (else JAX_EP_NUM_PROCESSES, "
+    "SLURM_NTASKS, OMPI_COMM_WORLD_SIZE; 1 when none is set).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process, 0..num_processes-1 (else JAX_EP_PROCESS_ID, "
+    "SLURM_PROCID, OMPI_COMM_WORLD_RANK).")
+_DIST_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout_s", 300, "Seconds for all processes to join (and to agree on the "
+    "run) before it fails with an error.")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "generate: check everything, print which process and device holds which "
+    "layers, experts, heads, vocabulary columns and batch rows, and exit without compiling.")
+
+
+def _setup_processes(command: str):
+  """jax.distributed from the flags or environment, then the same flags on every process.
+
+  Process 0 alone writes --output, so only it checks the directory (before joining).
+  """
+  args = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if distributed.resolve(*args).process_id == 0:
+    _check_output_path(_OUTPUT.value)
+  else:
+    logging.set_verbosity(logging.WARNING)  # process 0 logs; the others only warn and fail
+  distributed.initialize(*args, timeout_s=_DIST_TIMEOUT.value)
+  values = {f"--{f.name}": f.value for f in flags.FLAGS.get_flags_for_module(__name__)
+            if f.name != "process_id"}
+  distributed.check_same("flags", {"command": command, **values, **distributed.versions()},
+                         _DIST_TIMEOUT.value)
+
+
+def _say(message: str):
+  """Progress and results: printed by process 0 only."""
+  if distributed.is_primary():
+    print(message, flush=True)
+
 
 def _deployment(num_devices: int):
   from configs import deployments
@@ -112,7 +153,7 @@ def _generate(profile_dir):
   import numpy as np
 
   from configs import load_model
-  from jax_ep import decode
+  from jax_ep import decode, placement
   from jax_ep.config import ConfigError
   from jax_ep.engine import Engine
 
@@ -123,21 +164,27 @@ def _generate(profile_dir):
   dep = _deployment(len(jax.devices()))
   logging.info("process %d of %d, %d devices (%s)", jax.process_index(), jax.process_count(),
                len(jax.devices()), jax.devices()[0].platform)
-  print(f"model {_CONFIG.value}: {cfg.num_layers} layers x {cfg.num_experts} experts, "
-        f"top-{cfg.top_k}, {cfg.dtype}; deployment {dep.describe()}", flush=True)
+  _say(f"model {_CONFIG.value}: {cfg.num_layers} layers x {cfg.num_experts} experts, "
+       f"top-{cfg.top_k}, {cfg.dtype}; deployment {dep.describe()}")
   engine = Engine(cfg, dep)
   prompts = np.random.RandomState(_SEED.value).randint(
       0, cfg.vocab_size, (8 if _BATCH.value is None else _BATCH.value, _PROMPT_LEN.value))
   max_len = min(cfg.max_seq_len, _PROMPT_LEN.value + _NEW.value)
   # Everything that can be wrong with the request is checked before anything compiles.
   decode.check_request(engine, prompts, _NEW.value, _TEMPERATURE.value, max_len)
+  distributed.check_same("run", distributed.fields(model=cfg, deployment=dep, prompts=prompts),
+                         _DIST_TIMEOUT.value)
+  if _DRY_RUN.value:
+    _say(placement.format_table(cfg, dep, placement.rows(cfg, dep, jax.devices(), len(prompts))))
+    return cfg, dep, None
   params = engine.init_params(_SEED.value)
+  profile_dir = profile_dir if distributed.is_primary() else None
   if profile_dir:
     jax.profiler.start_trace(profile_dir)
   try:
     gen = decode.generate(engine, params, prompts, _NEW.value, temperature=_TEMPERATURE.value,
                           seed=_SEED.value, max_len=max_len, synced_steps=max(_NEW.value // 4, 1),
-                          log=lambda m: print("  " + m, flush=True))
+                          log=lambda m: _say("  " + m))
   finally:
     if profile_dir:
       jax.profiler.stop_trace()
@@ -147,14 +194,18 @@ def _generate(profile_dir):
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: jax-ep {{{','.join(COMMANDS)}}} [--flags]; see --help.")
-  _check_output_path(_OUTPUT.value)
+  if _DRY_RUN.value and argv[1] != "generate":
+    raise app.UsageError("--dry_run is for generate (jax-ep generate --dry_run).")
   runtime.simulate_devices(_SIMULATE.value)
   runtime.set_xla_flags(_OVERLAP.value)
+  _setup_processes(argv[1])
   if argv[1] == "bench":
     from jax_ep import bench
 
     return bench.main_from_flags()
   cfg, dep, gen = _generate(_PROFILE.value)
+  if gen is None or not distributed.is_primary():  # a dry run; or not process 0
+    return 0
   load = gen.load_LxE
   imbalance = gen.imbalance
   rows = [("deployment", dep.describe()), ("batch x new tokens", f"{gen.batch} x {gen.steps + 1}"),

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ep import perf_model, ring, sharding
+from jax_ep import distributed, perf_model, ring, sharding
 from jax_ep.config import ConfigError
 from jax_ep.engine import Engine
 
@@ -210,8 +210,8 @@ def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
   return Generation(
       tokens=new, compile_s=compile_s, prefill_s=prefill_s, step_s=step_s,
       decode_s=decode_s, decode_steps=timed,
-      load_LxE=np.sum([np.asarray(x) for x in loads], axis=0),
-      dropped=int(np.sum([np.asarray(x).sum() for x in dropped])), groups=dep.groups,
+      load_LxE=np.sum([distributed.to_host(x) for x in loads], axis=0),
+      dropped=int(np.sum([distributed.to_host(x).sum() for x in dropped])), groups=dep.groups,
       micro_steps_per_step=dep.ring_period)
 
 

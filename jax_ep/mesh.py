@@ -1,4 +1,15 @@
-"""The device mesh of a deployment: axes (stage, expert, tp), tp innermost."""
+"""The device mesh of a deployment: axes (stage, expert, tp), tp innermost.
+
+The ordering rule (device_grid): devices sorted by (process, id) fill the
+[stage, expert, tp] grid row-major, tp fastest. A tp group is then `tp` consecutive
+devices and a stage's expert x tp devices the next block out, so on hosts of d devices
+each (processes hold whole hosts, or one GPU each of a host in order):
+  * a tp group lies inside one host when tp divides d (seed_baseline: tp 8 = one node);
+  * a stage's expert x tp group lies inside one host when it divides d, else it spans
+    exactly expert x tp / d hosts when d divides it (seed_proposed: 16 experts of a
+    stage on 2 nodes of 8), and never shares a host with another stage;
+  * stages are what cross hosts first.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +21,34 @@ from jax_ep.config import ConfigError, DeploymentConfig
 from jax_ep.ep import AXES
 
 
-def make_mesh(dep: DeploymentConfig, devices=None) -> Mesh:
-  """A (stage, expert, tp) mesh over the first stage*expert*tp devices.
+def device_grid(dep: DeploymentConfig, devices) -> np.ndarray:
+  """The [stage, expert, tp] array of devices by the ordering rule above.
 
-  Devices are ordered by (process, id) and tp varies fastest, then expert, so a
-  tp group and then an expert group stay on one host where the host has enough
-  devices; stages are the axis that crosses hosts first.
+  `devices` need only `process_index` and `id` (real jax devices, or placement's
+  virtual ones). Raises ConfigError if there are too few, or if a process of a
+  multi-process job would hold none of the mesh.
   """
-  devices = list(jax.devices() if devices is None else devices)
+  devices = list(devices)
   need = dep.num_devices
   if len(devices) < need:
     raise ConfigError(
         f"deployment {dep.describe()} needs {need} devices but {len(devices)} are available. "
         f"Use --simulate_devices={need} on a CPU, or a smaller mesh "
         "(--stages, --expert_axis, --tp).")
-  devices = sorted(devices, key=lambda d: (d.process_index, d.id))[:need]
-  return Mesh(np.asarray(devices, dtype=object).reshape(dep.mesh_shape), AXES)
+  ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+  chosen = ordered[:need]
+  idle = sorted({d.process_index for d in ordered} - {d.process_index for d in chosen})
+  if idle:
+    raise ConfigError(
+        f"deployment {dep.describe()} uses {need} of the {len(devices)} devices, so process"
+        f"{'es' if len(idle) > 1 else ''} {', '.join(map(str, idle))} would hold none of it; "
+        f"use a deployment of {len(devices)} devices or start fewer processes.")
+  grid = np.empty(need, dtype=object)
+  grid[:] = chosen
+  return grid.reshape(dep.mesh_shape)
+
+
+def make_mesh(dep: DeploymentConfig, devices=None) -> Mesh:
+  """The (stage, expert, tp) mesh over the global devices (jax.devices() by default)."""
+  return Mesh(device_grid(dep, jax.devices() if devices is None else devices), AXES)
+
