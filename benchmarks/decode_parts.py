@@ -45,6 +45,12 @@ KERNEL_SETS = {
               "m256_n128_s3": {"block_m": 256, "block_n": 128, "num_stages": 3},
               "m256_n128_s4": {"block_m": 256, "block_n": 128, "num_stages": 4},
               "m64_n256_s4_w4": {"block_m": 64, "num_warps": 4}},
+    # Tall tiles where an expert has the rows, half-height ones for its last <= half tile.
+    "half": {"m128_n256_s4": {},
+             "m256_n128_half_s4": {"block_m": 256, "block_n": 128, "half_tiles": True},
+             "m256_n128_half_s3": {"block_m": 256, "block_n": 128, "half_tiles": True,
+                                   "num_stages": 3},
+             "m128_n256_half_s4": {"half_tiles": True}},
 }
 KERNEL_VARIANTS = KERNEL_SETS["order"]
 SKEWED = [265, 231, 204, 178, 161, 147, 139, 128, 117, 106, 98, 85, 72, 51, 36, 30]
