@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from jax_ep import ep, model, pipeline, ring, sampling, sharding
 from jax_ep.config import ConfigError, DeploymentConfig, ModelConfig
 from jax_ep.kv_cache import KVCache, StagedKVCache
-from jax_ep.mesh import make_mesh
+from jax_ep.mesh import AXES, make_mesh
 from jax_ep.model import Transformer
 
 
@@ -38,7 +38,7 @@ class Engine:
     dep.check_model(cfg)
     self.cfg, self.dep = cfg, dep
     self.mesh = make_mesh(dep) if mesh is None else mesh
-    want = dict(zip(ep.AXES, dep.mesh_shape, strict=True))
+    want = dict(zip(AXES, dep.mesh_shape, strict=True))
     if dict(self.mesh.shape) != want:
       raise ConfigError(f"mesh {dict(self.mesh.shape)} does not match {dep.describe()}: "
                         f"it needs axes {want}; build it with jax_ep.mesh.make_mesh.")

@@ -19,9 +19,7 @@ from jax_ep import routing
 from jax_ep.config import DeploymentConfig
 from jax_ep.kernels import combine as combine_kernel
 from jax_ep.kernels import grouped_matmul
-
-STAGE, EXPERT, TP = "stage", "expert", "tp"
-AXES = (STAGE, EXPERT, TP)
+from jax_ep.mesh import EXPERT, STAGE, TP
 
 
 @dataclasses.dataclass(frozen=True)

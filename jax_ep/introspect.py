@@ -61,6 +61,26 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
   return {op: found[op] for op in COLLECTIVES}
 
 
+# The same in a lowered (StableHLO) program: op, then its groups' shape, then operand types.
+_LOWERED_OP = re.compile(r'"stablehlo\.(all_reduce|all_to_all|collective_permute|all_gather)"')
+_GROUPS = re.compile(r"(?:replica_groups|source_target_pairs) = dense<.*?> : "
+                     r"tensor<(\d+)x(\d+)xi64>")
+_OPERAND = re.compile(r": \(tensor<([0-9x]*)[a-z]+\d*>")
+
+
+def lowered_collectives(text: str) -> list[tuple[str, int, tuple[int, ...]]]:
+  """(op, devices per group, first operand's shape) of each collective of a lowered
+  program's StableHLO text (`jitted.lower(...).as_text()`), before XLA rewrites them; ops
+  by their jax names (all_to_all, collective_permute, all_reduce, all_gather)."""
+  found = []
+  for m in _LOWERED_OP.finditer(text):
+    rest = text[m.end():]
+    groups, operand = _GROUPS.search(rest), _OPERAND.search(rest)
+    shape = tuple(int(d) for d in operand.group(1).split("x") if d)
+    found.append((m.group(1), int(groups.group(2)), shape))
+  return found
+
+
 def bytes_per_device(tree) -> dict[int, int]:
   """Bytes of each device's shards of a pytree of jax arrays: {device id: bytes} (the
   devices of this process)."""

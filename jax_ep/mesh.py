@@ -18,7 +18,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jax_ep.config import ConfigError, DeploymentConfig
-from jax_ep.ep import AXES
+
+# The mesh axes, outermost first: pipeline stages, expert parallelism (attention data
+# parallel over it), tensor parallelism. Every module names them through these.
+STAGE, EXPERT, TP = "stage", "expert", "tp"
+AXES = (STAGE, EXPERT, TP)
 
 
 def device_grid(dep: DeploymentConfig, devices) -> np.ndarray:

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 from jax_ep import mesh as mesh_lib
 from jax_ep import sharding
 from jax_ep.config import DeploymentConfig, ModelConfig
-from jax_ep.ep import AXES
+from jax_ep.mesh import AXES
 
 
 class VirtualDevice(NamedTuple):

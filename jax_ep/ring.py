@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from jax_ep import ep, model, sampling
 from jax_ep.kv_cache import StagedKVCache, write_rows
+from jax_ep.mesh import EXPERT
 
 
 class RingState(NamedTuple):
@@ -74,7 +75,7 @@ def run(layers_, params_, state_: RingState, cache_: StagedKVCache, key, *, step
   """
   period = max(groups, par.stage)
   stage = ep.stage_index(par)
-  e_index = jax.lax.axis_index(ep.EXPERT) if par.expert > 1 else 0
+  e_index = jax.lax.axis_index(EXPERT) if par.expert > 1 else 0
   per_device = batch // par.expert
   bl = per_device // groups
   embed_VxD = params_["embed_VxD"][...]

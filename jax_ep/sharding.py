@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_ep.config import DeploymentConfig
-from jax_ep.ep import EXPERT, STAGE, TP
+from jax_ep.mesh import EXPERT, STAGE, TP
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,6 @@ references are computed once per (model, batch).
 
 import dataclasses
 import functools
-import re
 from typing import NamedTuple
 
 import jax
@@ -19,7 +18,7 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 from configs import deployments, load_model, seed
-from jax_ep import decode
+from jax_ep import decode, introspect
 from jax_ep.config import ConfigError, DeploymentConfig
 from jax_ep.engine import Engine
 from jax_ep.mesh import make_mesh
@@ -173,20 +172,9 @@ def test_all_tokens_to_two_experts_equals_single_device(deployed):
 
 # --- the lowered program has the collectives the deployment is made of ---------------------
 
-_OP = re.compile(r'"stablehlo\.(all_reduce|all_to_all|collective_permute|all_gather)"')
-
-
 def _collectives(text):
   """{(op, devices per group, operand shape)} of the StableHLO collectives in `text`."""
-  found = set()
-  for m in _OP.finditer(text):
-    rest = text[m.end():]
-    groups = re.search(r"(?:replica_groups|source_target_pairs) = dense<.*?> : "
-                       r"tensor<(\d+)x(\d+)xi64>", rest)
-    operand = re.search(r": \(tensor<([0-9x]*)[a-z]+\d*>", rest)
-    shape = tuple(int(d) for d in operand.group(1).split("x") if d)
-    found.add((m.group(1), int(groups.group(2)), shape))
-  return found
+  return set(introspect.lowered_collectives(text))
 
 
 def test_lowered_program_has_the_collectives(deployed):
