@@ -205,7 +205,7 @@ class Engine:
                    donate_argnums=(1,))
 
   def ring_specs(self):
-    return ring.RingState(P(), P(), self.table.inflight_SxBxD, P())
+    return ring.RingState(P(), P(), self.table.inflight_NxBxD, P())
 
   @functools.cache  # noqa: B019 - one jit per (engine, arguments), kept for its life
   def ring_fn(self, batch: int, steps: int, temperature: float = 0.0):

@@ -175,13 +175,13 @@ def expert_impl(par: Parallel, d: int, f: int) -> str:
   return impl
 
 
-def combine(y_SxD_, slot_TxK, weights_TxK, par: Parallel, dtype):
+def combine(y_RxD_, slot_TxK, weights_TxK, par: Parallel, dtype):
   """routing.combine, through the Pallas kernel where the kernels run and it tiles."""
   impl = kernels(par)
-  if impl != "xla" and combine_kernel.supports(slot_TxK.shape[0], y_SxD_.shape[1]):
-    return combine_kernel.combine(y_SxD_, slot_TxK, weights_TxK,
+  if impl != "xla" and combine_kernel.supports(slot_TxK.shape[0], y_RxD_.shape[1]):
+    return combine_kernel.combine(y_RxD_, slot_TxK, weights_TxK,
                                   interpret=impl == "interpret").astype(dtype)
-  return routing.combine(y_SxD_, slot_TxK, weights_TxK).astype(dtype)
+  return routing.combine(y_RxD_, slot_TxK, weights_TxK).astype(dtype)
 
 
 def moe(x_TxD_, w_router_DxE, w_up_ExDxF_, w_down_ExFxD_, w_gate_ExDxF_, *, top_k: int,
@@ -229,14 +229,14 @@ def moe(x_TxD_, w_router_DxE, w_up_ExDxF_, w_down_ExFxD_, w_gate_ExDxF_, *, top_
   with jax.named_scope("dispatch"):
     send_ = routing.dispatch(x_TxD_, pack.slot_TxK, p * rows).reshape(p, rows, dim)
     recv_ = _exchange(send_, par).reshape(p * rows, dim)
-    counts_SxEl = _exchange(pack.counts_PxEl, par)
+    recv_PxEl = _exchange(pack.counts_PxEl, par)
   with jax.named_scope("experts"):
     if p > 1:
-      comp = routing.compact_received(counts_SxEl, rows)
+      comp = routing.compact_received(recv_PxEl, rows)
       x_RxD_ = routing.take_rows(recv_, comp.gather_R)
       group_sizes = comp.group_sizes_El
     else:  # the buffer is already one run per expert, nothing after the runs
-      x_RxD_, group_sizes = recv_, counts_SxEl[0]
+      x_RxD_, group_sizes = recv_, recv_PxEl[0]
     # Balanced, a device receives as many rows as it sends picks (tokens x K).
     y_RxD_ = grouped_matmul.grouped_mlp(x_RxD_, group_sizes, w_up_ExDxF_, w_down_ExFxD_,
                                         w_gate_ExDxF_,

@@ -34,7 +34,7 @@ class RingState(NamedTuple):
 
   tokens_B: jax.Array  # int32: each sequence's next input token, global order
   pos_B: jax.Array  # int32: the position that token takes
-  inflight_SxBgxD: jax.Array  # activations each stage receives next, [S, Bg, D] over stage, expert
+  inflight_NxBgxD: jax.Array  # activations each stage receives next, [N, Bg, D] over stage, expert
   t: jax.Array  # int32 scalar: micro-steps since the ring started
 
 
@@ -95,7 +95,7 @@ def run(layers_, params_, state_: RingState, cache_: StagedKVCache, key, *, step
     pos_ = st.pos_B[ids_]
     with jax.named_scope("embed"):
       fresh_ = model.embed(embed_VxD, st.tokens_B[ids_][:, None])
-    h_ = jnp.where(stage == 0, fresh_, st.inflight_SxBgxD[0][:, None].astype(fresh_.dtype))
+    h_ = jnp.where(stage == 0, fresh_, st.inflight_NxBgxD[0][:, None].astype(fresh_.dtype))
     for li, layer in enumerate(layers_):
       with jax.named_scope(f"layer{li}"):
         k_ = jax.lax.dynamic_slice_in_dim(ks[li][0], g * bl, bl, axis=0)
@@ -117,7 +117,7 @@ def run(layers_, params_, state_: RingState, cache_: StagedKVCache, key, *, step
                                        st.pos_B[gids] + 1)
       token_Bg = ep.from_last_stage(ep.best_over_vocab(score, vid, par), par)
     with jax.named_scope("to_next_stage"):
-      inflight_ = ep.to_next_stage(h_[:, 0], par)[None].astype(st.inflight_SxBgxD.dtype)
+      inflight_ = ep.to_next_stage(h_[:, 0], par)[None].astype(st.inflight_NxBgxD.dtype)
     last_ids = group_ids(last_g, batch, groups, par.expert)
     tokens_B = st.tokens_B.at[last_ids].set(jnp.where(last_valid, token_Bg, st.tokens_B[last_ids]))
     pos_B = st.pos_B.at[last_ids].add(last_valid.astype(jnp.int32))

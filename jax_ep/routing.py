@@ -65,12 +65,12 @@ def dispatch(x_TxD: jax.Array, slot_TxK: jax.Array, num_slots: int) -> jax.Array
   return x_pad[token_for_slot[:num_slots]]
 
 
-def combine(y_SxD: jax.Array, slot_TxK: jax.Array, weights_TxK: jax.Array) -> jax.Array:
+def combine(y_RxD: jax.Array, slot_TxK: jax.Array, weights_TxK: jax.Array) -> jax.Array:
   """Weighted sum over each token's picks of the expert outputs in its slots (float32).
 
-  Picks whose slot is the sentinel (len(y_SxD)) contribute zero.
+  Picks whose slot is the sentinel (len(y_RxD)) contribute zero.
   """
-  y_pad = jnp.concatenate([y_SxD, jnp.zeros((1, y_SxD.shape[1]), y_SxD.dtype)], axis=0)
+  y_pad = jnp.concatenate([y_RxD, jnp.zeros((1, y_RxD.shape[1]), y_RxD.dtype)], axis=0)
   picked_TxKxD = y_pad[slot_TxK]
   return jnp.einsum("tk,tkd->td", weights_TxK.astype(jnp.float32), picked_TxKxD,
                     preferred_element_type=jnp.float32)
@@ -120,34 +120,34 @@ def pack_by_destination(experts_TxK: jax.Array, valid_T: jax.Array, num_experts:
 class Compaction(NamedTuple):
   """The received rows re-ordered for the grouped kernel: by local expert, no gaps."""
 
-  gather_R: jax.Array  # int32 [S * W]: compact row r holds received row gather_R[r] (S * W: none)
-  back_R: jax.Array  # int32 [S * W]: received row i sits at compact row back_R[i] (S * W: none)
+  gather_R: jax.Array  # int32 [P * W]: compact row r holds received row gather_R[r] (P * W: none)
+  back_R: jax.Array  # int32 [P * W]: received row i sits at compact row back_R[i] (P * W: none)
   group_sizes_El: jax.Array  # int32 rows of each local expert, in order
 
 
-def compact_received(counts_SxEl: jax.Array, rows: int) -> Compaction:
-  """Received buffer [S sources, W rows] (each source's block by local expert, with
-  counts_SxEl rows each, then empty) -> one run per local expert, sources in order."""
-  s, e_local = counts_SxEl.shape
-  end_SxEl = jnp.cumsum(counts_SxEl, axis=1)
-  start_SxEl = end_SxEl - counts_SxEl
+def compact_received(counts_PxEl: jax.Array, rows: int) -> Compaction:
+  """Received buffer [P sources, W rows] (each source's block by local expert, with
+  counts_PxEl rows each, then empty) -> one run per local expert, sources in order."""
+  p, e_local = counts_PxEl.shape
+  end_PxEl = jnp.cumsum(counts_PxEl, axis=1)
+  start_PxEl = end_PxEl - counts_PxEl
   w_W = jnp.arange(rows, dtype=jnp.int32)
   # Local expert of each received row: how many runs of its source end at or before it.
-  expert_SxW = jnp.sum(end_SxEl[:, None, :] <= w_W[None, :, None], axis=2)
-  valid_SxW = expert_SxW < e_local
-  expert_SxW = jnp.minimum(expert_SxW, e_local - 1)
-  group_sizes_El = counts_SxEl.sum(0)
+  expert_PxW = jnp.sum(end_PxEl[:, None, :] <= w_W[None, :, None], axis=2)
+  valid_PxW = expert_PxW < e_local
+  expert_PxW = jnp.minimum(expert_PxW, e_local - 1)
+  group_sizes_El = counts_PxEl.sum(0)
   group_start_El = jnp.cumsum(group_sizes_El) - group_sizes_El
-  before_SxEl = jnp.cumsum(counts_SxEl, axis=0) - counts_SxEl  # earlier sources' rows
-  take = lambda a_SxEl: jnp.take_along_axis(a_SxEl, expert_SxW, axis=1)
-  pos_SxW = (group_start_El[expert_SxW] + take(before_SxEl) + w_W[None, :] - take(start_SxEl))
-  back_R = jnp.where(valid_SxW, pos_SxW, s * rows).reshape(-1).astype(jnp.int32)
-  gather_R = jnp.full((s * rows + 1,), s * rows, jnp.int32).at[back_R].set(
-      jnp.arange(s * rows, dtype=jnp.int32))[:s * rows]
+  before_PxEl = jnp.cumsum(counts_PxEl, axis=0) - counts_PxEl  # earlier sources' rows
+  take = lambda a_PxEl: jnp.take_along_axis(a_PxEl, expert_PxW, axis=1)
+  pos_PxW = (group_start_El[expert_PxW] + take(before_PxEl) + w_W[None, :] - take(start_PxEl))
+  back_R = jnp.where(valid_PxW, pos_PxW, p * rows).reshape(-1).astype(jnp.int32)
+  gather_R = jnp.full((p * rows + 1,), p * rows, jnp.int32).at[back_R].set(
+      jnp.arange(p * rows, dtype=jnp.int32))[:p * rows]
   return Compaction(gather_R, back_R, group_sizes_El.astype(jnp.int32))
 
 
-def take_rows(x_NxD: jax.Array, index_R: jax.Array) -> jax.Array:
+def take_rows(x_RxD: jax.Array, index_R: jax.Array) -> jax.Array:
   """x[index] with index == N (the sentinel) giving a zero row."""
-  x_pad = jnp.concatenate([x_NxD, jnp.zeros((1, x_NxD.shape[1]), x_NxD.dtype)], axis=0)
+  x_pad = jnp.concatenate([x_RxD, jnp.zeros((1, x_RxD.shape[1]), x_RxD.dtype)], axis=0)
   return x_pad[index_R]

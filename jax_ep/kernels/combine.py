@@ -46,14 +46,14 @@ def _kernel(slot_ref, w_ref, y_ref, o_ref, *, picks: int, rows: int, bd: int):
   o_ref[toks, cols] = acc.astype(o_ref.dtype)
 
 
-def combine(y_SxD: jax.Array, slot_TxK: jax.Array, weights_TxK: jax.Array, *,
+def combine(y_RxD: jax.Array, slot_TxK: jax.Array, weights_TxK: jax.Array, *,
             interpret: bool = False) -> jax.Array:
-  """sum_k weights[t, k] * y[slot[t, k]] -> [T, D] in y's dtype (slot == S: nothing)."""
+  """sum_k weights[t, k] * y[slot[t, k]] -> [T, D] in y's dtype (slot == R: nothing)."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as plgpu
 
   t, k = slot_TxK.shape
-  s, d = y_SxD.shape
+  s, d = y_RxD.shape
   bd = block_d(d)
   if bd is None:
     raise ValueError(f"combine kernel: D={d} must be a multiple of 16; use routing.combine")
@@ -63,12 +63,12 @@ def combine(y_SxD: jax.Array, slot_TxK: jax.Array, weights_TxK: jax.Array, *,
   full = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
   out = pl.pallas_call(
       functools.partial(_kernel, picks=k, rows=s, bd=bd),
-      out_shape=jax.ShapeDtypeStruct((tp, d), y_SxD.dtype),
+      out_shape=jax.ShapeDtypeStruct((tp, d), y_RxD.dtype),
       grid=(tp // BLOCK_T, d // bd),
       in_specs=[full((tp, k)), full((tp, k)), full((s, d))],
       out_specs=full((tp, d)),
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
       interpret=interpret,
       name="moe_combine",
-  )(slot_TxK, weights_TxK, y_SxD)
+  )(slot_TxK, weights_TxK, y_RxD)
   return out[:t]
