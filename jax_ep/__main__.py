@@ -138,8 +138,7 @@ def _check_flags():
   from jax_ep.output import check_output_path
 
   if _SIMULATE.value < -1:
-    raise ConfigError(f"--simulate_devices={_SIMULATE.value}: use -1 (auto), 0 (the real "
-                      "devices) or a positive number of fake CPU devices.")
+    runtime.simulate_devices(_SIMULATE.value)  # raises, saying what to use
   for flag in (_BATCH, _PROMPT_LEN, _NEW, _DEVICES):
     if flag.value is not None and flag.value < 1:
       raise ConfigError(f"--{flag.name}={flag.value} must be a positive integer.")

@@ -421,11 +421,6 @@ def run(spec: BenchSpec = BenchSpec(), log: Callable[[str], None] = print) -> di
   log(f"bench: {n} x {devices[0].device_kind} ({platform}), jax {jax.__version__}; model "
       f"{spec.config}, batch {spec.batch}, prompt {spec.prompt_len}; decode: the ring's fill, "
       f"{spec.warmup} warm-up, {spec.synced} synced and {spec.steps} back-to-back steps")
-  if spec.probes:
-    hw, probes = measure_hardware(devices, cfg.jnp_dtype, platform != "cpu", log,
-                                 spec.probe_mib)
-  else:
-    hw, probes = perf_model.H200, {}
   plans, skipped = plan(cfg, spec, n, log)
   footprints = {}
   if spec.check_memory:
@@ -435,6 +430,11 @@ def run(spec: BenchSpec = BenchSpec(), log: Callable[[str], None] = print) -> di
                       + ". --skip_unfit runs the rest.")
   if not plans:
     raise ConfigError("nothing to run: " + "; ".join(s["reason"] for s in skipped))
+  if spec.probes:
+    hw, probes = measure_hardware(devices, cfg.jnp_dtype, platform != "cpu", log,
+                                 spec.probe_mib)
+  else:
+    hw, probes = perf_model.H200, {}
   prompts = np.random.RandomState(spec.seed).randint(
       0, cfg.vocab_size, (max(p.batch for p in plans), spec.prompt_len))
 
