@@ -24,36 +24,39 @@ class NumericsError(ConfigError):
 
 
 def _path(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                  for k in path if str(getattr(k, "key", "")) != "value")
+  names = (str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+  return "/".join(n for n in names if n != "value")
 
 
 @jax.jit
 def _bad_counts(leaves):
-  return jnp.stack([jnp.sum(~jnp.isfinite(a)).astype(jnp.int32) for a in leaves])
+  """Per leaf: how many values are not finite, and the flat index of the first."""
+  bad = [~jnp.isfinite(a).reshape(-1) for a in leaves]
+  return (jnp.stack([jnp.sum(b).astype(jnp.int32) for b in bad]),
+          jnp.stack([jnp.argmax(b).astype(jnp.int32) for b in bad]))
 
 
-def nonfinite_leaves(tree) -> list[tuple[str, int, int]]:
-  """(path, non-finite values, size) of each floating leaf of `tree` that has any, in
-  tree order."""
+def nonfinite_leaves(tree) -> list[tuple[str, int, tuple[int, ...]]]:
+  """(path, non-finite values, index of the first) of each floating leaf of `tree` that
+  has any, in tree order. Computed where the arrays are; only the counts come back."""
   found = [(p, a) for p, a in jax.tree_util.tree_leaves_with_path(tree)
            if jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
   if not found:
     return []
-  counts = np.asarray(_bad_counts([a for _, a in found]))
-  return [(_path(p), int(n), int(np.size(a))) for (p, a), n in zip(found, counts, strict=True)
-          if n]
+  counts, first = (np.asarray(x) for x in _bad_counts([a for _, a in found]))
+  return [(_path(p), int(n), tuple(int(i) for i in np.unravel_index(int(f), np.shape(a))))
+          for (p, a), n, f in zip(found, counts, first, strict=True) if n]
 
 
 def check_finite(tree, what: str = "params") -> None:
   """Raises NumericsError naming the first leaf of `tree` with a NaN or an infinity."""
   bad = nonfinite_leaves(tree)
   if bad:
-    path, n, size = bad[0]
+    path, n, index = bad[0]
     more = f" ({len(bad) - 1} more leaves too)" if len(bad) > 1 else ""
-    raise NumericsError(f"{what}: {path} holds {n} NaN or infinite value(s) of {size}{more}. "
-                        "The weights are corrupt or were saved from a diverged model; restore "
-                        "another checkpoint.")
+    raise NumericsError(f"{what}: {path} holds {n} NaN or infinite value(s), the first at "
+                        f"{index}{more}. The weights are corrupt or were saved from a diverged "
+                        "model; restore another checkpoint.")
 
 
 def check_token_ids(tokens, vocab_size: int):
@@ -88,6 +91,10 @@ class LayerWatch:
     self._lock = threading.Lock()
     self.records: list[tuple[int, int, int]] = []
     self.calls = 0
+
+  def reset(self) -> None:
+    with self._lock:
+      self.records, self.calls = [], 0
 
   def _record(self, layer, pos, bad, valid):
     with self._lock:

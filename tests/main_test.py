@@ -10,8 +10,6 @@ import stat
 import subprocess
 import sys
 
-import pytest
-
 from configs import deployments, model_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
