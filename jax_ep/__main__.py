@@ -261,7 +261,10 @@ def main(argv):
           ("TPOT (back-to-back mean)", f"{gen.tpot_ms:.3f} ms"),
           ("TPOT (synced median)", f"{gen.tpot_synced_ms:.3f} ms"), ("TPS", f"{gen.tps:,.0f}"),
           ("decode groups in flight", gen.groups), ("expert load max/mean", f"{imbalance:.2f}"),
-          ("tokens dropped", gen.dropped)]
+          ("experts given no token", f"{int((load == 0).sum(axis=1).max())} of "
+           f"{load.shape[1]} (the worst layer)"),
+          ("tokens dropped", f"{gen.dropped}" + ("" if dep.dropless else
+                                                 f" (capacity factor {dep.capacity_factor})"))]
   for k, v in rows:
     print(f"  {k:<28} {v}")
   print(f"  first sequence: {gen.tokens[0].tolist()}")

@@ -33,10 +33,12 @@ def _umask():
 
 def test_generate_on_each_deployment_writes_the_same_tokens_and_repeats_them(tmp_path):
   runs = [("single", "single"), ("proposed", "proposed"), ("baseline", "baseline"),
-          ("proposed", "proposed_again")]
+          ("proposed", "sampled"), ("proposed", "sampled_again")]
+  sample = ["--temperature=0.8", "--seed=5"]
   results = _run_cases([["generate", f"--deployment={dep}", "--simulate_devices=8", "--batch=8",
                          "--prompt_len=4", "--max_new_tokens=4",
-                         f"--output={tmp_path / name}.json"] for dep, name in runs])
+                         f"--output={tmp_path / name}.json", *(sample if "sampled" in name else [])]
+                        for dep, name in runs])
   meshes = {"proposed": "stage 4 x expert 2 x tp 1 (8 devices)",
             "baseline": "stage 2 x expert 1 x tp 4 (8 devices)"}
   tokens = {}
@@ -53,8 +55,8 @@ def test_generate_on_each_deployment_writes_the_same_tokens_and_repeats_them(tmp
     assert all(0 <= t < result["config"]["vocab_size"] for row in rows for t in row)
     tokens[name] = rows
   assert tokens["proposed"] == tokens["single"] and tokens["baseline"] == tokens["single"]
-  # The same seed, a second run of one deployment: bitwise the same tokens.
-  assert tokens["proposed_again"] == tokens["proposed"]
+  # The same seed, a second run of one deployment: bitwise the same sampled tokens.
+  assert tokens["sampled_again"] == tokens["sampled"] != tokens["proposed"]
   assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 

@@ -5,20 +5,16 @@ are exactly what the documented policy gives (routing.pack_by_destination: per s
 and destination device, the earliest picks in token order keep their rows), computed
 here on the host."""
 
-import functools
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
+from ep_test import E, K, _moe_sharded  # ep.moe in shard_map over a deployment's mesh
 from numpy.testing import assert_allclose, assert_array_equal
 
-from jax_ep import ep, experts, routing
+from jax_ep import experts, routing
 from jax_ep.config import DeploymentConfig
-from jax_ep.mesh import make_mesh
 
-T, E, K, D, F = 64, 8, 2, 16, 32
+T, D, F = 64, 16, 32
 
 # (expert, tp, placement): one device, experts over 4 and 8, tokens split over tp (the
 # baseline's exchange), each expert's MLP over tp, experts over expert x tp.
@@ -58,22 +54,6 @@ def _dep(mesh, dropless, capacity=1.0):
   e, tp, placement = mesh
   return DeploymentConfig(kind="proposed", expert=e, tp=tp, placement=placement,
                           dropless=dropless, capacity_factor=capacity)
-
-
-@functools.cache
-def _moe(dep: DeploymentConfig):
-  par, mesh = ep.Parallel.of(dep), make_mesh(dep)
-  if dep.placement == "ep":
-    w_in = w_out = P(("expert", "tp"))
-  else:
-    w_in, w_out = P("expert", None, "tp"), P("expert", "tp", None)
-
-  def f(x_, router, up_, down_):
-    y_, stats = ep.moe(x_, router, up_, down_, None, top_k=K, par=par)
-    return y_, ep.psum_batch(stats.load_E, par), ep.psum_batch(stats.dropped, par)
-
-  return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("expert"), P(), w_in, w_out),
-                               out_specs=(P("expert"), P(), P()), check_vma=False))
 
 
 def _kept_on_host(picks, dep: DeploymentConfig) -> np.ndarray:
@@ -117,7 +97,7 @@ def test_hostile_routing_on_every_mesh(mesh):
     dep = _dep(mesh, dropless)
     for kind in ("uniform", "zipf", "all_to_one", "empty_experts"):
       picks, x, router, up, down = _inputs(kind)
-      y, load, dropped = _moe(dep)(x, router, up, down)
+      y, load, dropped = _moe_sharded(dep)(x, router, up, down)
       kept = _kept_on_host(picks, dep)
       assert_array_equal(load, np.bincount(picks.ravel(), minlength=E), err_msg=kind)
       assert int(dropped) == int((~kept).sum()), (kind, dropless)
