@@ -24,6 +24,7 @@ so one column of bytes holds for all; `holdings` says what each device's shards 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 
@@ -107,6 +108,11 @@ def weight_bytes(cfg: ModelConfig, dep: DeploymentConfig) -> dict[str, int]:
   The canonical layout's shards: stage splits the stacked L axis in the same blocks as
   the deployment layout's [stages, ...] arrays (Engine.to_layout), so the bytes agree.
   """
+  return dict(_weight_bytes(cfg, dep))
+
+
+@functools.lru_cache(maxsize=64)  # searches for a batch or deployment that fits ask often
+def _weight_bytes(cfg: ModelConfig, dep: DeploymentConfig) -> tuple[tuple[str, int], ...]:
   state = abstract_params(cfg)
   specs = sharding.param_specs(state, sharding.table_for(dep))
   out: dict[str, int] = {}
@@ -118,7 +124,7 @@ def weight_bytes(cfg: ModelConfig, dep: DeploymentConfig) -> dict[str, int]:
     shape = shard_shape(leaf.shape, spec, dep)
     key = _group(name)
     out[key] = out.get(key, 0) + math.prod(shape) * np.dtype(leaf.dtype).itemsize
-  return out
+  return tuple(out.items())
 
 
 def cache_len(max_len: int) -> int:
@@ -399,8 +405,9 @@ def fits(fp: Footprint, budget: Budget, held: float = 0.0) -> bool:
 
 def _need(fp: Footprint, budget: Budget) -> str:
   if budget.shared:
-    return (f"{need_bytes(fp, budget) / GiB:.2f} GiB of host memory "
-            f"({fp.dep.num_devices} device(s) x {fp.total / GiB:.2f} GiB)")
+    each = f" ({fp.dep.num_devices} devices x {fp.total / GiB:.2f} GiB)" \
+        if fp.dep.num_devices > 1 else ""
+    return f"{need_bytes(fp, budget) / GiB:.2f} GiB of host memory{each}"
   return f"{fp.total / GiB:.2f} GiB per device"
 
 

@@ -79,8 +79,8 @@ BAD = [
     (["--output={tmp}"], "is a directory"),
     (["--output={tmp}/missing/out.json"], "does not exist; create it first"),
     (["--output=/proc/jax_ep_out.json"], "cannot create a file in /proc"),
-    # Weights alone exceed this host (or a batch of 65536 does): refused before allocating.
-    (["--config=seed", "--deployment=single", "--batch=65536"],
+    # Weights alone exceed this host (a batch of 2**20 any host): refused before allocating.
+    (["--config=seed", "--deployment=single", f"--batch={2**20}"],
      "does not fit: single"),
 ]
 
