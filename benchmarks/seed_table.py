@@ -50,6 +50,10 @@ _SIMULATE = flags.DEFINE_integer("simulate_devices", -1,
                                  "else the real GPUs; 0: the devices as they are.")
 _OVERLAP = flags.DEFINE_bool("xla_overlap", True,
                              "XLA's latency-hiding scheduler on GPU (jax_ep/runtime.py).")
+_SKIP = flags.DEFINE_bool("skip_unfit", False, "Skip the kinds that cannot run on the devices "
+                          "present (devices, batch, memory) instead of failing.")
+_CHECK_MEMORY = flags.DEFINE_bool("check_memory", True, "Refuse kinds whose planned bytes per "
+                                  "device exceed the device's memory (jax_ep/memory.py).")
 
 
 def main(argv):
@@ -63,7 +67,8 @@ def main(argv):
                          batch=_BATCH.value, prompt_len=_PROMPT.value, steps=_STEPS.value,
                          synced=_SYNCED.value, warmup=_WARMUP.value,
                          num_devices=_DEVICES.value or None, seed=_SEED.value,
-                         probe_mib=_PROBE.value, tokens_per_call=_PER_CALL.value)
+                         probe_mib=_PROBE.value, tokens_per_call=_PER_CALL.value,
+                         skip_unfit=_SKIP.value, check_memory=_CHECK_MEMORY.value)
   result = bench.run(spec, log=lambda m: print(m, flush=True))
   print()
   print(bench.markdown(result))

@@ -1,4 +1,8 @@
-"""The jax-ep command line: `jax-ep generate|bench [--flags]` (also `python -m jax_ep`).
+"""The jax-ep command line: `jax-ep generate|bench|plan [--flags]` (also `python -m jax_ep`).
+
+  generate  prefill random prompts and decode them on a deployment; TPS and TPOT
+  bench     the single, baseline and proposed deployments side by side (benchmarks/)
+  plan      bytes per device and which device holds what, without any GPU
 
 A thin shell: flags become configs once, here; the work is library calls.
 """
@@ -6,25 +10,23 @@ A thin shell: flags become configs once, here; the work is library calls.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
+import re
 import sys
-import tempfile
 
 from absl import app, flags, logging
 
+from configs import deployments, model_names
 from jax_ep import distributed, runtime
 
-COMMANDS = ("generate", "bench")
+COMMANDS = ("generate", "bench", "plan")
 
-_CONFIG = flags.DEFINE_string("config", "tiny", "Model preset: a file in configs/ (tiny, "
-                              "tiny_e64, tiny_swiglu, seed, seed_e64, seed_swiglu, "
-                              "seed_slice_1x4, seed_slice_2x2, seed_slice_4x2).")
+_CONFIG = flags.DEFINE_string("config", "tiny", "Model preset, a file in configs/: "
+                              f"{', '.join(model_names())}.")
 _DEPLOYMENT = flags.DEFINE_string(
     "deployment", "proposed",
-    "single, baseline or proposed (the preset for the device count), or a preset name from "
-    "configs/deployments.py (seed_proposed, seed_proposed_tp2, seed_proposed_e64, "
-    "seed_baseline, proposed_8, baseline_8, ...).")
+    "single, baseline or proposed (the preset for the device count), or a preset from "
+    f"configs/deployments.py: {', '.join(sorted(deployments.PRESETS))}; '/G' after any sets "
+    "its decode groups in flight.")
 _SIMULATE = flags.DEFINE_integer(
     "simulate_devices", -1,
     "Run on the CPU with N fake devices. -1 (default): 8 when no GPU plugin is installed, "
@@ -61,8 +63,9 @@ _DROPLESS = flags.DEFINE_bool(
     "Worst-case static exchange buffers, nothing dropped (default); --nodropless: "
     "capacity_factor-sized buffers, overflow dropped and counted.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for weights, prompts and sampling.")
-_BATCH = flags.DEFINE_integer("batch", None, "Sequences decoded together (default: 8 for "
-                              "generate; 1024 for bench, the seed's tokens per forward pass).")
+_BATCH = flags.DEFINE_integer(
+    "batch", None, "Sequences decoded together (default: generate and plan 8, rounded up to "
+    "a batch the deployment splits; bench 1024, the seed's tokens per forward pass).")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 16, "Tokens in each (random) prompt.")
 _NEW = flags.DEFINE_integer("max_new_tokens", 16, "Tokens generated per sequence.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy; > 0 samples.")
@@ -74,6 +77,54 @@ _PROFILE = flags.DEFINE_string("profile_dir", None,
 _OVERLAP = flags.DEFINE_bool("xla_overlap", True,
                              "Turn on XLA's latency-hiding scheduler (async collectives "
                              "overlap compute on GPU; see jax_ep/runtime.py).")
+_CHECK_MEMORY = flags.DEFINE_bool(
+    "check_memory", True,
+    "generate, bench: refuse a run whose planned bytes per device (jax_ep/memory.py) exceed "
+    "the device's memory, before allocating; --nocheck_memory runs it anyway.")
+_CHECK_NUMERICS = flags.DEFINE_bool(
+    "check_numerics", False,
+    "generate: report every layer's non-finite outputs from inside the compiled programs and "
+    "fail naming the first layer whose output was NaN or infinite (slower; off by default).")
+_SKIP_UNFIT = flags.DEFINE_bool(
+    "skip_unfit", False,
+    "bench: skip the deployments that cannot run here (devices, batch, memory) and run the "
+    "rest; without it any such deployment is an error.")
+_DEVICES = flags.DEFINE_integer(
+    "devices", None, "plan: devices to plan for (default: the preset's own count; for single, "
+    "baseline or proposed 8).")
+_DEVICE_KIND = flags.DEFINE_string(
+    "device_kind", "h100", "plan: the device whose memory to plan against: cpu (this host) or "
+    "one of h100, h200, a100 (80 GB), a100_40, a100_80.")
+_MEM_FRACTION = flags.DEFINE_float(
+    "mem_fraction", None, "plan: share of a GPU's memory jax's allocator takes (default: "
+    "$XLA_PYTHON_CLIENT_MEM_FRACTION, else jax's 0.75).")
+_COMPILE = flags.DEFINE_bool(
+    "compile", False, "plan: also compile generate's prefill and decode programs from shapes on "
+    "N simulated CPU devices (nothing is allocated) and print XLA's bytes per device.")
+
+# DeploymentConfig fields -> the flags that set them; ConfigError messages are rewritten
+# with these, so they name what the user typed (--expert_axis, not DeploymentConfig.expert).
+FLAG_OF_FIELD = {"stages": "stages", "expert": "expert_axis", "tp": "tp",
+                 "placement": "placement", "microbatches": "microbatches",
+                 "decode_groups": "decode_groups", "prefill_chunk": "prefill_chunk",
+                 "kernels": "kernels", "capacity_factor": "capacity_factor",
+                 "dropless": "dropless", "batch": "batch", "max_new_tokens": "max_new_tokens",
+                 "temperature": "temperature"}
+# Fields also rewritten where a message names them bare ("batch=6 is not divisible");
+# placement= and microbatches= also appear in DeploymentConfig.describe(), kept as is.
+_BARE_FIELDS = ("stages", "tp", "decode_groups", "prefill_chunk", "capacity_factor", "batch",
+                "max_new_tokens", "temperature")
+
+
+def flag_message(message: str) -> str:
+  """A library message with config fields written as the CLI flags that set them."""
+  def sub(m):
+    return f"--{FLAG_OF_FIELD[m.group(2)]}="
+
+  fields = "|".join(sorted(FLAG_OF_FIELD, key=len, reverse=True))
+  message = re.sub(rf"(DeploymentConfig\.)({fields})=", sub, message)
+  bare = "|".join(sorted(_BARE_FIELDS, key=len, reverse=True))
+  return re.sub(rf"(?<![\w.-])()({bare})=", sub, message)
 
 # --- multi-process (jax_ep/distributed.py; launch/ has SLURM, mpirun and local launchers) ---
 _COORDINATOR = flags.DEFINE_string(
@@ -97,12 +148,10 @@ _DRY_RUN = flags.DEFINE_bool(
 def _setup_processes(command: str):
   """jax.distributed from the flags or environment, then the same flags on every process.
 
-  Process 0 alone writes --output, so only it checks the directory (before joining).
+  Process 0 alone writes --output (so only it checks the directory: _check_flags).
   """
   args = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  if distributed.resolve(*args).process_id == 0:
-    _check_output_path(_OUTPUT.value)
-  else:
+  if distributed.resolve(*args).process_id != 0:
     logging.set_verbosity(logging.WARNING)  # process 0 logs; the others only warn and fail
   distributed.initialize(*args, timeout_s=_DIST_TIMEOUT.value)
   values = {f"--{f.name}": f.value for f in flags.FLAGS.get_flags_for_module(__name__)
@@ -118,8 +167,6 @@ def _say(message: str):
 
 
 def _deployment(num_devices: int):
-  from configs import deployments
-
   dep = deployments.resolve(_DEPLOYMENT.value, num_devices)
   overrides = {"stages": _STAGES.value, "expert": _EXPERT.value, "tp": _TP.value,
                "placement": _PLACEMENT.value, "microbatches": _MICRO.value,
@@ -130,22 +177,28 @@ def _deployment(num_devices: int):
   return dataclasses.replace(dep, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _check_output_path(path):
-  if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-    raise app.UsageError(f"--output={path}: directory {os.path.dirname(path)!r} does not exist.")
+def _check_flags():
+  """What can be wrong with the flags alone, before any device or compile."""
+  from jax_ep.config import ConfigError
+  from jax_ep.output import check_output_path
+
+  if _SIMULATE.value < -1:
+    runtime.simulate_devices(_SIMULATE.value)  # raises, saying what to use
+  for flag in (_BATCH, _PROMPT_LEN, _NEW, _DEVICES):
+    if flag.value is not None and flag.value < 1:
+      raise ConfigError(f"--{flag.name}={flag.value} must be a positive integer.")
+  if distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value,
+                         _PROCESS_ID.value).process_id == 0:  # only process 0 writes it
+    check_output_path(_OUTPUT.value)
 
 
-def _write_json(path, payload):
-  """Atomic: a temporary file in the same directory, renamed over the target."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+def _batch(dep) -> int:
+  return dep.default_batch(8) if _BATCH.value is None else _BATCH.value
+
+
+def _memory_candidates(cfg):
+  """Presets (not the seed slices: they have their own models) that could serve `cfg`."""
+  return {k: d for k, d in deployments.PRESETS.items() if k not in deployments.SLICES}
 
 
 def _generate(profile_dir):
@@ -153,31 +206,35 @@ def _generate(profile_dir):
   import numpy as np
 
   from configs import load_model
-  from jax_ep import decode, placement
-  from jax_ep.config import ConfigError
+  from jax_ep import decode, memory, numerics, placement
   from jax_ep.engine import Engine
 
-  for flag in (_BATCH, _PROMPT_LEN, _NEW):
-    if flag.value is not None and flag.value < 1:
-      raise ConfigError(f"--{flag.name}={flag.value} must be a positive integer.")
   cfg = load_model(_CONFIG.value)
   dep = _deployment(len(jax.devices()))
   logging.info("process %d of %d, %d devices (%s)", jax.process_index(), jax.process_count(),
                len(jax.devices()), jax.devices()[0].platform)
   _say(f"model {_CONFIG.value}: {cfg.num_layers} layers x {cfg.num_experts} experts, "
        f"top-{cfg.top_k}, {cfg.dtype}; deployment {dep.describe()}")
-  engine = Engine(cfg, dep)
+  watch = numerics.LayerWatch() if _CHECK_NUMERICS.value else None
+  engine = Engine(cfg, dep, watch=watch)
   prompts = np.random.RandomState(_SEED.value).randint(
-      0, cfg.vocab_size, (8 if _BATCH.value is None else _BATCH.value, _PROMPT_LEN.value))
+      0, cfg.vocab_size, (_batch(dep), _PROMPT_LEN.value))
   max_len = min(cfg.max_seq_len, _PROMPT_LEN.value + _NEW.value)
   # Everything that can be wrong with the request is checked before anything compiles.
   decode.check_request(engine, prompts, _NEW.value, _TEMPERATURE.value, max_len)
+  if _CHECK_MEMORY.value:
+    platform = jax.devices()[0].platform
+    fp = memory.footprint(cfg, dep, len(prompts), _PROMPT_LEN.value, max_len, platform)
+    memory.check(fp, memory.budget_for_devices(jax.devices()[:dep.num_devices]),
+                 candidates=_memory_candidates(cfg), platform=platform,
+                 what=f"generate --config={_CONFIG.value}")
   distributed.check_same("run", distributed.fields(model=cfg, deployment=dep, prompts=prompts),
                          _DIST_TIMEOUT.value)
   if _DRY_RUN.value:
     _say(placement.format_table(cfg, dep, placement.rows(cfg, dep, jax.devices(), len(prompts))))
     return cfg, dep, None
   params = engine.init_params(_SEED.value)
+  numerics.check_finite(params, "weights")
   profile_dir = profile_dir if distributed.is_primary() else None
   if profile_dir:
     jax.profiler.start_trace(profile_dir)
@@ -188,7 +245,53 @@ def _generate(profile_dir):
   finally:
     if profile_dir:
       jax.profiler.stop_trace()
+  if watch is not None:
+    watch.check()
   return cfg, dep, gen
+
+
+def _plan():
+  """`jax-ep plan`: the memory table and the device holdings, without a GPU."""
+  from configs import load_model
+  from jax_ep import memory
+
+  cfg = load_model(_CONFIG.value)
+  base = deployments.with_groups(_DEPLOYMENT.value)[0]
+  n = _DEVICES.value or (deployments.PRESETS[base].num_devices
+                         if base in deployments.PRESETS else 8)
+  dep = _deployment(n)
+  if dep.num_devices > n:
+    from jax_ep.config import ConfigError
+
+    raise ConfigError(f"{dep.describe()} needs {dep.num_devices} devices; --devices={n}.")
+  batch = _batch(dep)
+  kind = _DEVICE_KIND.value.lower()
+  platform = "cpu" if kind == "cpu" else "gpu"
+  max_len = min(cfg.max_seq_len, _PROMPT_LEN.value + _NEW.value)  # as generate's
+  fp = memory.footprint(cfg, dep, batch, _PROMPT_LEN.value, max_len, platform)
+  budget = memory.budget_for_kind(kind, dep.num_devices, _MEM_FRACTION.value)
+  print(f"model {_CONFIG.value}: {cfg.num_layers} layers x {cfg.num_experts} experts, "
+        f"top-{cfg.top_k}, {cfg.dtype}; deployment {dep.describe()}; batch {batch}, prompt "
+        f"{_PROMPT_LEN.value}, {_NEW.value} new tokens\n")
+  print(memory.format_footprint(fp, budget))
+  if not memory.fits(fp, budget):
+    try:
+      memory.check(fp, budget, candidates=_memory_candidates(cfg), platform=platform,
+                   what="plan")
+    except Exception as e:  # noqa: BLE001 - the advice, printed rather than raised
+      print(flag_message(str(e)))
+  print("\nWhich device holds what (ranges are inclusive):\n")
+  print(memory.format_holdings(cfg, dep, batch))
+  if _COMPILE.value:
+    runtime.simulate_devices(dep.num_devices)
+    from jax_ep.engine import Engine
+
+    print(f"\nXLA's bytes per device, compiled for {dep.num_devices} simulated CPU devices "
+          "(the CPU backend's buffer assignment; a GPU's differs):\n")
+    for name, m in memory.compiled_memory(Engine(cfg, dep), batch, _PROMPT_LEN.value,
+                                          max_len).items():
+      print(f"  {name:<8} " + ", ".join(f"{k} {v / memory.GiB:.3f} GiB" for k, v in m.items()))
+  return 0
 
 
 def main(argv):
@@ -196,6 +299,9 @@ def main(argv):
     raise app.UsageError(f"usage: jax-ep {{{','.join(COMMANDS)}}} [--flags]; see --help.")
   if _DRY_RUN.value and argv[1] != "generate":
     raise app.UsageError("--dry_run is for generate (jax-ep generate --dry_run).")
+  _check_flags()
+  if argv[1] == "plan":
+    return _plan()
   runtime.simulate_devices(_SIMULATE.value)
   runtime.set_xla_flags(_OVERLAP.value)
   _setup_processes(argv[1])
@@ -213,12 +319,17 @@ def main(argv):
           ("TPOT (back-to-back mean)", f"{gen.tpot_ms:.3f} ms"),
           ("TPOT (synced median)", f"{gen.tpot_synced_ms:.3f} ms"), ("TPS", f"{gen.tps:,.0f}"),
           ("decode groups in flight", gen.groups), ("expert load max/mean", f"{imbalance:.2f}"),
-          ("tokens dropped", gen.dropped)]
+          ("experts given no token", f"{int((load == 0).sum(axis=1).max())} of "
+           f"{load.shape[1]} (the worst layer)"),
+          ("tokens dropped", f"{gen.dropped}" + ("" if dep.dropless else
+                                                 f" (capacity factor {dep.capacity_factor})"))]
   for k, v in rows:
     print(f"  {k:<28} {v}")
   print(f"  first sequence: {gen.tokens[0].tolist()}")
   if _OUTPUT.value:
-    _write_json(_OUTPUT.value, {
+    from jax_ep.output import write_json
+
+    write_json(_OUTPUT.value, {
         "tokens": gen.tokens.tolist(), "config": dataclasses.asdict(cfg),
         "deployment": dataclasses.asdict(dep), "tps": gen.tps, "tpot_ms": gen.tpot_ms,
         "tpot_synced_ms": gen.tpot_synced_ms, "compile_s": gen.compile_s,
@@ -228,14 +339,27 @@ def main(argv):
   return 0
 
 
+HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull", "-?")
+
+
+def print_help() -> None:
+  """The commands and every flag of jax-ep (absl's --help lists the flags of the calling
+  module only: none for the console script, and exits 1)."""
+  print(__doc__)
+  print(flags.FLAGS.module_help(sys.modules[__name__]))
+
+
 def run():
   """Console-script entry point."""
   from jax_ep.config import ConfigError
 
+  if any(a in HELP_FLAGS for a in sys.argv[1:]):
+    print_help()
+    sys.exit(0)
   try:
     app.run(main)
   except ConfigError as e:
-    print(f"jax-ep: error: {e}", file=sys.stderr)
+    print(f"jax-ep: error: {flag_message(str(e))}", file=sys.stderr)
     sys.exit(2)
 
 

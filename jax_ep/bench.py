@@ -52,6 +52,8 @@ class BenchSpec:
   probes: bool = True
   probe_mib: int | None = None  # copy probe size (GPU 4096, CPU 64); all_to_all 1/64 of it
   tokens_per_call: int = 1  # tokens per sequence per decode call (DeploymentConfig)
+  skip_unfit: bool = False  # skip deployments that cannot run here instead of failing
+  check_memory: bool = True  # refuse (or skip) deployments that overflow a device (memory.py)
 
 
 def _platform_defaults(spec: BenchSpec, platform: str) -> BenchSpec:
@@ -428,14 +430,20 @@ def run(spec: BenchSpec = BenchSpec(), log: Callable[[str], None] = print) -> di
       f"{spec.config}, batch {spec.batch}, prompt {spec.prompt_len}; decode: the ring's fill, "
       f"{spec.warmup} warm-up, {spec.synced} synced and {spec.steps} back-to-back calls of "
       f"{spec.tokens_per_call} token(s)")
+  plans, skipped = plan(cfg, spec, n, log)
+  footprints = {}
+  if spec.check_memory:
+    plans, footprints = _fit_memory(plans, skipped, spec, devices, log)
+  if skipped and not spec.skip_unfit:
+    raise ConfigError("cannot run " + "; ".join(f"{s['name']}: {s['reason']}" for s in skipped)
+                      + ". --skip_unfit runs the rest.")
+  if not plans:
+    raise ConfigError("nothing to run: " + "; ".join(s["reason"] for s in skipped))
   if spec.probes:
     hw, probes = measure_hardware(devices, cfg.jnp_dtype, platform != "cpu", log,
                                  spec.probe_mib)
   else:
     hw, probes = perf_model.H200, {}
-  plans, skipped = plan(cfg, spec, n, log)
-  if not plans:
-    raise ConfigError("nothing to run: " + "; ".join(s["reason"] for s in skipped))
   prompts = np.random.RandomState(spec.seed).randint(
       0, cfg.vocab_size, (max(p.batch for p in plans), spec.prompt_len))
 
@@ -460,15 +468,27 @@ def run(spec: BenchSpec = BenchSpec(), log: Callable[[str], None] = print) -> di
       done += 1
       log(f"[{done}/{len(plans)}] {p.name}: {p.dep.describe()}, batch {p.batch}"
           + (f" -- {p.note}" if p.note else ""))
-      engine_params = params
+      engine_params, placed_from = params, source.name
+      if p is not source and params is not None and not _coexists(p, source, footprints,
+                                                                  devices):
+        # This deployment and the source's weights do not fit together: free those, and
+        # make this deployment's own (same seed: the same weights, jax's random numbers
+        # do not depend on the sharding; tokens_agree_with_first checks it).
+        log(f"  {p.name} and {source.name}'s weights do not fit together: freeing those")
+        _free(params)
+        params = engine_params = None
       if p is not source:
         t0 = time.perf_counter()
-        src = slice_share(params, source.cfg, p.cfg) if p.share_of else params
-        engine_params = Engine(p.cfg, p.dep).place_params(src)
+        if params is None:
+          engine_params, placed_from = Engine(p.cfg, p.dep).init_params(spec.seed), "init"
+        else:
+          src = slice_share(params, source.cfg, p.cfg) if p.share_of else params
+          engine_params = Engine(p.cfg, p.dep).place_params(src)
         jax.block_until_ready(engine_params)
-        log(f"  weights placed in {time.perf_counter() - t0:.1f} s")
+        log(f"  weights {'initialised' if params is None else 'placed'} in "
+            f"{time.perf_counter() - t0:.1f} s")
       rec, tokens = run_one(p, engine_params, spec, prompts, hw, log)
-      rec["placement_source"] = source.name
+      rec["placement_source"] = placed_from
       if p.share_of is None:
         ref = first_tokens.setdefault((model_name, p.batch), tokens)
         rec["tokens_agree_with_first"] = float(np.mean(tokens == ref))
@@ -477,8 +497,11 @@ def run(spec: BenchSpec = BenchSpec(), log: Callable[[str], None] = print) -> di
           f"{rec['tpot_synced_ms']:.3f}), TPS {rec['tps']:,.0f}, floor {rec['floor_ms']:.3f} ms "
           f"({100 * rec['achieved_floor_fraction']:.0f}% of floor), model {rec['model_ms']:.3f}"
           f" ms, compile {rec['compile_s']:.1f} s")
+      _free(engine_params, keep=params)  # place_params may hand back the source's arrays
       del engine_params
       gc.collect()
+    if params is not None:
+      _free(params)
     del params
     gc.collect()
 
@@ -494,6 +517,63 @@ def run(spec: BenchSpec = BenchSpec(), log: Callable[[str], None] = print) -> di
   }
   result["calibration"] = calibration_summary(runs, cfg, spec.batch, hw if spec.probes else None)
   return result
+
+
+# --- memory: the whole sweep planned before anything is allocated (memory.py) ---------------
+
+
+def _footprint(p: Plan, spec: BenchSpec, platform: str):
+  from jax_ep import memory
+
+  # run_one's cache: prompt + the decode calls (+1 token from prefill, -1 already cached).
+  return memory.footprint(p.cfg, p.dep, p.batch, spec.prompt_len,
+                          spec.prompt_len + _new_tokens(spec) - 1, platform)
+
+
+def _fit_memory(plans: list[Plan], skipped: list, spec: BenchSpec, devices, log):
+  """Drops (into `skipped`) the plans that overflow a device on their own; the kept plans
+  and their footprints."""
+  from jax_ep import memory
+
+  kept, footprints = [], {}
+  for p in plans:
+    fp = _footprint(p, spec, devices[0].platform)
+    budget = memory.budget_for_devices(devices[:p.dep.num_devices])
+    try:
+      memory.check(fp, budget, platform=devices[0].platform, what=f"bench {p.name}")
+    except ConfigError as e:
+      skipped.append({"name": p.name, "reason": str(e)})
+      log(f"skip {p.name}: {e}")
+      continue
+    kept.append(p)
+    footprints[p.name] = fp
+  return kept, footprints
+
+
+def _coexists(p: Plan, source: Plan, footprints: dict, devices) -> bool:
+  """Whether `p` can be placed and run while the source's weights stay on the devices
+  (device 0 holds a shard of both). Placing holds p's weights twice for a moment (the
+  canonical copy and its layout, Engine.place_params)."""
+  from jax_ep import memory
+
+  if p.name not in footprints or source.name not in footprints:
+    return True  # memory not checked
+  fp = footprints[p.name]
+  held = footprints[source.name].weight_total
+  budget = memory.budget_for_devices(devices[:p.dep.num_devices])
+  placing = dataclasses.replace(fp, kv_cache=0, state=0, temporaries=0,
+                                work=memory.WorkingSet(0, 0, 0, 0, 0))
+  return memory.fits(fp, budget, held=held) and memory.fits(placing, budget,
+                                                            held=held + fp.weight_total)
+
+
+def _free(tree, keep=None) -> None:
+  """Deletes the device buffers of `tree` now (not when the last reference goes), except
+  the arrays that are also leaves of `keep`."""
+  kept = {id(a) for a in jax.tree.leaves(keep)}
+  for a in jax.tree.leaves(tree):
+    if isinstance(a, jax.Array) and id(a) not in kept and not a.is_deleted():
+      a.delete()
 
 
 def _version(name: str) -> str:
@@ -679,7 +759,8 @@ def main_from_flags() -> int:
   f = flags.FLAGS
   ignored = [n for n in ("deployment", "stages", "expert_axis", "tp", "placement",
                          "microbatches", "decode_groups", "prefill_chunk", "kernels",
-                         "capacity_factor", "dropless", "temperature", "profile_dir")
+                         "capacity_factor", "dropless", "temperature", "profile_dir",
+                         "check_numerics")
              if f[n].present]
   if ignored:
     print(f"jax-ep bench ignores {', '.join('--' + n for n in ignored)}: it runs the single, "
@@ -691,7 +772,8 @@ def main_from_flags() -> int:
   batch = 1024 if f.batch is None else f.batch
   prompt_len = f.prompt_len if f["prompt_len"].present else None
   spec = BenchSpec(config=f.config, batch=batch, prompt_len=prompt_len, steps=steps,
-                   seed=f.seed, tokens_per_call=f.tokens_per_call or 1)
+                   seed=f.seed, tokens_per_call=f.tokens_per_call or 1,
+                   skip_unfit=f.skip_unfit, check_memory=f.check_memory)
   result = run(spec, log=lambda m: print(m, flush=True))
   print(markdown(result))
   if f.output:

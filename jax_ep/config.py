@@ -196,6 +196,16 @@ class DeploymentConfig:
     """Micro-steps between two tokens of one sequence: max(groups, stages)."""
     return max(self.groups, self.stages)
 
+  @property
+  def min_batch(self) -> int:
+    """The smallest batch this deployment splits: every valid batch is a multiple of it
+    (each device's share of each micro-batch and of each decode group is whole)."""
+    return math.lcm(self.expert * self.microbatches, self.expert * self.groups)
+
+  def default_batch(self, at_least: int = 8) -> int:
+    """The smallest valid batch of at least `at_least` sequences (the CLI's default)."""
+    return -(-at_least // self.min_batch) * self.min_batch
+
   def check_batch(self, batch: int) -> None:
     """Raises ConfigError if a batch of `batch` sequences cannot be split on this deployment."""
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:

@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_ep import ep, model, pipeline, ring, sampling, sharding
+from jax_ep import ep, model, numerics, pipeline, ring, sampling, sharding
 from jax_ep.config import ConfigError, DeploymentConfig, ModelConfig
 from jax_ep.kv_cache import KVCache, StagedKVCache
 from jax_ep.mesh import AXES, make_mesh
@@ -34,9 +34,12 @@ class Engine:
   the bytes a weights-bound decode step reads, and its memory).
   """
 
-  def __init__(self, cfg: ModelConfig, dep: DeploymentConfig, mesh=None):
+  def __init__(self, cfg: ModelConfig, dep: DeploymentConfig, mesh=None,
+               watch: numerics.LayerWatch | None = None):
+    """`watch`: report every layer's non-finite outputs to it (--check_numerics; off the
+    compiled programs when None)."""
     dep.check_model(cfg)
-    self.cfg, self.dep = cfg, dep
+    self.cfg, self.dep, self.watch = cfg, dep, watch
     self.mesh = make_mesh(dep) if mesh is None else mesh
     want = dict(zip(AXES, dep.mesh_shape, strict=True))
     if dict(self.mesh.shape) != want:
@@ -134,8 +137,12 @@ class Engine:
   # --- forward ---------------------------------------------------------------------------
 
   def _layers(self, params_):
-    return [nnx.merge(self.layer_graphdef, jax.tree.map(lambda a: a[0], p))
-            for p in params_["layers"]]
+    layers = [nnx.merge(self.layer_graphdef, jax.tree.map(lambda a: a[0], p))
+              for p in params_["layers"]]
+    if self.watch is None:
+      return layers
+    first = ep.stage_index(self.par) * self.local_layers  # this stage's first layer
+    return [numerics.Watched(layer, first + i, self.watch) for i, layer in enumerate(layers)]
 
   def _shard_prefill(self, mode: str, temperature: float = 0.0):
     """shard_map body: embed -> pipeline of stages -> head on the vocabulary shards.
@@ -257,11 +264,7 @@ class Engine:
       raise ConfigError(f"tokens has an empty dimension: shape {tokens.shape}; "
                         "need at least one sequence of at least one token.")
     self.dep.check_batch(b)
-    bad = (tokens < 0) | (tokens >= self.cfg.vocab_size)
-    if bad.any():
-      i = tuple(int(v) for v in np.argwhere(bad)[0])
-      raise ConfigError(f"token id {int(tokens[i])} at {i} is outside the vocabulary "
-                        f"[0, {self.cfg.vocab_size}).")
+    tokens = numerics.check_token_ids(tokens, self.cfg.vocab_size)
     cap = max_len or self.cfg.max_seq_len
     if pos + t > cap:
       raise ConfigError(f"{pos} cached + {t} new tokens exceed the KV cache length {cap} "

@@ -34,13 +34,22 @@ def has_gpu_plugin() -> bool:
 def simulate_devices(n: int) -> None:
   """Runs on the CPU with `n` fake devices (n > 0), e.g. 64 to lay out the seed's mesh.
 
-  n < 0 means: 8 fake devices when no GPU plugin is installed, else the real devices.
+  n = -1 means: 8 fake devices when no GPU plugin is installed, else the real devices;
+  0: the devices as they are. Anything below -1 is a ConfigError. Asking again for what
+  is already set is a no-op (the backend may have started).
   """
-  if n < 0:
+  if n < -1:
+    from jax_ep.config import ConfigError
+
+    raise ConfigError(f"--simulate_devices={n}: use -1 (auto), 0 (the real devices) or a "
+                      "positive number of fake CPU devices.")
+  if n == -1:
     n = 0 if has_gpu_plugin() else 8
   if n == 0:
     return
   import jax
 
+  if jax.config.jax_platforms == "cpu" and jax.config.jax_num_cpu_devices == n:
+    return
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", n)

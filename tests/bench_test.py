@@ -55,11 +55,24 @@ def test_one_device_has_no_scaled_baseline():
     bench._preset_for("baseline", 1)
 
 
-def test_end_to_end_json_holds_every_field(tmp_path):
+def test_end_to_end_json_holds_every_field(tmp_path, monkeypatch):
   spec = bench.BenchSpec(config="tiny", kinds=("single", "baseline", "proposed", "proposed/1"),
                          batch=16, prompt_len=4, steps=2, synced=2, warmup=1,
                          num_devices=8, share="proposed_8", probe_mib=8)
-  result = bench.run(spec, log=lambda m: None)
+  # Devices that hold any one deployment but not single's weights beside those of the
+  # source (baseline, the most devices): the sweep frees the source's weights before single
+  # and makes each later deployment's own (the same weights: the tokens still agree).
+  from jax_ep import memory
+
+  cfg = load_model("tiny")
+  single = bench._footprint(bench.Plan("single", "", cfg, deployments.SINGLE, 16, "single"),
+                            bench._platform_defaults(spec, "cpu"), "cpu")
+  held = sum(memory.weight_bytes(cfg, deployments.PRESETS["baseline_8"]).values())
+  budget = memory.Budget(single.total + held / 2, "test", name="test")
+  monkeypatch.setattr(memory, "budget_for_devices", lambda devices: budget)
+  logs = []
+  result = bench.run(spec, log=logs.append)
+  assert any("single and baseline's weights do not fit together" in m for m in logs)
   paths = bench.write(result, str(tmp_path))
   with open(paths[0]) as f:
     saved = json.load(f)
@@ -79,7 +92,11 @@ def test_end_to_end_json_holds_every_field(tmp_path):
   assert runs["proposed"]["groups"] == 4 and runs["proposed/1"]["groups"] == 1
   assert runs["proposed"]["micro_steps_per_token"] == runs["proposed/1"]["micro_steps_per_token"]
   assert runs["share:proposed_8"]["batch"] == 2 and runs["share:proposed_8"]["share_of"]
+  assert runs["baseline"]["placement_source"] == "baseline"
+  assert [runs[k]["placement_source"] for k in ("single", "proposed", "share:proposed_8")] == \
+      ["init"] * 3
   # Same weights and prompts: the full-model deployments decode the same tokens.
+  assert runs["single"]["tokens_agree_with_first"] == 1.0
   assert runs["proposed"]["tokens_agree_with_first"] == 1.0
   assert runs["proposed/1"]["tokens_agree_with_first"] == 1.0
   assert set(saved["calibration"]) == {"efficiency", "validation", "seed_table", "extrapolated"}
@@ -87,3 +104,12 @@ def test_end_to_end_json_holds_every_field(tmp_path):
   md = open(paths[1]).read()
   assert "| Method | GPUs | Per-GPU deployment | batch | TPS | TPOT ms" in md
   assert "achieved/floor" in md
+
+
+def test_deployments_that_do_not_fit_are_an_error_unless_skipped():
+  spec = bench.BenchSpec(config="tiny", batch=7, prompt_len=4, steps=1, synced=1,
+                         num_devices=8, probes=False)
+  with pytest.raises(bench.ConfigError, match="--skip_unfit runs the rest") as e:
+    bench.run(spec, log=lambda m: None)
+  assert "baseline" in str(e.value) and "proposed" in str(e.value)
+

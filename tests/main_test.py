@@ -1,75 +1,134 @@
-"""The jax-ep command line, run as users run it: a fresh process on simulated CPU devices."""
+"""The jax-ep command line, run as users run it: a fresh process on simulated CPU devices.
+
+Each test starts one interpreter (tests/cli_runner.py) for all its command lines, so jax
+starts once per test, not once per case.
+"""
 
 import json
 import os
+import stat
 import subprocess
 import sys
 
-import pytest
+from configs import deployments, model_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(*args, timeout=300):
+def _run_cases(cases, timeout=600):
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  return subprocess.run([sys.executable, "-m", "jax_ep", *args], capture_output=True, text=True,
-                        timeout=timeout, env=env, cwd=ROOT)
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "cli_runner.py"),
+                         json.dumps(cases)], capture_output=True, text=True, timeout=timeout,
+                        env=env, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("deployment,devices,mesh", [
-    ("proposed", 8, "stage 4 x expert 2 x tp 1 (8 devices)"),
-    ("baseline", 8, "stage 2 x expert 1 x tp 4 (8 devices)"),
-])
-def test_generate_writes_tokens_and_metrics(tmp_path, deployment, devices, mesh):
-  out = tmp_path / "out.json"
-  proc = _run("generate", f"--deployment={deployment}", f"--simulate_devices={devices}",
-              "--batch=8", "--prompt_len=4", "--max_new_tokens=3", f"--output={out}")
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  assert mesh in proc.stdout and "TPOT" in proc.stdout and "TPS" in proc.stdout
-  result = json.loads(out.read_text())
-  tokens = result["tokens"]
-  assert len(tokens) == 8 and all(len(row) == 3 for row in tokens)
-  assert all(0 <= t < result["config"]["vocab_size"] for row in tokens for t in row)
-  assert result["deployment"]["kind"] == deployment and result["tpot_ms"] > 0
+def _umask():
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
-def test_same_tokens_on_every_deployment(tmp_path):
-  outs = {}
-  for deployment in ("single", "proposed", "baseline"):
-    out = tmp_path / f"{deployment}.json"
-    proc = _run("generate", f"--deployment={deployment}", "--simulate_devices=8", "--batch=8",
-                "--prompt_len=4", "--max_new_tokens=4", f"--output={out}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    outs[deployment] = json.loads(out.read_text())["tokens"]
-  assert outs["proposed"] == outs["single"] and outs["baseline"] == outs["single"]
+def test_generate_on_each_deployment_writes_the_same_tokens_and_repeats_them(tmp_path):
+  runs = [("single", "single"), ("proposed", "proposed"), ("baseline", "baseline"),
+          ("proposed", "sampled"), ("proposed", "sampled_again")]
+  sample = ["--temperature=0.8", "--seed=5"]
+  results = _run_cases([["generate", f"--deployment={dep}", "--simulate_devices=8", "--batch=8",
+                         "--prompt_len=4", "--max_new_tokens=4",
+                         f"--output={tmp_path / name}.json", *(sample if "sampled" in name else [])]
+                        for dep, name in runs])
+  meshes = {"proposed": "stage 4 x expert 2 x tp 1 (8 devices)",
+            "baseline": "stage 2 x expert 1 x tp 4 (8 devices)"}
+  tokens = {}
+  for (dep, name), r in zip(runs, results, strict=True):
+    assert r["rc"] == 0, r["stderr"][-2000:]
+    assert "TPOT" in r["stdout"] and "TPS" in r["stdout"] and meshes.get(dep, "") in r["stdout"]
+    path = tmp_path / f"{name}.json"
+    # The usual file mode (0666 less the umask), not a temporary file's 0600.
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_umask()
+    result = json.loads(path.read_text())
+    assert result["deployment"]["kind"] == dep and result["tpot_ms"] > 0
+    rows = result["tokens"]
+    assert len(rows) == 8 and all(len(row) == 4 for row in rows)
+    assert all(0 <= t < result["config"]["vocab_size"] for row in rows for t in row)
+    tokens[name] = rows
+  assert tokens["proposed"] == tokens["single"] and tokens["baseline"] == tokens["single"]
+  # The same seed, a second run of one deployment: bitwise the same sampled tokens.
+  assert tokens["sampled_again"] == tokens["sampled"] != tokens["proposed"]
+  assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("args,message", [
+BAD = [
     (["--batch=0"], "--batch=0 must be a positive integer"),
     (["--batch=-3"], "--batch=-3 must be a positive integer"),
     (["--max_new_tokens=0"], "--max_new_tokens=0 must be a positive integer"),
-    (["--temperature=-1"], "temperature=-1.0 must be >= 0"),
-    (["--batch=6"], "batch=6 is not divisible"),
+    (["--temperature=-1"], "--temperature=-1.0 must be >= 0"),
+    (["--batch=6"], "--batch=6 is not divisible"),
     (["--prompt_len=60", "--max_new_tokens=10"], "exceeds the KV cache length 64"),
     (["--config=nope"], "--config='nope' is not a preset"),
     (["--deployment=seed_proposed"], "needs 64 devices but 8 are available"),
     (["--deployment=proposed", "--tp=3"], "num_experts=16 is not divisible by the expert x tp"),
-    (["--deployment=proposed", "--tp=3", "--placement=tp"], "num_heads=8 is not divisible by tp=3"),
-])
-def test_bad_input_fails_before_compiling_and_writes_nothing(tmp_path, args, message):
+    (["--deployment=proposed", "--tp=3", "--placement=tp"], "num_heads=8 is not divisible by "
+     "--tp=3"),
+    (["--expert_axis=0"], "--expert_axis=0 must be a positive integer"),
+    (["--decode_groups=-1"], "--decode_groups=-1 must be 0"),
+    (["--simulate_devices=-5"], "--simulate_devices=-5: use -1 (auto), 0"),
+    (["--output="], "--output= is empty"),
+    (["--output={tmp}"], "is a directory"),
+    (["--output={tmp}/missing/out.json"], "does not exist; create it first"),
+    (["--output=/proc/jax_ep_out.json"], "cannot create a file in /proc"),
+    # Weights alone exceed this host (a batch of 2**20 any host): refused before allocating.
+    (["--config=seed", "--deployment=single", f"--batch={2**20}"],
+     "does not fit: single"),
+]
+
+
+def test_bad_input_fails_before_compiling_and_writes_nothing(tmp_path):
   out = tmp_path / "out.json"
-  proc = _run("generate", "--simulate_devices=8", f"--output={out}", *args)
-  assert proc.returncode == 2, (proc.stdout[-1000:], proc.stderr[-2000:])
-  assert message in proc.stderr, proc.stderr[-2000:]
-  assert "compiling" not in proc.stdout
-  assert not out.exists() and not list(tmp_path.iterdir())
+  cases = []
+  for args, _ in BAD:
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    has_output = any(a.startswith("--output") for a in args)
+    sim = [] if any(a.startswith("--simulate_devices") for a in args) else [
+        "--simulate_devices=8"]
+    cases.append(["generate", *sim, *([] if has_output else [f"--output={out}"]), *args])
+  cases += [["bench", "--simulate_devices=8", "--batch=7", "--prompt_len=4",
+             "--max_new_tokens=8"],
+            ["bench", "--simulate_devices=8", f"--output={tmp_path}"]]
+  results = _run_cases(cases)
+  messages = [m for _, m in BAD] + ["--skip_unfit runs the rest", "is a directory"]
+  for r, message in zip(results, messages, strict=True):
+    assert r["rc"] == 2, (r["args"], r["stdout"][-1000:], r["stderr"][-2000:])
+    assert message in r["stderr"], (r["args"], r["stderr"][-2000:])
+    assert "compiling" not in r["stdout"] and "probe:" not in r["stdout"], r["args"]
+    assert "DeploymentConfig" not in r["stderr"] and "Traceback" not in r["stderr"]
+  assert results[-2]["stderr"].count("is not divisible") == 2  # baseline and proposed
+  assert not list(tmp_path.iterdir())
 
 
-def test_unknown_command_and_help():
-  proc = _run("frobnicate")
-  assert proc.returncode != 0 and "usage: jax-ep {generate,bench}" in proc.stderr
-  proc = _run("--help")
-  for flag in ("--deployment", "--simulate_devices", "--batch", "--prompt_len",
-               "--max_new_tokens", "--output", "--profile_dir", "--seed", "--config"):
-    assert flag in proc.stdout, flag
+def test_help_plan_and_usage():
+  results = _run_cases([
+      ["--help"], ["frobnicate"],
+      ["plan", "--config=seed", "--deployment=single", "--device_kind=h100"],
+      ["plan", "--config=seed", "--deployment=seed_proposed", "--device_kind=h200",
+       "--batch=1024", "--prompt_len=32", "--max_new_tokens=32"],
+  ])
+  help_, usage, refused, fits = results
+  assert help_["rc"] == 0
+  for flag in ("deployment", "simulate_devices", "batch", "prompt_len", "skip_unfit",
+               "max_new_tokens", "output", "profile_dir", "seed", "config", "check_numerics",
+               "check_memory", "device_kind", "devices", "compile"):
+    assert f"--{flag}:" in help_["stdout"] or f"--[no]{flag}:" in help_["stdout"], flag
+  config_help = help_["stdout"].split("--config:")[1].split("(default")[0]
+  assert all(name in config_help for name in model_names())
+  assert usage["rc"] == 1 and "usage: jax-ep {generate,bench,plan}" in usage["stderr"]
+  # The seed on one 80 GB H100: refused, and the smallest deployment that fits is named.
+  assert refused["rc"] == 0 and "DOES NOT FIT" in refused["stdout"]
+  assert "--deployment=proposed_2 (2 devices" in refused["stdout"]
+  assert "| weights: experts | 64.000 |" in refused["stdout"]
+  assert fits["rc"] == 0 and "fits." in fits["stdout"]
+  holdings = [line for line in fits["stdout"].splitlines() if line.startswith("| 63 |")]
+  assert holdings == ["| 63 | 3, 15, 0 | 3 | 15 | 0-32767 | 0-15 | 30720-32767 | 960-1023 |"]
+  assert deployments.PRESETS["seed_proposed"].num_devices == 64
