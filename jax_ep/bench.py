@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import deployments, load_model
-from jax_ep import decode, perf_model
+from jax_ep import checkpoint, decode, perf_model
 from jax_ep.config import KINDS, ConfigError, DeploymentConfig, ModelConfig
 from jax_ep.engine import Engine
 
@@ -51,6 +51,7 @@ class BenchSpec:
   seed: int = 0
   probes: bool = True
   probe_mib: int | None = None  # copy probe size (GPU 4096, CPU 64); all_to_all 1/64 of it
+  checkpoint: str | None = None  # the model and its weights from this checkpoint, not random
 
 
 def _platform_defaults(spec: BenchSpec, platform: str) -> BenchSpec:
@@ -412,7 +413,7 @@ def run(spec: BenchSpec = BenchSpec(), log: Callable[[str], None] = print) -> di
   platform = devices[0].platform
   spec = _platform_defaults(spec, platform)
   n = len(devices)
-  cfg = load_model(spec.config)
+  cfg = checkpoint.read_config(spec.checkpoint) if spec.checkpoint else load_model(spec.config)
   if spec.prompt_len + _decode_calls(spec) > cfg.max_seq_len:
     raise ConfigError(f"prompt_len {spec.prompt_len} + {_decode_calls(spec)} decode steps "
                       f"exceed max_seq_len {cfg.max_seq_len} of {spec.config}.")
@@ -442,7 +443,9 @@ def run(spec: BenchSpec = BenchSpec(), log: Callable[[str], None] = print) -> di
     full = [p for p in group if p.share_of is None]
     source = max(full or group, key=lambda p: p.dep.num_devices)
     t0 = time.perf_counter()
-    params = Engine(source.cfg, source.dep).init_params(spec.seed)
+    engine = Engine(source.cfg, source.dep)
+    params = (checkpoint.restore(spec.checkpoint, engine) if spec.checkpoint and source.cfg == cfg
+              else engine.init_params(spec.seed))
     jax.block_until_ready(params)
     init_s[model_name] = time.perf_counter() - t0
     log(f"{model_name}: weights initialised on {source.name} ({source.dep.num_devices} "
@@ -661,7 +664,8 @@ def main_from_flags() -> int:
 
   --config, --batch (default 1024), --prompt_len, --max_new_tokens (the ring's fill, 1
   warm-up and 5 synced steps, the rest timed back to back) and --seed as for generate;
-  unset, the platform's defaults apply (BenchSpec).
+  unset, the platform's defaults apply (BenchSpec). --checkpoint: the model and weights
+  of a checkpoint (jax_ep/checkpoint.py) instead of the --config preset's random ones.
   --output names the JSON (markdown and PNG are written beside). Mesh flags are
   ignored, with a warning.
   """
@@ -681,8 +685,9 @@ def main_from_flags() -> int:
   steps = max(1, f.max_new_tokens - fixed) if f["max_new_tokens"].present else None
   batch = 1024 if f.batch is None else f.batch
   prompt_len = f.prompt_len if f["prompt_len"].present else None
-  spec = BenchSpec(config=f.config, batch=batch, prompt_len=prompt_len, steps=steps,
-                   seed=f.seed)
+  spec = BenchSpec(config=f"checkpoint:{f.checkpoint}" if f.checkpoint else f.config,
+                   batch=batch, prompt_len=prompt_len, steps=steps, seed=f.seed,
+                   checkpoint=f.checkpoint)
   result = run(spec, log=lambda m: print(m, flush=True))
   print(markdown(result))
   if f.output:
