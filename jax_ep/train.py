@@ -218,7 +218,9 @@ def run(cfg: ModelConfig, tc: TrainConfig, workdir: str | None, *, save_every: i
   if save_every < 0:
     raise ConfigError(f"--save_every={save_every} must be >= 0 (0: only at the end).")
   t_start = time.perf_counter()
-  state = init_state(cfg, tc)
+  # Committed to one device, as restored arrays are, so a resumed run hits the same
+  # compiled step (jit's cache tells committed arrays from uncommitted ones).
+  state = jax.device_put(init_state(cfg, tc), jax.devices()[0])
   random_params = jax.tree.map(jnp.copy, state.params)
   resumed_from = None
   ckpt = checkpoint.Checkpointer(workdir, create=True) if workdir else None
@@ -235,7 +237,7 @@ def run(cfg: ModelConfig, tc: TrainConfig, workdir: str | None, *, save_every: i
       step += 1
       if step == first:  # the first step compiled: time the others
         jax.block_until_ready(metrics)
-        log(f"compiled the training step in {time.perf_counter() - t0:.1f} s")
+        log(f"first step (compiling the training step) in {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()
       if step % log_every == 0 or step == end:
         m = {k: float(v) for k, v in metrics.items()}
@@ -275,7 +277,8 @@ def _resume(ckpt, cfg: ModelConfig, tc: TrainConfig, state: TrainState) -> Train
   targets = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                          {checkpoint.PARAMS: state.params, checkpoint.OPT_STATE: state.opt_state})
   out = ckpt.restore(step, cfg, targets)
-  return TrainState(out[checkpoint.PARAMS], out[checkpoint.OPT_STATE], jnp.int32(step))
+  return TrainState(out[checkpoint.PARAMS], out[checkpoint.OPT_STATE],
+                    jax.device_put(jnp.int32(step), state.step.sharding))
 
 
 def as_numpy(x) -> np.ndarray:

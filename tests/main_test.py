@@ -10,9 +10,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(*args, timeout=300):
+def _run(*args, timeout=300, xla_flags=None):
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  if xla_flags:
+    env["XLA_FLAGS"] = xla_flags
   return subprocess.run([sys.executable, "-m", "jax_ep", *args], capture_output=True, text=True,
                         timeout=timeout, env=env, cwd=ROOT)
 
@@ -68,8 +70,33 @@ def test_bad_input_fails_before_compiling_and_writes_nothing(tmp_path, args, mes
 
 def test_unknown_command_and_help():
   proc = _run("frobnicate")
-  assert proc.returncode != 0 and "usage: jax-ep {generate,bench}" in proc.stderr
+  assert proc.returncode != 0 and (
+      "usage: jax-ep {generate,bench,train,import-hf,export-hf}" in proc.stderr)
   proc = _run("--help")
   for flag in ("--deployment", "--simulate_devices", "--batch", "--prompt_len",
-               "--max_new_tokens", "--output", "--profile_dir", "--seed", "--config"):
+               "--max_new_tokens", "--output", "--profile_dir", "--seed", "--config",
+               "--checkpoint", "--workdir", "--steps", "--save_every", "--src", "--dst"):
     assert flag in proc.stdout, flag
+
+
+def test_train_then_generate_from_its_checkpoint(tmp_path):
+  # Two steps: the mechanics (flags, progress, checkpoints, the report), not the learning
+  # (train_test.py). LLVM unoptimised, as in-process tests run: the compiles dominate.
+  fast = "--xla_backend_optimization_level=0"
+  workdir = tmp_path / "run"
+  proc = _run("train", "--config=tiny_task", f"--workdir={workdir}", "--steps=2",
+              "--save_every=1", "--task_digits=3", xla_flags=fast)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "[########################] 2/2 loss" in proc.stdout
+  assert "held-out reverse of 3 digits: accuracy" in proc.stdout and "random router" in proc.stdout
+  assert sorted(os.listdir(workdir)) == ["1", "2"]
+  assert "orbax" not in proc.stderr  # its INFO logs are dropped
+  out = tmp_path / "gen.json"
+  proc = _run("generate", f"--checkpoint={workdir}", "--deployment=single",
+              f"--output={out}", xla_flags=fast)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "checkpoint" in proc.stdout and "trained on reverse of 3 digits" in proc.stdout
+  assert "task accuracy (exact match)" in proc.stdout and "(random router: " in proc.stdout
+  result = json.loads(out.read_text())
+  assert len(result["tokens"][0]) == 3 and 0 <= result["task_accuracy"] <= 1
+  assert result["random_load_max_mean"] >= 1 and result["config"]["vocab_size"] == 16

@@ -31,7 +31,7 @@ TC = train.TrainConfig(steps=100, task=tasks.Task("reverse", 6))
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("train") / "run")
-  return workdir, train.run(CFG, TC, workdir, save_every=50, log=None)
+  return workdir, train.run(CFG, TC, workdir, save_every=45, log=None)
 
 
 def test_training_reaches_high_accuracy_with_balanced_experts(trained):
@@ -44,27 +44,27 @@ def test_training_reaches_high_accuracy_with_balanced_experts(trained):
   assert result.metrics["load_max_mean"] < result.random_metrics["load_max_mean"]
   assert result.metrics["balance"] < 1.1
   with checkpoint.Checkpointer(workdir) as ckpt:
-    assert ckpt.steps() == [50, 100]
+    assert ckpt.steps() == [45, 90, 100]  # every 45 steps and at the end
     meta = ckpt.meta()
   assert meta["train"] == TC.to_dict() and meta["step"] == 100
   assert meta["model"] == dataclasses.asdict(CFG)
 
 
 def test_run_resumed_from_a_checkpoint_equals_the_uninterrupted_one(trained, tmp_path):
-  """A run killed after its step-50 checkpoint restarts from it: params, optimizer state,
+  """A run killed after its step-90 checkpoint restarts from it: params, optimizer state,
   step and data position restored, it must end bitwise where the straight run ended."""
   workdir, straight = trained
   killed = tmp_path / "killed"
   killed.mkdir()
-  shutil.copytree(os.path.join(workdir, "50"), killed / "50")  # all the killed run left
-  resumed = train.run(CFG, TC, str(killed), save_every=50, log=None)
-  assert resumed.resumed_from == 50
+  shutil.copytree(os.path.join(workdir, "90"), killed / "90")  # all the killed run left
+  resumed = train.run(CFG, TC, str(killed), save_every=45, log=None)
+  assert resumed.resumed_from == 90
   same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
                       resumed.state, straight.state)
   assert all(jax.tree.leaves(same))
   assert resumed.metrics == straight.metrics
   # A run stopped early saves where it stopped.
-  stopped = train.run(CFG, TC, str(tmp_path / "stopped"), save_every=50, stop_after=2,
+  stopped = train.run(CFG, TC, str(tmp_path / "stopped"), save_every=45, stop_after=2,
                       log=None)
   assert int(stopped.state.step) == 2
   with checkpoint.Checkpointer(str(tmp_path / "stopped")) as ckpt:
