@@ -134,8 +134,8 @@ class Checkpointer:
   def __init__(self, directory: str, *, create: bool = False, max_to_keep: int | None = 3):
     self.directory = os.path.abspath(directory)
     if not create and not os.path.isdir(self.directory):
-      raise ConfigError(f"no checkpoint directory {self.directory}: give the --workdir a "
-                        "training run or import-hf wrote.")
+      raise ConfigError(f"no checkpoint directory {self.directory} (--checkpoint takes the "
+                        "--workdir that jax-ep train or import-hf wrote).")
     if os.path.exists(self.directory) and not os.path.isdir(self.directory):
       raise ConfigError(f"{self.directory} is a file, not a checkpoint directory.")
     # A reader neither creates, deletes nor cleans up (orbax's read_only mode does the

@@ -11,6 +11,7 @@ rope scaling, biases) is refused with the config field that asks for it.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -19,6 +20,8 @@ import tempfile
 
 import numpy as np
 from flax import nnx
+from safetensors import safe_open  # bfloat16 reads as ml_dtypes' (jax's) bfloat16
+from safetensors.numpy import save_file
 
 from jax_ep import checkpoint
 from jax_ep.config import ConfigError, ModelConfig
@@ -162,13 +165,7 @@ def _to_hf(a: np.ndarray, how: str) -> np.ndarray:
 
 
 def _from_hf(w: np.ndarray, how: str, shape) -> np.ndarray:
-  if how == "t":
-    return w.T
-  if how == "in":
-    return w.T.reshape(shape)
-  if how == "out":
-    return w.T.reshape(shape)
-  return w
+  return w if how == "same" else w.T.reshape(shape)
 
 
 def _files(src: str) -> dict[str, str]:
@@ -184,8 +181,6 @@ def _files(src: str) -> dict[str, str]:
     if missing:
       raise ConfigError(f"{index} names shard(s) that are not in {src}: {missing}.")
     return {name: os.path.join(src, f) for name, f in weight_map.items()}
-  from safetensors import safe_open
-
   paths = sorted(glob.glob(os.path.join(src, "*.safetensors")))
   if not paths:
     raise ConfigError(f"{src} has no *.safetensors file (and no model.safetensors.index.json).")
@@ -211,9 +206,6 @@ def read_config(src: str) -> tuple[ModelConfig, dict]:
 def load(src: str) -> tuple[ModelConfig, dict, dict]:
   """Reads a Mixtral directory: (config, canonical params as a pure dict of numpy arrays
   in the model's dtype with the router in float32, the original config.json)."""
-  import ml_dtypes  # noqa: F401 - safetensors reads bfloat16 into ml_dtypes arrays
-  from safetensors import safe_open
-
   cfg, hf = read_config(src)
   files = _files(src)
   wanted = list(_names(cfg))
@@ -229,11 +221,10 @@ def load(src: str) -> tuple[ModelConfig, dict, dict]:
   abstract = nnx.to_pure_dict(checkpoint.abstract_state(cfg))
   leaves = {path: np.zeros(leaf.shape, np.float32 if "router" in path else cfg.jnp_dtype)
             for path, leaf in _flat(abstract).items()}
-  handles = {}
-  try:
+  with contextlib.ExitStack() as stack:
+    handles = {path: stack.enter_context(safe_open(path, framework="np"))
+               for path in sorted({files[name] for name, *_ in wanted})}
     for name, path, how, index in wanted:
-      if files[name] not in handles:
-        handles[files[name]] = safe_open(files[name], framework="np").__enter__()
       w = handles[files[name]].get_tensor(name)
       dest = leaves[path]
       shape = dest.shape[len(index):]
@@ -241,9 +232,6 @@ def load(src: str) -> tuple[ModelConfig, dict, dict]:
         raise ConfigError(f"{src}: {name} is {list(w.shape)}, the config implies "
                           f"{list(_hf_shape(shape, how))}.")
       dest[index] = _from_hf(w, how, shape).astype(dest.dtype)
-  finally:
-    for h in handles.values():
-      h.__exit__(None, None, None)
   return cfg, _nest(leaves), hf
 
 
@@ -295,8 +283,6 @@ def export_hf(checkpoint_dir: str, dst: str, max_shard_bytes: int = 5 * 2**30) -
   Written into a temporary directory beside dst and renamed, so a failed export leaves
   no partial dst.
   """
-  from safetensors.numpy import save_file
-
   if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
     raise ConfigError(f"--dst={dst} exists and is not an empty directory.")
   with checkpoint.Checkpointer(checkpoint_dir) as ckpt:  # refused before anything is read

@@ -20,7 +20,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -280,6 +279,3 @@ def _resume(ckpt, cfg: ModelConfig, tc: TrainConfig, state: TrainState) -> Train
   return TrainState(out[checkpoint.PARAMS], out[checkpoint.OPT_STATE],
                     jax.device_put(jnp.int32(step), state.step.sharding))
 
-
-def as_numpy(x) -> np.ndarray:
-  return np.asarray(jax.device_get(x))

@@ -77,7 +77,7 @@ def test_resume_with_other_settings_is_refused(trained):
 
 
 def test_training_forward_is_the_model_and_the_router_learns_from_both_losses():
-  cfg = dataclasses.replace(CFG, num_layers=2)
+  cfg = dataclasses.replace(CFG, num_layers=1)
   state = nnx.split(Transformer(cfg, nnx.Rngs(0)))[1]
   params = nnx.to_pure_dict(state)
   seq = TC.task.train_batch(0, 0, 4)
