@@ -1,8 +1,12 @@
-"""The jax-ep command line: `jax-ep generate|bench|plan [--flags]` (also `python -m jax_ep`).
+"""The jax-ep command line: `jax-ep generate|bench|plan|train|import-hf|export-hf [--flags]`
+(also `python -m jax_ep`).
 
-  generate  prefill random prompts and decode them on a deployment; TPS and TPOT
-  bench     the single, baseline and proposed deployments side by side (benchmarks/)
-  plan      bytes per device and which device holds what, without any GPU
+  generate   prefill prompts and decode them on a deployment; TPS and TPOT
+  bench      the single, baseline and proposed deployments side by side (benchmarks/)
+  plan       bytes per device and which device holds what, without any GPU
+  train      train a small MoE on a checkable task (optax), with orbax checkpoints
+  import-hf  Mixtral-format weights (config.json + *.safetensors) -> a checkpoint
+  export-hf  a checkpoint -> Mixtral-format weights
 
 A thin shell: flags become configs once, here; the work is library calls.
 """
@@ -18,7 +22,7 @@ from absl import app, flags, logging
 from configs import deployments, model_names
 from jax_ep import distributed, runtime
 
-COMMANDS = ("generate", "bench", "plan")
+COMMANDS = ("generate", "bench", "plan", "train", "import-hf", "export-hf")
 
 _CONFIG = flags.DEFINE_string("config", "tiny", "Model preset, a file in configs/: "
                               f"{', '.join(model_names())}.")
@@ -165,6 +169,105 @@ def _say(message: str):
   if distributed.is_primary():
     print(message, flush=True)
 
+# --- checkpoints, train, import-hf, export-hf (jax_ep/checkpoint.py, train.py, hf.py) ------
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None,
+    "generate, bench, export-hf: a checkpoint directory (what train or import-hf wrote as "
+    "--workdir); its latest step's weights are laid out on the deployment, and its model "
+    "config is used (--config, if given, must name the same model).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "train: checkpoints go here, and a run found "
+                               "here is resumed; import-hf: the checkpoint to write.")
+_STEPS = flags.DEFINE_integer("steps", 200, "train: optimizer steps in all (a resumed run "
+                              "continues to this many).")
+_SAVE_EVERY = flags.DEFINE_integer("save_every", 50, "train: checkpoint every N steps (and at "
+                                   "the end); 0: only at the end.")
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-2, "train: AdamW's peak learning rate "
+                                    "(warm-up, then cosine decay to a tenth of it).")
+_TASK = flags.DEFINE_enum("task", "reverse", ["reverse", "copy"],
+                          "train: the digit task (jax_ep/tasks.py).")
+_TASK_DIGITS = flags.DEFINE_integer("task_digits", 6, "train: digits in each task prompt.")
+_SRC = flags.DEFINE_string("src", None, "import-hf: a Hugging Face Mixtral directory "
+                           "(config.json and *.safetensors).")
+_DST = flags.DEFINE_string("dst", None, "export-hf: the directory to write (config.json and "
+                           "safetensors shards); must not exist or be empty.")
+
+
+def _need(*flag_holders):
+  for f in flag_holders:
+    if not f.value:
+      raise app.UsageError(f"--{f.name} is required here.")
+
+
+def _train():
+  import jax
+
+  from configs import load_model
+  from jax_ep import tasks, train
+  from jax_ep.config import ConfigError
+
+  _need(_WORKDIR)
+  cfg = load_model(_CONFIG.value)
+  tc = train.TrainConfig(steps=_STEPS.value, batch=_BATCH.value or train.TrainConfig.batch,
+                         learning_rate=_LEARNING_RATE.value, seed=_SEED.value,
+                         task=tasks.Task(_TASK.value, _TASK_DIGITS.value))
+  if _SAVE_EVERY.value < 0:
+    raise ConfigError(f"--save_every={_SAVE_EVERY.value} must be >= 0 (0: only at the end).")
+  print(f"train {_CONFIG.value} ({cfg.num_layers} layers x {cfg.num_experts} experts, top-"
+        f"{cfg.top_k}, {cfg.dtype}) on {tc.task.name} of {tc.task.digits} digits: {tc.steps} "
+        f"steps of {tc.batch}, on {jax.devices()[0]}; checkpoints in {_WORKDIR.value}",
+        flush=True)
+  result = train.run(cfg, tc, _WORKDIR.value, save_every=_SAVE_EVERY.value,
+                     log=lambda m: print("  " + m, flush=True))
+  print(f"  done in {result.seconds:.1f} s; `jax-ep generate --checkpoint={_WORKDIR.value}` "
+        "decodes the task on any deployment")
+  return 0
+
+
+def _import_hf():
+  from jax_ep import hf
+
+  _need(_SRC, _WORKDIR)
+  cfg = hf.import_hf(_SRC.value, _WORKDIR.value)
+  print(f"imported {_SRC.value}: {cfg.num_layers} layers x {cfg.num_experts} experts "
+        f"(top-{cfg.top_k}), D={cfg.model_dim}, F={cfg.mlp_dim}, V={cfg.vocab_size}, "
+        f"{cfg.dtype} -> checkpoint {_WORKDIR.value}")
+  return 0
+
+
+def _export_hf():
+  from jax_ep import hf
+
+  _need(_CHECKPOINT, _DST)
+  for path in hf.export_hf(_CHECKPOINT.value, _DST.value):
+    print(f"wrote {path}")
+  return 0
+
+
+def _checkpoint_model():
+  """(config, trained task or None) for generate: the checkpoint's, or the --config preset."""
+  from configs import load_model
+  from jax_ep import evaluate
+
+  if not _CHECKPOINT.value:
+    return load_model(_CONFIG.value), None
+  named = load_model(_CONFIG.value) if _CONFIG.present else None
+  m = evaluate.open_model(_CHECKPOINT.value, named)
+  print(f"checkpoint {_CHECKPOINT.value}: step {m.step}"
+        + (f", trained on {m.task.name} of {m.task.digits} digits" if m.task else ""))
+  return m.cfg, m.task
+
+
+def _checkpoint_report(engine, params, prompts, answers, gen, seed):
+  """For generate's report: the expert load of a random router on the same tokens, and the
+  task accuracy (of a task model)."""
+  from jax_ep import evaluate
+
+  tokens = evaluate.routed_tokens(prompts, gen)
+  out = {"random_load_max_mean": evaluate.random_router_imbalance(engine, tokens, seed)}
+  if answers is not None:
+    out["task_accuracy"] = evaluate.accuracy(gen, answers)
+  return out
+
 
 def _deployment(num_devices: int):
   dep = deployments.resolve(_DEPLOYMENT.value, num_devices)
@@ -205,49 +308,64 @@ def _generate(profile_dir):
   import jax
   import numpy as np
 
-  from configs import load_model
   from jax_ep import decode, memory, numerics, placement
   from jax_ep.engine import Engine
 
-  cfg = load_model(_CONFIG.value)
+  cfg, task = _checkpoint_model()
   dep = _deployment(len(jax.devices()))
   logging.info("process %d of %d, %d devices (%s)", jax.process_index(), jax.process_count(),
                len(jax.devices()), jax.devices()[0].platform)
-  _say(f"model {_CONFIG.value}: {cfg.num_layers} layers x {cfg.num_experts} experts, "
+  name = "(checkpoint)" if _CHECKPOINT.value else _CONFIG.value
+  _say(f"model {name}: {cfg.num_layers} layers x {cfg.num_experts} experts, "
        f"top-{cfg.top_k}, {cfg.dtype}; deployment {dep.describe()}")
   watch = numerics.LayerWatch() if _CHECK_NUMERICS.value else None
   engine = Engine(cfg, dep, watch=watch)
-  prompts = np.random.RandomState(_SEED.value).randint(
-      0, cfg.vocab_size, (_batch(dep), _PROMPT_LEN.value))
-  max_len = min(cfg.max_seq_len, _PROMPT_LEN.value + _NEW.value)
+  batch, new, answers = _batch(dep), _NEW.value, None
+  if task is not None:  # held-out task prompts; the answer's length is the task's
+    prompts, answers = task.eval_set(_SEED.value, batch)
+    new = task.digits
+    if _PROMPT_LEN.present or _NEW.present:
+      _say(f"  --prompt_len and --max_new_tokens are ignored: the prompts are the task's "
+           f"({prompts.shape[1]} tokens), the answers {new} tokens")
+  else:
+    prompts = np.random.RandomState(_SEED.value).randint(0, cfg.vocab_size,
+                                                         (batch, _PROMPT_LEN.value))
+  max_len = min(cfg.max_seq_len, prompts.shape[1] + new)
   # Everything that can be wrong with the request is checked before anything compiles.
-  decode.check_request(engine, prompts, _NEW.value, _TEMPERATURE.value, max_len)
+  decode.check_request(engine, prompts, new, _TEMPERATURE.value, max_len)
   if _CHECK_MEMORY.value:
     platform = jax.devices()[0].platform
-    fp = memory.footprint(cfg, dep, len(prompts), _PROMPT_LEN.value, max_len, platform)
+    fp = memory.footprint(cfg, dep, len(prompts), prompts.shape[1], max_len, platform)
     memory.check(fp, memory.budget_for_devices(jax.devices()[:dep.num_devices]),
                  candidates=_memory_candidates(cfg), platform=platform,
-                 what=f"generate --config={_CONFIG.value}")
+                 what=f"generate --config={name}")
   distributed.check_same("run", distributed.fields(model=cfg, deployment=dep, prompts=prompts),
                          _DIST_TIMEOUT.value)
   if _DRY_RUN.value:
     _say(placement.format_table(cfg, dep, placement.rows(cfg, dep, jax.devices(), len(prompts))))
-    return cfg, dep, None
-  params = engine.init_params(_SEED.value)
+    return cfg, dep, None, {}
+  if _CHECKPOINT.value:
+    from jax_ep import checkpoint
+
+    params = checkpoint.restore(_CHECKPOINT.value, engine)
+  else:
+    params = engine.init_params(_SEED.value)
   numerics.check_finite(params, "weights")
   profile_dir = profile_dir if distributed.is_primary() else None
   if profile_dir:
     jax.profiler.start_trace(profile_dir)
   try:
-    gen = decode.generate(engine, params, prompts, _NEW.value, temperature=_TEMPERATURE.value,
-                          seed=_SEED.value, max_len=max_len, synced_steps=max(_NEW.value // 4, 1),
+    gen = decode.generate(engine, params, prompts, new, temperature=_TEMPERATURE.value,
+                          seed=_SEED.value, max_len=max_len, synced_steps=max(new // 4, 1),
                           log=lambda m: _say("  " + m))
   finally:
     if profile_dir:
       jax.profiler.stop_trace()
   if watch is not None:
     watch.check()
-  return cfg, dep, gen
+  extra = (_checkpoint_report(engine, params, prompts, answers, gen, _SEED.value)
+           if _CHECKPOINT.value else {})
+  return cfg, dep, gen, extra
 
 
 def _plan():
@@ -305,24 +423,31 @@ def main(argv):
   runtime.simulate_devices(_SIMULATE.value)
   runtime.set_xla_flags(_OVERLAP.value)
   _setup_processes(argv[1])
+  runtime.quiet_library_logs()
   if argv[1] == "bench":
     from jax_ep import bench
 
     return bench.main_from_flags()
-  cfg, dep, gen = _generate(_PROFILE.value)
+  if argv[1] != "generate":
+    return {"train": _train, "import-hf": _import_hf, "export-hf": _export_hf}[argv[1]]()
+  cfg, dep, gen, extra = _generate(_PROFILE.value)
   if gen is None or not distributed.is_primary():  # a dry run; or not process 0
     return 0
   load = gen.load_LxE
   imbalance = gen.imbalance
+  load_row = f"{imbalance:.2f}" + (f" (random router: {extra['random_load_max_mean']:.2f})"
+                                   if "random_load_max_mean" in extra else "")
   rows = [("deployment", dep.describe()), ("batch x new tokens", f"{gen.batch} x {gen.steps + 1}"),
           ("compile", f"{gen.compile_s:.2f} s"), ("prefill", f"{gen.prefill_s * 1e3:.1f} ms"),
           ("TPOT (back-to-back mean)", f"{gen.tpot_ms:.3f} ms"),
           ("TPOT (synced median)", f"{gen.tpot_synced_ms:.3f} ms"), ("TPS", f"{gen.tps:,.0f}"),
-          ("decode groups in flight", gen.groups), ("expert load max/mean", f"{imbalance:.2f}"),
+          ("decode groups in flight", gen.groups), ("expert load max/mean", load_row),
           ("experts given no token", f"{int((load == 0).sum(axis=1).max())} of "
            f"{load.shape[1]} (the worst layer)"),
           ("tokens dropped", f"{gen.dropped}" + ("" if dep.dropless else
                                                  f" (capacity factor {dep.capacity_factor})"))]
+  if "task_accuracy" in extra:
+    rows.append(("task accuracy (exact match)", f"{extra['task_accuracy']:.3f}"))
   for k, v in rows:
     print(f"  {k:<28} {v}")
   print(f"  first sequence: {gen.tokens[0].tolist()}")
@@ -334,7 +459,8 @@ def main(argv):
         "deployment": dataclasses.asdict(dep), "tps": gen.tps, "tpot_ms": gen.tpot_ms,
         "tpot_synced_ms": gen.tpot_synced_ms, "compile_s": gen.compile_s,
         "prefill_s": gen.prefill_s, "step_s": gen.step_s, "load_LxE": load.tolist(),
-        "dropped": gen.dropped, "groups": gen.groups})
+        "dropped": gen.dropped, "groups": gen.groups, "load_max_mean": imbalance,
+        **extra})
     print(f"  wrote {_OUTPUT.value}")
   return 0
 

@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import deployments, load_model
-from jax_ep import decode, perf_model
+from jax_ep import checkpoint, decode, perf_model
 from jax_ep.config import KINDS, ConfigError, DeploymentConfig, ModelConfig
 from jax_ep.engine import Engine
 
@@ -54,6 +54,7 @@ class BenchSpec:
   tokens_per_call: int = 1  # tokens per sequence per decode call (DeploymentConfig)
   skip_unfit: bool = False  # skip deployments that cannot run here instead of failing
   check_memory: bool = True  # refuse (or skip) deployments that overflow a device (memory.py)
+  checkpoint: str | None = None  # the model and its weights from this checkpoint, not random
 
 
 def _platform_defaults(spec: BenchSpec, platform: str) -> BenchSpec:
@@ -412,6 +413,14 @@ def run_one(p: Plan, params, spec: BenchSpec, prompts: np.ndarray, hw: perf_mode
   return record, gen.tokens
 
 
+def _weights(engine: Engine, spec: BenchSpec, cfg: ModelConfig):
+  """The engine's weights, from the checkpoint when its model is the checkpoint's, else
+  random from the seed; and which of the two ("restored" or "initialised")."""
+  if spec.checkpoint and engine.cfg == cfg:
+    return checkpoint.restore(spec.checkpoint, engine), "restored"
+  return engine.init_params(spec.seed), "initialised"
+
+
 def run(spec: BenchSpec = BenchSpec(), log: Callable[[str], None] = print) -> dict:
   """Runs every planned deployment in this process; the result dict (see write())."""
   devices = jax.devices()
@@ -422,7 +431,7 @@ def run(spec: BenchSpec = BenchSpec(), log: Callable[[str], None] = print) -> di
   platform = devices[0].platform
   spec = _platform_defaults(spec, platform)
   n = len(devices)
-  cfg = load_model(spec.config)
+  cfg = checkpoint.read_config(spec.checkpoint) if spec.checkpoint else load_model(spec.config)
   if spec.prompt_len + _new_tokens(spec) - 1 > cfg.max_seq_len:
     raise ConfigError(f"prompt_len {spec.prompt_len} + {_new_tokens(spec) - 1} decode steps "
                       f"exceed max_seq_len {cfg.max_seq_len} of {spec.config}.")
@@ -459,10 +468,10 @@ def run(spec: BenchSpec = BenchSpec(), log: Callable[[str], None] = print) -> di
     full = [p for p in group if p.share_of is None]
     source = max(full or group, key=lambda p: p.dep.num_devices)
     t0 = time.perf_counter()
-    params = Engine(source.cfg, source.dep).init_params(spec.seed)
+    params, how = _weights(Engine(source.cfg, source.dep), spec, cfg)
     jax.block_until_ready(params)
     init_s[model_name] = time.perf_counter() - t0
-    log(f"{model_name}: weights initialised on {source.name} ({source.dep.num_devices} "
+    log(f"{model_name}: weights {how} on {source.name} ({source.dep.num_devices} "
         f"devices) in {init_s[model_name]:.1f} s")
     for p in [source] + [p for p in group if p is not source]:
       done += 1
@@ -480,12 +489,12 @@ def run(spec: BenchSpec = BenchSpec(), log: Callable[[str], None] = print) -> di
       if p is not source:
         t0 = time.perf_counter()
         if params is None:
-          engine_params, placed_from = Engine(p.cfg, p.dep).init_params(spec.seed), "init"
+          engine_params, placed_from = _weights(Engine(p.cfg, p.dep), spec, cfg)
         else:
           src = slice_share(params, source.cfg, p.cfg) if p.share_of else params
           engine_params = Engine(p.cfg, p.dep).place_params(src)
         jax.block_until_ready(engine_params)
-        log(f"  weights {'initialised' if params is None else 'placed'} in "
+        log(f"  weights {placed_from if params is None else 'placed'} in "
             f"{time.perf_counter() - t0:.1f} s")
       rec, tokens = run_one(p, engine_params, spec, prompts, hw, log)
       rec["placement_source"] = placed_from
@@ -750,7 +759,8 @@ def main_from_flags() -> int:
 
   --config, --batch (default 1024), --prompt_len, --max_new_tokens (the ring's fill, 1
   warm-up and 5 synced steps, the rest timed back to back) and --seed as for generate;
-  unset, the platform's defaults apply (BenchSpec).
+  unset, the platform's defaults apply (BenchSpec). --checkpoint: the model and weights
+  of a checkpoint (jax_ep/checkpoint.py) instead of the --config preset's random ones.
   --output names the JSON (markdown and PNG are written beside). Mesh flags are
   ignored, with a warning.
   """
@@ -771,8 +781,9 @@ def main_from_flags() -> int:
   steps = max(1, f.max_new_tokens - fixed) if f["max_new_tokens"].present else None
   batch = 1024 if f.batch is None else f.batch
   prompt_len = f.prompt_len if f["prompt_len"].present else None
-  spec = BenchSpec(config=f.config, batch=batch, prompt_len=prompt_len, steps=steps,
-                   seed=f.seed, tokens_per_call=f.tokens_per_call or 1,
+  spec = BenchSpec(config=f"checkpoint:{f.checkpoint}" if f.checkpoint else f.config,
+                   batch=batch, prompt_len=prompt_len, steps=steps, seed=f.seed,
+                   checkpoint=f.checkpoint, tokens_per_call=f.tokens_per_call or 1,
                    skip_unfit=f.skip_unfit, check_memory=f.check_memory)
   result = run(spec, log=lambda m: print(m, flush=True))
   print(markdown(result))

@@ -76,6 +76,11 @@ class Engine:
     """This deployment's layout -> canonical nnx.State (for checkpoints, other meshes)."""
     return _to_canonical_fn(self.cfg.num_layers)(params)
 
+  def canonical_params(self, params):
+    """to_canonical with each shard kept on the devices that hold it (what a checkpoint
+    saves: every device writes its own shards, none gathers the model)."""
+    return jax.jit(self.to_canonical, out_shardings=_canonical_shardings_of(params))(params)
+
   # --- state ------------------------------------------------------------------------------
 
   def init_params(self, seed: int = 0):

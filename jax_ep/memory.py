@@ -34,8 +34,8 @@ from jax.sharding import PartitionSpec
 
 from jax_ep import perf_model, sharding
 from jax_ep.config import ConfigError, DeploymentConfig, ModelConfig
-from jax_ep.mesh import AXES, EXPERT, STAGE, TP
 from jax_ep.kernels import grouped_matmul
+from jax_ep.mesh import AXES, EXPERT, STAGE, TP
 from jax_ep.routing import rows_per_destination
 
 GiB = 1 << 30

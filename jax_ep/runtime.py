@@ -53,3 +53,17 @@ def simulate_devices(n: int) -> None:
     return
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", n)
+
+
+def quiet_library_logs(packages=("orbax",)) -> None:
+  """Drops INFO records of these packages from absl's logger: orbax logs each file of
+  every save and restore at INFO, which buries the CLI's own output."""
+  import logging
+
+  from absl import logging as absl_logging
+
+  def keep(record) -> bool:
+    return record.levelno >= logging.WARNING or not any(
+        f"{os.sep}{p}{os.sep}" in record.pathname for p in packages)
+
+  absl_logging.get_absl_logger().addFilter(keep)

@@ -94,7 +94,7 @@ def test_end_to_end_json_holds_every_field(tmp_path, monkeypatch):
   assert runs["share:proposed_8"]["batch"] == 2 and runs["share:proposed_8"]["share_of"]
   assert runs["baseline"]["placement_source"] == "baseline"
   assert [runs[k]["placement_source"] for k in ("single", "proposed", "share:proposed_8")] == \
-      ["init"] * 3
+      ["initialised"] * 3
   # Same weights and prompts: the full-model deployments decode the same tokens.
   assert runs["single"]["tokens_agree_with_first"] == 1.0
   assert runs["proposed"]["tokens_agree_with_first"] == 1.0

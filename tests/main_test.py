@@ -25,6 +25,15 @@ def _run_cases(cases, timeout=600):
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _run(*args, timeout=300, xla_flags=None):
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  if xla_flags:
+    env["XLA_FLAGS"] = xla_flags
+  return subprocess.run([sys.executable, "-m", "jax_ep", *args], capture_output=True, text=True,
+                        timeout=timeout, env=env, cwd=ROOT)
+
+
 def _umask():
   mask = os.umask(0)
   os.umask(mask)
@@ -119,11 +128,13 @@ def test_help_plan_and_usage():
   assert help_["rc"] == 0
   for flag in ("deployment", "simulate_devices", "batch", "prompt_len", "skip_unfit",
                "max_new_tokens", "output", "profile_dir", "seed", "config", "check_numerics",
-               "check_memory", "device_kind", "devices", "compile"):
+               "check_memory", "device_kind", "devices", "compile", "checkpoint", "workdir",
+               "steps", "save_every", "src", "dst"):
     assert f"--{flag}:" in help_["stdout"] or f"--[no]{flag}:" in help_["stdout"], flag
   config_help = help_["stdout"].split("--config:")[1].split("(default")[0]
   assert all(name in config_help for name in model_names())
-  assert usage["rc"] == 1 and "usage: jax-ep {generate,bench,plan}" in usage["stderr"]
+  assert usage["rc"] == 1
+  assert "usage: jax-ep {generate,bench,plan,train,import-hf,export-hf}" in usage["stderr"]
   # The seed on one 80 GB H100: refused, and the smallest deployment that fits is named.
   assert refused["rc"] == 0 and "DOES NOT FIT" in refused["stdout"]
   assert "--deployment=proposed_2 (2 devices" in refused["stdout"]
@@ -132,3 +143,26 @@ def test_help_plan_and_usage():
   holdings = [line for line in fits["stdout"].splitlines() if line.startswith("| 63 |")]
   assert holdings == ["| 63 | 3, 15, 0 | 3 | 15 | 0-32767 | 0-15 | 30720-32767 | 960-1023 |"]
   assert deployments.PRESETS["seed_proposed"].num_devices == 64
+
+
+def test_train_then_generate_from_its_checkpoint(tmp_path):
+  # Two steps: the mechanics (flags, progress, checkpoints, the report), not the learning
+  # (train_test.py). LLVM unoptimised, as in-process tests run: the compiles dominate.
+  fast = "--xla_backend_optimization_level=0"
+  workdir = tmp_path / "run"
+  proc = _run("train", "--config=tiny_task", f"--workdir={workdir}", "--steps=2",
+              "--save_every=1", "--task_digits=3", xla_flags=fast)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "[########################] 2/2 loss" in proc.stdout
+  assert "held-out reverse of 3 digits: accuracy" in proc.stdout and "random router" in proc.stdout
+  assert sorted(os.listdir(workdir)) == ["1", "2"]
+  assert "orbax" not in proc.stderr  # its INFO logs are dropped
+  out = tmp_path / "gen.json"
+  proc = _run("generate", f"--checkpoint={workdir}", "--deployment=single",
+              f"--output={out}", xla_flags=fast)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "checkpoint" in proc.stdout and "trained on reverse of 3 digits" in proc.stdout
+  assert "task accuracy (exact match)" in proc.stdout and "(random router: " in proc.stdout
+  result = json.loads(out.read_text())
+  assert len(result["tokens"][0]) == 3 and 0 <= result["task_accuracy"] <= 1
+  assert result["random_load_max_mean"] >= 1 and result["config"]["vocab_size"] == 16

@@ -1,0 +1,198 @@
+"""Tests for jax_ep/checkpoint.py: a checkpoint saved from one deployment restores into
+the shards of any other with the same logits; another model, a damaged file or a missing
+directory is a ConfigError; a save killed before it commits leaves the previous step.
+
+One tiny model saved once (module fixture) from proposed_8; each test copies it before
+damaging it. The only forward passes compiled: the restored baseline's and one device's.
+"""
+
+import dataclasses
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from numpy.testing import assert_allclose, assert_array_equal
+
+from configs import deployments, load_model
+from jax_ep import checkpoint
+from jax_ep.config import ConfigError, DeploymentConfig
+from jax_ep.engine import Engine
+from jax_ep.kv_cache import KVCache
+from jax_ep.model import Transformer
+
+PRESETS = deployments.PRESETS
+TP2 = DeploymentConfig(kind="proposed", stages=2, expert=4, tp=2, placement="tp")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+  """(directory, source engine, its params): tiny saved from proposed_8 at step 7."""
+  directory = str(tmp_path_factory.mktemp("ckpt") / "run")
+  engine = Engine(load_model("tiny"), PRESETS["proposed_8"])
+  params = engine.init_params(3)
+  checkpoint.save(directory, engine, params, step=7, extra={"note": "test"})
+  return directory, engine, params
+
+
+def _copy(saved, tmp_path):
+  dst = str(tmp_path / "copy")
+  shutil.copytree(saved[0], dst)
+  return dst
+
+
+def _equal(a, b):
+  return all(jax.tree.leaves(jax.tree.map(
+      lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b)))
+
+
+@pytest.mark.parametrize("dep", [PRESETS["single"], PRESETS["baseline_8"], TP2,
+                                 PRESETS["seed_proposed"]],
+                         ids=["single", "baseline_8", "proposed_tp2", "seed_proposed"])
+def test_restore_into_another_deployment_holds_its_shards(saved, dep):
+  directory, source, params = saved
+  engine = Engine(source.cfg, dep)
+  got = checkpoint.restore(directory, engine)
+  # What placing the live parameters there gives, shard for shard.
+  assert _equal(got, engine.place_params(params))
+  for leaf, want in zip(jax.tree.leaves(got), jax.tree.leaves(engine.param_shardings),
+                        strict=True):
+    assert leaf.sharding == want
+  w_up = got["layers"][0]["moe"]["w_up_ExDxF"]  # [stages, E, D, F]
+  cfg = engine.cfg
+  shard = (1, cfg.num_experts // dep.expert_shards, cfg.model_dim,
+           cfg.mlp_dim // (dep.tp if dep.placement == "tp" else 1))
+  assert {s.data.shape for s in w_up.addressable_shards} == {shard}
+
+
+def test_restored_baseline_gives_the_saved_models_logits(saved):
+  directory, source, params = saved
+  engine = Engine(source.cfg, PRESETS["baseline_8"])
+  restored = checkpoint.restore(directory, engine)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, source.cfg.vocab_size, (8, 5)),
+                       jnp.int32)
+  cache = engine.init_cache(8, 8)
+  logits, _, _ = engine.forward(restored, cache, jax.device_put(tokens, engine.tokens_sharding()),
+                                jnp.int32(0))
+  # The reference: the saved params as they were, whole on one device.
+  graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(source.cfg, nnx.Rngs(0))))[0]
+  canonical = jax.device_get(source.canonical_params(params))
+  want = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t, KVCache.zeros(source.cfg, 8, 8), 0)[0])(
+      canonical, tokens)
+  assert_allclose(np.asarray(logits), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_meta_holds_config_version_step_and_extras(saved):
+  meta = checkpoint.read_meta(saved[0])
+  assert meta["model"] == dataclasses.asdict(load_model("tiny"))
+  assert meta["format"] == checkpoint.FORMAT and meta["jax_ep_version"]
+  assert meta["step"] == 7 and meta["note"] == "test"
+  assert meta["arrays"]["params"]["embed_VxD"]["shape"] == [256, 64]
+  assert checkpoint.read_config(saved[0]) == load_model("tiny")
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"num_layers": 2}, "num_layers=4 (this model: 2)"),
+    ({"mlp_dim": 64, "dtype": "bfloat16"}, "mlp_dim=128 (this model: 64), dtype='float32' "
+                                           "(this model: 'bfloat16')"),
+])
+def test_another_model_names_the_fields(saved, change, message):
+  other = dataclasses.replace(load_model("tiny"), **change)
+  with pytest.raises(ConfigError, match="holds another model") as e:
+    checkpoint.restore(saved[0], Engine(other, PRESETS["single"]))
+  assert message in str(e.value)
+
+
+def test_cache_length_may_differ(saved):
+  longer = dataclasses.replace(load_model("tiny"), max_seq_len=128)
+  restored = checkpoint.restore(saved[0], Engine(longer, PRESETS["single"]))
+  assert restored["embed_VxD"].shape == (256, 64)
+
+
+def _largest_data_file(directory):
+  files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(directory, "7", "params"))
+           for f in fs if "/d/" in os.path.join(r, f)]
+  return max(files, key=os.path.getsize)
+
+
+def _flip(path):
+  data = bytearray(open(path, "rb").read())
+  data[len(data) // 2] ^= 0x10
+  open(path, "wb").write(bytes(data))
+
+
+def _truncate(path):
+  data = open(path, "rb").read()
+  open(path, "wb").write(data[:len(data) // 2])
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's reads
+@pytest.mark.parametrize("damage,message", [
+    # tensorstore reads a flipped byte in a data chunk without noticing: the fingerprint does.
+    (lambda d: _flip(_largest_data_file(d)), "is corrupt: params array"),
+    (lambda d: _truncate(_largest_data_file(d)), "is damaged"),
+    (lambda d: os.remove(_largest_data_file(d)), "is damaged"),
+    (lambda d: _truncate(os.path.join(d, "7", "meta", "metadata")), "meta item is missing or"),
+    (lambda d: shutil.rmtree(os.path.join(d, "7")), "holds no finished checkpoint"),
+])
+def test_damaged_checkpoint_is_a_clear_error(saved, tmp_path, damage, message):
+  directory = _copy(saved, tmp_path)
+  damage(directory)
+  engine = Engine(saved[1].cfg, PRESETS["single"])
+  with pytest.raises(ConfigError, match=message):
+    checkpoint.restore(directory, engine)
+
+
+def test_missing_directory(tmp_path):
+  with pytest.raises(ConfigError, match="no checkpoint directory"):
+    checkpoint.read_meta(str(tmp_path / "nope"))
+
+
+def test_kill_during_save_leaves_the_previous_checkpoint(saved, tmp_path, monkeypatch):
+  """A save dies after writing every file but before orbax renames its temporary
+  directory (the commit): what a kill at any moment of a save leaves behind."""
+  from orbax.checkpoint._src.path import atomicity
+
+  directory = _copy(saved, tmp_path)
+  source, params = saved[1], saved[2]
+  other = jax.tree.map(lambda a: a * 2, params)
+
+  class Killed(BaseException):
+    pass
+
+  async def killed(self):
+    raise Killed("the process died before the rename")
+
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", killed)
+  with pytest.raises(Killed):
+    checkpoint.save(directory, source, other, step=8)
+  monkeypatch.undo()
+  assert os.path.isdir(os.path.join(directory, "8" + checkpoint.TMP_SUFFIX))
+  assert not os.path.exists(os.path.join(directory, "8"))
+  with checkpoint.Checkpointer(directory) as ckpt:
+    assert ckpt.steps() == [7]
+  assert _equal(checkpoint.restore(directory, source), params)
+  # The next writer clears the remains and saves.
+  checkpoint.save(directory, source, other, step=8)
+  assert not os.path.exists(os.path.join(directory, "8" + checkpoint.TMP_SUFFIX))
+  assert _equal(checkpoint.restore(directory, source), other)
+
+
+def test_fingerprints_do_not_depend_on_sharding_or_host():
+  x = np.random.default_rng(0).standard_normal((4, 6, 8)).astype(np.float32)
+  mesh = jax.make_mesh((8,), ("x",), devices=jax.devices()[:8])
+  sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+      None, None, "x")))
+  on_host, on_device = checkpoint.describe({"x": x}), checkpoint.describe({"x": sharded})
+  assert on_host == on_device
+  swapped = x.copy()
+  swapped[0, 0, [0, 1]] = swapped[0, 0, [1, 0]]
+  fp = checkpoint.describe({"x": swapped})["x"]["fingerprint"]
+  assert fp[0] == on_host["x"]["fingerprint"][0] and fp[1] != on_host["x"]["fingerprint"][1]
+  for dtype in (jnp.bfloat16, jnp.int32, jnp.bool_):
+    y = x.astype(dtype)
+    assert_array_equal(checkpoint.describe({"y": y})["y"]["fingerprint"],
+                       checkpoint.describe({"y": jnp.asarray(y)})["y"]["fingerprint"])
