@@ -1,7 +1,7 @@
-"""The cost model (jax_ep/perf_model.py) against the programs it models: every collective
-of a lowered decode call, with its operand's shape, is one the model counts with the same
-bytes, and each one the model counts is in the program. Would fail if the exchange's
-buffer rule, the ring's collectives or the model drifted apart (issue 14)."""
+"""The cost model (jax_ep/perf/cost.py, collectives.py) against the programs it models:
+every collective of a lowered decode call, with its operand's shape, is one the model
+counts with the same bytes, and each one the model counts is in the program. Would fail
+if the exchange's buffer rule, the ring's collectives or the model drifted apart (issue 14)."""
 
 import collections
 import dataclasses

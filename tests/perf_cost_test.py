@@ -1,4 +1,4 @@
-"""perf_model's arithmetic on small deployments, computed by hand; no jax computation."""
+"""The cost model's arithmetic (jax_ep/perf/) on small deployments, computed by hand; no jax."""
 
 import dataclasses
 import math
