@@ -13,7 +13,8 @@ Parts (the seed's shapes: batch 1024, top-2, D 8192, 16 GELU experts of 32768):
   calls:   the seed model on one device, and one GPU's share of seed_proposed, with
     1 and more tokens per decode call (DeploymentConfig.tokens_per_call).
 Every variant is checked against the first one on random data (never zeros), and timed
-with bench.time_call; the floor is its bytes over the best bandwidth probe of this run.
+with time_call (jax_ep/perf/probes.py); the floor is its bytes over the best bandwidth
+probe of this run.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ep import bench, routing
+from jax_ep import routing
 from jax_ep.kernels import combine as combine_kernel
 from jax_ep.kernels import grouped_matmul as gm
 from jax_ep.kv_cache import write_rows
+from jax_ep.perf import plan, runner
+from jax_ep.perf.probes import measure_hardware, time_call
 
 T, K, D, E, F, H, HK = 1024, 2, 8192, 16, 32768, 16, 512
 INTERPRET, MODEL = False, "seed"  # --cpu_check: tiny shapes through the interpreter
@@ -153,7 +156,7 @@ def _run_variants(fns, args, floor, log, label):
       if ref is None:
         ref = got
       err = float(np.abs(got - ref).max())
-      t = bench.time_call(fn, *args, calls=10)
+      t = time_call(fn, *args, calls=10)
       out[name] = {"ms": 1e3 * t, "floor_ms": 1e3 * floor, "max_abs_diff_vs_first": err}
       log(f"{label} {name}: {1e3 * t:.4f} ms (floor {1e3 * floor:.4f}), diff {err:.2e}")
     except Exception as e:  # a variant that does not compile here is reported, not fatal
@@ -165,25 +168,25 @@ def _run_variants(fns, args, floor, log, label):
 def part_calls(hw, per_call, log):
   from configs import load_model
 
-  spec = bench._platform_defaults(
-      bench.BenchSpec(config=MODEL, kinds=("single",), share="seed_proposed/1", steps=20,
+  spec = plan.platform_defaults(
+      plan.BenchSpec(config=MODEL, kinds=("single",), share="seed_proposed/1", steps=20,
                       probes=not INTERPRET), "cpu" if INTERPRET else "gpu")
   cfg = load_model(MODEL)
-  plans, _ = bench.plan(cfg, spec, 1, log)
+  plans, _ = plan.plan(cfg, spec, 1, log)
   out = {}
   from jax_ep.engine import Engine
   params = Engine(cfg, plans[0].dep).init_params(0)
   prompts = np.random.RandomState(0).randint(0, cfg.vocab_size, (spec.batch, spec.prompt_len))
   for p in plans:
     engine_params = params if p.share_of is None else Engine(p.cfg, p.dep).place_params(
-        bench.slice_share(params, cfg, p.cfg))
+        plan.slice_share(params, cfg, p.cfg))
     for n in per_call:
       # About the same tokens (so the same live context) for every n: 5 synced and 20
       # back-to-back tokens after the fill and one warm-up call.
       q = dataclasses.replace(p, dep=dataclasses.replace(p.dep, tokens_per_call=n))
       spec_n = dataclasses.replace(spec, tokens_per_call=n, synced=max(1, 5 // n),
                                    steps=max(3, spec.steps // n))
-      rec, _ = bench.run_one(q, engine_params, spec_n, prompts, hw, log)
+      rec, _ = runner.run_one(q, engine_params, spec_n, prompts, hw, log)
       key = f"{p.name}@{n}"
       out[key] = {k: rec[k] for k in ("tpot_ms", "tpot_synced_ms", "floor_ms",
                                       "achieved_floor_fraction", "floor_ops_ms", "imbalance",
@@ -210,11 +213,11 @@ def main():
     T, D, E, F, H, HK, INTERPRET, MODEL = 16, 64, 4, 128, 8, 8, True, "tiny"
   log = lambda m: print(m, flush=True)
   dev = jax.devices()[0]
-  hw, probes = bench.measure_hardware([dev], jnp.float16, not args.cpu_check, log,
+  hw, probes = measure_hardware([dev], jnp.float16, not args.cpu_check, log,
                                       64 if args.cpu_check else 4096)
   bw = hw.hbm_bytes_per_s
   result = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "git_commit": bench._git_commit(), "jax": jax.__version__,
+            "git_commit": runner._git_commit(), "jax": jax.__version__,
             "device": dev.device_kind, "probes": probes}
   parts = args.parts.split(",")
   for part in parts:

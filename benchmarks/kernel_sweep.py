@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ep.bench import time_call as timeit
 from jax_ep.kernels import grouped_matmul as gm
+from jax_ep.perf.probes import time_call as timeit
 
 D, F, E = 8192, 32768, 16
 IMPL = "pallas"  # --cpu_check: tiny shapes through the Pallas interpreter (a dry run)

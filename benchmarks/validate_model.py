@@ -5,7 +5,7 @@
 
 from absl import app, flags
 
-from jax_ep import perf_model as pm
+from jax_ep.perf.calibrate import calibrate, format_validation, validate
 
 _FIT = flags.DEFINE_string("fit", "benchmarks/results/h200x1/seed_table.json",
                            "bench JSON whose runs calibrate the model")
@@ -16,13 +16,13 @@ _OUT = flags.DEFINE_string("out", "benchmarks/results/model_validation.md", "rep
 
 def main(argv):
   del argv
-  eff = pm.calibrate(_FIT.value)
-  fit, check = pm.validate(_FIT.value, eff), pm.validate(_CHECK.value, eff)
+  eff = calibrate(_FIT.value)
+  fit, check = validate(_FIT.value, eff), validate(_CHECK.value, eff)
   worst = max(abs(r["ratio"] - 1) for r in check)
   text = "\n".join([
       f"# Performance model: calibrated on {_FIT.value}, checked on {_CHECK.value}", "",
       f"Fitted efficiency: {eff.describe()}", "", "## Calibration runs", "",
-      pm.format_validation(fit), "", "## Held-out runs", "", pm.format_validation(check), "",
+      format_validation(fit), "", "## Held-out runs", "", format_validation(check), "",
       f"Worst held-out error: {100 * worst:.1f}% (target: within 15%).", ""])
   print(text)
   with open(_OUT.value, "w") as f:

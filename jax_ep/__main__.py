@@ -1,8 +1,10 @@
-"""The jax-ep command line: `jax-ep generate|bench|plan|train|import-hf|export-hf [--flags]`
+"""The jax-ep command line: `jax-ep generate|bench|predict|plan|train|import-hf|export-hf
+[--flags]`
 (also `python -m jax_ep`).
 
   generate   prefill prompts and decode them on a deployment; TPS and TPOT
   bench      the single, baseline and proposed deployments side by side (benchmarks/)
+  predict    the seed's table predicted by the cost model, term by term (jax_ep/perf/)
   plan       bytes per device and which device holds what, without any GPU
   train      train a small MoE on a checkable task (optax), with orbax checkpoints
   import-hf  Mixtral-format weights (config.json + *.safetensors) -> a checkpoint
@@ -14,6 +16,7 @@ A thin shell: flags become configs once, here; the work is library calls.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import sys
 
@@ -21,8 +24,9 @@ from absl import app, flags, logging
 
 from configs import deployments, model_names
 from jax_ep import distributed, runtime
+from jax_ep.perf.hardware import HARDWARE
 
-COMMANDS = ("generate", "bench", "plan", "train", "import-hf", "export-hf")
+COMMANDS = ("generate", "bench", "predict", "plan", "train", "import-hf", "export-hf")
 
 _CONFIG = flags.DEFINE_string("config", "tiny", "Model preset, a file in configs/: "
                               f"{', '.join(model_names())}.")
@@ -95,7 +99,7 @@ _SKIP_UNFIT = flags.DEFINE_bool(
     "rest; without it any such deployment is an error.")
 _DEVICES = flags.DEFINE_integer(
     "devices", None, "plan: devices to plan for (default: the preset's own count; for single, "
-    "baseline or proposed 8).")
+    "baseline or proposed 8); bench: use the first N devices (default: all).")
 _DEVICE_KIND = flags.DEFINE_string(
     "device_kind", "h100", "plan: the device whose memory to plan against: cpu (this host) or "
     "one of h100, h200, a100 (80 GB), a100_40, a100_80.")
@@ -178,7 +182,8 @@ _CHECKPOINT = flags.DEFINE_string(
 _WORKDIR = flags.DEFINE_string("workdir", None, "train: checkpoints go here, and a run found "
                                "here is resumed; import-hf: the checkpoint to write.")
 _STEPS = flags.DEFINE_integer("steps", 200, "train: optimizer steps in all (a resumed run "
-                              "continues to this many).")
+                              "continues to this many); bench: decode steps timed back to "
+                              "back, TPOT is their mean (default 20 on GPU, 4 on CPU).")
 _SAVE_EVERY = flags.DEFINE_integer("save_every", 50, "train: checkpoint every N steps (and at "
                                    "the end); 0: only at the end.")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-2, "train: AdamW's peak learning rate "
@@ -240,6 +245,93 @@ def _export_hf():
   _need(_CHECKPOINT, _DST)
   for path in hf.export_hf(_CHECKPOINT.value, _DST.value):
     print(f"wrote {path}")
+  return 0
+
+# --- bench and predict (jax_ep/perf/: runner.py, report.py, tables.py) -------------------
+_KINDS = flags.DEFINE_list(
+    "kinds", None, "bench: deployments (default single, baseline, proposed: the seed's "
+    "preset, or the scaled one for the devices present), preset names, mesh:SxExT, or seed "
+    "slices (slice_1x4, slice_2x2, slice_4x2: their own model and batch); '/G' after any "
+    "sets its decode groups in flight.")
+_SHARE = flags.DEFINE_string(
+    "share", None, "bench: also run one device's share of this deployment on one device: "
+    "'proposed' (= seed_proposed: 1 layer, 1 expert, 64 sequences) or a tp=1 preset name.")
+_SYNCED = flags.DEFINE_integer("synced", 5, "bench: decode steps before the timed ones, each "
+                               "timed with a sync (median and p10-p90).")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "bench: decode steps after the ring's fill, not "
+                               "timed.")
+_PROBE_MIB = flags.DEFINE_integer(
+    "probe_mib", None, "bench: bandwidth probe size in MiB (default 4096 on GPU, 64 on CPU); "
+    "the all_to_all probe moves 1/64 of it.")
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "bench: write seed_table.{json,md,png} here "
+                               "(--output names the JSON instead).")
+_HARDWARE = flags.DEFINE_enum("hardware", "h100", sorted(HARDWARE),
+                              "predict: GPU kind of the prediction (jax_ep/perf/hardware.py).")
+_CONTEXT_LEN = flags.DEFINE_integer(
+    "context_len", 128, "predict: KV cache positions each step reads. The seed does not say; "
+    "128 keeps the step weight-bound as its text implies.")
+_CALIBRATION = flags.DEFINE_string(
+    "calibration", None, "predict: a bench results JSON (jax-ep bench --out_dir): fit the "
+    "efficiency factors to its runs before predicting.")
+_PLOT = flags.DEFINE_string("plot", None, "predict: write the EP scaling curve (1 to 256 GPUs) "
+                            "to this PNG.")
+
+
+def _bench():
+  """The side-by-side run (jax_ep/perf/runner.py). Unset, --config, --prompt_len and --steps
+  take the platform's defaults (BenchSpec: the seed on GPU, tiny on CPU); --max_new_tokens
+  sets the steps (the ring's fill, --warmup and --synced steps, the rest timed back to
+  back); --checkpoint: the model and weights of a checkpoint instead of random ones. Mesh
+  flags are ignored, with a warning (--kinds=mesh:SxExT/G runs any mesh)."""
+  from jax_ep.config import ConfigError
+  from jax_ep.perf import report, runner
+
+  f = flags.FLAGS
+  ignored = [n for n in ("deployment", "stages", "expert_axis", "tp", "placement",
+                         "microbatches", "decode_groups", "prefill_chunk", "kernels",
+                         "capacity_factor", "dropless", "temperature", "profile_dir",
+                         "check_numerics")
+             if f[n].present]
+  if ignored:
+    print(f"jax-ep bench ignores {', '.join('--' + n for n in ignored)}: it runs the single, "
+          "baseline and proposed presets for the devices present, or --kinds; for other "
+          "meshes use --kinds=mesh:SxExT/G.", flush=True)
+  if _STEPS.present and _NEW.present:
+    raise ConfigError("--steps and --max_new_tokens both set bench's timed steps: give one.")
+  steps = _STEPS.value if _STEPS.present else None
+  if _NEW.present:
+    fixed = 2 + _WARMUP.value + _SYNCED.value  # prefill's token, the fill, warm-up, synced
+    steps = max(1, _NEW.value - fixed)
+  config = _CONFIG.value if _CONFIG.present else None
+  spec = runner.BenchSpec(
+      config=f"checkpoint:{_CHECKPOINT.value}" if _CHECKPOINT.value else config,
+      kinds=tuple(_KINDS.value) if _KINDS.value else runner.BenchSpec.kinds,
+      share=_SHARE.value, batch=1024 if _BATCH.value is None else _BATCH.value,
+      prompt_len=_PROMPT_LEN.value if _PROMPT_LEN.present else None, steps=steps,
+      synced=_SYNCED.value, warmup=_WARMUP.value, num_devices=_DEVICES.value,
+      seed=_SEED.value, probe_mib=_PROBE_MIB.value, checkpoint=_CHECKPOINT.value,
+      tokens_per_call=_PER_CALL.value or 1, skip_unfit=_SKIP_UNFIT.value,
+      check_memory=_CHECK_MEMORY.value)
+  result = runner.run(spec, log=lambda m: print(m, flush=True))
+  print(report.markdown(result))
+  out_dir, stem = _OUT_DIR.value, "seed_table"
+  if _OUTPUT.value:
+    stem = os.path.splitext(os.path.basename(_OUTPUT.value))[0]
+    out_dir = os.path.dirname(os.path.abspath(_OUTPUT.value))
+  if out_dir:
+    for path in report.write(result, out_dir, stem):
+      print(f"wrote {path}")
+  return 0
+
+
+def _predict():
+  """The seed's table, the term-by-term breakdown and, with --plot, the scaling curves
+  (jax_ep/perf/tables.py); no device is used."""
+  from jax_ep.perf import tables
+
+  batch = 1024 if _BATCH.value is None else _BATCH.value
+  print(tables.report(_HARDWARE.value, batch, _CONTEXT_LEN.value, _CALIBRATION.value,
+                      _PLOT.value))
   return 0
 
 
@@ -420,14 +512,14 @@ def main(argv):
   _check_flags()
   if argv[1] == "plan":
     return _plan()
+  if argv[1] == "predict":
+    return _predict()
   runtime.simulate_devices(_SIMULATE.value)
   runtime.set_xla_flags(_OVERLAP.value)
   _setup_processes(argv[1])
   runtime.quiet_library_logs()
   if argv[1] == "bench":
-    from jax_ep import bench
-
-    return bench.main_from_flags()
+    return _bench()
   if argv[1] != "generate":
     return {"train": _train, "import-hf": _import_hf, "export-hf": _export_hf}[argv[1]]()
   cfg, dep, gen, extra = _generate(_PROFILE.value)

@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ep import distributed, perf_model, ring, sharding
+from jax_ep import distributed, ring, sharding
 from jax_ep.config import ConfigError
 from jax_ep.engine import Engine
+from jax_ep.perf import per_device
 
 
 @dataclasses.dataclass
@@ -139,7 +140,7 @@ def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
 
   _progress(f"compiling prefill and decode for {dep.describe()} ...", log)
   t0 = time.perf_counter()
-  lay = perf_model.layout(engine.cfg, dataclasses.replace(dep, decode_groups=1), b)
+  lay = per_device.layout(engine.cfg, dataclasses.replace(dep, decode_groups=1), b)
   chunks = prefill_chunks(p, dep.prefill_chunk, lay.ep_size * lay.send_rows)
   compiled = {}
   for i, (_, n) in enumerate(chunks):

@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_ep import ep, model, numerics, pipeline, ring, sampling, sharding
+from jax_ep import params as param_layouts
 from jax_ep.config import ConfigError, DeploymentConfig, ModelConfig
 from jax_ep.kv_cache import KVCache, StagedKVCache
 from jax_ep.mesh import AXES, make_mesh
@@ -62,24 +63,17 @@ class Engine:
 
   def to_layout(self, canonical):
     """Canonical nnx.State (layers [L, ...]) -> this deployment's layout."""
-    s, n = self.dep.stages, self.local_layers
-
-    def take(i):
-      return lambda a: a.reshape(s, n, *a.shape[1:])[:, i]
-
-    layers = canonical["layers"]
-    return {"embed_VxD": canonical["embed_VxD"], "final_norm": canonical["final_norm"],
-            "unembed_DxV": canonical["unembed_DxV"],
-            "layers": tuple(jax.tree.map(take(i), layers) for i in range(n))}
+    return param_layouts.to_layout(canonical, self.dep.stages, self.local_layers)
 
   def to_canonical(self, params):
     """This deployment's layout -> canonical nnx.State (for checkpoints, other meshes)."""
-    return _to_canonical_fn(self.cfg.num_layers)(params)
+    return param_layouts.to_canonical_fn(self.cfg.num_layers)(params)
 
   def canonical_params(self, params):
     """to_canonical with each shard kept on the devices that hold it (what a checkpoint
     saves: every device writes its own shards, none gathers the model)."""
-    return jax.jit(self.to_canonical, out_shardings=_canonical_shardings_of(params))(params)
+    return jax.jit(self.to_canonical,
+                   out_shardings=param_layouts.canonical_shardings_of(params))(params)
 
   # --- state ------------------------------------------------------------------------------
 
@@ -92,30 +86,11 @@ class Engine:
     return jax.jit(init, out_shardings=self.param_shardings)()
 
   def place_params(self, params):
-    """Lays out parameters, canonical or from any deployment, on this mesh.
+    """Lays out parameters, canonical or from any deployment, on this mesh (params.place).
 
     Raises ConfigError if they are not parameters of this engine's model.
     """
-    if isinstance(params, dict) and isinstance(params.get("layers"), tuple):
-      if _same_shapes(params, self.abstract_params):
-        return jax.device_put(params, self.param_shardings)
-      if self.cfg.num_layers % len(params["layers"]):
-        raise ConfigError(f"params hold {len(params['layers'])} layers per stage, which does "
-                          f"not divide this model's {self.cfg.num_layers} layers.")
-      params = jax.jit(_to_canonical_fn(self.cfg.num_layers),
-                       out_shardings=_canonical_shardings_of(params))(params)
-    if not _same_shapes(params, self.abstract_canonical):
-      raise ConfigError(
-          "params do not match this engine's model "
-          f"({self.cfg.num_layers} layers x {self.cfg.num_experts} {self.cfg.mlp_kind} experts, "
-          f"D={self.cfg.model_dim}, F={self.cfg.mlp_dim}, V={self.cfg.vocab_size}): "
-          f"{_first_mismatch(params, self.abstract_canonical)}. Load them into the model "
-          "config they were made for.")
-    # Canonical shards first (the stacked L axis splits over stages in the same blocks),
-    # so each device receives only its share; the relayout is then local to each device.
-    canonical_specs = sharding.param_specs(self.abstract_canonical, self.table)
-    params = jax.device_put(params, sharding.named(self.mesh, canonical_specs))
-    return jax.jit(self.to_layout, out_shardings=self.param_shardings)(params)
+    return param_layouts.place(self, params)
 
   def init_cache(self, batch: int, max_len: int | None = None) -> StagedKVCache:
     self.dep.check_batch(batch)
@@ -275,62 +250,3 @@ class Engine:
       raise ConfigError(f"{pos} cached + {t} new tokens exceed the KV cache length {cap} "
                         "(max_seq_len); shorten the prompt or raise max_seq_len.")
     return jnp.asarray(tokens, jnp.int32)
-
-
-def _to_canonical_fn(num_layers: int):
-  """Canonical from the layout of any deployment (its stages x local layers = L)."""
-
-  def f(params):
-    def stack(*per_local):
-      a = jnp.stack(per_local, axis=1)
-      return a.reshape(num_layers, *a.shape[2:])
-
-    layers = jax.tree.map(stack, *params["layers"])
-    return nnx.State(_raw({"embed_VxD": params["embed_VxD"], "final_norm": params["final_norm"],
-                           "layers": layers, "unembed_DxV": params["unembed_DxV"]}))
-
-  return f
-
-
-def _canonical_shardings_of(layout):
-  """Where the canonical form of a deployment layout stays on the devices it is on.
-
-  Each canonical layer leaf [L, ...] takes the spec of its [stages, ...] counterpart:
-  `stage` then splits L into the same contiguous blocks, so nothing is gathered (the
-  seed's weights would not fit on one device twice). None for host arrays.
-  """
-  try:
-    shardings = jax.tree.map(lambda a: a.sharding, layout)
-  except AttributeError:
-    return None
-  return nnx.State(_raw({**{k: v for k, v in shardings.items() if k != "layers"},
-                         "layers": shardings["layers"][0]}))
-
-
-def _same_shapes(tree, abstract) -> bool:
-  try:
-    return all(a.shape == b.shape and a.dtype == b.dtype
-               for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(abstract), strict=True)
-               ) and jax.tree.structure(tree) == jax.tree.structure(abstract)
-  except (ValueError, AttributeError):
-    return False
-
-
-def _first_mismatch(tree, abstract) -> str:
-  got = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-  for path, want in jax.tree_util.tree_leaves_with_path(abstract):
-    key = jax.tree_util.keystr(path)
-    if key not in got:
-      return f"{key} is missing"
-    have = got[key]
-    if getattr(have, "shape", None) != want.shape or getattr(have, "dtype", None) != want.dtype:
-      return (f"{key} is {getattr(have, 'dtype', '?')}{list(getattr(have, 'shape', []))}, "
-              f"the model needs {want.dtype}{list(want.shape)}")
-  return "the parameter tree has other entries"
-
-
-def _raw(tree):
-  """Nested States -> nested dicts, the form nnx.split's State holds inside."""
-  if isinstance(tree, (dict, nnx.State)):
-    return {k: _raw(v) for k, v in tree.items()}
-  return tree

@@ -32,10 +32,11 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from jax_ep import perf_model, sharding
+from jax_ep import sharding
 from jax_ep.config import ConfigError, DeploymentConfig, ModelConfig
 from jax_ep.kernels import grouped_matmul
 from jax_ep.mesh import AXES, EXPERT, STAGE, TP
+from jax_ep.perf import per_device
 from jax_ep.routing import rows_per_destination
 
 GiB = 1 << 30
@@ -224,7 +225,7 @@ def prefill_chunk(cfg: ModelConfig, dep: DeploymentConfig, batch: int, prompt_le
   if dep.prefill_chunk:
     return min(dep.prefill_chunk, prompt_len)
   one = dataclasses.replace(dep, decode_groups=1)
-  lay = perf_model.layout(cfg, one, batch)
+  lay = per_device.layout(cfg, one, batch)
   per_position = lay.ep_size * lay.send_rows
   return min(prompt_len, max(1, PREFILL_ROWS_PER_DEVICE // per_position))
 

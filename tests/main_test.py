@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 from configs import deployments, model_names
+from jax_ep.perf import tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -117,24 +118,29 @@ def test_bad_input_fails_before_compiling_and_writes_nothing(tmp_path):
   assert not list(tmp_path.iterdir())
 
 
-def test_help_plan_and_usage():
+def test_help_plan_predict_bench_and_usage(tmp_path):
   results = _run_cases([
       ["--help"], ["frobnicate"],
       ["plan", "--config=seed", "--deployment=single", "--device_kind=h100"],
       ["plan", "--config=seed", "--deployment=seed_proposed", "--device_kind=h200",
        "--batch=1024", "--prompt_len=32", "--max_new_tokens=32"],
+      ["predict", "--hardware=h200", "--context_len=256"],
+      ["bench", "--simulate_devices=8", "--kinds=single", "--batch=2", "--prompt_len=4",
+       "--steps=1", "--synced=1", "--warmup=0", "--probe_mib=1", "--devices=1",
+       f"--out_dir={tmp_path}"],
   ])
-  help_, usage, refused, fits = results
+  help_, usage, refused, fits, predict, bench = results
   assert help_["rc"] == 0
   for flag in ("deployment", "simulate_devices", "batch", "prompt_len", "skip_unfit",
                "max_new_tokens", "output", "profile_dir", "seed", "config", "check_numerics",
                "check_memory", "device_kind", "devices", "compile", "checkpoint", "workdir",
-               "steps", "save_every", "src", "dst"):
+               "steps", "save_every", "src", "dst", "kinds", "share", "synced", "warmup",
+               "probe_mib", "out_dir", "hardware", "context_len", "calibration", "plot"):
     assert f"--{flag}:" in help_["stdout"] or f"--[no]{flag}:" in help_["stdout"], flag
   config_help = help_["stdout"].split("--config:")[1].split("(default")[0]
   assert all(name in config_help for name in model_names())
   assert usage["rc"] == 1
-  assert "usage: jax-ep {generate,bench,plan,train,import-hf,export-hf}" in usage["stderr"]
+  assert "usage: jax-ep {generate,bench,predict,plan,train,import-hf,export-hf}" in usage["stderr"]
   # The seed on one 80 GB H100: refused, and the smallest deployment that fits is named.
   assert refused["rc"] == 0 and "DOES NOT FIT" in refused["stdout"]
   assert "--deployment=proposed_2 (2 devices" in refused["stdout"]
@@ -143,6 +149,13 @@ def test_help_plan_and_usage():
   holdings = [line for line in fits["stdout"].splitlines() if line.startswith("| 63 |")]
   assert holdings == ["| 63 | 3, 15, 0 | 3 | 15 | 0-32767 | 0-15 | 30720-32767 | 960-1023 |"]
   assert deployments.PRESETS["seed_proposed"].num_devices == 64
+  assert predict["rc"] == 0 and tables.report("h200", 1024, 256) in predict["stdout"]
+  assert bench["rc"] == 0, bench["stderr"][-2000:]
+  result = json.loads((tmp_path / "seed_table.json").read_text())
+  assert [r["name"] for r in result["runs"]] == ["single"] and result["num_devices"] == 1
+  assert (result["spec"]["steps"], result["spec"]["synced"], result["spec"]["warmup"],
+          result["spec"]["probe_mib"], result["spec"]["batch"]) == (1, 1, 0, 1, 2)
+  assert (tmp_path / "seed_table.md").exists()
 
 
 def test_train_then_generate_from_its_checkpoint(tmp_path):

@@ -35,15 +35,15 @@ step profile_1gpu 150 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=
   python3 benchmarks/profile_decode.py --config=seed --deployment=single --batch=1024 \
   --steps=12 --out=$R/profile_single.json
 step seed_1gpu 220 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
-  python3 benchmarks/seed_table.py --kinds=single --share=seed_proposed/1 --out_dir=$R/seed_1gpu
+  python3 -m jax_ep bench --kinds=single --share=seed_proposed/1 --out_dir=$R/seed_1gpu
 step swiglu_1gpu 220 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
-  python3 benchmarks/seed_table.py --config=seed_swiglu --kinds=single --prompt_len=128 \
+  python3 -m jax_ep bench --config=seed_swiglu --kinds=single --prompt_len=128 \
   --out_dir=$R/swiglu_1gpu
 else
-step slices_4gpu 250 python3 benchmarks/seed_table.py --kinds=slice_1x4,slice_2x2,slice_2x2/1 \
+step slices_4gpu 250 python3 -m jax_ep bench --kinds=slice_1x4,slice_2x2,slice_2x2/1 \
   --out_dir=$R/slices_4gpu
 step ep2 300 env CUDA_VISIBLE_DEVICES=0,1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
-  python3 benchmarks/seed_table.py --kinds=mesh:1x2x1,single --out_dir=$R/ep2
+  python3 -m jax_ep bench --kinds=mesh:1x2x1,single --out_dir=$R/ep2
 fi
 tar czf $OUT/results.tgz -C $OUT r
 cat $OUT/summary.txt

@@ -1,7 +1,7 @@
-"""The cost model (jax_ep/perf_model.py) against the programs it models: every collective
-of a lowered decode call, with its operand's shape, is one the model counts with the same
-bytes, and each one the model counts is in the program. Would fail if the exchange's
-buffer rule, the ring's collectives or the model drifted apart (issue 14)."""
+"""The cost model (jax_ep/perf/cost.py, collectives.py) against the programs it models:
+every collective of a lowered decode call, with its operand's shape, is one the model
+counts with the same bytes, and each one the model counts is in the program. Would fail
+if the exchange's buffer rule, the ring's collectives or the model drifted apart (issue 14)."""
 
 import collections
 import dataclasses
@@ -12,9 +12,9 @@ import pytest
 
 from configs import deployments, load_model
 from jax_ep import decode, introspect
-from jax_ep import perf_model as pm
 from jax_ep.config import DeploymentConfig
 from jax_ep.engine import Engine
+from jax_ep.perf import collectives, per_device
 
 CFG = load_model("tiny")  # D 64, float32
 MAX_LEN = 16
@@ -32,31 +32,31 @@ CASES = {
 def _expected(dep: DeploymentConfig, batch: int) -> collections.Counter:
   """What the model charges per micro-step, as (op, group, operand shape) counts: each
   of its comm terms, with the shape whose bytes it counts (asserted below)."""
-  lay = pm.layout(CFG, dep, batch)
+  lay = per_device.layout(CFG, dep, batch)
   d, el, b = CFG.model_dim, lay.experts, CFG.bytes_per_param
   out = collections.Counter()
   for _ in range(lay.layers):
     if lay.ep_size > 1:  # rows there and back, with the row counts
-      intra, inter = pm.all_to_all_bytes(CFG, dep, lay, 8)
+      intra, inter = collectives.all_to_all_bytes(CFG, dep, lay, 8)
       assert intra + inter == (lay.ep_size - 1) * lay.send_rows * d * b
       out["all_to_all", lay.ep_size, (lay.ep_size, lay.send_rows, d)] += 2
       out["all_to_all", lay.ep_size, (lay.ep_size, el)] += 1
     if dep.tp > 1:  # attention's partial sums
-      assert pm.tp_allreduce_bytes(CFG, dep, lay) == pytest.approx(
+      assert collectives.tp_allreduce_bytes(CFG, dep, lay) == pytest.approx(
           2 * (dep.tp - 1) / dep.tp * lay.micro_rows * d * b)
       out["all_reduce", dep.tp, (lay.micro_rows, 1, d)] += 1
     if dep.placement == "tp" and dep.tp > 1:  # expert MLPs split over F
-      assert pm.expert_tp_psum_bytes(CFG, dep, lay) == pytest.approx(
+      assert collectives.expert_tp_psum_bytes(CFG, dep, lay) == pytest.approx(
           2 * (dep.tp - 1) / dep.tp * lay.ep_size * lay.send_rows * d * b)
       out["all_reduce", dep.tp, (lay.ep_size * lay.send_rows, d)] += 1
     if dep.placement == "ep" and dep.tp > 1:  # the baseline's token split, gathered back
-      assert pm.tp_allgather_bytes(CFG, dep, lay) == (dep.tp - 1) * lay.moe_tokens * d * b
+      assert collectives.tp_allgather_bytes(CFG, dep, lay) == (dep.tp - 1) * lay.moe_tokens * d * b
       out["all_gather", dep.tp, (lay.moe_tokens, d)] += 1
   if dep.stages > 1:  # the group's activations to the next stage
-    assert pm.pipeline_bytes(CFG, dep, lay) == lay.micro_rows * d * b
+    assert collectives.pipeline_bytes(CFG, dep, lay) == lay.micro_rows * d * b
     out["collective_permute", 2, (lay.micro_rows, d)] += 1
   if dep.expert > 1:  # the head's rows, gathered over the stage
-    assert pm.head_gather_bytes(CFG, dep, lay) == (dep.expert - 1) * lay.micro_rows * d * b
+    assert collectives.head_gather_bytes(CFG, dep, lay) == (dep.expert - 1) * lay.micro_rows * d * b
     out["all_gather", dep.expert, (lay.micro_rows, 1, d)] += 1
   return out
 

@@ -1,11 +1,13 @@
 """The benchmark harness end to end on 8 of the fake CPU devices (not timed: fields only)."""
 
+import dataclasses
 import json
 
 import pytest
 
 from configs import deployments, load_model
-from jax_ep import bench
+from jax_ep.config import ConfigError
+from jax_ep.perf import plan, report, runner
 
 RUN_FIELDS = {
     "name", "method", "preset", "note", "gpus", "per_gpu", "model_name", "model", "deployment",
@@ -24,39 +26,39 @@ PROBE_FIELDS = {"hbm_bytes_per_s", "matmul_flops", "link_bytes_per_s", "collecti
 
 
 def test_share_of_seed_proposed_is_one_expert_one_layer():
-  one_group = bench.dataclasses.replace(deployments.SEED_PROPOSED, decode_groups=1)
-  share, rows = bench.share_config(load_model("seed"), one_group, 1024)
+  one_group = dataclasses.replace(deployments.SEED_PROPOSED, decode_groups=1)
+  share, rows = plan.share_config(load_model("seed"), one_group, 1024)
   assert (share.num_layers, share.num_experts, share.top_k, rows) == (1, 1, 1, 64)
   assert share.model_dim == 8192 and share.mlp_dim == 32768
 
 
 def test_share_of_tp_deployment_is_refused():
-  with pytest.raises(bench.ConfigError, match="tp=8"):
-    bench.share_config(load_model("seed"), deployments.SEED_BASELINE, 1024)
+  with pytest.raises(ConfigError, match="tp=8"):
+    plan.share_config(load_model("seed"), deployments.SEED_BASELINE, 1024)
 
 
 def test_scaled_preset_when_devices_are_few():
-  assert bench._preset_for("proposed", 64) == ("seed_proposed", "")
-  name, note = bench._preset_for("baseline", 8)
+  assert plan._preset_for("proposed", 64) == ("seed_proposed", "")
+  name, note = plan._preset_for("baseline", 8)
   assert name == "baseline_8" and "needs 16 GPUs, 8 present" in note
 
 
 def test_mesh_kind():
-  dep = bench.parse_mesh("mesh:1x2x1")
+  dep = plan.parse_mesh("mesh:1x2x1")
   assert dep.mesh_shape == (1, 2, 1) and dep.microbatches == 1 and dep.groups == 1
-  four = bench.parse_mesh("mesh:4x2x2/8")
+  four = plan.parse_mesh("mesh:4x2x2/8")
   assert four.placement == "tp" and four.groups == 8 and four.microbatches == 4
-  with pytest.raises(bench.ConfigError, match="mesh:SxExT"):
-    bench.parse_mesh("mesh:2x2")
+  with pytest.raises(ConfigError, match="mesh:SxExT"):
+    plan.parse_mesh("mesh:2x2")
 
 
 def test_one_device_has_no_scaled_baseline():
-  with pytest.raises(bench.ConfigError, match="single-device run"):
-    bench._preset_for("baseline", 1)
+  with pytest.raises(ConfigError, match="single-device run"):
+    plan._preset_for("baseline", 1)
 
 
 def test_end_to_end_json_holds_every_field(tmp_path, monkeypatch):
-  spec = bench.BenchSpec(config="tiny", kinds=("single", "baseline", "proposed", "proposed/1"),
+  spec = plan.BenchSpec(config="tiny", kinds=("single", "baseline", "proposed", "proposed/1"),
                          batch=16, prompt_len=4, steps=2, synced=2, warmup=1,
                          num_devices=8, share="proposed_8", probe_mib=8)
   # Devices that hold any one deployment but not single's weights beside those of the
@@ -65,15 +67,15 @@ def test_end_to_end_json_holds_every_field(tmp_path, monkeypatch):
   from jax_ep import memory
 
   cfg = load_model("tiny")
-  single = bench._footprint(bench.Plan("single", "", cfg, deployments.SINGLE, 16, "single"),
-                            bench._platform_defaults(spec, "cpu"), "cpu")
+  single = plan.footprint(plan.Plan("single", "", cfg, deployments.SINGLE, 16, "single"),
+                            plan.platform_defaults(spec, "cpu"), "cpu")
   held = sum(memory.weight_bytes(cfg, deployments.PRESETS["baseline_8"]).values())
   budget = memory.Budget(single.total + held / 2, "test", name="test")
   monkeypatch.setattr(memory, "budget_for_devices", lambda devices: budget)
   logs = []
-  result = bench.run(spec, log=logs.append)
+  result = runner.run(spec, log=logs.append)
   assert any("single and baseline's weights do not fit together" in m for m in logs)
-  paths = bench.write(result, str(tmp_path))
+  paths = report.write(result, str(tmp_path))
   with open(paths[0]) as f:
     saved = json.load(f)
   assert TOP_FIELDS <= set(saved)
@@ -107,9 +109,9 @@ def test_end_to_end_json_holds_every_field(tmp_path, monkeypatch):
 
 
 def test_deployments_that_do_not_fit_are_an_error_unless_skipped():
-  spec = bench.BenchSpec(config="tiny", batch=7, prompt_len=4, steps=1, synced=1,
+  spec = plan.BenchSpec(config="tiny", batch=7, prompt_len=4, steps=1, synced=1,
                          num_devices=8, probes=False)
-  with pytest.raises(bench.ConfigError, match="--skip_unfit runs the rest") as e:
-    bench.run(spec, log=lambda m: None)
+  with pytest.raises(ConfigError, match="--skip_unfit runs the rest") as e:
+    runner.run(spec, log=lambda m: None)
   assert "baseline" in str(e.value) and "proposed" in str(e.value)
 

@@ -1,0 +1,256 @@
+"""What a benchmark runs: BenchSpec, the deployments planned for the devices present
+(Plan, plan), one device's share of a deployment, and the sweep fitted to device memory
+before anything is allocated (memory.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from configs import deployments, load_model
+from jax_ep.config import KINDS, ConfigError, DeploymentConfig, ModelConfig
+from jax_ep.perf.per_device import layout
+
+SEED_PRESET = {"baseline": "seed_baseline", "proposed": "seed_proposed"}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSpec:
+  """What to run. None means the platform's default (GPU: the seed; CPU: small)."""
+
+  config: str | None = None  # model preset (configs/): GPU "seed", CPU "tiny"
+  kinds: tuple[str, ...] = KINDS
+  share: str | None = None  # "proposed" (= seed_proposed) or a preset: one device's share
+  batch: int = 1024  # sequences in flight (slice presets set their own)
+  prompt_len: int | None = None  # GPU 32, CPU 8
+  steps: int | None = None  # decode steps timed back to back: GPU 20, CPU 4
+  synced: int = 5  # decode steps before those, each timed with a sync (median, p10-p90)
+  warmup: int = 1  # decode steps after the ring's fill, not timed
+  num_devices: int | None = None  # use the first N devices (default: all)
+  seed: int = 0
+  probes: bool = True
+  probe_mib: int | None = None  # copy probe size (GPU 4096, CPU 64); all_to_all 1/64 of it
+  tokens_per_call: int = 1  # tokens per sequence per decode call (DeploymentConfig)
+  skip_unfit: bool = False  # skip deployments that cannot run here instead of failing
+  check_memory: bool = True  # refuse (or skip) deployments that overflow a device (memory.py)
+  checkpoint: str | None = None  # the model and its weights from this checkpoint, not random
+
+
+def platform_defaults(spec: BenchSpec, platform: str) -> BenchSpec:
+  gpu = platform != "cpu"
+  return dataclasses.replace(
+      spec, config=spec.config or ("seed" if gpu else "tiny"),
+      prompt_len=spec.prompt_len or (32 if gpu else 8), steps=spec.steps or (20 if gpu else 4))
+
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  name: str  # "single", "baseline", "proposed", "share:seed_proposed", "slice_2x2/1"
+  method: str  # the table's words
+  cfg: ModelConfig
+  dep: DeploymentConfig
+  batch: int
+  preset: str
+  note: str = ""
+  share_of: DeploymentConfig | None = None  # the deployment whose one device this is
+  model_name: str = ""  # the configs/ preset of cfg (weights are made once per model)
+
+
+def _preset_for(kind: str, num_devices: int) -> tuple[str, str]:
+  """The seed's preset if it fits the devices present, else the largest scaled one that does."""
+  seed_name = SEED_PRESET[kind]
+  need = deployments.PRESETS[seed_name].num_devices
+  if num_devices >= need:
+    return seed_name, ""
+  sizes = sorted(int(k.split("_")[1]) for k in deployments.PRESETS
+                 if k.startswith(kind + "_") and k.split("_")[1].isdigit())
+  fit = [s for s in sizes if s <= num_devices]
+  if not fit:
+    raise ConfigError(f"no {kind} preset fits {num_devices} devices")
+  name = f"{kind}_{fit[-1]}"
+  if deployments.PRESETS[name].num_devices == 1:
+    raise ConfigError(f"on 1 device the {kind} preset is the single-device run; "
+                      "--share=proposed runs one device's share of seed_proposed instead")
+  return name, (f"the seed's {kind} needs {need} GPUs, {num_devices} present: scaled preset "
+                f"{name} ({deployments.PRESETS[name].describe()})")
+
+
+def parse_mesh(kind: str) -> DeploymentConfig:
+  """"mesh:SxExT" or "mesh:SxExT/G": a proposed-style deployment of any shape.
+
+  Whole experts over expert (and tp, as the baseline's placement) when T = 1 or the
+  expert axis is 1; each expert's MLP over tp otherwise. G: decode groups in flight
+  (default: one per stage).
+  """
+  try:
+    shape, _, g = kind.removeprefix("mesh:").partition("/")
+    s, e, t = (int(v) for v in shape.split("x"))
+    g = int(g) if g else 0
+  except ValueError:
+    raise ConfigError(f"--kinds entry {kind!r}: write mesh:SxExT or mesh:SxExT/G, "
+                      "e.g. mesh:1x2x1 for expert parallelism over 2 devices.") from None
+  placement = "tp" if t > 1 and e > 1 else "ep"
+  return DeploymentConfig(kind="proposed", stages=s, expert=e, tp=t, placement=placement,
+                          microbatches=s, decode_groups=g)
+
+
+def share_config(cfg: ModelConfig, dep: DeploymentConfig, batch: int):
+  """One device's share of `dep` as a one-device model: (ModelConfig, batch).
+
+  Its stage's layers, its experts of each (top-k capped at their number), the rows it
+  attends for; the embedding, unembedding and whole attention as the device holds them.
+  The share runs one group's rows once: the ring's micro-steps and the collectives are
+  what the cost model (perf/cost.py) adds to turn it into the deployment's step. With
+  top-k capped, the share's experts see fewer rows than the deployment's (64, not ~128,
+  for seed_proposed: the seed slices give the exact per-GPU work).
+  """
+  if dep.tp > 1:
+    raise ConfigError(f"a share of {dep.describe()} splits attention heads over tp={dep.tp}, "
+                      "which a ModelConfig cannot express (heads x head_dim = model_dim); "
+                      "use a tp=1 deployment such as seed_proposed.")
+  lay = layout(cfg, dep, batch)
+  share = dataclasses.replace(cfg, num_layers=lay.layers, num_experts=lay.experts,
+                              top_k=min(cfg.top_k, lay.experts))
+  return share, lay.rows
+
+
+def plan(cfg: ModelConfig, spec: BenchSpec, num_devices: int, log) -> tuple[list[Plan], list]:
+  """The deployments to run on `num_devices`, and notes on those that cannot.
+
+  A kind is single, baseline or proposed (the seed's preset, or the largest scaled one
+  that fits), a preset name, mesh:SxExT, or a seed slice (slice_1x4, ...: its own model
+  and batch, configs/deployments.py); "/G" after any of them sets the decode groups.
+  """
+  plans, skipped = [], []
+  for kind in spec.kinds:
+    try:
+      note, model_cfg, model_name, batch = "", cfg, spec.config, spec.batch
+      base, groups = deployments.with_groups(kind)
+      if base in SEED_PRESET:
+        name, note = _preset_for(base, num_devices)
+        dep = deployments.PRESETS[name]
+      elif base.startswith("mesh:"):
+        name, dep = base, parse_mesh(base)
+      else:
+        name, dep = base, deployments.resolve(base, num_devices)
+      if groups is not None:
+        dep = dataclasses.replace(dep, decode_groups=groups)
+      dep = dataclasses.replace(dep, tokens_per_call=spec.tokens_per_call)
+      if base in deployments.SLICES:
+        model_name = deployments.SLICES[base][0]
+        model_cfg = load_model(model_name)
+        batch = deployments.slice_batch(dep)
+        note = (f"seed slice: each GPU does seed_proposed's per-GPU work ({model_name}, "
+                f"{deployments.ROWS_PER_GPU} sequences per GPU per group, {dep.groups} "
+                f"group(s) in flight)")
+      if dep.num_devices > num_devices:
+        raise ConfigError(f"{name} needs {dep.num_devices} devices, {num_devices} present")
+      dep.check_model(model_cfg)
+      dep.check_batch(batch)
+      label = {"single": "Single device", "baseline": "Baseline (TP x PP)",
+               "proposed": "Proposed cross-node EP"}.get(base, base)
+      if dep.stages > 1 or groups is not None:
+        label += f", {dep.groups} group{'s' if dep.groups > 1 else ''} in flight"
+      plans.append(Plan(kind, label, model_cfg, dep, batch, name, note, model_name=model_name))
+    except ConfigError as e:
+      skipped.append({"name": kind, "reason": str(e)})
+      log(f"skip {kind}: {e}")
+  if spec.share:
+    name = SEED_PRESET.get(spec.share, spec.share)
+    try:
+      full = deployments.resolve(name, num_devices)
+      # One group on one device of `full` (the ring's micro-step on one device).
+      share_cfg, rows = share_config(cfg, dataclasses.replace(full, decode_groups=1,
+                                                              microbatches=1),
+                                     spec.batch // full.groups)
+      plans.append(Plan(f"share:{name}", f"One GPU's share of {name}", share_cfg,
+                        dataclasses.replace(deployments.SINGLE,
+                                            tokens_per_call=spec.tokens_per_call), rows, name,
+                        f"one device of {name} ({full.num_devices} GPUs) for one group of "
+                        f"{spec.batch // full.groups}: {share_cfg.num_layers} layer(s) x "
+                        f"{share_cfg.num_experts} expert(s), top-{share_cfg.top_k}, {rows} "
+                        "sequences", share_of=full, model_name=spec.config))
+    except ConfigError as e:
+      skipped.append({"name": f"share:{name}", "reason": str(e)})
+      log(f"skip share {name}: {e}")
+  return plans, skipped
+
+
+def slice_share(params, cfg: ModelConfig, share: ModelConfig):
+  """The share's parameters cut from a deployment layout (engine.py): stage 0's first
+  `share.num_layers` local layers, experts 0..E_local-1. Slices only what the share
+  keeps, so the full model is never copied (it may fill the device)."""
+
+  def cut(path, leaf):
+    name = next(n for n in reversed([str(getattr(k, "key", getattr(k, "name", k)))
+                                     for k in path]) if n != "value")
+    if name.startswith(("w_up_", "w_gate_", "w_down_")):  # [S, E, ...]
+      return leaf[:1, :share.num_experts]
+    if name == "w_router_DxE":  # [S, D, E]
+      return leaf[:1, :, :share.num_experts]
+    return leaf[:1]
+
+  layers = tuple(jax.tree_util.tree_map_with_path(cut, params["layers"][i])
+                 for i in range(share.num_layers))
+  return {**params, "layers": layers}
+
+
+
+def decode_calls(spec: BenchSpec) -> int:
+  """Decode calls of a run: the ring's fill, warm-up, synced and back-to-back calls."""
+  return 1 + spec.warmup + spec.synced + spec.steps
+
+
+def new_tokens(spec: BenchSpec) -> int:
+  """Tokens per sequence of a run: prefill's, the fill's, then tokens_per_call a call."""
+  return 2 + (decode_calls(spec) - 1) * spec.tokens_per_call
+
+
+
+
+def footprint(p: Plan, spec: BenchSpec, platform: str):
+  from jax_ep import memory
+
+  # run_one's cache: prompt + the decode calls (+1 token from prefill, -1 already cached).
+  return memory.footprint(p.cfg, p.dep, p.batch, spec.prompt_len,
+                          spec.prompt_len + new_tokens(spec) - 1, platform)
+
+
+def fit_memory(plans: list[Plan], skipped: list, spec: BenchSpec, devices, log):
+  """Drops (into `skipped`) the plans that overflow a device on their own; the kept plans
+  and their footprints."""
+  from jax_ep import memory
+
+  kept, footprints = [], {}
+  for p in plans:
+    fp = footprint(p, spec, devices[0].platform)
+    budget = memory.budget_for_devices(devices[:p.dep.num_devices])
+    try:
+      memory.check(fp, budget, platform=devices[0].platform, what=f"bench {p.name}")
+    except ConfigError as e:
+      skipped.append({"name": p.name, "reason": str(e)})
+      log(f"skip {p.name}: {e}")
+      continue
+    kept.append(p)
+    footprints[p.name] = fp
+  return kept, footprints
+
+
+def coexists(p: Plan, source: Plan, footprints: dict, devices) -> bool:
+  """Whether `p` can be placed and run while the source's weights stay on the devices
+  (device 0 holds a shard of both). Placing holds p's weights twice for a moment (the
+  canonical copy and its layout, Engine.place_params)."""
+  from jax_ep import memory
+
+  if p.name not in footprints or source.name not in footprints:
+    return True  # memory not checked
+  fp = footprints[p.name]
+  held = footprints[source.name].weight_total
+  budget = memory.budget_for_devices(devices[:p.dep.num_devices])
+  placing = dataclasses.replace(fp, kv_cache=0, state=0, temporaries=0,
+                                work=memory.WorkingSet(0, 0, 0, 0, 0))
+  return memory.fits(fp, budget, held=held) and memory.fits(placing, budget,
+                                                            held=held + fp.weight_total)
