@@ -8,8 +8,8 @@ Parts (the seed's shapes: batch 1024, top-2, D 8192, 16 GELU experts of 32768):
     through XLA (routing.combine) and through the Pallas kernel (kernels/combine.py);
   cache:   the KV-cache write of one decode token per sequence at its own position, as a
     scatter with and without the unique/sorted promise (kv_cache.write_rows);
-  kernel:  the grouped expert MLP on skewed and balanced rows, per program order and
-    row-tile height (kernels/grouped_matmul.py Blocks);
+  kernel:  the grouped expert MLP on skewed and balanced rows, per tile shape and kernel
+    (kernels/grouped_matmul.py Blocks; --kernel_set);
   calls:   the seed model on one device, and one GPU's share of seed_proposed, with
     1 and more tokens per decode call (DeploymentConfig.tokens_per_call).
 Every variant is checked against the first one on random data (never zeros), and timed
@@ -42,20 +42,21 @@ T, K, D, E, F, H, HK = 1024, 2, 8192, 16, 32768, 16, 512
 INTERPRET, MODEL = False, "seed"  # --cpu_check: tiny shapes through the interpreter
 # Blocks fields changed from the defaults, per variant of the kernel part.
 KERNEL_SETS = {
-    "order": {"expert_m128": {}, "column_m128": {"order": "column"},
-              "column_m64": {"order": "column", "block_m": 64}},
     "tiles": {"m128_n256_s4": {}, "m128_n256_s3": {"num_stages": 3},
               "m256_n128_s3": {"block_m": 256, "block_n": 128, "num_stages": 3},
               "m256_n128_s4": {"block_m": 256, "block_n": 128, "num_stages": 4},
               "m64_n256_s4_w4": {"block_m": 64, "num_warps": 4}},
-    # Tall tiles where an expert has the rows, half-height ones for its last <= half tile.
-    "half": {"m128_n256_s4": {},
-             "m256_n128_half_s4": {"block_m": 256, "block_n": 128, "half_tiles": True},
-             "m256_n128_half_s3": {"block_m": 256, "block_n": 128, "half_tiles": True,
-                                   "num_stages": 3},
-             "m128_n256_half_s4": {"half_tiles": True}},
+    # Rows on the MMA's N side (kernels/grouped_swap_ab.py): up to block_m rows of an
+    # expert per program, rounded up to row_quantum.
+    "swap": {"m128_n256_s4": {},
+             "swap_m256_n128_q32_s4": {"swap_ab": True, "block_m": 256, "block_n": 128},
+             "swap_m256_n128_q32_s3": {"swap_ab": True, "block_m": 256, "block_n": 128,
+                                       "num_stages": 3},
+             "swap_m256_n128_q64_s4": {"swap_ab": True, "block_m": 256, "block_n": 128,
+                                       "row_quantum": 64},
+             "swap_m128_n256_q32_s4": {"swap_ab": True, "block_m": 128, "block_n": 256}},
 }
-KERNEL_VARIANTS = KERNEL_SETS["order"]
+KERNEL_VARIANTS = KERNEL_SETS["swap"]
 SKEWED = [265, 231, 204, 178, 161, 147, 139, 128, 117, 106, 98, 85, 72, 51, 36, 30]
 
 
@@ -123,13 +124,13 @@ def part_kernel(bw, log):
   w_down = _rand(7, (E, F, D), scale=F ** -0.5)
   x = _rand(8, (T * K, D))
   out = {}
-  up, down = gm.blocks_for(D, F), gm.blocks_for(F, D)  # the defaults at the seed's shapes
   variants = KERNEL_VARIANTS
   skewed = SKEWED if not INTERPRET else [5, 3, 0, 8]
   for sizes_name, sizes in (("skewed", skewed), ("balanced", [T * K // E] * E)):
     gs = jnp.asarray(sizes, jnp.int32)
     fns = {name: jax.jit(functools.partial(
-        _mlp, blocks=(dataclasses.replace(up, **v), dataclasses.replace(down, **v)),
+        _mlp, blocks=(gm.blocks_for(D, F, dataclasses.replace(gm.DEFAULT_BLOCKS, **v)),
+                      gm.blocks_for(F, D, dataclasses.replace(gm.DEFAULT_BLOCKS, **v))),
         real=sum(sizes))) for name, v in variants.items()}
     floor = 2 * E * D * F * 2 / bw
     out[sizes_name] = _run_variants(fns, (x, gs, w_up, w_down), floor, log,
@@ -204,7 +205,7 @@ def main():
   ap.add_argument("--tokens_per_call", default="1,4")
   ap.add_argument("--out", default="decode_parts.json")
   ap.add_argument("--cpu_check", action="store_true", help="tiny shapes, interpreted kernels")
-  ap.add_argument("--kernel_set", default="order", choices=sorted(KERNEL_SETS))
+  ap.add_argument("--kernel_set", default="swap", choices=sorted(KERNEL_SETS))
   args = ap.parse_args()
   global KERNEL_VARIANTS
   KERNEL_VARIANTS = KERNEL_SETS[args.kernel_set]

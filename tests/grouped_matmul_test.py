@@ -1,6 +1,7 @@
-"""Tests for jax_ep/kernels/grouped_matmul.py: the Pallas kernel (through the interpreter)
-and the XLA path against a dense per-group reference, on random, empty, all-to-one and
-skewed group sizes, with and without split-K, GELU and SwiGLU."""
+"""Tests for jax_ep/kernels/grouped_matmul.py: both Pallas kernels (rows on the MMA's M
+side, and grouped_swap_ab's, through the interpreter) and the XLA path against a dense
+per-group reference, on random, empty, all-to-one and skewed group sizes, with and
+without split-K, GELU and SwiGLU."""
 
 import dataclasses
 
@@ -12,9 +13,12 @@ from numpy.testing import assert_allclose
 
 from jax_ep.experts import expert_mlp
 from jax_ep.kernels import grouped_matmul as gm
+from jax_ep.kernels import grouped_swap_ab, groups
 
 G, M, D, F = 4, 40, 64, 128
-BLOCKS = gm.Blocks(block_m=16, block_n=32, block_k=32, half_tiles=True)
+BLOCKS = gm.Blocks(block_m=16, block_n=32, block_k=32)
+# Up to 32 rows of a group per program, in pieces of 16 (the smallest Triton dot).
+SWAP = gm.Blocks(block_m=32, block_n=32, block_k=32, swap_ab=True, row_quantum=16)
 SIZES = {
     "random": [10, 0, 17, 5],
     "empty": [0, 0, 0, 0],
@@ -41,9 +45,9 @@ def _dense(x, sizes, up, down, gate):
 
 
 @pytest.mark.parametrize("name", sorted(SIZES))
-@pytest.mark.parametrize("gated,order", [(False, "expert"), (True, "expert"), (False, "column"),
-                                         (True, "column")])
-def test_kernel_and_xla_equal_the_dense_reference(name, gated, order):
+@pytest.mark.parametrize("gated,kernel", [(False, "m"), (True, "m"), (False, "swap_ab"),
+                                          (True, "swap_ab")])
+def test_kernel_and_xla_equal_the_dense_reference(name, gated, kernel):
   x, up, down, gate = _weights()
   gate = gate if gated else None
   sizes = SIZES[name]
@@ -52,36 +56,49 @@ def test_kernel_and_xla_equal_the_dense_reference(name, gated, order):
   real = sum(sizes)
   xla = gm.grouped_mlp(x, gs, up, down, gate, impl="xla")
   assert_allclose(xla, want, rtol=1e-5, atol=1e-5)  # rows past the real ones are zero
-  blocks = dataclasses.replace(BLOCKS, order=order)
-  kernel = gm.grouped_mlp(x, gs, up, down, gate, impl="interpret", blocks=blocks)
-  assert_allclose(kernel[:real], want[:real], rtol=1e-5, atol=1e-5)
+  blocks = SWAP if kernel == "swap_ab" else BLOCKS
+  got = gm.grouped_mlp(x, gs, up, down, gate, impl="interpret", blocks=blocks)
+  assert_allclose(got[:real], want[:real], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("split_k,order", [(2, "expert"), (2, "column")])
-def test_split_k_sums_to_the_same(split_k, order):
+@pytest.mark.parametrize("split_k", [2])
+def test_split_k_sums_to_the_same(split_k):
   x, up, down, gate = _weights(1)
   sizes = SIZES["random"]
   gs = jnp.asarray(sizes, jnp.int32)
   pad = jnp.pad(x, ((0, BLOCKS.block_m), (0, 0)))
-  blocks = dataclasses.replace(BLOCKS, order=order)
   for g, act in ((None, "gelu"), (gate, "swiglu")):
-    h = gm._pallas(pad, M, up, gs, g, act, blocks, True, split_k=split_k)
-    y = gm._pallas(h, M, down, gs, None, "none", blocks, True, split_k=split_k)[:M]
+    h = gm._pallas(pad, M, up, gs, g, act, BLOCKS, True, split_k=split_k)
+    y = gm._pallas(h, M, down, gs, None, "none", BLOCKS, True, split_k=split_k)[:M]
     want = _dense(x, sizes, up, down, g)
     assert_allclose(y[:sum(sizes)], want[:sum(sizes)], rtol=1e-5, atol=1e-5)
 
 
-def test_half_tiles_and_full_tiles_agree():
-  x, up, down, _ = _weights(2)
+def test_swap_ab_with_groups_over_block_m_rows():
+  # 33 rows: a 32-row program, then one of 1 row (a 16-row piece); block_m 16 pieces.
+  x, up, down, gate = _weights(2)
   gs = jnp.asarray(SIZES["skewed"], jnp.int32)
-  full = gm.grouped_mlp(x, gs, up, down, impl="interpret",
-                        blocks=dataclasses.replace(BLOCKS, half_tiles=False))
-  half = gm.grouped_mlp(x, gs, up, down, impl="interpret", blocks=BLOCKS)
-  assert_allclose(half[:40], full[:40], rtol=1e-6, atol=1e-6)
+  want = _dense(x, SIZES["skewed"], up, down, gate)
+  for blocks in (SWAP, dataclasses.replace(SWAP, row_quantum=32)):
+    got = gm.grouped_mlp(x, gs, up, down, gate, impl="interpret", blocks=blocks)
+    assert_allclose(got[:40], want[:40], rtol=1e-5, atol=1e-5)
+
+
+def test_swap_ab_pieces_cover_the_rows():
+  assert grouped_swap_ab.heights(224, 256) == ((0, 128), (128, 64), (192, 32))
+  assert grouped_swap_ab.heights(256, 256) == ((0, 256),)
+  assert grouped_swap_ab.heights(32, 256) == ((0, 32),)
+  for rows in range(32, 257, 32):
+    pieces = grouped_swap_ab.heights(rows, 256)
+    assert sum(h for _, h in pieces) == rows
+    assert all(off == sum(h for _, h in pieces[:i]) for i, (off, _) in enumerate(pieces))
+    assert all(h & (h - 1) == 0 and h >= 32 for _, h in pieces)
+  with pytest.raises(ValueError, match="row_quantum"):
+    gm.Blocks(block_m=256, swap_ab=True, row_quantum=48)
 
 
 def test_tile_table():
-  table = np.asarray(gm.tile_table(jnp.array([10, 0, 17], jnp.int32), 8))
+  table = np.asarray(groups.tile_table(jnp.array([10, 0, 17], jnp.int32), 8))
   # rows start, rows, row tiles, first row tile; G padded to 4 with an empty group.
   np.testing.assert_array_equal(table[:4], [[0, 10, 10, 27], [10, 0, 17, 0], [2, 0, 3, 0],
                                             [0, 2, 2, 5]])
@@ -98,15 +115,14 @@ class _Ref:
     return jnp.asarray(self.a[idx])
 
 
-@pytest.mark.parametrize("order", gm.ORDERS)
-def test_every_live_tile_has_exactly_one_program(order):
+def test_every_live_tile_has_exactly_one_program():
   # Sizes [10, 0, 17] at 8-row tiles, 3 column tiles: 5 row tiles x 3 = 15 live programs,
-  # each (group, row tile, column tile) once, in the order's sequence.
+  # each (group, row tile, column tile) once, group by group.
   sizes = [10, 0, 17]
-  ref = _Ref(gm.tile_table(jnp.array(sizes, jnp.int32), 8))
+  ref = _Ref(groups.tile_table(jnp.array(sizes, jnp.int32), 8))
   seen = []
   for pid in range(24):
-    t = gm._locate(ref, jnp.int32(pid), 8, 3, order)
+    t = groups.locate(ref, jnp.int32(pid), 8, 3)
     if bool(t.live):
       seen.append((int(t.g), int(t.row0), int(t.n)))
       assert 0 < int(t.rows_left) and int(t.row0) + min(8, int(t.rows_left)) <= 27
@@ -114,19 +130,17 @@ def test_every_live_tile_has_exactly_one_program(order):
       assert pid >= 15
   want = [(g, r, n) for g, r in ((0, 0), (0, 8), (2, 10), (2, 18), (2, 26)) for n in range(3)]
   assert sorted(seen) == sorted(want) and len(seen) == 15
-  if order == "column":  # every row tile of column tile 0 first
-    assert [n for _, _, n in seen[:5]] == [0] * 5
-  else:  # group 0's six programs first
-    assert [g for g, _, _ in seen[:6]] == [0] * 6
+  assert [g for g, _, _ in seen[:6]] == [0] * 6  # group 0's six programs first
 
 
 def test_cost_rows_follow_the_real_rows():
   b = gm.Blocks(block_m=128)
-  assert gm.cost_rows([128] * 16, b) == 2048
-  assert gm.cost_rows([0, 0, 2048], b) == 2048
-  assert gm.cost_rows([129, 1, 0], b) == 256 + 128
-  half = dataclasses.replace(b, half_tiles=True)
-  assert gm.cost_rows([129, 1, 0], half) == 128 + 64 + 64  # half tiles for <= 64 rows left
+  assert groups.cost_rows([128] * 16, b) == 2048
+  assert groups.cost_rows([0, 0, 2048], b) == 2048
+  assert groups.cost_rows([129, 1, 0], b) == 256 + 128
+  swap = gm.Blocks(block_m=256, swap_ab=True, row_quantum=32)
+  assert groups.cost_rows([129, 1, 0], swap) == 160 + 32
+  assert groups.cost_rows([265, 256], swap) == 256 + 32 + 256
 
 
 def test_split_and_narrow_for_few_row_tiles():
@@ -158,4 +172,4 @@ def test_blocks_for_small_shapes_and_errors():
 
 def test_gelu_matches_jax():
   x = jnp.linspace(-30, 30, 301)
-  assert_allclose(gm.gelu_tanh(x), jax.nn.gelu(x, approximate=True), rtol=1e-5, atol=1e-6)
+  assert_allclose(groups.gelu_tanh(x), jax.nn.gelu(x, approximate=True), rtol=1e-5, atol=1e-6)

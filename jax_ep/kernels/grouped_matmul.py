@@ -3,141 +3,33 @@
 Rows `x_MxK` are sorted by group (expert); `group_sizes_G` says how many belong to
 each, in order, and may sum to less than M (a worst-case receive buffer whose tail is
 empty). Group g's rows are multiplied by `w_GxKxN[g]`. Each program of the Pallas
-Triton kernel computes one (row tile, column tile) of one group and skips rows
-outside it; programs are numbered group by group, and within a group column tile by
-column tile with its row tiles adjacent, so a group's few row tiles read each weight
-tile at nearly the same time (HBM once, then L2) and its rows stay in L2 while its
-weights stream past. Programs past the last real row tile do nothing. So the weights
-of each non-empty group are read about once and the FLOPs are those of the real rows
-rounded up to `block_m` per group: the padded batched einsum's cost grows with the
-largest group times the number of groups instead (shared/GPU.md).
+Triton kernel here computes one (row tile, column tile) of one group and skips rows
+outside it, in the program order of kernels/groups.py, so the weights of each non-empty
+group are read about once from HBM and the FLOPs are those of the real rows rounded up
+to `block_m` per group: the padded batched einsum's cost grows with the largest group
+times the number of groups instead (shared/GPU.md). `Blocks(swap_ab=True)` runs
+kernels/grouped_swap_ab.py instead: one program per group and column tile over up to
+block_m of its rows, rounded up to 32.
 
-`impl`: "pallas" (the Triton kernel; GPU), "interpret" (the same kernel run by the
+`impl`: "pallas" (the Triton kernels; GPU), "interpret" (the same kernels run by the
 Pallas interpreter: CPU tests), "xla" (`jax.lax.ragged_dot`: the reference, and the
 path on CPU; on NVIDIA XLA rewrites it as a masked dense product over all groups, ten
-times slower, shared/GPU.md). All three compute the same function.
+times slower, shared/GPU.md). All compute the same function.
 """
-
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from jax_ep.kernels import grouped_swap_ab
+from jax_ep.kernels.groups import (DEFAULT_BLOCKS, SWIGLU_UP_BLOCKS, Blocks, activate,
+                                   locate, tile_table)
+
 IMPLS = ("xla", "pallas", "interpret")
 ACTIVATIONS = ("none", "gelu", "swiglu")
-ORDERS = ("expert", "column")
-
-
-@dataclasses.dataclass(frozen=True)
-class Blocks:
-  """Tile sizes and Triton launch parameters (benchmarks/kernel_sweep.py measures them).
-
-  With `half_tiles`, a group's last row tile that holds at most block_m / 2 rows runs a
-  loop of half the height: FLOPs follow the rows at block_m / 2 granularity while the
-  weights are still streamed per block_m rows. Measured on the H200 it gained nothing
-  (benchmarks/NOTES.md): the half-height loop runs at the 64-row tiles' lower rate.
-  """
-
-  block_m: int = 128
-  block_n: int = 256
-  block_k: int = 64
-  num_warps: int = 8
-  num_stages: int = 4
-  half_tiles: bool = False
-  # Program order. "expert": group by group, each group's column tiles in turn (its row
-  # tiles adjacent). "column": column tile by column tile, every group's row tiles in
-  # turn, so each wave of programs mixes heavy (compute-bound) and light
-  # (weight-bound) groups instead of running them one after the other.
-  order: str = "expert"
-
-  def __post_init__(self):
-    if self.order not in ORDERS:
-      raise ValueError(f"Blocks.order={self.order!r}: use one of {ORDERS}")
-
-  def smem_bytes(self, weights: int = 1, itemsize: int = 2) -> int:
-    """Shared memory of the software pipeline: x and weight tiles per stage."""
-    return self.num_stages * (self.block_m + weights * self.block_n) * self.block_k * itemsize
-
-
-# Measured on one H200 (benchmarks/results/h200_kernel/, jax 0.11.2): the best of the
-# sweep for the seed's 8192 x 32768 products. SwiGLU's fused up product loads two weight
-# tiles per step, so it takes narrower ones to fit the 227 KiB of shared memory.
-DEFAULT_BLOCKS = Blocks()
-SWIGLU_UP_BLOCKS = Blocks(block_n=128, num_stages=3)
-
-
-def gelu_tanh(x):
-  """jax.nn.gelu(approximate=True), written with exp only (lowers everywhere):
-  0.5 x (1 + tanh(z)) = x * sigmoid(2 z)."""
-  z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-  return x / (1.0 + jnp.exp(-2.0 * z))
-
-
-def silu(x):
-  return x / (1.0 + jnp.exp(-x))
-
-
-def _activate(acc, gate, activation: str):
-  if activation == "gelu":
-    return gelu_tanh(acc)
-  if activation == "swiglu":
-    return silu(gate) * acc
-  return acc
-
-
-def _next_pow2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
-def tile_table(group_sizes_G: jax.Array, block_m: int) -> jax.Array:
-  """Per group: [row start, rows, row tiles, first row tile], int32 [4, G_pad], and the
-  number of live row tiles in column [4, 0]. G_pad is a power of two (Triton vectors);
-  padding groups are empty and start past every live tile."""
-  g = group_sizes_G.shape[0]
-  sizes = group_sizes_G.astype(jnp.int32)
-  starts = jnp.cumsum(sizes) - sizes
-  tiles = (sizes + block_m - 1) // block_m
-  first = jnp.cumsum(tiles) - tiles
-  live = jnp.sum(tiles)
-  pad = _next_pow2(g) - g
-  table = jnp.stack([
-      jnp.pad(starts, (0, pad), constant_values=jnp.sum(sizes)),
-      jnp.pad(sizes, (0, pad)),
-      jnp.pad(tiles, (0, pad)),
-      jnp.pad(first, (0, pad), constant_values=live),
-  ])
-  live_row = jnp.zeros((1, table.shape[1]), jnp.int32).at[0, 0].set(live)
-  return jnp.concatenate([table, live_row], axis=0)
-
-
-class _Tile(NamedTuple):
-  live: jax.Array  # bool: this program holds a real row tile
-  g: jax.Array  # its group
-  n: jax.Array  # its column tile
-  row0: jax.Array  # its first row
-  rows_left: jax.Array  # real rows from row0 to the group's end
-
-
-def _locate(table_ref, pid, block_m: int, n_tiles: int, order: str) -> _Tile:
-  """Which (group, row tile, column tile) program `pid` computes (Blocks.order)."""
-  live_tiles = table_ref[4, 0]
-  first_G = table_ref[3, :]
-  if order == "column":
-    n, j = pid // jnp.maximum(live_tiles, 1), pid % jnp.maximum(live_tiles, 1)
-    g = jnp.maximum(jnp.sum((first_G <= j).astype(jnp.int32)) - 1, 0)
-    row_tile = j - table_ref[3, g]
-  else:
-    g = jnp.maximum(jnp.sum((first_G * n_tiles <= pid).astype(jnp.int32)) - 1, 0)
-    tiles = jnp.maximum(table_ref[2, g], 1)
-    local = pid - table_ref[3, g] * n_tiles
-    n, row_tile = local // tiles, local % tiles
-  row0 = table_ref[0, g] + row_tile * block_m
-  return _Tile(pid < live_tiles * n_tiles, g, n, row0,
-               table_ref[0, g] + table_ref[1, g] - row0)
 
 
 def _kernel(table_ref, x_ref, w_ref, *rest, blocks: Blocks, k_steps: int, n_tiles: int,
@@ -153,8 +45,7 @@ def _kernel(table_ref, x_ref, w_ref, *rest, blocks: Blocks, k_steps: int, n_tile
   # With split_k > 1, program (pid, s) sums the s-th of split_k slices of K into its own
   # float32 partial; the caller adds the partials and applies the activation.
   k0 = pl.program_id(1) * k_steps if split_k > 1 else 0
-  live, g, n, row0, rows_left = _locate(table_ref, pl.program_id(0), bm, n_tiles,
-                                        blocks.order)
+  live, g, n, row0, rows_left = locate(table_ref, pl.program_id(0), bm, n_tiles)
   cols = pl.ds(pl.multiple_of(n * bn, bn), bn)
   gated = activation == "swiglu"
 
@@ -181,14 +72,10 @@ def _kernel(table_ref, x_ref, w_ref, *rest, blocks: Blocks, k_steps: int, n_tile
     if split_k > 1:
       plgpu.store(o_ref.at[rows, cols], accs[0], mask=mask_M1)
     else:
-      y = _activate(accs[0], accs[-1], activation)
+      y = activate(accs[0], accs[-1], activation)
       plgpu.store(o_ref.at[rows, cols], y.astype(o_ref.dtype), mask=mask_M1)
 
-  if blocks.half_tiles:
-    pl.when(live & (rows_left > bm // 2))(lambda: tile(bm))
-    pl.when(live & (rows_left <= bm // 2))(lambda: tile(bm // 2))
-  else:
-    pl.when(live)(lambda: tile(bm))
+  pl.when(live)(lambda: tile(bm))
 
 
 def _pallas(x_pad, m, w_GxKxN, group_sizes_G, wg_GxKxN, activation, blocks: Blocks,
@@ -210,6 +97,9 @@ def _pallas(x_pad, m, w_GxKxN, group_sizes_G, wg_GxKxN, activation, blocks: Bloc
              for w in ((w_GxKxN,) if wg_GxKxN is None else (w_GxKxN, wg_GxKxN))]
     return _reduce_partials(parts, m, group_sizes_G, activation, blocks, interpret,
                             x_pad.dtype)
+  if blocks.swap_ab:
+    return grouped_swap_ab.matmul(x_pad, m, w_GxKxN, group_sizes_G, wg_GxKxN, activation,
+                                  blocks, interpret)
   # At most cdiv(M, bm) + G - 1 row tiles hold a real row (each group adds at most one
   # partial tile); the rest of the grid exits at once.
   programs = (pl.cdiv(m, bm) + g) * n_tiles
@@ -269,8 +159,7 @@ def _reduce_kernel(table_ref, *refs, blocks: Blocks, n_tiles: int, split_k: int,
 
   *part_refs, o_ref = refs
   bm, bn = blocks.block_m, blocks.block_n
-  live, _, n, row0, rows_left = _locate(table_ref, pl.program_id(0), bm, n_tiles,
-                                        blocks.order)
+  live, _, n, row0, rows_left = locate(table_ref, pl.program_id(0), bm, n_tiles)
   mask_M1 = (jnp.arange(bm, dtype=jnp.int32) < rows_left)[:, None]
   rows, cols = pl.ds(row0, bm), pl.ds(pl.multiple_of(n * bn, bn), bn)
 
@@ -283,7 +172,7 @@ def _reduce_kernel(table_ref, *refs, blocks: Blocks, n_tiles: int, split_k: int,
         acc += plgpu.load(ref.at[pl.ds(s, 1), rows, cols], mask=mask_M1[None],
                           other=0.0)[0]
       sums.append(acc)
-    y = _activate(sums[0], sums[-1], activation)
+    y = activate(sums[0], sums[-1], activation)
     plgpu.store(o_ref.at[rows, cols], y.astype(o_ref.dtype), mask=mask_M1)
 
 
@@ -318,7 +207,7 @@ def _xla(x_MxK, w_GxKxN, group_sizes_G, wg_GxKxN, activation):
                           preferred_element_type=jnp.float32)
   acc = dot(x_MxK, w_GxKxN)
   gate = dot(x_MxK, wg_GxKxN) if wg_GxKxN is not None else None
-  y = _activate(acc, gate, activation)
+  y = activate(acc, gate, activation)
   # ragged_dot leaves rows past sum(group_sizes) zero; the kernel leaves them unwritten.
   # Zero them here too so the two agree on every row.
   real = jnp.arange(x_MxK.shape[0]) < jnp.sum(group_sizes_G)
@@ -457,15 +346,3 @@ def blocks_for(k: int, n: int, preferred: Blocks = DEFAULT_BLOCKS) -> Blocks:
   while bn > 16 and n % bn:
     bn //= 2
   return dataclasses.replace(preferred, block_k=bk, block_n=bn)
-
-
-def cost_rows(group_sizes, blocks: Blocks = DEFAULT_BLOCKS) -> int:
-  """Rows the kernel multiplies for these (host) group sizes: each group rounded up to
-  block_m, or to block_m / 2 when its last tile is at most half full (half_tiles)."""
-  bm = blocks.block_m
-  rows = 0
-  for s in group_sizes:
-    full, rest = divmod(int(s), bm)
-    rows += full * bm + (0 if rest == 0 else bm // 2 if blocks.half_tiles and rest <= bm // 2
-                         else bm)
-  return rows

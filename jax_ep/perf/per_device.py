@@ -7,7 +7,7 @@ import dataclasses
 import math
 
 from jax_ep.config import DeploymentConfig, ModelConfig
-from jax_ep.kernels.grouped_matmul import DEFAULT_BLOCKS, cost_rows
+from jax_ep.kernels.groups import DEFAULT_BLOCKS, cost_rows
 from jax_ep.routing import rows_per_destination
 
 

@@ -1,0 +1,131 @@
+"""What the grouped expert kernels share: their tile sizes, the table that maps a
+program to its (group, row tile, column tile), the activations, and the rows a launch
+multiplies.
+
+Rows are sorted by group (expert); `group_sizes_G` says how many belong to each, in
+order, and may sum to less than the buffer (a worst-case receive buffer whose tail is
+empty). Programs are numbered group by group, and within a group column tile by column
+tile with its row tiles adjacent, so a group's row tiles read each weight tile at nearly
+the same time (HBM once, then L2) and its rows stay in L2 while its weights stream past.
+Programs past the last real row tile do nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+  """Tile sizes and Triton launch parameters (benchmarks/kernel_sweep.py measures them).
+
+  `swap_ab` picks the kernel: False, grouped_matmul's (rows on the MMA's M side, each
+  group's rows rounded up to block_m); True, grouped_swap_ab's (weight columns on the M
+  side, up to block_m of a group's rows on the N side, rounded up to row_quantum).
+  """
+
+  block_m: int = 128
+  block_n: int = 256
+  block_k: int = 64
+  num_warps: int = 8
+  num_stages: int = 4
+  swap_ab: bool = False
+  row_quantum: int = 32
+
+  def __post_init__(self):
+    if self.swap_ab and (self.block_m % self.row_quantum or self.row_quantum < 16
+                         or self.row_quantum & (self.row_quantum - 1)):
+      raise ValueError(f"row_quantum={self.row_quantum} must be a power of two >= 16 "
+                       f"dividing block_m={self.block_m}")
+
+  def smem_bytes(self, weights: int = 1, itemsize: int = 2) -> int:
+    """Shared memory of the software pipeline: x and weight tiles per stage."""
+    return self.num_stages * (self.block_m + weights * self.block_n) * self.block_k * itemsize
+
+
+# Measured on one H200 (benchmarks/results/h200_kernel/, jax 0.11.2): the best of the
+# sweep for the seed's 8192 x 32768 products. SwiGLU's fused up product loads two weight
+# tiles per step, so it takes narrower ones to fit the 227 KiB of shared memory.
+DEFAULT_BLOCKS = Blocks()
+SWIGLU_UP_BLOCKS = Blocks(block_n=128, num_stages=3)
+
+
+def gelu_tanh(x):
+  """jax.nn.gelu(approximate=True), written with exp only (lowers everywhere):
+  0.5 x (1 + tanh(z)) = x * sigmoid(2 z)."""
+  z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+  return x / (1.0 + jnp.exp(-2.0 * z))
+
+
+def silu(x):
+  return x / (1.0 + jnp.exp(-x))
+
+
+def activate(acc, gate, activation: str):
+  if activation == "gelu":
+    return gelu_tanh(acc)
+  if activation == "swiglu":
+    return silu(gate) * acc
+  return acc
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def tile_table(group_sizes_G: jax.Array, block_m: int) -> jax.Array:
+  """Per group: [row start, rows, row tiles, first row tile], int32 [4, G_pad], and the
+  number of live row tiles in column [4, 0]. G_pad is a power of two (Triton vectors);
+  padding groups are empty and start past every live tile."""
+  g = group_sizes_G.shape[0]
+  sizes = group_sizes_G.astype(jnp.int32)
+  starts = jnp.cumsum(sizes) - sizes
+  tiles = (sizes + block_m - 1) // block_m
+  first = jnp.cumsum(tiles) - tiles
+  live = jnp.sum(tiles)
+  pad = _next_pow2(g) - g
+  table = jnp.stack([
+      jnp.pad(starts, (0, pad), constant_values=jnp.sum(sizes)),
+      jnp.pad(sizes, (0, pad)),
+      jnp.pad(tiles, (0, pad)),
+      jnp.pad(first, (0, pad), constant_values=live),
+  ])
+  live_row = jnp.zeros((1, table.shape[1]), jnp.int32).at[0, 0].set(live)
+  return jnp.concatenate([table, live_row], axis=0)
+
+
+class Tile(NamedTuple):
+  live: jax.Array  # bool: this program holds a real row tile
+  g: jax.Array  # its group
+  n: jax.Array  # its column tile
+  row0: jax.Array  # its first row
+  rows_left: jax.Array  # real rows from row0 to the group's end
+
+
+def locate(table_ref, pid, block_m: int, n_tiles: int) -> Tile:
+  """Which (group, row tile, column tile) program `pid` computes: group by group, each
+  group's column tiles in turn, its row tiles adjacent."""
+  live_tiles = table_ref[4, 0]
+  first_G = table_ref[3, :]
+  g = jnp.maximum(jnp.sum((first_G * n_tiles <= pid).astype(jnp.int32)) - 1, 0)
+  tiles = jnp.maximum(table_ref[2, g], 1)
+  local = pid - table_ref[3, g] * n_tiles
+  n, row_tile = local // tiles, local % tiles
+  row0 = table_ref[0, g] + row_tile * block_m
+  return Tile(pid < live_tiles * n_tiles, g, n, row0, table_ref[0, g] + table_ref[1, g] - row0)
+
+
+def cost_rows(group_sizes, blocks: Blocks = DEFAULT_BLOCKS) -> int:
+  """Rows the kernel multiplies for these (host) group sizes: each group's row tiles of
+  block_m, the last one rounded up to block_m, or with swap_ab to row_quantum."""
+  bm = blocks.block_m
+  step = blocks.row_quantum if blocks.swap_ab else bm
+  rows = 0
+  for s in group_sizes:
+    full, rest = divmod(int(s), bm)
+    rows += full * bm + -(-rest // step) * step
+  return rows
