@@ -10,6 +10,8 @@ Parts (the seed's shapes: batch 1024, top-2, D 8192, 16 GELU experts of 32768):
     scatter with and without the unique/sorted promise (kv_cache.write_rows);
   kernel:  the grouped expert MLP on skewed and balanced rows, per tile shape and kernel
     (kernels/grouped_matmul.py Blocks; --kernel_set);
+  mgpu:    jax's Mosaic GPU grouped matmul (ragged_dot_mgpu) on the skewed rows, as they
+    are and padded per group to its row blocks, beside jax_ep's kernel (GPU only);
   calls:   the seed model on one device, and one GPU's share of seed_proposed, with
     1 and more tokens per decode call (DeploymentConfig.tokens_per_call).
 Every variant is checked against the first one on random data (never zeros), and timed
@@ -138,6 +140,42 @@ def part_kernel(bw, log):
   return out
 
 
+# jax's Hopper grouped matmul (Pallas Mosaic GPU; TMA loads, wgmma): block_m, block_n,
+# block_k, max_concurrent_steps.
+MGPU_CONFIGS = {"m64_n256_s4": (64, 256, 64, 4), "m128_n256_s3": (128, 256, 64, 3),
+                "m128_n128_s4": (128, 128, 64, 4)}
+
+
+def part_mgpu(bw, log):
+  """jax's ragged_dot_mgpu on the skewed rows as they are (its row blocks straddle
+  groups: a boundary block is computed once per group), and on the same rows with each
+  group padded to a multiple of block_m (no straddling block: the row blocks a kernel
+  with group-aligned tiles, as jax_ep's, runs) beside jax_ep's kernel on the same rows."""
+  from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu as rdm
+
+  w_up = _rand(6, (E, D, F), scale=D ** -0.5)
+  w_down = _rand(7, (E, F, D), scale=F ** -0.5)
+  out = {}
+  for name, (bm, bn, bk, steps) in MGPU_CONFIGS.items():
+    aligned = [-(-s // bm) * bm for s in SKEWED]
+    for layout, sizes in (("skewed", SKEWED), ("skewed_aligned", aligned)):
+      x = _rand(8, (sum(sizes), D))
+      gs = jnp.asarray(sizes, jnp.int32)
+
+      def mlp(x, gs, w_up, w_down, bm=bm, bn=bn, bk=bk, steps=steps):
+        kw = dict(block_m=bm, block_k=bk, max_concurrent_steps=steps)
+        h = rdm.ragged_dot(x, w_up, group_sizes=gs, block_n=bn, grid_block_n=2, **kw)
+        return rdm.ragged_dot(jax.nn.gelu(h), w_down, group_sizes=gs, block_n=bn,
+                              grid_block_n=1, **kw)
+
+      fns = {f"mgpu_{name}": mlp,
+             "jax_ep_m128_n256_s4": functools.partial(_mlp, blocks=None, real=sum(sizes))}
+      floor = 2 * E * D * F * 2 / bw
+      out[f"{name}_{layout}"] = _run_variants(fns, (x, gs, w_up, w_down), floor, log,
+                                              f"mgpu {name} {layout} rows {sum(sizes)}")
+  return out
+
+
 def _mlp(x, gs, w_up, w_down, blocks, real):
   """The real rows only: the kernel leaves the buffer's other rows unset."""
   return gm.grouped_mlp(x, gs, w_up, w_down, impl="interpret" if INTERPRET else "pallas",
@@ -227,7 +265,7 @@ def main():
       result[part] = part_calls(hw, per_call, log)
     else:
       result[part] = {"combine": part_combine, "cache": part_cache,
-                      "kernel": part_kernel}[part](bw, log)
+                      "kernel": part_kernel, "mgpu": part_mgpu}[part](bw, log)
     gc.collect()
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)
