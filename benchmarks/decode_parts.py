@@ -48,17 +48,8 @@ KERNEL_SETS = {
               "m256_n128_s3": {"block_m": 256, "block_n": 128, "num_stages": 3},
               "m256_n128_s4": {"block_m": 256, "block_n": 128, "num_stages": 4},
               "m64_n256_s4_w4": {"block_m": 64, "num_warps": 4}},
-    # Rows on the MMA's N side (kernels/grouped_swap_ab.py): up to block_m rows of an
-    # expert per program, rounded up to row_quantum.
-    "swap": {"m128_n256_s4": {},
-             "swap_m256_n128_q32_s4": {"swap_ab": True, "block_m": 256, "block_n": 128},
-             "swap_m256_n128_q32_s3": {"swap_ab": True, "block_m": 256, "block_n": 128,
-                                       "num_stages": 3},
-             "swap_m256_n128_q64_s4": {"swap_ab": True, "block_m": 256, "block_n": 128,
-                                       "row_quantum": 64},
-             "swap_m128_n256_q32_s4": {"swap_ab": True, "block_m": 128, "block_n": 256}},
 }
-KERNEL_VARIANTS = KERNEL_SETS["swap"]
+KERNEL_VARIANTS = KERNEL_SETS["tiles"]
 SKEWED = [265, 231, 204, 178, 161, 147, 139, 128, 117, 106, 98, 85, 72, 51, 36, 30]
 
 
@@ -243,7 +234,7 @@ def main():
   ap.add_argument("--tokens_per_call", default="1,4")
   ap.add_argument("--out", default="decode_parts.json")
   ap.add_argument("--cpu_check", action="store_true", help="tiny shapes, interpreted kernels")
-  ap.add_argument("--kernel_set", default="swap", choices=sorted(KERNEL_SETS))
+  ap.add_argument("--kernel_set", default="tiles", choices=sorted(KERNEL_SETS))
   args = ap.parse_args()
   global KERNEL_VARIANTS
   KERNEL_VARIANTS = KERNEL_SETS[args.kernel_set]

@@ -134,10 +134,9 @@ def main():
   if args.grid == "wide":  # the first sweep (results/h200_kernel/sweep_wide.log)
     grid = [gm.Blocks(*c)
             for c in itertools.product((64, 128), (64, 128, 256), (64,), (4, 8), (3, 4))]
-  else:  # around the best of the wide sweep, rows on the MMA's M or N side
-    grid = [gm.Blocks(bm, bn, bk, 8, ns, swap_ab=swap)
-            for (bm, swap), bn, bk, ns in itertools.product(((128, False), (256, True)),
-                                                            (128, 256), (64, 128), (3, 4))]
+  else:  # around the best of the wide sweep
+    grid = [gm.Blocks(128, bn, bk, 8, ns)
+            for bn, bk, ns in itertools.product((128, 256), (64, 128), (3, 4))]
   if args.quick:
     grid = grid[:4]
   best = {}

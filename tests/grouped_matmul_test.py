@@ -1,7 +1,7 @@
-"""Tests for jax_ep/kernels/grouped_matmul.py: both Pallas kernels (rows on the MMA's M
-side, and grouped_swap_ab's, through the interpreter) and the XLA path against a dense
-per-group reference, on random, empty, all-to-one and skewed group sizes, with and
-without split-K, GELU and SwiGLU."""
+"""Tests for jax_ep/kernels/grouped_matmul.py and groups.py: the Pallas kernel (through the
+interpreter) and the XLA path against a dense per-group reference, on random, empty,
+all-to-one and skewed group sizes, with and without split-K, GELU and SwiGLU; the tile
+table."""
 
 import dataclasses
 
@@ -13,12 +13,10 @@ from numpy.testing import assert_allclose
 
 from jax_ep.experts import expert_mlp
 from jax_ep.kernels import grouped_matmul as gm
-from jax_ep.kernels import grouped_swap_ab, groups
+from jax_ep.kernels import groups
 
 G, M, D, F = 4, 40, 64, 128
 BLOCKS = gm.Blocks(block_m=16, block_n=32, block_k=32)
-# Up to 32 rows of a group per program, in pieces of 16 (the smallest Triton dot).
-SWAP = gm.Blocks(block_m=32, block_n=32, block_k=32, swap_ab=True, row_quantum=16)
 SIZES = {
     "random": [10, 0, 17, 5],
     "empty": [0, 0, 0, 0],
@@ -45,9 +43,8 @@ def _dense(x, sizes, up, down, gate):
 
 
 @pytest.mark.parametrize("name", sorted(SIZES))
-@pytest.mark.parametrize("gated,kernel", [(False, "m"), (True, "m"), (False, "swap_ab"),
-                                          (True, "swap_ab")])
-def test_kernel_and_xla_equal_the_dense_reference(name, gated, kernel):
+@pytest.mark.parametrize("gated", [False, True])
+def test_kernel_and_xla_equal_the_dense_reference(name, gated):
   x, up, down, gate = _weights()
   gate = gate if gated else None
   sizes = SIZES[name]
@@ -56,8 +53,7 @@ def test_kernel_and_xla_equal_the_dense_reference(name, gated, kernel):
   real = sum(sizes)
   xla = gm.grouped_mlp(x, gs, up, down, gate, impl="xla")
   assert_allclose(xla, want, rtol=1e-5, atol=1e-5)  # rows past the real ones are zero
-  blocks = SWAP if kernel == "swap_ab" else BLOCKS
-  got = gm.grouped_mlp(x, gs, up, down, gate, impl="interpret", blocks=blocks)
+  got = gm.grouped_mlp(x, gs, up, down, gate, impl="interpret", blocks=BLOCKS)
   assert_allclose(got[:real], want[:real], rtol=1e-5, atol=1e-5)
 
 
@@ -72,29 +68,6 @@ def test_split_k_sums_to_the_same(split_k):
     y = gm._pallas(h, M, down, gs, None, "none", BLOCKS, True, split_k=split_k)[:M]
     want = _dense(x, sizes, up, down, g)
     assert_allclose(y[:sum(sizes)], want[:sum(sizes)], rtol=1e-5, atol=1e-5)
-
-
-def test_swap_ab_with_groups_over_block_m_rows():
-  # 33 rows: a 32-row program, then one of 1 row (a 16-row piece); block_m 16 pieces.
-  x, up, down, gate = _weights(2)
-  gs = jnp.asarray(SIZES["skewed"], jnp.int32)
-  want = _dense(x, SIZES["skewed"], up, down, gate)
-  for blocks in (SWAP, dataclasses.replace(SWAP, row_quantum=32)):
-    got = gm.grouped_mlp(x, gs, up, down, gate, impl="interpret", blocks=blocks)
-    assert_allclose(got[:40], want[:40], rtol=1e-5, atol=1e-5)
-
-
-def test_swap_ab_pieces_cover_the_rows():
-  assert grouped_swap_ab.heights(224, 256) == ((0, 128), (128, 64), (192, 32))
-  assert grouped_swap_ab.heights(256, 256) == ((0, 256),)
-  assert grouped_swap_ab.heights(32, 256) == ((0, 32),)
-  for rows in range(32, 257, 32):
-    pieces = grouped_swap_ab.heights(rows, 256)
-    assert sum(h for _, h in pieces) == rows
-    assert all(off == sum(h for _, h in pieces[:i]) for i, (off, _) in enumerate(pieces))
-    assert all(h & (h - 1) == 0 and h >= 32 for _, h in pieces)
-  with pytest.raises(ValueError, match="row_quantum"):
-    gm.Blocks(block_m=256, swap_ab=True, row_quantum=48)
 
 
 def test_tile_table():
@@ -138,9 +111,6 @@ def test_cost_rows_follow_the_real_rows():
   assert groups.cost_rows([128] * 16, b) == 2048
   assert groups.cost_rows([0, 0, 2048], b) == 2048
   assert groups.cost_rows([129, 1, 0], b) == 256 + 128
-  swap = gm.Blocks(block_m=256, swap_ab=True, row_quantum=32)
-  assert groups.cost_rows([129, 1, 0], swap) == 160 + 32
-  assert groups.cost_rows([265, 256], swap) == 256 + 32 + 256
 
 
 def test_split_and_narrow_for_few_row_tiles():

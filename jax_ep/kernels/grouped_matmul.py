@@ -7,11 +7,9 @@ Triton kernel here computes one (row tile, column tile) of one group and skips r
 outside it, in the program order of kernels/groups.py, so the weights of each non-empty
 group are read about once from HBM and the FLOPs are those of the real rows rounded up
 to `block_m` per group: the padded batched einsum's cost grows with the largest group
-times the number of groups instead (shared/GPU.md). `Blocks(swap_ab=True)` runs
-kernels/grouped_swap_ab.py instead: one program per group and column tile over up to
-block_m of its rows, rounded up to 32.
+times the number of groups instead (shared/GPU.md).
 
-`impl`: "pallas" (the Triton kernels; GPU), "interpret" (the same kernels run by the
+`impl`: "pallas" (the Triton kernel; GPU), "interpret" (the same kernel run by the
 Pallas interpreter: CPU tests), "xla" (`jax.lax.ragged_dot`: the reference, and the
 path on CPU; on NVIDIA XLA rewrites it as a masked dense product over all groups, ten
 times slower, shared/GPU.md). All compute the same function.
@@ -24,7 +22,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jax_ep.kernels import grouped_swap_ab
 from jax_ep.kernels.groups import (DEFAULT_BLOCKS, SWIGLU_UP_BLOCKS, Blocks, activate,
                                    locate, tile_table)
 
@@ -97,9 +94,6 @@ def _pallas(x_pad, m, w_GxKxN, group_sizes_G, wg_GxKxN, activation, blocks: Bloc
              for w in ((w_GxKxN,) if wg_GxKxN is None else (w_GxKxN, wg_GxKxN))]
     return _reduce_partials(parts, m, group_sizes_G, activation, blocks, interpret,
                             x_pad.dtype)
-  if blocks.swap_ab:
-    return grouped_swap_ab.matmul(x_pad, m, w_GxKxN, group_sizes_G, wg_GxKxN, activation,
-                                  blocks, interpret)
   # At most cdiv(M, bm) + G - 1 row tiles hold a real row (each group adds at most one
   # partial tile); the rest of the grid exits at once.
   programs = (pl.cdiv(m, bm) + g) * n_tiles

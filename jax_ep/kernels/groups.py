@@ -21,26 +21,13 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
-  """Tile sizes and Triton launch parameters (benchmarks/kernel_sweep.py measures them).
-
-  `swap_ab` picks the kernel: False, grouped_matmul's (rows on the MMA's M side, each
-  group's rows rounded up to block_m); True, grouped_swap_ab's (weight columns on the M
-  side, up to block_m of a group's rows on the N side, rounded up to row_quantum).
-  """
+  """Tile sizes and Triton launch parameters (benchmarks/kernel_sweep.py measures them)."""
 
   block_m: int = 128
   block_n: int = 256
   block_k: int = 64
   num_warps: int = 8
   num_stages: int = 4
-  swap_ab: bool = False
-  row_quantum: int = 32
-
-  def __post_init__(self):
-    if self.swap_ab and (self.block_m % self.row_quantum or self.row_quantum < 16
-                         or self.row_quantum & (self.row_quantum - 1)):
-      raise ValueError(f"row_quantum={self.row_quantum} must be a power of two >= 16 "
-                       f"dividing block_m={self.block_m}")
 
   def smem_bytes(self, weights: int = 1, itemsize: int = 2) -> int:
     """Shared memory of the software pipeline: x and weight tiles per stage."""
@@ -120,12 +107,7 @@ def locate(table_ref, pid, block_m: int, n_tiles: int) -> Tile:
 
 
 def cost_rows(group_sizes, blocks: Blocks = DEFAULT_BLOCKS) -> int:
-  """Rows the kernel multiplies for these (host) group sizes: each group's row tiles of
-  block_m, the last one rounded up to block_m, or with swap_ab to row_quantum."""
+  """Rows the kernel multiplies for these (host) group sizes: each group's rounded up to
+  block_m."""
   bm = blocks.block_m
-  step = blocks.row_quantum if blocks.swap_ab else bm
-  rows = 0
-  for s in group_sizes:
-    full, rest = divmod(int(s), bm)
-    rows += full * bm + -(-rest // step) * step
-  return rows
+  return sum(-(-int(s) // bm) * bm for s in group_sizes)
