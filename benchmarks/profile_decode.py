@@ -95,6 +95,10 @@ def main():
   ap.add_argument("--prompt_len", type=int, default=32)
   ap.add_argument("--steps", type=int, default=6)
   ap.add_argument("--tokens_per_call", type=int, default=1)
+  ap.add_argument("--share", default=None,
+                  help="profile one device's share of this deployment (as jax-ep bench "
+                  "--share: its layers and experts as a one-device model, one group's "
+                  "rows) instead of --deployment at --batch")
   ap.add_argument("--out", default="profile.json")
   args = ap.parse_args()
 
@@ -107,6 +111,14 @@ def main():
 
   cfg = load_model(args.config)
   dep = deployments.resolve(args.deployment, len(jax.devices()))
+  if args.share:
+    from jax_ep.perf import plan
+
+    full = deployments.resolve(args.share, len(jax.devices()))
+    cfg, args.batch = plan.share_config(
+        cfg, dataclasses.replace(full, decode_groups=1, microbatches=1),
+        args.batch // full.groups)
+    dep = deployments.SINGLE
   dep = dataclasses.replace(dep, tokens_per_call=args.tokens_per_call)
   engine = Engine(cfg, dep)
   params = engine.init_params(0)
@@ -122,7 +134,8 @@ def main():
                  engine.ring_state(jax.numpy.zeros((args.batch,), "int32"),
                                    jax.numpy.zeros((args.batch,), "int32")),
                  jax.random.key(0)).compile().as_text()
-  out = {"config": args.config, "deployment": dep.describe(), "batch": args.batch,
+  out = {"config": args.config, "share": args.share, "deployment": dep.describe(),
+         "batch": args.batch,
          "tpot_ms": gen.tpot_ms, "tpot_synced_ms": gen.tpot_synced_ms,
          "imbalance": gen.imbalance, **summarize(trace_dir, gen.decode_steps, scopes_of(hlo))}
   out["hlo_conditionals"] = hlo.count(" conditional(")
