@@ -48,6 +48,10 @@ KERNEL_SETS = {
               "m256_n128_s3": {"block_m": 256, "block_n": 128, "num_stages": 3},
               "m256_n128_s4": {"block_m": 256, "block_n": 128, "num_stages": 4},
               "m64_n256_s4_w4": {"block_m": 64, "num_warps": 4}},
+    # The K step and the pipeline depth (the skewed case is MMA-bound: NOTES section 6).
+    "k": {"m128_n256_k64_s4": {}, "k32_s6": {"block_k": 32, "num_stages": 6},
+          "k32_s8": {"block_k": 32, "num_stages": 8},
+          "k128_s2": {"block_k": 128, "num_stages": 2}},
 }
 KERNEL_VARIANTS = KERNEL_SETS["tiles"]
 SKEWED = [265, 231, 204, 178, 161, 147, 139, 128, 117, 106, 98, 85, 72, 51, 36, 30]
