@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags  # noqa: E402
 
-from jax_ep import __main__ as cli  # noqa: E402
+from jax_ep.cli import main as cli  # noqa: E402
 
 
 def run_case(args: list[str]) -> dict:
