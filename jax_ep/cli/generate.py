@@ -49,7 +49,7 @@ def _generate(profile_dir):
   import jax
   import numpy as np
 
-  from jax_ep import decode, memory, numerics, placement
+  from jax_ep import decode, memory, memory_budget, numerics, placement
   from jax_ep.engine import Engine
 
   cfg, task = _checkpoint_model()
@@ -77,9 +77,9 @@ def _generate(profile_dir):
   if flags.CHECK_MEMORY.value:
     platform = jax.devices()[0].platform
     fp = memory.footprint(cfg, dep, len(prompts), prompts.shape[1], max_len, platform)
-    memory.check(fp, memory.budget_for_devices(jax.devices()[:dep.num_devices]),
-                 candidates=flags.memory_candidates(), platform=platform,
-                 what=f"generate --config={name}")
+    memory_budget.check(fp, memory_budget.budget_for_devices(jax.devices()[:dep.num_devices]),
+                        candidates=flags.memory_candidates(), platform=platform,
+                        what=f"generate --config={name}")
   distributed.check_same("run", distributed.fields(model=cfg, deployment=dep, prompts=prompts),
                          flags.DIST_TIMEOUT.value)
   if flags.DRY_RUN.value:
