@@ -18,7 +18,8 @@ Pure arithmetic over the configs; no device is touched, so `jax-ep plan` runs an
     within a small multiple of it). `jax-ep plan --compile` prints XLA's own figures.
 
 Every device of a deployment holds the same shapes (check_model makes every split even),
-so one column of bytes holds for all; `holdings` says what each device's shards are.
+so one column of bytes holds for all. Whether it fits a device: memory_budget.py; which
+device holds what, and XLA's own figures: memory_report.py.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 
 import jax
 import numpy as np
@@ -35,25 +35,9 @@ from jax.sharding import PartitionSpec
 from jax_ep import sharding
 from jax_ep.config import ConfigError, DeploymentConfig, ModelConfig
 from jax_ep.kernels import grouped_matmul
-from jax_ep.mesh import AXES, EXPERT, STAGE, TP
+from jax_ep.mesh import AXES
 from jax_ep.perf import per_device
 from jax_ep.routing import rows_per_destination
-
-GiB = 1 << 30
-MiB = 1 << 20
-
-# Device memory as nvidia-smi's memory.total reports it (MiB); the allocator gets
-# `mem_fraction` of it (jax preallocates 75% by default; XLA_PYTHON_CLIENT_MEM_FRACTION or
-# XLA_CLIENT_MEM_FRACTION changes that). On a GPU the allocator's own limit
-# (Device.memory_stats()["bytes_limit"]) is used instead of this table.
-DEVICE_MEMORY_MIB = {
-    "h100": 81559,  # H100 80GB HBM3 (SXM)
-    "h200": 143771,  # H200 141GB HBM3e (KINDS.md: nvidia-smi on the lent H200s)
-    "a100": 81920,  # A100 80GB
-    "a100_80": 81920,
-    "a100_40": 40960,
-}
-DEFAULT_MEM_FRACTION = 0.75
 
 # XLA's temporaries beyond the working set counted here, as a multiple of it (see the
 # module docstring; tests/memory_test.py checks it against memory_analysis on CPU).
@@ -246,7 +230,7 @@ def working_set(cfg: ModelConfig, dep: DeploymentConfig, batch: int, prompt_len:
   return max(pre, dec, key=lambda ws: ws.total)
 
 
-# --- the plan ----------------------------------------------------------------------------
+# --- the footprint -----------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,262 +293,3 @@ def footprint(cfg: ModelConfig, dep: DeploymentConfig, batch: int, prompt_len: i
                    kv_cache=kv_cache_bytes(cfg, dep, batch, length),
                    state=state_bytes(cfg, dep, batch, prompt_len), work=work,
                    temporaries=int(TEMPORARIES_FACTOR * work.total))
-
-
-# --- what a device can hold --------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Budget:
-  """Bytes each device may use or, `shared` (CPU devices: one host's memory), bytes that
-  the devices of a deployment share: their footprints add up."""
-
-  bytes: float
-  source: str
-  shared: bool = False
-  name: str = "device"
-
-
-def mem_fraction() -> float:
-  """The share of a GPU's memory jax's allocator takes (its environment variables)."""
-  for var in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
-    if os.environ.get(var):
-      return float(os.environ[var])
-  return DEFAULT_MEM_FRACTION
-
-
-def host_memory_bytes() -> int:
-  """Host memory a process can still take: MemAvailable, or the cgroup limit if lower."""
-  avail = None
-  try:
-    with open("/proc/meminfo") as f:
-      for line in f:
-        if line.startswith("MemAvailable:"):
-          avail = int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  if avail is None:
-    avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-  for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-    try:
-      with open(path) as f:
-        limit = f.read().strip()
-      if limit.isdigit() and int(limit) < avail:
-        avail = int(limit)
-    except OSError:
-      continue
-  return avail
-
-
-def budget_for_kind(kind: str, num_devices: int, fraction: float | None = None) -> Budget:
-  """A device kind by name (DEVICE_MEMORY_MIB, or "cpu": this host's memory)."""
-  kind = kind.lower()
-  if kind == "cpu":
-    host = host_memory_bytes()
-    return Budget(host, "this host's available memory, shared by its CPU devices",
-                  shared=True, name="cpu")
-  if kind not in DEVICE_MEMORY_MIB:
-    raise ConfigError(f"--device_kind={kind!r} is unknown; use cpu or one of "
-                      f"{sorted(DEVICE_MEMORY_MIB)}.")
-  fraction = mem_fraction() if fraction is None else fraction
-  if not 0 < fraction <= 1:
-    raise ConfigError(f"--mem_fraction={fraction} must be in (0, 1].")
-  total = DEVICE_MEMORY_MIB[kind] * MiB
-  return Budget(total * fraction, f"{kind}: {total / GiB:.1f} GiB x memory fraction "
-                f"{fraction:g}", name=kind)
-
-
-def budget_for_devices(devices) -> Budget:
-  """What the devices present can hold: the allocator's limit on a GPU, host memory on
-  the CPU."""
-  d = devices[0]
-  if d.platform == "cpu":
-    return budget_for_kind("cpu", len(devices))
-  stats = d.memory_stats() if hasattr(d, "memory_stats") else None
-  if stats and stats.get("bytes_limit"):
-    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    return Budget(free, f"{d.device_kind}: allocator limit {stats['bytes_limit'] / GiB:.1f} GiB"
-                  f", {stats.get('bytes_in_use', 0) / GiB:.1f} GiB in use", name=d.device_kind)
-  kind = next((k for k in DEVICE_MEMORY_MIB if k in d.device_kind.lower().replace(" ", "")),
-              None)
-  if kind is None:
-    return Budget(math.inf, f"{d.device_kind}: memory unknown (not checked)", name=d.device_kind)
-  return budget_for_kind(kind, len(devices))
-
-
-def need_bytes(fp: Footprint, budget: Budget, held: float = 0.0) -> float:
-  """Bytes `fp` takes from `budget` (per device, or the whole host when shared), with
-  `held` bytes per device already taken (weights of another deployment)."""
-  per_device = fp.total + held
-  return per_device * fp.dep.num_devices if budget.shared else per_device
-
-
-def fits(fp: Footprint, budget: Budget, held: float = 0.0) -> bool:
-  """Whether `fp`, beside `held` bytes already on each of its devices, fits `budget`."""
-  return need_bytes(fp, budget, held) <= budget.bytes
-
-
-def _need(fp: Footprint, budget: Budget) -> str:
-  if budget.shared:
-    each = f" ({fp.dep.num_devices} devices x {fp.total / GiB:.2f} GiB)" \
-        if fp.dep.num_devices > 1 else ""
-    return f"{need_bytes(fp, budget) / GiB:.2f} GiB of host memory{each}"
-  return f"{fp.total / GiB:.2f} GiB per device"
-
-
-def _have(budget: Budget) -> str:
-  if budget.shared:
-    return f"{budget.bytes / GiB:.2f} GiB available on this host"
-  return f"{budget.bytes / GiB:.2f} GiB usable per device"
-
-
-def largest_batch(cfg, dep, batch, prompt_len, max_len, budget, platform) -> int | None:
-  """The largest valid batch <= `batch` whose footprint fits (of the multiples of
-  dep.min_batch, halving), or None."""
-  step = dep.min_batch
-  b = batch // step * step
-  while b >= step:
-    if fits(footprint(cfg, dep, b, prompt_len, max_len, platform), budget):
-      return b
-    b = b // 2 // step * step if b > 2 * step else b - step
-  return None
-
-
-def smallest_fitting(cfg, batch, prompt_len, max_len, budget, platform, candidates):
-  """(name, deployment, footprint) of the candidate with fewest devices that fits."""
-  for name, dep in sorted(candidates.items(), key=lambda kv: kv[1].num_devices):
-    try:
-      fp = footprint(cfg, dep, batch, prompt_len, max_len, platform)
-    except ConfigError:
-      continue
-    if fits(fp, budget):
-      return name, dep, fp
-  return None
-
-
-def check(fp: Footprint, budget: Budget, *, candidates=None, platform: str = "gpu",
-          what: str = "") -> None:
-  """Raises ConfigError if `fp` does not fit `budget`, naming the smallest deployment
-  (among `candidates`, name -> DeploymentConfig) and the largest batch that fit."""
-  if fits(fp, budget):
-    return
-  cfg, dep = fp.cfg, fp.dep
-  biggest = max(fp.rows()[:-1], key=lambda row: row[1])
-  lines = [f"{what or 'this run'} does not fit: {dep.describe()} with batch {fp.batch} needs "
-           f"{_need(fp, budget)} ({biggest[0]}: {biggest[1] / GiB:.2f} GiB), "
-           f"{_have(budget)} ({budget.source})."]
-  b = largest_batch(cfg, dep, fp.batch, fp.prompt_len, fp.max_len, budget, platform)
-  if b:
-    lines.append(f"--batch={b} fits this deployment.")
-  if candidates and not budget.shared:
-    found = smallest_fitting(cfg, fp.batch, fp.prompt_len, fp.max_len, budget, platform,
-                             candidates)
-    if found:
-      name, d, f = found
-      lines.append(f"The smallest deployment that fits batch {fp.batch}: --deployment={name} "
-                   f"({d.num_devices} devices of {f.total / GiB:.2f} GiB).")
-  if len(lines) == 1:
-    lines.append("Neither a smaller batch nor another deployment fits: use a smaller model "
-                 "(--config) or devices with more memory; `jax-ep plan` prints the table.")
-  raise ConfigError(" ".join(lines))
-
-
-# --- which device holds what -------------------------------------------------------------
-
-
-def holdings(cfg: ModelConfig, dep: DeploymentConfig, batch: int) -> list[dict]:
-  """One row per device (mesh order: tp fastest, then expert, then stage; mesh.py): its
-  coordinates and the ranges of layers, experts of each layer, MLP columns, heads,
-  vocabulary columns and sequences that it holds. Ranges are [start, stop)."""
-  dep.check_model(cfg)
-  per_stage = cfg.num_layers // dep.stages
-  e_local = cfg.num_experts // dep.expert_shards
-  heads = cfg.num_heads // dep.tp
-  vocab = cfg.vocab_size // (dep.expert * dep.tp)
-  rows = batch // dep.expert
-  ffn_tp = dep.placement == "tp" and dep.tp > 1
-  f = cfg.mlp_dim // dep.tp if ffn_tp else cfg.mlp_dim
-  out = []
-  for i in range(dep.num_devices):
-    s, rest = divmod(i, dep.expert * dep.tp)
-    e, t = divmod(rest, dep.tp)
-    shard = e * dep.tp + t if dep.placement == "ep" else e
-    out.append({
-        "device": i, STAGE: s, EXPERT: e, TP: t,
-        "layers": (s * per_stage, (s + 1) * per_stage),
-        "experts": (shard * e_local, (shard + 1) * e_local),
-        "mlp_columns": (t * f, (t + 1) * f) if ffn_tp else (0, cfg.mlp_dim),
-        "heads": (t * heads, (t + 1) * heads),
-        "vocab": ((e * dep.tp + t) * vocab, (e * dep.tp + t + 1) * vocab),
-        "sequences": (e * rows, (e + 1) * rows),
-    })
-  return out
-
-
-def _range(r) -> str:
-  a, b = r
-  return f"{a}" if b == a + 1 else f"{a}-{b - 1}"
-
-
-def format_holdings(cfg: ModelConfig, dep: DeploymentConfig, batch: int) -> str:
-  rows = holdings(cfg, dep, batch)
-  head = "| device | stage, expert, tp | layers | experts (each layer) | MLP columns | heads | " \
-         "vocabulary | sequences |"
-  lines = [head, "| ---: | --- | --- | --- | --- | --- | --- | --- |"]
-  for r in rows:
-    lines.append(f"| {r['device']} | {r[STAGE]}, {r[EXPERT]}, {r[TP]} | {_range(r['layers'])} | "
-                 f"{_range(r['experts'])} | {_range(r['mlp_columns'])} | {_range(r['heads'])} | "
-                 f"{_range(r['vocab'])} | {_range(r['sequences'])} |")
-  return "\n".join(lines)
-
-
-def format_footprint(fp: Footprint, budget: Budget | None = None) -> str:
-  lines = ["| per device | GiB | bytes |", "| --- | ---: | ---: |"]
-  lines += [f"| {k} | {v / GiB:.3f} | {v:,} |" if counted else
-            f"| {k} (not live with the largest of these three; not added) | ({v / GiB:.3f}) | "
-            f"({v:,}) |" for k, v, counted in fp.rows()]
-  if budget is not None:
-    ok = fits(fp, budget)
-    lines += ["", f"Budget: {_have(budget)} ({budget.source}); needs {_need(fp, budget)}: "
-              + ("fits." if ok else "DOES NOT FIT.")]
-  return "\n".join(lines)
-
-
-
-# --- measured: XLA's buffer assignment of the real programs ------------------------------
-
-
-def compiled_memory(engine, batch: int, prompt_len: int, max_len: int) -> dict:
-  """XLA's per-device bytes of generate's programs, compiled from shapes (nothing is
-  allocated): {"prefill" | "decode": {"argument", "output", "alias", "temp"}}.
-
-  The prefill program is the largest chunk's (decode.prefill_chunks), sampling the next
-  token; decode is one ring period. On simulated CPU devices these are the CPU
-  backend's figures: a GPU's fusions differ, its temporaries too.
-  """
-  import jax.numpy as jnp
-
-  cfg, dep = engine.cfg, engine.dep
-  dep.check_batch(batch)
-  length = cache_len(max_len)
-  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        engine.abstract_params, engine.param_shardings)
-  cache = engine.abstract_cache(batch, length)
-  chunk = prefill_chunk(cfg, dep, batch, prompt_len)
-  tokens = jax.ShapeDtypeStruct((batch, chunk), jnp.int32, sharding=engine.tokens_sharding())
-  key = jax.random.key(0)
-  out = {}
-  pre = engine.prefill_fn(0.0, sample=True).lower(params, cache, tokens, jnp.int32(0), key)
-  out["prefill"] = _stats(pre.compile().memory_analysis())
-  zeros = jnp.zeros((batch,), jnp.int32)
-  state = jax.eval_shape(engine.ring_state, zeros, zeros)
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
-                       sharding.named(engine.mesh, engine.ring_specs()))
-  ring = engine.ring_fn(batch, dep.ring_period, 0.0).lower(params, cache, state, key)
-  out["decode"] = _stats(ring.compile().memory_analysis())
-  return out
-
-
-def _stats(m) -> dict:
-  return {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
-          "alias": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes}

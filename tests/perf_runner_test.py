@@ -64,14 +64,14 @@ def test_end_to_end_json_holds_every_field(tmp_path, monkeypatch):
   # Devices that hold any one deployment but not single's weights beside those of the
   # source (baseline, the most devices): the sweep frees the source's weights before single
   # and makes each later deployment's own (the same weights: the tokens still agree).
-  from jax_ep import memory
+  from jax_ep import memory, memory_budget
 
   cfg = load_model("tiny")
   single = plan.footprint(plan.Plan("single", "", cfg, deployments.SINGLE, 16, "single"),
                             plan.platform_defaults(spec, "cpu"), "cpu")
   held = sum(memory.weight_bytes(cfg, deployments.PRESETS["baseline_8"]).values())
-  budget = memory.Budget(single.total + held / 2, "test", name="test")
-  monkeypatch.setattr(memory, "budget_for_devices", lambda devices: budget)
+  budget = memory_budget.Budget(single.total + held / 2, "test", name="test")
+  monkeypatch.setattr(memory_budget, "budget_for_devices", lambda devices: budget)
   logs = []
   result = runner.run(spec, log=logs.append)
   assert any("single and baseline's weights do not fit together" in m for m in logs)

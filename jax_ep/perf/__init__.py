@@ -11,5 +11,5 @@
   runner       runs the plan: timings, floor and prediction per deployment (`jax-ep bench`)
   report       a result's calibration summary, markdown, plot and files
 
-Nothing here reads flags: jax_ep/__main__.py owns them.
+Nothing here reads flags: jax_ep/cli/ owns them.
 """

@@ -1,6 +1,6 @@
 """What a benchmark runs: BenchSpec, the deployments planned for the devices present
 (Plan, plan), one device's share of a deployment, and the sweep fitted to device memory
-before anything is allocated (memory.py)."""
+before anything is allocated (memory.py, memory_budget.py)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class BenchSpec:
   probe_mib: int | None = None  # copy probe size (GPU 4096, CPU 64); all_to_all 1/64 of it
   tokens_per_call: int = 1  # tokens per sequence per decode call (DeploymentConfig)
   skip_unfit: bool = False  # skip deployments that cannot run here instead of failing
-  check_memory: bool = True  # refuse (or skip) deployments that overflow a device (memory.py)
+  check_memory: bool = True  # refuse (or skip) what overflows a device (memory_budget.py)
   checkpoint: str | None = None  # the model and its weights from this checkpoint, not random
 
 
@@ -222,14 +222,14 @@ def footprint(p: Plan, spec: BenchSpec, platform: str):
 def fit_memory(plans: list[Plan], skipped: list, spec: BenchSpec, devices, log):
   """Drops (into `skipped`) the plans that overflow a device on their own; the kept plans
   and their footprints."""
-  from jax_ep import memory
+  from jax_ep import memory_budget
 
   kept, footprints = [], {}
   for p in plans:
     fp = footprint(p, spec, devices[0].platform)
-    budget = memory.budget_for_devices(devices[:p.dep.num_devices])
+    budget = memory_budget.budget_for_devices(devices[:p.dep.num_devices])
     try:
-      memory.check(fp, budget, platform=devices[0].platform, what=f"bench {p.name}")
+      memory_budget.check(fp, budget, platform=devices[0].platform, what=f"bench {p.name}")
     except ConfigError as e:
       skipped.append({"name": p.name, "reason": str(e)})
       log(f"skip {p.name}: {e}")
@@ -243,14 +243,14 @@ def coexists(p: Plan, source: Plan, footprints: dict, devices) -> bool:
   """Whether `p` can be placed and run while the source's weights stay on the devices
   (device 0 holds a shard of both). Placing holds p's weights twice for a moment (the
   canonical copy and its layout, Engine.place_params)."""
-  from jax_ep import memory
+  from jax_ep import memory, memory_budget
 
   if p.name not in footprints or source.name not in footprints:
     return True  # memory not checked
   fp = footprints[p.name]
   held = footprints[source.name].weight_total
-  budget = memory.budget_for_devices(devices[:p.dep.num_devices])
+  budget = memory_budget.budget_for_devices(devices[:p.dep.num_devices])
   placing = dataclasses.replace(fp, kv_cache=0, state=0, temporaries=0,
                                 work=memory.WorkingSet(0, 0, 0, 0, 0))
-  return memory.fits(fp, budget, held=held) and memory.fits(placing, budget,
-                                                            held=held + fp.weight_total)
+  return memory_budget.fits(fp, budget, held=held) and memory_budget.fits(
+      placing, budget, held=held + fp.weight_total)

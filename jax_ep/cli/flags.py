@@ -1,0 +1,221 @@
+"""The jax-ep command line's flags, every one defined here once, whichever commands read it
+(`jax-ep --help` lists this module's flags; a run over several processes checks that each
+was given the same values); the configs the flags select; library messages rewritten to
+name the flags that set the fields they name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from absl import app, flags
+
+from configs import deployments, model_names
+from jax_ep.perf import hardware
+
+# --- the model, the deployment and the run (generate, bench, plan) ------------------------
+CONFIG = flags.DEFINE_string("config", "tiny", "Model preset, a file in configs/: "
+                             f"{', '.join(model_names())}.")
+DEPLOYMENT = flags.DEFINE_string(
+    "deployment", "proposed",
+    "single, baseline or proposed (the preset for the device count), or a preset from "
+    f"configs/deployments.py: {', '.join(sorted(deployments.PRESETS))}; '/G' after any sets "
+    "its decode groups in flight.")
+SIMULATE = flags.DEFINE_integer(
+    "simulate_devices", -1,
+    "Run on the CPU with N fake devices. -1 (default): 8 when no GPU plugin is installed, "
+    "else the real GPUs. 0: the real devices as they are.")
+STAGES = flags.DEFINE_integer("stages", None, "Override the preset's pipeline stages.")
+EXPERT = flags.DEFINE_integer("expert_axis", None, "Override the preset's expert axis size.")
+TP = flags.DEFINE_integer("tp", None, "Override the preset's tensor-parallel size.")
+PLACEMENT = flags.DEFINE_enum("placement", None, ["ep", "tp"],
+                              "Override expert placement: ep = whole experts spread over "
+                              "expert x tp; tp = each expert's MLP split over tp.")
+MICRO = flags.DEFINE_integer("microbatches", None, "Override prefill's pipeline micro-batches.")
+GROUPS = flags.DEFINE_integer(
+    "decode_groups", None,
+    "Decode groups in flight on the ring of stages (jax_ep/ring.py): G >= stages keeps every "
+    "stage busy; 1 is one batch in flight; 0 (the presets): one per stage.")
+PER_CALL = flags.DEFINE_integer(
+    "tokens_per_call", None,
+    "Tokens per sequence that one decode call generates (a loop of static trip count on "
+    "the device, one host dispatch per call, as multi-step scheduling in servers); 1 "
+    "(default): a call per token.")
+PREFILL_CHUNK = flags.DEFINE_integer(
+    "prefill_chunk", None,
+    "Prompt positions per prefill chunk (each chunk runs that many tokens of every "
+    "sequence); 0: the whole prompt at once.")
+KERNELS = flags.DEFINE_enum(
+    "kernels", None, ["auto", "xla", "pallas", "interpret"],
+    "The grouped expert matmul and decode attention: auto (the Pallas kernels on GPU, XLA "
+    "elsewhere), xla, pallas, interpret (the kernels through Pallas' interpreter).")
+CAPACITY = flags.DEFINE_float(
+    "capacity_factor", None,
+    "With --nodropless: send-buffer rows per destination device, relative to a balanced share.")
+DROPLESS = flags.DEFINE_bool(
+    "dropless", None,
+    "Worst-case static exchange buffers, nothing dropped (default); --nodropless: "
+    "capacity_factor-sized buffers, overflow dropped and counted.")
+SEED = flags.DEFINE_integer("seed", 0, "Seed for weights, prompts and sampling.")
+BATCH = flags.DEFINE_integer(
+    "batch", None, "Sequences decoded together (default: generate and plan 8, rounded up to "
+    "a batch the deployment splits; bench 1024, the seed's tokens per forward pass).")
+PROMPT_LEN = flags.DEFINE_integer("prompt_len", 16, "Tokens in each (random) prompt.")
+NEW = flags.DEFINE_integer("max_new_tokens", 16, "Tokens generated per sequence.")
+TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy; > 0 samples.")
+OUTPUT = flags.DEFINE_string("output", None,
+                             "JSON file for the generated tokens ([batch][new tokens]) and "
+                             "metrics; written only when the run succeeds.")
+PROFILE = flags.DEFINE_string("profile_dir", None,
+                              "Write a jax.profiler trace of the decode steps here.")
+OVERLAP = flags.DEFINE_bool("xla_overlap", True,
+                            "Turn on XLA's latency-hiding scheduler (async collectives "
+                            "overlap compute on GPU; see jax_ep/runtime.py).")
+CHECK_MEMORY = flags.DEFINE_bool(
+    "check_memory", True,
+    "generate, bench: refuse a run whose planned bytes per device (jax_ep/memory.py) exceed "
+    "the device's memory, before allocating; --nocheck_memory runs it anyway.")
+CHECK_NUMERICS = flags.DEFINE_bool(
+    "check_numerics", False,
+    "generate: report every layer's non-finite outputs from inside the compiled programs and "
+    "fail naming the first layer whose output was NaN or infinite (slower; off by default).")
+SKIP_UNFIT = flags.DEFINE_bool(
+    "skip_unfit", False,
+    "bench: skip the deployments that cannot run here (devices, batch, memory) and run the "
+    "rest; without it any such deployment is an error.")
+DEVICES = flags.DEFINE_integer(
+    "devices", None, "plan: devices to plan for (default: the preset's own count; for single, "
+    "baseline or proposed 8); bench: use the first N devices (default: all).")
+DEVICE_KIND = flags.DEFINE_string(
+    "device_kind", "h100", "plan: the device whose memory to plan against: cpu (this host) or "
+    "one of h100, h200, a100 (80 GB), a100_40, a100_80.")
+MEM_FRACTION = flags.DEFINE_float(
+    "mem_fraction", None, "plan: share of a GPU's memory jax's allocator takes (default: "
+    "$XLA_PYTHON_CLIENT_MEM_FRACTION, else jax's 0.75).")
+COMPILE = flags.DEFINE_bool(
+    "compile", False, "plan: also compile generate's prefill and decode programs from shapes on "
+    "N simulated CPU devices (nothing is allocated) and print XLA's bytes per device.")
+
+# --- multi-process (jax_ep/distributed.py; launch/ has SLURM, mpirun and local launchers) ---
+COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "HOST:PORT of process 0's jax.distributed coordinator, for a run over several processes "
+    "(else JAX_EP_COORDINATOR, or found from SLURM / Open MPI).")
+NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes of a multi-process run (else JAX_EP_NUM_PROCESSES, "
+    "SLURM_NTASKS, OMPI_COMM_WORLD_SIZE; 1 when none is set).")
+PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process, 0..num_processes-1 (else JAX_EP_PROCESS_ID, "
+    "SLURM_PROCID, OMPI_COMM_WORLD_RANK).")
+DIST_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout_s", 300, "Seconds for all processes to join (and to agree on the "
+    "run) before it fails with an error.")
+DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "generate: check everything, print which process and device holds which "
+    "layers, experts, heads, vocabulary columns and batch rows, and exit without compiling.")
+
+# --- checkpoints, train, import-hf, export-hf (jax_ep/checkpoint.py, train.py, hf.py) ------
+CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None,
+    "generate, bench, export-hf: a checkpoint directory (what train or import-hf wrote as "
+    "--workdir); its latest step's weights are laid out on the deployment, and its model "
+    "config is used (--config, if given, must name the same model).")
+WORKDIR = flags.DEFINE_string("workdir", None, "train: checkpoints go here, and a run found "
+                              "here is resumed; import-hf: the checkpoint to write.")
+STEPS = flags.DEFINE_integer("steps", 200, "train: optimizer steps in all (a resumed run "
+                             "continues to this many); bench: decode steps timed back to "
+                             "back, TPOT is their mean (default 20 on GPU, 4 on CPU).")
+SAVE_EVERY = flags.DEFINE_integer("save_every", 50, "train: checkpoint every N steps (and at "
+                                  "the end); 0: only at the end.")
+LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-2, "train: AdamW's peak learning rate "
+                                   "(warm-up, then cosine decay to a tenth of it).")
+TASK = flags.DEFINE_enum("task", "reverse", ["reverse", "copy"],
+                         "train: the digit task (jax_ep/tasks.py).")
+TASK_DIGITS = flags.DEFINE_integer("task_digits", 6, "train: digits in each task prompt.")
+SRC = flags.DEFINE_string("src", None, "import-hf: a Hugging Face Mixtral directory "
+                          "(config.json and *.safetensors).")
+DST = flags.DEFINE_string("dst", None, "export-hf: the directory to write (config.json and "
+                          "safetensors shards); must not exist or be empty.")
+
+# --- bench and predict (jax_ep/perf/: runner.py, report.py, tables.py) -------------------
+KINDS = flags.DEFINE_list(
+    "kinds", None, "bench: deployments (default single, baseline, proposed: the seed's "
+    "preset, or the scaled one for the devices present), preset names, mesh:SxExT, or seed "
+    "slices (slice_1x4, slice_2x2, slice_4x2: their own model and batch); '/G' after any "
+    "sets its decode groups in flight.")
+SHARE = flags.DEFINE_string(
+    "share", None, "bench: also run one device's share of this deployment on one device: "
+    "'proposed' (= seed_proposed: 1 layer, 1 expert, 64 sequences) or a tp=1 preset name.")
+SYNCED = flags.DEFINE_integer("synced", 5, "bench: decode steps before the timed ones, each "
+                              "timed with a sync (median and p10-p90).")
+WARMUP = flags.DEFINE_integer("warmup", 1, "bench: decode steps after the ring's fill, not "
+                              "timed.")
+PROBE_MIB = flags.DEFINE_integer(
+    "probe_mib", None, "bench: bandwidth probe size in MiB (default 4096 on GPU, 64 on CPU); "
+    "the all_to_all probe moves 1/64 of it.")
+OUT_DIR = flags.DEFINE_string("out_dir", None, "bench: write seed_table.{json,md,png} here "
+                              "(--output names the JSON instead).")
+HARDWARE = flags.DEFINE_enum("hardware", "h100", sorted(hardware.HARDWARE),
+                             "predict: GPU kind of the prediction (jax_ep/perf/hardware.py).")
+CONTEXT_LEN = flags.DEFINE_integer(
+    "context_len", 128, "predict: KV cache positions each step reads. The seed does not say; "
+    "128 keeps the step weight-bound as its text implies.")
+CALIBRATION = flags.DEFINE_string(
+    "calibration", None, "predict: a bench results JSON (jax-ep bench --out_dir): fit the "
+    "efficiency factors to its runs before predicting.")
+PLOT = flags.DEFINE_string("plot", None, "predict: write the EP scaling curve (1 to 256 GPUs) "
+                           "to this PNG.")
+
+# DeploymentConfig fields -> the flags that set them; ConfigError messages are rewritten
+# with these, so they name what the user typed (--expert_axis, not DeploymentConfig.expert).
+FLAG_OF_FIELD = {"stages": "stages", "expert": "expert_axis", "tp": "tp",
+                 "placement": "placement", "microbatches": "microbatches",
+                 "decode_groups": "decode_groups", "prefill_chunk": "prefill_chunk",
+                 "kernels": "kernels", "capacity_factor": "capacity_factor",
+                 "dropless": "dropless", "batch": "batch", "max_new_tokens": "max_new_tokens",
+                 "temperature": "temperature"}
+# Fields also rewritten where a message names them bare ("batch=6 is not divisible");
+# placement= and microbatches= also appear in DeploymentConfig.describe(), kept as is.
+_BARE_FIELDS = ("stages", "tp", "decode_groups", "prefill_chunk", "capacity_factor", "batch",
+                "max_new_tokens", "temperature")
+
+
+def flag_message(message: str) -> str:
+  """A library message with config fields written as the CLI flags that set them."""
+  def sub(m):
+    return f"--{FLAG_OF_FIELD[m.group(2)]}="
+
+  fields = "|".join(sorted(FLAG_OF_FIELD, key=len, reverse=True))
+  message = re.sub(rf"(DeploymentConfig\.)({fields})=", sub, message)
+  bare = "|".join(sorted(_BARE_FIELDS, key=len, reverse=True))
+  return re.sub(rf"(?<![\w.-])()({bare})=", sub, message)
+
+
+def need(*flag_holders):
+  """A usage error naming the first of these flags that is not set."""
+  for f in flag_holders:
+    if not f.value:
+      raise app.UsageError(f"--{f.name} is required here.")
+
+
+def deployment_for(num_devices: int):
+  """The --deployment preset for `num_devices` devices with the mesh flags' overrides."""
+  dep = deployments.resolve(DEPLOYMENT.value, num_devices)
+  overrides = {"stages": STAGES.value, "expert": EXPERT.value, "tp": TP.value,
+               "placement": PLACEMENT.value, "microbatches": MICRO.value,
+               "decode_groups": GROUPS.value, "tokens_per_call": PER_CALL.value,
+               "prefill_chunk": PREFILL_CHUNK.value,
+               "kernels": KERNELS.value, "capacity_factor": CAPACITY.value,
+               "dropless": DROPLESS.value}
+  return dataclasses.replace(dep, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def batch_for(dep) -> int:
+  """--batch, else generate's and plan's default: 8, rounded up to a batch `dep` splits."""
+  return dep.default_batch(8) if BATCH.value is None else BATCH.value
+
+
+def memory_candidates() -> dict:
+  """Presets that a refusal for memory may suggest: not the seed slices (their own models)."""
+  return {k: d for k, d in deployments.PRESETS.items() if k not in deployments.SLICES}

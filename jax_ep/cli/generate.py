@@ -1,0 +1,151 @@
+"""`jax-ep generate`: prefill prompts and decode them on a deployment, checked before
+anything compiles; report TPS, TPOT and the expert load (and, for a checkpoint's task
+model, its accuracy), and write them with the tokens to --output."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from absl import logging
+
+from jax_ep import distributed
+from jax_ep.cli import flags
+
+
+def _say(message: str):
+  """Progress and results: printed by process 0 only."""
+  if distributed.is_primary():
+    print(message, flush=True)
+
+
+def _checkpoint_model():
+  """(config, trained task or None) for generate: the checkpoint's, or the --config preset."""
+  from configs import load_model
+  from jax_ep import evaluate
+
+  if not flags.CHECKPOINT.value:
+    return load_model(flags.CONFIG.value), None
+  named = load_model(flags.CONFIG.value) if flags.CONFIG.present else None
+  m = evaluate.open_model(flags.CHECKPOINT.value, named)
+  print(f"checkpoint {flags.CHECKPOINT.value}: step {m.step}"
+        + (f", trained on {m.task.name} of {m.task.digits} digits" if m.task else ""))
+  return m.cfg, m.task
+
+
+def _checkpoint_report(engine, params, prompts, answers, gen, seed):
+  """For generate's report: the expert load of a random router on the same tokens, and the
+  task accuracy (of a task model)."""
+  from jax_ep import evaluate
+
+  tokens = evaluate.routed_tokens(prompts, gen)
+  out = {"random_load_max_mean": evaluate.random_router_imbalance(engine, tokens, seed)}
+  if answers is not None:
+    out["task_accuracy"] = evaluate.accuracy(gen, answers)
+  return out
+
+
+def _generate(profile_dir):
+  """(model, deployment, decode.Generation or None for a dry run, the checkpoint's report)."""
+  import jax
+  import numpy as np
+
+  from jax_ep import decode, memory, memory_budget, numerics, placement
+  from jax_ep.engine import Engine
+
+  cfg, task = _checkpoint_model()
+  dep = flags.deployment_for(len(jax.devices()))
+  logging.info("process %d of %d, %d devices (%s)", jax.process_index(), jax.process_count(),
+               len(jax.devices()), jax.devices()[0].platform)
+  name = "(checkpoint)" if flags.CHECKPOINT.value else flags.CONFIG.value
+  _say(f"model {name}: {cfg.num_layers} layers x {cfg.num_experts} experts, "
+       f"top-{cfg.top_k}, {cfg.dtype}; deployment {dep.describe()}")
+  watch = numerics.LayerWatch() if flags.CHECK_NUMERICS.value else None
+  engine = Engine(cfg, dep, watch=watch)
+  batch, new, answers = flags.batch_for(dep), flags.NEW.value, None
+  if task is not None:  # held-out task prompts; the answer's length is the task's
+    prompts, answers = task.eval_set(flags.SEED.value, batch)
+    new = task.digits
+    if flags.PROMPT_LEN.present or flags.NEW.present:
+      _say(f"  --prompt_len and --max_new_tokens are ignored: the prompts are the task's "
+           f"({prompts.shape[1]} tokens), the answers {new} tokens")
+  else:
+    prompts = np.random.RandomState(flags.SEED.value).randint(
+        0, cfg.vocab_size, (batch, flags.PROMPT_LEN.value))
+  max_len = min(cfg.max_seq_len, prompts.shape[1] + new)
+  # Everything that can be wrong with the request is checked before anything compiles.
+  decode.check_request(engine, prompts, new, flags.TEMPERATURE.value, max_len)
+  if flags.CHECK_MEMORY.value:
+    platform = jax.devices()[0].platform
+    fp = memory.footprint(cfg, dep, len(prompts), prompts.shape[1], max_len, platform)
+    memory_budget.check(fp, memory_budget.budget_for_devices(jax.devices()[:dep.num_devices]),
+                        candidates=flags.memory_candidates(), platform=platform,
+                        what=f"generate --config={name}")
+  distributed.check_same("run", distributed.fields(model=cfg, deployment=dep, prompts=prompts),
+                         flags.DIST_TIMEOUT.value)
+  if flags.DRY_RUN.value:
+    _say(placement.format_table(cfg, dep, placement.rows(cfg, dep, jax.devices(), len(prompts))))
+    return cfg, dep, None, {}
+  if flags.CHECKPOINT.value:
+    from jax_ep import checkpoint
+
+    params = checkpoint.restore(flags.CHECKPOINT.value, engine)
+  else:
+    params = engine.init_params(flags.SEED.value)
+  numerics.check_finite(params, "weights")
+  profile_dir = profile_dir if distributed.is_primary() else None
+  if profile_dir:
+    jax.profiler.start_trace(profile_dir)
+  try:
+    gen = decode.generate(engine, params, prompts, new, temperature=flags.TEMPERATURE.value,
+                          seed=flags.SEED.value, max_len=max_len, synced_steps=max(new // 4, 1),
+                          log=lambda m: _say("  " + m))
+  finally:
+    if profile_dir:
+      jax.profiler.stop_trace()
+  if watch is not None:
+    watch.check()
+  extra = (_checkpoint_report(engine, params, prompts, answers, gen, flags.SEED.value)
+           if flags.CHECKPOINT.value else {})
+  return cfg, dep, gen, extra
+
+
+def _report(cfg, dep, gen, extra):
+  """The run's metrics printed, and written with the tokens to --output."""
+  load = gen.load_LxE
+  imbalance = gen.imbalance
+  load_row = f"{imbalance:.2f}" + (f" (random router: {extra['random_load_max_mean']:.2f})"
+                                   if "random_load_max_mean" in extra else "")
+  rows = [("deployment", dep.describe()), ("batch x new tokens", f"{gen.batch} x {gen.steps + 1}"),
+          ("compile", f"{gen.compile_s:.2f} s"), ("prefill", f"{gen.prefill_s * 1e3:.1f} ms"),
+          ("TPOT (back-to-back mean)", f"{gen.tpot_ms:.3f} ms"),
+          ("TPOT (synced median)", f"{gen.tpot_synced_ms:.3f} ms"), ("TPS", f"{gen.tps:,.0f}"),
+          ("decode groups in flight", gen.groups), ("expert load max/mean", load_row),
+          ("experts given no token", f"{int((load == 0).sum(axis=1).max())} of "
+           f"{load.shape[1]} (the worst layer)"),
+          ("tokens dropped", f"{gen.dropped}" + ("" if dep.dropless else
+                                                 f" (capacity factor {dep.capacity_factor})"))]
+  if "task_accuracy" in extra:
+    rows.append(("task accuracy (exact match)", f"{extra['task_accuracy']:.3f}"))
+  for k, v in rows:
+    print(f"  {k:<28} {v}")
+  print(f"  first sequence: {gen.tokens[0].tolist()}")
+  if flags.OUTPUT.value:
+    from jax_ep.output import write_json
+
+    write_json(flags.OUTPUT.value, {
+        "tokens": gen.tokens.tolist(), "config": dataclasses.asdict(cfg),
+        "deployment": dataclasses.asdict(dep), "tps": gen.tps, "tpot_ms": gen.tpot_ms,
+        "tpot_synced_ms": gen.tpot_synced_ms, "compile_s": gen.compile_s,
+        "prefill_s": gen.prefill_s, "step_s": gen.step_s, "load_LxE": load.tolist(),
+        "dropped": gen.dropped, "groups": gen.groups, "load_max_mean": imbalance,
+        **extra})
+    print(f"  wrote {flags.OUTPUT.value}")
+
+
+def run():
+  """One generate run from the flags (a dry run stops after the checks)."""
+  cfg, dep, gen, extra = _generate(flags.PROFILE.value)
+  if gen is not None and distributed.is_primary():  # not a dry run, and process 0
+    _report(cfg, dep, gen, extra)
+  return 0
+

@@ -1,0 +1,98 @@
+"""The jax-ep command line: `jax-ep generate|bench|predict|plan|train|import-hf|export-hf
+[--flags]`
+(also `python -m jax_ep`).
+
+  generate   prefill prompts and decode them on a deployment; TPS and TPOT
+  bench      the single, baseline and proposed deployments side by side (benchmarks/)
+  predict    the seed's table predicted by the cost model, term by term (jax_ep/perf/)
+  plan       bytes per device and which device holds what, without any GPU
+  train      train a small MoE on a checkable task (optax), with orbax checkpoints
+  import-hf  Mixtral-format weights (config.json + *.safetensors) -> a checkpoint
+  export-hf  a checkpoint -> Mixtral-format weights
+
+A thin shell: flags become configs once, here; the work is library calls.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, logging
+from absl import flags as absl_flags
+
+from jax_ep import distributed, runtime
+from jax_ep.cli import flags, generate, hf, perf, plan, train
+
+# Each command, in the order the usage line lists them, and the function that runs it.
+COMMANDS = {"generate": generate.run, "bench": perf.bench, "predict": perf.predict,
+            "plan": plan.run, "train": train.run, "import-hf": hf.import_hf,
+            "export-hf": hf.export_hf}
+OFFLINE = ("plan", "predict")  # no device is used: no simulated devices, processes or XLA flags
+
+
+def _check_flags():
+  """What can be wrong with the flags alone, before any device or compile."""
+  from jax_ep.config import ConfigError
+  from jax_ep.output import check_output_path
+
+  if flags.SIMULATE.value < -1:
+    runtime.simulate_devices(flags.SIMULATE.value)  # raises, saying what to use
+  for flag in (flags.BATCH, flags.PROMPT_LEN, flags.NEW, flags.DEVICES):
+    if flag.value is not None and flag.value < 1:
+      raise ConfigError(f"--{flag.name}={flag.value} must be a positive integer.")
+  if distributed.resolve(flags.COORDINATOR.value, flags.NUM_PROCESSES.value,
+                         flags.PROCESS_ID.value).process_id == 0:  # only process 0 writes it
+    check_output_path(flags.OUTPUT.value)
+
+
+def _setup_processes(command: str):
+  """jax.distributed from the flags or environment, then the same flags on every process.
+
+  Process 0 alone writes --output (so only it checks the directory: _check_flags).
+  """
+  args = (flags.COORDINATOR.value, flags.NUM_PROCESSES.value, flags.PROCESS_ID.value)
+  if distributed.resolve(*args).process_id != 0:
+    logging.set_verbosity(logging.WARNING)  # process 0 logs; the others only warn and fail
+  distributed.initialize(*args, timeout_s=flags.DIST_TIMEOUT.value)
+  values = {f"--{f.name}": f.value for f in absl_flags.FLAGS.get_flags_for_module(flags)
+            if f.name != "process_id"}
+  distributed.check_same("flags", {"command": command, **values, **distributed.versions()},
+                         flags.DIST_TIMEOUT.value)
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f"usage: jax-ep {{{','.join(COMMANDS)}}} [--flags]; see --help.")
+  if flags.DRY_RUN.value and argv[1] != "generate":
+    raise app.UsageError("--dry_run is for generate (jax-ep generate --dry_run).")
+  _check_flags()
+  if argv[1] not in OFFLINE:
+    runtime.simulate_devices(flags.SIMULATE.value)
+    runtime.set_xla_flags(flags.OVERLAP.value)
+    _setup_processes(argv[1])
+    runtime.quiet_library_logs()
+  return COMMANDS[argv[1]]()
+
+
+HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull", "-?")
+
+
+def print_help() -> None:
+  """The commands and every flag of jax-ep (absl's --help lists the flags of the calling
+  module only: none for the console script, and exits 1)."""
+  print(__doc__)
+  print(absl_flags.FLAGS.module_help(flags))
+
+
+def run():
+  """Console-script entry point (and `python -m jax_ep`'s)."""
+  from jax_ep.config import ConfigError
+
+  if any(a in HELP_FLAGS for a in sys.argv[1:]):
+    print_help()
+    sys.exit(0)
+  try:
+    app.run(main)
+  except ConfigError as e:
+    print(f"jax-ep: error: {flags.flag_message(str(e))}", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,65 @@
+"""`jax-ep bench` and `jax-ep predict`: the single, baseline and proposed deployments run
+side by side, and the seed's table predicted by the cost model (jax_ep/perf/)."""
+
+from __future__ import annotations
+
+import os
+
+from jax_ep.cli import flags
+
+
+def bench():
+  """The side-by-side run (jax_ep/perf/runner.py). Unset, --config, --prompt_len and --steps
+  take the platform's defaults (BenchSpec: the seed on GPU, tiny on CPU); --max_new_tokens
+  sets the steps (the ring's fill, --warmup and --synced steps, the rest timed back to
+  back); --checkpoint: the model and weights of a checkpoint instead of random ones. Mesh
+  flags are ignored, with a warning (--kinds=mesh:SxExT/G runs any mesh)."""
+  from jax_ep.config import ConfigError
+  from jax_ep.perf import report, runner
+
+  ignored = [f.name for f in (flags.DEPLOYMENT, flags.STAGES, flags.EXPERT, flags.TP,
+                              flags.PLACEMENT, flags.MICRO, flags.GROUPS, flags.PREFILL_CHUNK,
+                              flags.KERNELS, flags.CAPACITY, flags.DROPLESS, flags.TEMPERATURE,
+                              flags.PROFILE, flags.CHECK_NUMERICS)
+             if f.present]
+  if ignored:
+    print(f"jax-ep bench ignores {', '.join('--' + n for n in ignored)}: it runs the single, "
+          "baseline and proposed presets for the devices present, or --kinds; for other "
+          "meshes use --kinds=mesh:SxExT/G.", flush=True)
+  if flags.STEPS.present and flags.NEW.present:
+    raise ConfigError("--steps and --max_new_tokens both set bench's timed steps: give one.")
+  steps = flags.STEPS.value if flags.STEPS.present else None
+  if flags.NEW.present:
+    fixed = 2 + flags.WARMUP.value + flags.SYNCED.value  # prefill's token, the fill, the rest
+    steps = max(1, flags.NEW.value - fixed)
+  config = flags.CONFIG.value if flags.CONFIG.present else None
+  spec = runner.BenchSpec(
+      config=f"checkpoint:{flags.CHECKPOINT.value}" if flags.CHECKPOINT.value else config,
+      kinds=tuple(flags.KINDS.value) if flags.KINDS.value else runner.BenchSpec.kinds,
+      share=flags.SHARE.value, batch=1024 if flags.BATCH.value is None else flags.BATCH.value,
+      prompt_len=flags.PROMPT_LEN.value if flags.PROMPT_LEN.present else None, steps=steps,
+      synced=flags.SYNCED.value, warmup=flags.WARMUP.value, num_devices=flags.DEVICES.value,
+      seed=flags.SEED.value, probe_mib=flags.PROBE_MIB.value, checkpoint=flags.CHECKPOINT.value,
+      tokens_per_call=flags.PER_CALL.value or 1, skip_unfit=flags.SKIP_UNFIT.value,
+      check_memory=flags.CHECK_MEMORY.value)
+  result = runner.run(spec, log=lambda m: print(m, flush=True))
+  print(report.markdown(result))
+  out_dir, stem = flags.OUT_DIR.value, "seed_table"
+  if flags.OUTPUT.value:
+    stem = os.path.splitext(os.path.basename(flags.OUTPUT.value))[0]
+    out_dir = os.path.dirname(os.path.abspath(flags.OUTPUT.value))
+  if out_dir:
+    for path in report.write(result, out_dir, stem):
+      print(f"wrote {path}")
+  return 0
+
+
+def predict():
+  """The seed's table, the term-by-term breakdown and, with --plot, the scaling curves
+  (jax_ep/perf/tables.py); no device is used."""
+  from jax_ep.perf import tables
+
+  batch = 1024 if flags.BATCH.value is None else flags.BATCH.value
+  print(tables.report(flags.HARDWARE.value, batch, flags.CONTEXT_LEN.value, flags.CALIBRATION.value,
+                      flags.PLOT.value))
+  return 0

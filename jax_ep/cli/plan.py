@@ -1,0 +1,53 @@
+"""`jax-ep plan`: bytes per device of a deployment and which device holds what, planned
+against a device kind's memory without any GPU (jax_ep/memory.py)."""
+
+from __future__ import annotations
+
+from configs import deployments
+from jax_ep import runtime
+from jax_ep.cli import flags
+
+
+def run():
+  """`jax-ep plan`: the memory table and the device holdings, without a GPU."""
+  from configs import load_model
+  from jax_ep import memory, memory_budget, memory_report
+
+  cfg = load_model(flags.CONFIG.value)
+  base = deployments.with_groups(flags.DEPLOYMENT.value)[0]
+  n = flags.DEVICES.value or (deployments.PRESETS[base].num_devices
+                              if base in deployments.PRESETS else 8)
+  dep = flags.deployment_for(n)
+  if dep.num_devices > n:
+    from jax_ep.config import ConfigError
+
+    raise ConfigError(f"{dep.describe()} needs {dep.num_devices} devices; --devices={n}.")
+  batch = flags.batch_for(dep)
+  kind = flags.DEVICE_KIND.value.lower()
+  platform = "cpu" if kind == "cpu" else "gpu"
+  max_len = min(cfg.max_seq_len, flags.PROMPT_LEN.value + flags.NEW.value)  # as generate's
+  fp = memory.footprint(cfg, dep, batch, flags.PROMPT_LEN.value, max_len, platform)
+  budget = memory_budget.budget_for_kind(kind, dep.num_devices, flags.MEM_FRACTION.value)
+  print(f"model {flags.CONFIG.value}: {cfg.num_layers} layers x {cfg.num_experts} experts, "
+        f"top-{cfg.top_k}, {cfg.dtype}; deployment {dep.describe()}; batch {batch}, prompt "
+        f"{flags.PROMPT_LEN.value}, {flags.NEW.value} new tokens\n")
+  print(memory_report.format_footprint(fp, budget))
+  if not memory_budget.fits(fp, budget):
+    try:
+      memory_budget.check(fp, budget, candidates=flags.memory_candidates(), platform=platform,
+                          what="plan")
+    except Exception as e:  # noqa: BLE001 - the advice, printed rather than raised
+      print(flags.flag_message(str(e)))
+  print("\nWhich device holds what (ranges are inclusive):\n")
+  print(memory_report.format_holdings(cfg, dep, batch))
+  if flags.COMPILE.value:
+    runtime.simulate_devices(dep.num_devices)
+    from jax_ep.engine import Engine
+
+    print(f"\nXLA's bytes per device, compiled for {dep.num_devices} simulated CPU devices "
+          "(the CPU backend's buffer assignment; a GPU's differs):\n")
+    for name, m in memory_report.compiled_memory(Engine(cfg, dep), batch, flags.PROMPT_LEN.value,
+                                                 max_len).items():
+      print(f"  {name:<8} " + ", ".join(f"{k} {v / memory_budget.GiB:.3f} GiB"
+                                        for k, v in m.items()))
+  return 0

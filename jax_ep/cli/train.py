@@ -1,0 +1,33 @@
+"""`jax-ep train`: train a small MoE on a checkable digit task (jax_ep/train.py, optax),
+with orbax checkpoints in --workdir that `jax-ep generate --checkpoint` decodes."""
+
+from __future__ import annotations
+
+from jax_ep.cli import flags
+
+
+def run():
+  """Trains (or resumes) the --config model in --workdir."""
+  import jax
+
+  from configs import load_model
+  from jax_ep import tasks, train
+  from jax_ep.config import ConfigError
+
+  flags.need(flags.WORKDIR)
+  cfg = load_model(flags.CONFIG.value)
+  tc = train.TrainConfig(steps=flags.STEPS.value,
+                         batch=flags.BATCH.value or train.TrainConfig.batch,
+                         learning_rate=flags.LEARNING_RATE.value, seed=flags.SEED.value,
+                         task=tasks.Task(flags.TASK.value, flags.TASK_DIGITS.value))
+  if flags.SAVE_EVERY.value < 0:
+    raise ConfigError(f"--save_every={flags.SAVE_EVERY.value} must be >= 0 (0: only at the end).")
+  print(f"train {flags.CONFIG.value} ({cfg.num_layers} layers x {cfg.num_experts} experts, top-"
+        f"{cfg.top_k}, {cfg.dtype}) on {tc.task.name} of {tc.task.digits} digits: {tc.steps} "
+        f"steps of {tc.batch}, on {jax.devices()[0]}; checkpoints in {flags.WORKDIR.value}",
+        flush=True)
+  result = train.run(cfg, tc, flags.WORKDIR.value, save_every=flags.SAVE_EVERY.value,
+                     log=lambda m: print("  " + m, flush=True))
+  print(f"  done in {result.seconds:.1f} s; `jax-ep generate --checkpoint={flags.WORKDIR.value}` "
+        "decodes the task on any deployment")
+  return 0

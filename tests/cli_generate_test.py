@@ -1,0 +1,87 @@
+"""Tests for jax_ep/cli/generate.py: `jax-ep generate` run as users run it (cli_runner.py),
+on simulated CPU devices: the same tokens on every deployment, and bad input refused before
+anything compiles."""
+
+import json
+import os
+import stat
+
+from cli_runner import run_cases
+
+
+def _umask():
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def test_generate_on_each_deployment_writes_the_same_tokens_and_repeats_them(tmp_path):
+  runs = [("single", "single"), ("proposed", "proposed"), ("baseline", "baseline"),
+          ("proposed", "sampled"), ("proposed", "sampled_again")]
+  sample = ["--temperature=0.8", "--seed=5"]
+  results = run_cases([["generate", f"--deployment={dep}", "--simulate_devices=8", "--batch=8",
+                        "--prompt_len=4", "--max_new_tokens=4",
+                        f"--output={tmp_path / name}.json", *(sample if "sampled" in name else [])]
+                       for dep, name in runs])
+  meshes = {"proposed": "stage 4 x expert 2 x tp 1 (8 devices)",
+            "baseline": "stage 2 x expert 1 x tp 4 (8 devices)"}
+  tokens = {}
+  for (dep, name), r in zip(runs, results, strict=True):
+    assert r["rc"] == 0, r["stderr"][-2000:]
+    assert "TPOT" in r["stdout"] and "TPS" in r["stdout"] and meshes.get(dep, "") in r["stdout"]
+    path = tmp_path / f"{name}.json"
+    # The usual file mode (0666 less the umask), not a temporary file's 0600.
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_umask()
+    result = json.loads(path.read_text())
+    assert result["deployment"]["kind"] == dep and result["tpot_ms"] > 0
+    rows = result["tokens"]
+    assert len(rows) == 8 and all(len(row) == 4 for row in rows)
+    assert all(0 <= t < result["config"]["vocab_size"] for row in rows for t in row)
+    tokens[name] = rows
+  assert tokens["proposed"] == tokens["single"] and tokens["baseline"] == tokens["single"]
+  # The same seed, a second run of one deployment: bitwise the same sampled tokens.
+  assert tokens["sampled_again"] == tokens["sampled"] != tokens["proposed"]
+  assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+BAD = [
+    (["--batch=0"], "--batch=0 must be a positive integer"),
+    (["--batch=-3"], "--batch=-3 must be a positive integer"),
+    (["--max_new_tokens=0"], "--max_new_tokens=0 must be a positive integer"),
+    (["--temperature=-1"], "--temperature=-1.0 must be >= 0"),
+    (["--batch=6"], "--batch=6 is not divisible"),
+    (["--prompt_len=60", "--max_new_tokens=10"], "exceeds the KV cache length 64"),
+    (["--config=nope"], "--config='nope' is not a preset"),
+    (["--deployment=seed_proposed"], "needs 64 devices but 8 are available"),
+    (["--deployment=proposed", "--tp=3"], "num_experts=16 is not divisible by the expert x tp"),
+    (["--deployment=proposed", "--tp=3", "--placement=tp"], "num_heads=8 is not divisible by "
+     "--tp=3"),
+    (["--expert_axis=0"], "--expert_axis=0 must be a positive integer"),
+    (["--decode_groups=-1"], "--decode_groups=-1 must be 0"),
+    (["--simulate_devices=-5"], "--simulate_devices=-5: use -1 (auto), 0"),
+    (["--output="], "--output= is empty"),
+    (["--output={tmp}"], "is a directory"),
+    (["--output={tmp}/missing/out.json"], "does not exist; create it first"),
+    (["--output=/proc/jax_ep_out.json"], "cannot create a file in /proc"),
+    # Weights alone exceed this host (a batch of 2**20 any host): refused before allocating.
+    (["--config=seed", "--deployment=single", f"--batch={2**20}"],
+     "does not fit: single"),
+]
+
+
+def test_bad_input_fails_before_compiling_and_writes_nothing(tmp_path):
+  out = tmp_path / "out.json"
+  cases = []
+  for args, _ in BAD:
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    has_output = any(a.startswith("--output") for a in args)
+    sim = [] if any(a.startswith("--simulate_devices") for a in args) else [
+        "--simulate_devices=8"]
+    cases.append(["generate", *sim, *([] if has_output else [f"--output={out}"]), *args])
+  results = run_cases(cases)
+  for r, (_, message) in zip(results, BAD, strict=True):
+    assert r["rc"] == 2, (r["args"], r["stdout"][-1000:], r["stderr"][-2000:])
+    assert message in r["stderr"], (r["args"], r["stderr"][-2000:])
+    assert "compiling" not in r["stdout"] and "probe:" not in r["stdout"], r["args"]
+    assert "DeploymentConfig" not in r["stderr"] and "Traceback" not in r["stderr"]
+  assert not list(tmp_path.iterdir())

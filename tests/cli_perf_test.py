@@ -1,0 +1,37 @@
+"""Tests for jax_ep/cli/perf.py: `jax-ep predict` and `jax-ep bench` run as users run them
+(cli_runner.py), bench on simulated CPU devices."""
+
+import json
+
+from cli_runner import run_cases
+
+from jax_ep.perf import tables
+
+
+def test_predict_bench_and_bench_refusals(tmp_path):
+  out_dir, refused_dir = tmp_path / "bench", tmp_path / "refused"
+  refused_dir.mkdir()
+  results = run_cases([
+      ["predict", "--hardware=h200", "--context_len=256"],
+      ["bench", "--simulate_devices=8", "--kinds=single", "--batch=2", "--prompt_len=4",
+       "--steps=1", "--synced=1", "--warmup=0", "--probe_mib=1", "--devices=1",
+       f"--out_dir={out_dir}"],
+      ["bench", "--simulate_devices=8", "--batch=7", "--prompt_len=4", "--max_new_tokens=8"],
+      ["bench", "--simulate_devices=8", f"--output={refused_dir}"],
+  ])
+  predict, bench, *refused = results
+  assert predict["rc"] == 0 and tables.report("h200", 1024, 256) in predict["stdout"]
+  assert bench["rc"] == 0, bench["stderr"][-2000:]
+  result = json.loads((out_dir / "seed_table.json").read_text())
+  assert [r["name"] for r in result["runs"]] == ["single"] and result["num_devices"] == 1
+  assert (result["spec"]["steps"], result["spec"]["synced"], result["spec"]["warmup"],
+          result["spec"]["probe_mib"], result["spec"]["batch"]) == (1, 1, 0, 1, 2)
+  assert (out_dir / "seed_table.md").exists()
+  # Refused before any probe or compile, nothing written.
+  for r, message in zip(refused, ["--skip_unfit runs the rest", "is a directory"], strict=True):
+    assert r["rc"] == 2, (r["args"], r["stdout"][-1000:], r["stderr"][-2000:])
+    assert message in r["stderr"], (r["args"], r["stderr"][-2000:])
+    assert "compiling" not in r["stdout"] and "probe:" not in r["stdout"], r["args"]
+    assert "DeploymentConfig" not in r["stderr"] and "Traceback" not in r["stderr"]
+  assert refused[0]["stderr"].count("is not divisible") == 2  # baseline and proposed
+  assert not list(refused_dir.iterdir())

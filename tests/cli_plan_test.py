@@ -1,0 +1,22 @@
+"""Tests for jax_ep/cli/plan.py: `jax-ep plan` run as users run it (cli_runner.py): the seed
+refused on one H100 with the deployment that fits named, and the holdings of one that fits."""
+
+from cli_runner import run_cases
+
+from configs import deployments
+
+
+def test_plan_refuses_what_does_not_fit_and_prints_the_holdings():
+  refused, fits = run_cases([
+      ["plan", "--config=seed", "--deployment=single", "--device_kind=h100"],
+      ["plan", "--config=seed", "--deployment=seed_proposed", "--device_kind=h200",
+       "--batch=1024", "--prompt_len=32", "--max_new_tokens=32"],
+  ])
+  # The seed on one 80 GB H100: refused, and the smallest deployment that fits is named.
+  assert refused["rc"] == 0 and "DOES NOT FIT" in refused["stdout"]
+  assert "--deployment=proposed_2 (2 devices" in refused["stdout"]
+  assert "| weights: experts | 64.000 |" in refused["stdout"]
+  assert fits["rc"] == 0 and "fits." in fits["stdout"]
+  holdings = [line for line in fits["stdout"].splitlines() if line.startswith("| 63 |")]
+  assert holdings == ["| 63 | 3, 15, 0 | 3 | 15 | 0-32767 | 0-15 | 30720-32767 | 960-1023 |"]
+  assert deployments.PRESETS["seed_proposed"].num_devices == 64

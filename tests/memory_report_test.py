@@ -1,0 +1,39 @@
+"""Tests for jax_ep/memory_report.py: every weight held once per replica; the footprint
+table against a budget."""
+
+import numpy as np
+import pytest
+
+from configs import deployments, load_model
+from jax_ep import memory, memory_budget, memory_report
+
+PRESETS = deployments.PRESETS
+
+
+@pytest.mark.parametrize("name", ["seed_baseline", "seed_proposed", "seed_proposed_tp2"])
+def test_holdings_cover_every_weight_once_per_replica(name):
+  cfg, dep = load_model("seed"), PRESETS[name]
+  rows = memory_report.holdings(cfg, dep, 1024)
+  held = np.zeros((cfg.num_layers, cfg.num_experts, cfg.mlp_dim // 512), int)  # 512-col blocks
+  vocab = np.zeros((dep.stages, cfg.vocab_size), int)
+  for r in rows:
+    layers, experts, cols = (slice(*r["layers"]), slice(*r["experts"]),
+                             slice(r["mlp_columns"][0] // 512, r["mlp_columns"][1] // 512))
+    held[layers, experts, cols] += 1
+    vocab[r["stage"], slice(*r["vocab"])] += 1
+  assert (held == 1).all()  # every block of every expert on exactly one device
+  assert (vocab == 1).all()  # each stage's devices split the vocabulary
+  assert {r["sequences"] for r in rows} == {(e * 1024 // dep.expert, (e + 1) * 1024 // dep.expert)
+                                           for e in range(dep.expert)}
+
+
+def test_footprint_table_adds_only_what_is_live_together():
+  fp = memory.footprint(load_model("tiny"), PRESETS["single"], 8, 4, 8, platform="cpu")
+  rows = fp.rows()[:-1]  # the last is the total
+  assert sum(v for _, v, counted in rows if counted) == fp.total
+  table = memory_report.format_footprint(fp, memory_budget.Budget(fp.total, "just enough"))
+  assert table.count("(not live with the largest of these three; not added)") == sum(
+      not counted for *_, counted in rows)
+  gib = fp.total / memory_budget.GiB
+  assert f"| total per device | {gib:.3f} | {fp.total:,} |" in table
+  assert table.endswith(f"(just enough); needs {gib:.2f} GiB per device: fits.")
