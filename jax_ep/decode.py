@@ -146,17 +146,17 @@ def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
   for i, (_, n) in enumerate(chunks):
     last = i == len(chunks) - 1
     if (n, last) not in compiled:
-      fn = engine.prefill_fn(temperature, sample=last)
+      fn = engine.prefill_program(temperature, sample=last)
       compiled[n, last] = fn.lower(params_abs, cache_abs, tokens[:, :n], i32, key).compile()
-  state_abs = jax.eval_shape(engine.ring_state, jnp.zeros((b,), jnp.int32),
+  state_abs = jax.eval_shape(engine.decode_state, jnp.zeros((b,), jnp.int32),
                              jnp.zeros((b,), jnp.int32))
   state_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                           state_abs, sharding.named(engine.mesh, engine.ring_specs()))
+                           state_abs, sharding.named(engine.mesh, engine.decode_state_specs()))
   period = dep.ring_period
   first_steps = ring.first_call_steps(dep.groups, dep.stages)
   calls = decode_calls(max_new_tokens - 1, dep.tokens_per_call)
-  rings = {k: engine.ring_fn(b, k, temperature).lower(params_abs, cache_abs, state_abs,
-                                                      key).compile()
+  rings = {k: engine.decode_program(b, k, temperature).lower(params_abs, cache_abs,
+                                                             state_abs, key).compile()
            for k in {first_steps} | {period * n for n in calls[1:]}}
   compile_s = time.perf_counter() - t0
   _progress(f"compiled in {compile_s:.1f} s; prefill of {b} x {p} tokens in {len(chunks)} "
@@ -178,7 +178,7 @@ def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
 
   # Decode: call 0 fills the ring (one token); each later call is calls[i] tokens for
   # every sequence.
-  state = engine.ring_state(first, jnp.full((b,), p, jnp.int32))
+  state = engine.decode_state(first, jnp.full((b,), p, jnp.int32))
   outs, step_s = [], []
   synced = min(synced_steps, max(len(calls) - 1, 0))
   t_all = time.perf_counter()

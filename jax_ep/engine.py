@@ -1,8 +1,10 @@
-"""A model laid out on a deployment: sharded parameters and cache, the jitted forward.
+"""A model laid out on a deployment: sharded parameters and cache, the jitted programs.
 
 Parameters are created straight into their shards (jit with out_shardings), so no
-device ever holds another device's expert. The forward is one shard_map over the
-(stage, expert, tp) mesh: embed -> pipeline of stages (pipeline.py) -> head.
+device ever holds another device's expert. Each program is one shard_map over the
+(stage, expert, tp) mesh, returned jitted (call it, or lower and compile it ahead of
+time): logits_program and prefill_program run embed -> pipeline of stages (pipeline.py)
+-> head; decode_program runs the decode ring (ring.py).
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ class Engine:
   def tokens_sharding(self):
     return NamedSharding(self.mesh, self.table.tokens_BxT)
 
-  # --- forward ---------------------------------------------------------------------------
+  # --- programs --------------------------------------------------------------------------
 
   def _layers(self, params_):
     layers = [nnx.merge(self.layer_graphdef, jax.tree.map(lambda a: a[0], p))
@@ -168,8 +170,8 @@ class Engine:
         in_specs=(self.param_specs, self.cache_specs, t.tokens_BxT, P(), P()),
         out_specs=out_specs, check_vma=False)
 
-  @functools.cached_property
-  def forward(self):
+  @functools.cache  # noqa: B019 - one jit per engine, kept for its life
+  def logits_program(self):
     """jit(params, cache, tokens [B, T], pos) -> (logits [B, T, V] f32, cache, MoEStats).
 
     Every sequence starts at `pos`. The cache is donated: it is updated in place. MoE
@@ -181,7 +183,7 @@ class Engine:
                    donate_argnums=(1,))
 
   @functools.cache  # noqa: B019 - one jit per (engine, arguments), kept for its life
-  def prefill_fn(self, temperature: float = 0.0, sample: bool = True):
+  def prefill_program(self, temperature: float = 0.0, sample: bool = True):
     """jit(params, cache, tokens [B, T], pos, key) -> (next tokens [B], cache, MoEStats),
     or without `sample` (cache, MoEStats): an early chunk of a chunked prefill.
 
@@ -191,11 +193,11 @@ class Engine:
     return jax.jit(self._shard_prefill("sample" if sample else "cache", temperature),
                    donate_argnums=(1,))
 
-  def ring_specs(self):
+  def decode_state_specs(self):
     return ring.RingState(P(), P(), self.table.inflight_NxBxD, P())
 
   @functools.cache  # noqa: B019 - one jit per (engine, arguments), kept for its life
-  def ring_fn(self, batch: int, steps: int, temperature: float = 0.0):
+  def decode_program(self, batch: int, steps: int, temperature: float = 0.0):
     """jit(params, cache, RingState, key) -> (RingState, cache, RingOutput, MoEStats):
     `steps` micro-steps of the decode ring (ring.py). Cache and state are donated."""
     cfg, par, groups = self.cfg, self.par, self.dep.groups
@@ -212,17 +214,17 @@ class Engine:
     out_specs = ring.RingOutput(P(), P(), P())
     f = jax.shard_map(
         ring_, mesh=self.mesh,
-        in_specs=(self.param_specs, self.cache_specs, self.ring_specs(), P()),
-        out_specs=(self.ring_specs(), self.cache_specs, out_specs, stats_specs),
+        in_specs=(self.param_specs, self.cache_specs, self.decode_state_specs(), P()),
+        out_specs=(self.decode_state_specs(), self.cache_specs, out_specs, stats_specs),
         check_vma=False)
     return jax.jit(f, donate_argnums=(1, 2))
 
-  def ring_state(self, tokens_B, pos_B) -> ring.RingState:
+  def decode_state(self, tokens_B, pos_B) -> ring.RingState:
     """The ring's starting state after prefill: next tokens and their positions [B]."""
     b = tokens_B.shape[0]
     self.dep.check_batch(b)
     bg = b // self.dep.groups
-    specs = self.ring_specs()
+    specs = self.decode_state_specs()
     shardings = sharding.named(self.mesh, specs)
 
     def make(tokens_B, pos_B):

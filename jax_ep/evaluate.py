@@ -60,7 +60,7 @@ def expert_load(engine: Engine, params, tokens_BxT: np.ndarray) -> np.ndarray:
   """Per-expert picks [L, E] of one forward pass over `tokens_BxT` from position 0."""
   tokens = jax.device_put(engine.check_tokens(tokens_BxT), engine.tokens_sharding())
   cache = engine.init_cache(tokens.shape[0], tokens.shape[1])
-  _, _, stats = engine.forward(params, cache, tokens, jnp.int32(0))
+  _, _, stats = engine.logits_program()(params, cache, tokens, jnp.int32(0))
   return np.asarray(stats.load_E)
 
 

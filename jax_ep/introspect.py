@@ -179,10 +179,10 @@ def compile_entry_points(engine: Engine, params, batch: int, prompt_len: int, ma
   tokens = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32,
                                 sharding=engine.tokens_sharding())
   key = jax.random.key(0)
-  state = engine.ring_state(jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32))
+  state = engine.decode_state(jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32))
   return {
-      "prefill": engine.prefill_fn(temperature, sample=True).lower(
+      "prefill": engine.prefill_program(temperature, sample=True).lower(
           params, cache, tokens, jnp.int32(0), key).compile(),
-      "decode": engine.ring_fn(batch, engine.dep.ring_period, temperature).lower(
+      "decode": engine.decode_program(batch, engine.dep.ring_period, temperature).lower(
           params, cache, state, key).compile(),
   }

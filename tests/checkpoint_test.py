@@ -75,8 +75,8 @@ def test_restored_baseline_gives_the_saved_models_logits(saved):
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, source.cfg.vocab_size, (8, 5)),
                        jnp.int32)
   cache = engine.init_cache(8, 8)
-  logits, _, _ = engine.forward(restored, cache, jax.device_put(tokens, engine.tokens_sharding()),
-                                jnp.int32(0))
+  logits, _, _ = engine.logits_program()(
+      restored, cache, jax.device_put(tokens, engine.tokens_sharding()), jnp.int32(0))
   # The reference: the saved params as they were, whole on one device.
   graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(source.cfg, nnx.Rngs(0))))[0]
   canonical = jax.device_get(source.canonical_params(params))

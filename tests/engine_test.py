@@ -85,7 +85,7 @@ class Result(NamedTuple):
 def _forward(engine, params, tokens) -> Result:
   cache = engine.init_cache(tokens.shape[0], MAX_LEN)
   tokens = jax.device_put(tokens, engine.tokens_sharding())
-  logits, cache, stats = engine.forward(params, cache, tokens, jnp.int32(0))
+  logits, cache, stats = engine.logits_program()(params, cache, tokens, jnp.int32(0))
   return Result(*(np.asarray(a) for a in (logits, *engine.canonical_cache(cache), *stats)))
 
 
@@ -180,8 +180,9 @@ def _collectives(text):
 def test_lowered_program_has_the_collectives(deployed):
   engine, dep = deployed.engine, deployed.engine.dep
   tokens = jax.device_put(deployed.prompts, engine.tokens_sharding())
-  text = engine.forward.lower(deployed.params, engine.abstract_cache(deployed.batch, MAX_LEN),
-                              tokens, jnp.int32(0)).as_text()
+  text = engine.logits_program().lower(
+      deployed.params, engine.abstract_cache(deployed.batch, MAX_LEN), tokens,
+      jnp.int32(0)).as_text()
   ops = _collectives(text)
   names = {op for op, _, _ in ops}
   rows = deployed.batch // (dep.expert * dep.microbatches)  # one micro-batch on one device
@@ -215,8 +216,8 @@ def test_lowered_program_has_the_collectives(deployed):
 
 def test_single_device_program_has_no_collectives():
   engine, params = _single("tiny")
-  text = engine.forward.lower(params, engine.abstract_cache(8, MAX_LEN), _prompts(256, 8),
-                              jnp.int32(0)).as_text()
+  text = engine.logits_program().lower(params, engine.abstract_cache(8, MAX_LEN),
+                                       _prompts(256, 8), jnp.int32(0)).as_text()
   assert not _collectives(text)
 
 
@@ -348,8 +349,15 @@ def test_model_that_does_not_fit():
     Engine(load_model("tiny"), DeploymentConfig(kind="proposed", stages=8))
 
 
+def _programs_built() -> int:
+  """How many programs Engines have built (each is memoized per engine and arguments)."""
+  return sum(f.cache_info().currsize
+             for f in (Engine.logits_program, Engine.prefill_program, Engine.decode_program))
+
+
 def test_check_tokens():
   engine = Engine(load_model("tiny"), deployments.SINGLE)
+  built = _programs_built()
   ok = np.zeros((2, 4), np.int32)
   out = engine.check_tokens(ok)
   assert out.dtype == jnp.int32 and out.shape == (2, 4)
@@ -372,7 +380,7 @@ def test_check_tokens():
     engine.check_tokens(np.zeros((4,), np.int32))
   with pytest.raises(ConfigError, match="batch=4 is not divisible"):
     Engine(engine.cfg, PRESETS["proposed_8"]).check_tokens(np.zeros((4, 3), np.int32))
-  assert "forward" not in engine.__dict__  # host-side: nothing was traced or compiled
+  assert _programs_built() == built  # host-side: nothing was traced or compiled
 
 
 def test_init_cache_checks_the_batch():

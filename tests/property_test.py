@@ -61,9 +61,8 @@ def _single(cfg):
 
 def _logits(engine, params, tokens):
   cache = engine.init_cache(tokens.shape[0], CACHE)
-  logits, _, stats = engine.forward(params, cache, jax.device_put(tokens,
-                                                                   engine.tokens_sharding()),
-                                    jnp.int32(0))
+  tokens = jax.device_put(tokens, engine.tokens_sharding())
+  logits, _, stats = engine.logits_program()(params, cache, tokens, jnp.int32(0))
   return np.asarray(logits), np.asarray(stats.load_E)
 
 

@@ -56,16 +56,16 @@ def _run(engine, params, prompts, calls, pos_shift=None):
   key = jax.random.key(0)
   cache = engine.init_cache(b, CACHE)
   tokens = jax.device_put(jnp.asarray(prompts), engine.tokens_sharding())
-  first, cache, _ = engine.prefill_fn()(params, cache, tokens, jnp.int32(0), key)
+  first, cache, _ = engine.prefill_program()(params, cache, tokens, jnp.int32(0), key)
   first, pos = np.array(first), np.full((b,), PROMPT, np.int32)
   for g, k in (pos_shift or {}).items():
     ids = np.asarray(ring.group_ids(g, b, dep.groups, dep.expert, xp=np))
     first[ids], pos[ids] = prompts[ids, PROMPT - k], PROMPT - k
-  state = engine.ring_state(jnp.asarray(first), jnp.asarray(pos))
+  state = engine.decode_state(jnp.asarray(first), jnp.asarray(pos))
   outs = []
   for i in range(calls):
     steps = ring.first_call_steps(dep.groups, dep.stages) if i == 0 else dep.ring_period
-    state, cache, out, _ = engine.ring_fn(b, steps)(params, cache, state, key)
+    state, cache, out, _ = engine.decode_program(b, steps)(params, cache, state, key)
     outs.append(out)
   new = decode.assemble(first, outs, b, dep.groups, dep.expert, calls)
   return new, [np.asarray(a) for a in engine.canonical_cache(cache)]
@@ -144,8 +144,8 @@ def test_compiled_ring_has_no_conditional_and_a_known_trip_count():
   dep, batch = RINGS["4_stages_8_devices_g4"]
   single, params = _single()
   engine = Engine(single.cfg, dep)
-  state = engine.ring_state(jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32))
-  hlo = engine.ring_fn(batch, 4).lower(engine.place_params(params),
+  state = engine.decode_state(jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32))
+  hlo = engine.decode_program(batch, 4).lower(engine.place_params(params),
                                        engine.init_cache(batch, CACHE), state,
                                        jax.random.key(0)).compile().as_text()
   assert " conditional(" not in hlo
