@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ep import distributed, ring, sharding
+from jax_ep import distributed, ring
 from jax_ep.config import ConfigError
 from jax_ep.engine import Engine
 from jax_ep.perf import per_device
@@ -148,16 +148,13 @@ def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
     if (n, last) not in compiled:
       fn = engine.prefill_program(temperature, sample=last)
       compiled[n, last] = fn.lower(params_abs, cache_abs, tokens[:, :n], i32, key).compile()
-  state_abs = jax.eval_shape(engine.decode_state, jnp.zeros((b,), jnp.int32),
-                             jnp.zeros((b,), jnp.int32))
-  state_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                           state_abs, sharding.named(engine.mesh, engine.decode_state_specs()))
+  state_abs = engine.abstract_decode_state(b, cache_len(max_len))
   period = dep.ring_period
   first_steps = ring.first_call_steps(dep.groups, dep.stages)
   calls = decode_calls(max_new_tokens - 1, dep.tokens_per_call)
-  rings = {k: engine.decode_program(b, k, temperature).lower(params_abs, cache_abs,
-                                                             state_abs, key).compile()
-           for k in {first_steps} | {period * n for n in calls[1:]}}
+  decoders = {k: engine.decode_program(b, k, temperature).lower(params_abs, state_abs,
+                                                                key).compile()
+              for k in {first_steps} | {period * n for n in calls[1:]}}
   compile_s = time.perf_counter() - t0
   _progress(f"compiled in {compile_s:.1f} s; prefill of {b} x {p} tokens in {len(chunks)} "
             f"chunk(s)", log)
@@ -178,15 +175,15 @@ def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
 
   # Decode: call 0 fills the ring (one token); each later call is calls[i] tokens for
   # every sequence.
-  state = engine.decode_state(first, jnp.full((b,), p, jnp.int32))
+  state = engine.decode_state(first, jnp.full((b,), p, jnp.int32), cache)
+  del cache  # the state holds it, and each decode call donates the state
   outs, step_s = [], []
   synced = min(synced_steps, max(len(calls) - 1, 0))
   t_all = time.perf_counter()
   timed = 0
   for i, n in enumerate(calls):
     t0 = time.perf_counter()
-    state, cache, out, stats = rings[first_steps if i == 0 else period * n](params, cache,
-                                                                            state, key)
+    state, out, stats = decoders[first_steps if i == 0 else period * n](params, state, key)
     outs.append(out)
     loads.append(stats.load_E)
     dropped.append(stats.dropped)
@@ -225,7 +222,7 @@ def decode_calls(steps: int, tokens_per_call: int) -> list[int]:
   return [1] + [tokens_per_call] * full + ([rest] if rest else [])
 
 
-def assemble(first_B: np.ndarray, outs: list[ring.RingOutput], batch: int, groups: int,
+def assemble(first_B: np.ndarray, outs: list[ring.DecodeOutput], batch: int, groups: int,
              experts: int, steps: int) -> np.ndarray:
   """Per-sequence token lists [B, 1 + steps] from prefill's token and the ring's outputs."""
   new = np.zeros((batch, 1 + steps), np.int32)

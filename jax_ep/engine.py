@@ -193,46 +193,62 @@ class Engine:
     return jax.jit(self._shard_prefill("sample" if sample else "cache", temperature),
                    donate_argnums=(1,))
 
-  def decode_state_specs(self):
-    return ring.RingState(P(), P(), self.table.inflight_NxBxD, P())
+  def decode_state_specs(self) -> ring.DecodeState:
+    """The decode state's PartitionSpecs: a DecodeState of them."""
+    return ring.DecodeState(P(), P(), self.table.inflight_NxBgxD, P(), self.cache_specs)
 
   @functools.cache  # noqa: B019 - one jit per (engine, arguments), kept for its life
   def decode_program(self, batch: int, steps: int, temperature: float = 0.0):
-    """jit(params, cache, RingState, key) -> (RingState, cache, RingOutput, MoEStats):
-    `steps` micro-steps of the decode ring (ring.py). Cache and state are donated."""
+    """jit(params, DecodeState, key) -> (DecodeState, DecodeOutput, MoEStats): `steps`
+    micro-steps of the decode ring (ring.py). The state, cache included, is donated."""
     cfg, par, groups = self.cfg, self.par, self.dep.groups
 
-    def ring_(params_, cache_, state_, key):
-      state_, cache_, out, stats = ring.run(
-          self._layers(params_), params_, state_, cache_, key, steps=steps, groups=groups,
+    def decode_(params_, state_, key):
+      state_, out, stats = ring.run(
+          self._layers(params_), params_, state_, key, steps=steps, groups=groups,
           batch=batch, temperature=temperature, norm_eps=cfg.norm_eps, par=par)
       stats = ep.MoEStats(ep.psum_batch(stats.load_E, par), ep.psum_batch(stats.dropped, par))
-      return state_, cache_, out, stats
+      return state_, out, stats
 
     t = self.table
     stats_specs = ep.MoEStats(t.load_LxE, t.load_LxE)
-    out_specs = ring.RingOutput(P(), P(), P())
+    out_specs = ring.DecodeOutput(P(), P(), P())
+    state_specs = self.decode_state_specs()
     f = jax.shard_map(
-        ring_, mesh=self.mesh,
-        in_specs=(self.param_specs, self.cache_specs, self.decode_state_specs(), P()),
-        out_specs=(self.decode_state_specs(), self.cache_specs, out_specs, stats_specs),
-        check_vma=False)
-    return jax.jit(f, donate_argnums=(1, 2))
+        decode_, mesh=self.mesh, in_specs=(self.param_specs, state_specs, P()),
+        out_specs=(state_specs, out_specs, stats_specs), check_vma=False)
+    return jax.jit(f, donate_argnums=(1,))
 
-  def decode_state(self, tokens_B, pos_B) -> ring.RingState:
-    """The ring's starting state after prefill: next tokens and their positions [B]."""
+  def _decode_start(self, tokens_B, pos_B) -> ring.DecodeState:
+    """The decode state's arrays but the cache (left None)."""
+    bg = tokens_B.shape[0] // self.dep.groups
+    return ring.DecodeState(
+        tokens_B.astype(jnp.int32), pos_B.astype(jnp.int32),
+        jnp.zeros((self.dep.stages, bg, self.cfg.model_dim), self.cfg.jnp_dtype),
+        jnp.zeros((), jnp.int32), None)
+
+  def _decode_start_shardings(self):
+    return sharding.named(self.mesh, self.decode_state_specs()._replace(cache=None))
+
+  def decode_state(self, tokens_B, pos_B, cache: StagedKVCache) -> ring.DecodeState:
+    """The decode state after prefill: each sequence's next token and the position it
+    takes [B], and the cache prefill filled (held as it is, not copied)."""
     b = tokens_B.shape[0]
     self.dep.check_batch(b)
-    bg = b // self.dep.groups
-    specs = self.decode_state_specs()
-    shardings = sharding.named(self.mesh, specs)
+    if cache.k[0].shape[1] != b:
+      raise ConfigError(f"the cache holds {cache.k[0].shape[1]} sequences, the tokens {b}.")
+    start = jax.jit(self._decode_start, out_shardings=self._decode_start_shardings())
+    return start(tokens_B, pos_B)._replace(cache=cache)
 
-    def make(tokens_B, pos_B):
-      return ring.RingState(tokens_B.astype(jnp.int32), pos_B.astype(jnp.int32),
-                            jnp.zeros((self.dep.stages, bg, self.cfg.model_dim),
-                                      self.cfg.jnp_dtype), jnp.zeros((), jnp.int32))
-
-    return jax.jit(make, out_shardings=shardings)(tokens_B, pos_B)
+  def abstract_decode_state(self, batch: int, max_len: int | None = None) -> ring.DecodeState:
+    """The decode state's shapes, dtypes and shardings, nothing allocated: what
+    decode_program lowers for ahead of time."""
+    self.dep.check_batch(batch)
+    b = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    start = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         jax.eval_shape(self._decode_start, b, b),
+                         self._decode_start_shardings())
+    return start._replace(cache=self.abstract_cache(batch, max_len))
 
   def check_tokens(self, tokens_BxT, pos: int = 0, max_len: int | None = None):
     """Host-side checks before anything compiles; raises ConfigError."""

@@ -179,10 +179,10 @@ def compile_entry_points(engine: Engine, params, batch: int, prompt_len: int, ma
   tokens = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32,
                                 sharding=engine.tokens_sharding())
   key = jax.random.key(0)
-  state = engine.decode_state(jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32))
+  state = engine.abstract_decode_state(batch, decode.cache_len(max_len))
   return {
       "prefill": engine.prefill_program(temperature, sample=True).lower(
           params, cache, tokens, jnp.int32(0), key).compile(),
       "decode": engine.decode_program(batch, engine.dep.ring_period, temperature).lower(
-          params, cache, state, key).compile(),
+          params, state, key).compile(),
   }

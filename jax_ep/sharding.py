@@ -33,7 +33,7 @@ class ShardingTable:
   logits_BxTxV: P
   kv_LxBxHxSxK: P
   load_LxE: P
-  inflight_NxBxD: P  # the decode ring's activations between stages
+  inflight_NxBgxD: P  # the decode ring's activations between stages (ring.DecodeState)
 
 
 def table_for(dep: DeploymentConfig) -> ShardingTable:
@@ -55,7 +55,7 @@ def table_for(dep: DeploymentConfig) -> ShardingTable:
       logits_BxTxV=P(None, None, (EXPERT, TP)),
       kv_LxBxHxSxK=P(STAGE, EXPERT, TP, None, None),
       load_LxE=P(STAGE),
-      inflight_NxBxD=P(STAGE, EXPERT),
+      inflight_NxBgxD=P(STAGE, EXPERT),
   )
 
 

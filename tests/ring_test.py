@@ -61,14 +61,14 @@ def _run(engine, params, prompts, calls, pos_shift=None):
   for g, k in (pos_shift or {}).items():
     ids = np.asarray(ring.group_ids(g, b, dep.groups, dep.expert, xp=np))
     first[ids], pos[ids] = prompts[ids, PROMPT - k], PROMPT - k
-  state = engine.decode_state(jnp.asarray(first), jnp.asarray(pos))
+  state = engine.decode_state(jnp.asarray(first), jnp.asarray(pos), cache)
   outs = []
   for i in range(calls):
     steps = ring.first_call_steps(dep.groups, dep.stages) if i == 0 else dep.ring_period
-    state, cache, out, _ = engine.decode_program(b, steps)(params, cache, state, key)
+    state, out, _ = engine.decode_program(b, steps)(params, state, key)
     outs.append(out)
   new = decode.assemble(first, outs, b, dep.groups, dep.expert, calls)
-  return new, [np.asarray(a) for a in engine.canonical_cache(cache)]
+  return new, [np.asarray(a) for a in engine.canonical_cache(state.cache)]
 
 
 @pytest.mark.parametrize("name", sorted(RINGS))
@@ -144,10 +144,9 @@ def test_compiled_ring_has_no_conditional_and_a_known_trip_count():
   dep, batch = RINGS["4_stages_8_devices_g4"]
   single, params = _single()
   engine = Engine(single.cfg, dep)
-  state = engine.decode_state(jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32))
   hlo = engine.decode_program(batch, 4).lower(engine.place_params(params),
-                                       engine.init_cache(batch, CACHE), state,
-                                       jax.random.key(0)).compile().as_text()
+                                              engine.abstract_decode_state(batch, CACHE),
+                                              jax.random.key(0)).compile().as_text()
   assert " conditional(" not in hlo
   whiles = [line for line in hlo.splitlines() if " while(" in line]
   assert whiles and all(re.search(r'known_trip_count":\{"n":"4"', w) for w in whiles)
