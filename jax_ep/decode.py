@@ -24,7 +24,7 @@ from jax_ep.perf import per_device
 
 @dataclasses.dataclass
 class Generation:
-  tokens: np.ndarray  # [B, N] int32, the N new tokens of each sequence
+  tokens: np.ndarray  # [B, O] int32, the O new tokens of each sequence
   compile_s: float  # prefill and decode calls, compiled ahead of time
   prefill_s: float
   step_s: list[float]  # per token, decode calls timed one by one, each synced (the first
@@ -74,17 +74,17 @@ def _progress(msg: str, log: Callable[[str], None] | None):
     log(msg)
 
 
-def check_request(engine: Engine, prompts_BxP, max_new_tokens: int, temperature: float,
+def check_request(engine: Engine, prompts_BxT, max_new_tokens: int, temperature: float,
                   max_len: int):
   """Every check of a generate request, on the host, before anything compiles.
 
-  Returns the prompts as int32 [B, P]; raises ConfigError saying what to change.
+  Returns the prompts as int32 [B, T]; raises ConfigError saying what to change.
   """
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be a positive integer.")
   if not temperature >= 0:
     raise ConfigError(f"temperature={temperature} must be >= 0 (0 is greedy).")
-  prompts = np.asarray(prompts_BxP)
+  prompts = np.asarray(prompts_BxT)
   if prompts.ndim == 2 and prompts.shape[1] + max_new_tokens - 1 > max_len:
     raise ConfigError(
         f"prompt_len {prompts.shape[1]} + max_new_tokens {max_new_tokens} - 1 exceeds the KV "
@@ -113,11 +113,11 @@ def cache_len(max_len: int) -> int:
   return -(-max_len // 16) * 16
 
 
-def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
+def generate(engine: Engine, params, prompts_BxT, max_new_tokens: int, *,
              temperature: float = 0.0, seed: int = 0, max_len: int | None = None,
              synced_steps: int = 0, log: Callable[[str], None] | None = None,
              profile_dir: str | None = None) -> Generation:
-  """Prefills `prompts_BxP` and generates `max_new_tokens` tokens per sequence.
+  """Prefills `prompts_BxT` and generates `max_new_tokens` tokens per sequence.
 
   `params` must be in `engine`'s layout (Engine.init_params or Engine.place_params).
   The first of the N - 1 decode steps also fills the ring; `synced_steps` of the next
@@ -125,7 +125,7 @@ def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
   `profile_dir` if given).
   """
   max_len = max_len or engine.cfg.max_seq_len
-  tokens = check_request(engine, prompts_BxP, max_new_tokens, temperature, max_len)
+  tokens = check_request(engine, prompts_BxT, max_new_tokens, temperature, max_len)
   if jax.tree.structure(params) != jax.tree.structure(engine.abstract_params):
     raise ConfigError("params are not in this engine's layout; pass them through "
                       "engine.place_params(params) first.")
@@ -188,7 +188,7 @@ def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
     loads.append(stats.load_E)
     dropped.append(stats.dropped)
     if i <= synced:  # the fill (not a steady step), then the calls timed one by one
-      out.tokens_KxBg.block_until_ready()
+      out.tokens_UxBg.block_until_ready()
       if i:
         step_s.append((time.perf_counter() - t0) / n)
       if i == synced and profile_dir:  # before the clock starts: tracing takes a while

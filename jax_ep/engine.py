@@ -57,7 +57,7 @@ class Engine:
     self.abstract_params = jax.eval_shape(self.to_layout, self.abstract_canonical)
     self.param_specs = sharding.param_specs(self.abstract_params, self.table)
     self.param_shardings = sharding.named(self.mesh, self.param_specs)
-    kv = (self.table.kv_LxBxHxSxK,) * self.local_layers
+    kv = (self.table.kv_LxBxHxSxDh,) * self.local_layers
     self.cache_specs = StagedKVCache(kv, kv)
     self.cache_shardings = sharding.named(self.mesh, self.cache_specs)
 
@@ -106,7 +106,7 @@ class Engine:
                         self.cache_shardings)
 
   def canonical_cache(self, cache: StagedKVCache) -> KVCache:
-    """The cache in layer order, [L, B, H, S, K] (for inspection; copies it)."""
+    """The cache in layer order, [L, B, H, S, Dh] (for inspection; copies it)."""
     def stack(parts):
       a = jnp.stack(parts, axis=1)  # [stages, L_local, ...]
       return a.reshape(self.cfg.num_layers, *a.shape[2:])

@@ -126,7 +126,7 @@ def device_shares(engine: Engine, params) -> list[DeviceShare]:
   """
   coords = {d.id: tuple(int(i) for i in idx) for idx, d in np.ndenumerate(engine.mesh.devices)}
   up = _leaf(params, "layers", 0, "moe", "w_up_ExDxF")  # [stages, E, D, F]
-  wq = _leaf(params, "layers", 0, "attn", "wq_DxHxK")  # [stages, D, H, K]
+  wq = _leaf(params, "layers", 0, "attn", "wq_DxHxDh")  # [stages, D, H, Dh]
   unembed = _leaf(params, "unembed_DxV")
   nbytes = bytes_per_device(params)
   maps = [a.sharding.devices_indices_map(a.shape) for a in (up, wq, unembed)]

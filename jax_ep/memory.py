@@ -136,13 +136,13 @@ def cache_len(max_len: int) -> int:
 def kv_cache_bytes(cfg: ModelConfig, dep: DeploymentConfig, batch: int, length: int) -> int:
   """Keys and values one device holds: its layers x its rows x its heads x `length`."""
   shape = (dep.stages, batch, cfg.num_heads, length, cfg.head_dim)
-  local = shard_shape(shape, sharding.table_for(dep).kv_LxBxHxSxK, dep)
+  local = shard_shape(shape, sharding.table_for(dep).kv_LxBxHxSxDh, dep)
   return 2 * (cfg.num_layers // dep.stages) * math.prod(local) * cfg.bytes_per_param
 
 
 def state_bytes(cfg: ModelConfig, dep: DeploymentConfig, batch: int, prompt_len: int) -> int:
   """Prompt tokens (split over expert) and the ring's state: tokens and positions
-  (replicated), the in-flight activations [S, B/G, D] over (stage, expert)."""
+  (replicated), the in-flight activations [N, B/G, D] over (stage, expert)."""
   tokens = batch // dep.expert * prompt_len * 4
   inflight = batch // dep.groups // dep.expert * cfg.model_dim * cfg.bytes_per_param
   return tokens + 2 * batch * 4 + inflight

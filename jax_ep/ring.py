@@ -1,15 +1,15 @@
 """Decode as a ring of stages with several groups of sequences in flight (in shard_map).
 
-The batch of B sequences splits into G groups (DeploymentConfig.groups); the ring's
-period is L = max(G, S) micro-steps for S stages. At micro-step t, stage s runs its
-layers for group (t - s) mod L (a real group if that is < G; otherwise the stage idles
+The batch of B sequences splits into G groups of Bg = B / G (DeploymentConfig.groups);
+the ring's period is max(G, N) micro-steps for N stages. At micro-step t, stage s runs its
+layers for group (t - s) mod max(G, N) (a real group if that is < G; otherwise it idles
 on a stand-in: a bubble, which writes nothing and sends the experts nothing). Its
 activations move to stage s + 1 with ppermute; the last stage's output goes through
 the head, and the sampled tokens reach every stage, where stage 0 embeds them at the
 group's next turn. Each group's KV cache stays on the stages that own its layers.
 
-With G >= S every stage is busy every micro-step and each sequence gets a token every
-L = G micro-steps; G = 1 is one batch in flight (each stage busy one micro-step in S).
+With G >= N every stage is busy every micro-step and each sequence gets a token every
+G micro-steps; G = 1 is one batch in flight (each stage busy one micro-step in N).
 Stage roles are masks (no lax.cond), and a call runs a static number of micro-steps,
 so nothing syncs with the host between them.
 
@@ -45,11 +45,12 @@ class DecodeState(NamedTuple):
 
 
 class DecodeOutput(NamedTuple):
-  """Per micro-step of a call: the tokens the last stage sampled, and for which group."""
+  """Per micro-step of a call (U of them): the tokens the last stage sampled, and for
+  which group."""
 
-  tokens_KxBg: jax.Array  # int32, in group order (expert-major: e * Bl + r)
-  group_K: jax.Array  # int32
-  valid_K: jax.Array  # bool: False while the ring fills (the first S - 1 micro-steps)
+  tokens_UxBg: jax.Array  # int32, in group order (expert-major: e * Bl + r)
+  group_U: jax.Array  # int32
+  valid_U: jax.Array  # bool: False while the ring fills (the first N - 1 micro-steps)
 
 
 def group_ids(g, batch: int, groups: int, experts: int, xp=jnp):
@@ -61,7 +62,7 @@ def group_ids(g, batch: int, groups: int, experts: int, xp=jnp):
 
 def first_call_steps(groups: int, stages: int) -> int:
   """Micro-steps of the first call after prefill so that every group gets exactly one
-  token: the period plus the fill, max(G, S) + min(G, S) - 1 = G + S - 1."""
+  token: the period plus the fill, max(G, N) + min(G, N) - 1 = G + N - 1."""
   return groups + stages - 1
 
 
@@ -127,8 +128,8 @@ def run(layers_, params_, state_: DecodeState, key, *, steps: int, groups: int, 
     last_ids = group_ids(last_g, batch, groups, par.expert)
     tokens_B = st.tokens_B.at[last_ids].set(jnp.where(last_valid, token_Bg, st.tokens_B[last_ids]))
     pos_B = st.pos_B.at[last_ids].add(last_valid.astype(jnp.int32))
-    out = DecodeOutput(out.tokens_KxBg.at[i].set(token_Bg), out.group_K.at[i].set(last_g),
-                       out.valid_K.at[i].set(last_valid))
+    out = DecodeOutput(out.tokens_UxBg.at[i].set(token_Bg), out.group_U.at[i].set(last_g),
+                       out.valid_U.at[i].set(last_valid))
     st = DecodeState(tokens_B, pos_B, inflight_, st.micro_steps + 1,
                      StagedKVCache(tuple(ks), tuple(vs)))
     return st, load_, dropped_, out

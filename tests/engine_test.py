@@ -76,7 +76,7 @@ def _single(model):
 
 class Result(NamedTuple):
   logits: np.ndarray  # [B, PROMPT, V]
-  k: np.ndarray  # the cache after the forward, canonical [L, B, H, MAX_LEN, K]
+  k: np.ndarray  # the cache after the forward, canonical [L, B, H, MAX_LEN, Dh]
   v: np.ndarray
   load: np.ndarray  # [L, E]
   dropped: np.ndarray  # [L]
@@ -253,7 +253,7 @@ def test_seed_proposed_one_expert_per_device():
       assert shard.data.shape == want
       stage, expert, _ = coords[shard.device.id]
       assert _starts(shard)[:2] == (stage, expert)  # layer `stage`, expert `expert`
-  for shard in attn["wq_DxHxK"][...].addressable_shards:
+  for shard in attn["wq_DxHxDh"][...].addressable_shards:
     assert shard.data.shape == (1, d, h, k)  # every head of its stage's layer: no tp
   for shard in moe["w_router_DxE"][...].addressable_shards:
     assert shard.data.shape == (1, d, cfg.num_experts)
@@ -281,11 +281,11 @@ def test_seed_baseline_four_experts_and_an_eighth_of_the_heads_per_device():
       assert shard.data.shape == (1, 2, d, f)
       stage, _, tp = coords[shard.device.id]
       assert _starts(shard)[:2] == (stage, 2 * tp)
-    for name, shape in (("wq_DxHxK", (1, d, heads, k)), ("wo_HxKxD", (1, heads, k, d))):
+    for name, shape in (("wq_DxHxDh", (1, d, heads, k)), ("wo_HxDhxD", (1, heads, k, d))):
       for shard in layer["attn"][name][...].addressable_shards:
         assert shard.data.shape == shape
         stage, _, tp = coords[shard.device.id]
-        head_axis = 2 if name == "wq_DxHxK" else 1
+        head_axis = 2 if name == "wq_DxHxDh" else 1
         assert _starts(shard)[0] == stage and _starts(shard)[head_axis] == heads * tp
   for cache_k in engine.cache_shardings.k:
     assert cache_k.shard_shape((2, 8, 8, MAX_LEN, k)) == (1, 8, 1, MAX_LEN, k)

@@ -94,7 +94,7 @@ def mixtral_logits(c, t, tokens_T):
   inv_freq = 1.0 / (c["rope_theta"] ** (np.arange(0, k, 2) / k))
   freqs = np.arange(n)[:, None] * inv_freq[None]
   emb = np.concatenate([freqs, freqs], axis=-1)
-  cos, sin = np.cos(emb)[:, None], np.sin(emb)[:, None]  # [T, 1, K]
+  cos, sin = np.cos(emb)[:, None], np.sin(emb)[:, None]  # [T, 1, Dh]
   x = t["model.embed_tokens.weight"][tokens_T].astype(np.float64)
   for i in range(c["num_hidden_layers"]):
     p = f"model.layers.{i}."

@@ -40,10 +40,10 @@ def test_seed_model_shapes_and_bytes_without_allocating():
       "['final_norm']['scale_D']": ((8192,), f16),
       "['layers']['attn_norm']['scale_D']": ((4, 8192), f16),
       "['layers']['moe_norm']['scale_D']": ((4, 8192), f16),
-      "['layers']['attn']['wq_DxHxK']": ((4, 8192, 16, 512), f16),
-      "['layers']['attn']['wk_DxHxK']": ((4, 8192, 16, 512), f16),
-      "['layers']['attn']['wv_DxHxK']": ((4, 8192, 16, 512), f16),
-      "['layers']['attn']['wo_HxKxD']": ((4, 16, 512, 8192), f16),
+      "['layers']['attn']['wq_DxHxDh']": ((4, 8192, 16, 512), f16),
+      "['layers']['attn']['wk_DxHxDh']": ((4, 8192, 16, 512), f16),
+      "['layers']['attn']['wv_DxHxDh']": ((4, 8192, 16, 512), f16),
+      "['layers']['attn']['wo_HxDhxD']": ((4, 16, 512, 8192), f16),
       "['layers']['moe']['w_router_DxE']": ((4, 8192, 16), f32),  # the router stays f32
       "['layers']['moe']['w_up_ExDxF']": ((4, 16, 8192, 32768), f16),
       "['layers']['moe']['w_down_ExFxD']": ((4, 16, 32768, 8192), f16),
@@ -124,9 +124,9 @@ def test_cache_decoding_equals_full_forward(model, tokens):
   inc, inc_cache = model.incremental(tokens)
   assert_allclose(inc, full, rtol=1e-5, atol=1e-5)
   # The cache holds the same keys and values either way, at every position.
-  assert_allclose(inc_cache.k_LxBxHxSxK, full_cache.k_LxBxHxSxK, rtol=1e-5, atol=1e-5)
-  assert_allclose(inc_cache.v_LxBxHxSxK, full_cache.v_LxBxHxSxK, rtol=1e-5, atol=1e-5)
-  assert np.abs(np.asarray(full_cache.k_LxBxHxSxK)).min(axis=(0, 1, 2, 4)).all()  # all written
+  assert_allclose(inc_cache.k_LxBxHxSxDh, full_cache.k_LxBxHxSxDh, rtol=1e-5, atol=1e-5)
+  assert_allclose(inc_cache.v_LxBxHxSxDh, full_cache.v_LxBxHxSxDh, rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(full_cache.k_LxBxHxSxDh)).min(axis=(0, 1, 2, 4)).all()  # all written
   # Every token picks top_k experts in every layer.
   assert_array_equal(stats.load_E.sum(-1), [B * L * TINY.top_k] * TINY.num_layers)
 

@@ -87,7 +87,7 @@ def test_training_forward_is_the_model_and_the_router_learns_from_both_losses():
     out = train.forward(train.merge(cfg, p), seq[:, :-1])
     logp = jax.nn.log_softmax(out.logits_BxTxV)
     ce = -jnp.mean(jnp.take_along_axis(logp, seq[:, 1:, None], axis=-1))
-    return ce, train.balance_loss(out.probs_LxNxE, out.load_LxE, cfg.top_k)
+    return ce, train.balance_loss(out.probs_LxTxE, out.load_LxE, cfg.top_k)
 
   @jax.jit
   def run(p, s):
