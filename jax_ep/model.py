@@ -186,8 +186,11 @@ class Transformer(nnx.Module):
   def __call__(self, tokens_BxT, cache: KVCache, pos_B, par: ep.Parallel = ep.ONE_DEVICE):
     """The whole model on one device: logits [B, T, V], the extended cache, MoE stats.
 
-    The reference every deployment is tested against. pos_B: each sequence's position
-    (a scalar: all the same).
+    The independent reference every deployment is tested against (tests/reference.py;
+    engine, ring, property, checkpoint and hf tests): one program over the canonical
+    parameters, without the engine's parameter layout, shard_map, pipeline, ring or
+    sharded sampling. Training (train.py) runs these same layers. pos_B: each
+    sequence's position (a scalar: all the same).
     """
     pos_B = jnp.broadcast_to(jnp.asarray(pos_B, jnp.int32), (tokens_BxT.shape[0],))
     x = embed(self.embed_VxD[...], tokens_BxT)

@@ -14,15 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from numpy.testing import assert_allclose, assert_array_equal
 
 from configs import deployments, load_model
 from jax_ep import checkpoint
 from jax_ep.config import ConfigError, DeploymentConfig
 from jax_ep.engine import Engine
-from jax_ep.kv_cache import KVCache
-from jax_ep.model import Transformer
+from tests import reference
 
 PRESETS = deployments.PRESETS
 TP2 = DeploymentConfig(kind="proposed", stages=2, expert=4, tp=2, placement="tp")
@@ -78,10 +76,8 @@ def test_restored_baseline_gives_the_saved_models_logits(saved):
   logits, _, _ = engine.logits_program()(
       restored, cache, jax.device_put(tokens, engine.tokens_sharding()), jnp.int32(0))
   # The reference: the saved params as they were, whole on one device.
-  graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(source.cfg, nnx.Rngs(0))))[0]
   canonical = jax.device_get(source.canonical_params(params))
-  want = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t, KVCache.zeros(source.cfg, 8, 8), 0)[0])(
-      canonical, tokens)
+  want, _, _ = reference.Reference(source.cfg).forward(tokens, 8, canonical)
   assert_allclose(np.asarray(logits), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 

@@ -1,6 +1,6 @@
-"""Tests for jax_ep/engine.py (with mesh.py, sharding.py, pipeline.py, ep.py): every
-deployment computes what one device computes, holds the shards it promises, and runs the
-collectives it is meant to.
+"""Tests for jax_ep/engine.py: every deployment computes what one device computes (the
+reference: model.Transformer.__call__, tests/reference.py), and its programs hold the
+collectives it is meant to; the Engine's checks before anything compiles.
 
 Compiles are the cost here (seconds each on CPU): each deployment compiles its forward
 once (module-scoped fixture) plus generate's prefill and decode step, and the single-device
@@ -22,6 +22,7 @@ from jax_ep import decode, introspect
 from jax_ep.config import ConfigError, DeploymentConfig
 from jax_ep.engine import Engine
 from jax_ep.mesh import make_mesh
+from tests import reference
 
 PROMPT, NEW, MAX_LEN = 3, 3, 8  # prompt length, new tokens, KV cache length
 PRESETS = deployments.PRESETS
@@ -29,6 +30,7 @@ PRESETS = deployments.PRESETS
 # name -> (model preset, deployment, batch). Batch 8 is the CLI's default; on seed_baseline
 # each decode group has 4 tokens for tp=8 (fewer tokens than tp ranks).
 CASES = {
+    "single": ("tiny", deployments.SINGLE, 8),  # the engine's programs on a 1 x 1 x 1 mesh
     "proposed_8": ("tiny", PRESETS["proposed_8"], 8),  # 4 x 2
     "proposed_16": ("tiny", PRESETS["proposed_16"], 64),  # 4 x 4
     "seed_proposed": ("tiny", PRESETS["seed_proposed"], 64),  # 4 x 16, one expert per device
@@ -68,10 +70,8 @@ def _zero_router(params):
       params)
 
 
-@functools.cache
-def _single(model):
-  engine = Engine(load_model(model), deployments.SINGLE)
-  return engine, engine.init_params(0)
+def _ref(model) -> reference.Reference:
+  return reference.of(load_model(model))
 
 
 class Result(NamedTuple):
@@ -91,16 +91,16 @@ def _forward(engine, params, tokens) -> Result:
 
 @functools.cache
 def _reference(model, batch, zero_router=False) -> Result:
-  engine, params = _single(model)
-  params = _zero_router(params) if zero_router else params
-  return _forward(engine, params, _prompts(engine.cfg.vocab_size, batch))
+  ref = _ref(model)
+  params = _zero_router(ref.params) if zero_router else ref.params
+  logits, cache, stats = ref.forward(_prompts(ref.cfg.vocab_size, batch), MAX_LEN, params)
+  return Result(*(np.asarray(a) for a in (logits, *cache, *stats)))
 
 
 @functools.cache
-def _reference_generation(model, batch) -> decode.Generation:
-  engine, params = _single(model)
-  return decode.generate(engine, params, _prompts(engine.cfg.vocab_size, batch), NEW,
-                         max_len=MAX_LEN)
+def _reference_generation(model, batch) -> reference.Generation:
+  ref = _ref(model)
+  return ref.generate(_prompts(ref.cfg.vocab_size, batch), NEW, MAX_LEN)
 
 
 @dataclasses.dataclass
@@ -119,9 +119,9 @@ class Deployed:
 @pytest.fixture(scope="module", params=list(CASES))
 def deployed(request):
   model, dep, batch = CASES[request.param]
-  single, params = _single(model)
-  engine = Engine(single.cfg, dep)
-  return Deployed(request.param, model, batch, engine, engine.place_params(params))
+  ref = _ref(model)
+  engine = Engine(ref.cfg, dep)
+  return Deployed(request.param, model, batch, engine, engine.place_params(ref.params))
 
 
 def test_forward_equals_single_device(deployed):
@@ -145,7 +145,7 @@ def test_generate_equals_single_device(deployed):
                         max_len=MAX_LEN)
   want = _reference_generation(deployed.model, deployed.batch)
   assert gen.tokens.shape == (deployed.batch, NEW)
-  assert_array_equal(gen.tokens, want.tokens)
+  assert_array_equal(gen.tokens, want.tokens_BxO)
   if deployed.engine.dep.stages > 1 and deployed.engine.dep.groups > 1:
     # The ring ends its last call with groups in flight, whose next tokens the first
     # stages have routed already (ring_test.py); the last stage routed exactly these.
@@ -159,7 +159,7 @@ def test_generate_equals_single_device(deployed):
 def test_all_tokens_to_two_experts_equals_single_device(deployed):
   # Adversarial routing: experts 0 and 1 get every token, the others none: the device
   # holding them receives every pick, which the worst-case dropless buffer holds.
-  params = deployed.engine.place_params(_zero_router(_single(deployed.model)[1]))
+  params = deployed.engine.place_params(_zero_router(_ref(deployed.model).params))
   got = _forward(deployed.engine, params, deployed.prompts)
   want = _reference(deployed.model, deployed.batch, zero_router=True)
   assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
@@ -215,7 +215,8 @@ def test_lowered_program_has_the_collectives(deployed):
 
 
 def test_single_device_program_has_no_collectives():
-  engine, params = _single("tiny")
+  engine = Engine(load_model("tiny"), deployments.SINGLE)
+  params = engine.place_params(_ref("tiny").params)
   text = engine.logits_program().lower(params, engine.abstract_cache(8, MAX_LEN),
                                        _prompts(256, 8), jnp.int32(0)).as_text()
   assert not _collectives(text)
@@ -225,9 +226,9 @@ def test_single_device_program_has_no_collectives():
 
 
 def _placed(dep, model="tiny"):
-  single, params = _single(model)
-  engine = Engine(single.cfg, dep)
-  return engine, engine.place_params(params)
+  ref = _ref(model)
+  engine = Engine(ref.cfg, dep)
+  return engine, engine.place_params(ref.params)
 
 
 def _coords(mesh):
@@ -390,14 +391,17 @@ def test_init_cache_checks_the_batch():
 
 
 def test_place_params_round_trip_and_wrong_model():
-  single, params = _single("tiny")
+  params = _ref("tiny").params  # canonical
+  single = Engine(load_model("tiny"), deployments.SINGLE)
   engine = Engine(single.cfg, PRESETS["proposed_8"])
   placed = engine.place_params(params)
-  back = single.place_params(placed)  # from another deployment's layout, and back
-  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+  back = single.place_params(placed)  # from another deployment's layout
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(single.place_params(params)),
+                  strict=True):
     assert_array_equal(a, b)
-  assert_array_equal(jax.tree.leaves(engine.to_canonical(placed))[0],
-                     jax.tree.leaves(single.to_canonical(params))[0])
+  for a, b in zip(jax.tree.leaves(engine.to_canonical(placed)), jax.tree.leaves(params),
+                  strict=True):
+    assert_array_equal(a, b)
   other = dataclasses.replace(single.cfg, num_experts=8)
   with pytest.raises(ConfigError, match=r"w_down_ExFxD.*float32\[4, 16, 128, 64\].*needs "
                                         r"float32\[4, 8, 128, 64\]"):
@@ -417,12 +421,12 @@ def test_dropping_on_a_mesh():
   # --nodropless on the baseline's tp token split: with room for every token nothing is
   # dropped and the output is the single device's; with a quarter of a balanced share the
   # overflow is dropped, counted over the devices, and the output changes.
-  single, _ = _single("tiny")
+  ref = _ref("tiny")
   want = _reference("tiny", 8)
   for factor, drops in ((8.0, False), (0.25, True)):
     dep = dataclasses.replace(PRESETS["baseline_8"], dropless=False, capacity_factor=factor)
-    engine = Engine(single.cfg, dep)
-    got = _forward(engine, engine.place_params(_single("tiny")[1]), _prompts(256, 8))
+    engine = Engine(ref.cfg, dep)
+    got = _forward(engine, engine.place_params(ref.params), _prompts(256, 8))
     assert_array_equal(got.load[0], want.load[0])  # layer 0 routes before any drop
     if drops:
       assert got.dropped.sum() > 0
