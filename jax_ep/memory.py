@@ -142,7 +142,7 @@ def kv_cache_bytes(cfg: ModelConfig, dep: DeploymentConfig, batch: int, length: 
 
 def state_bytes(cfg: ModelConfig, dep: DeploymentConfig, batch: int, prompt_len: int) -> int:
   """Prompt tokens (split over expert) and the ring's state: tokens and positions
-  (replicated), the in-flight activations [N, B/G, D] over (stage, expert)."""
+  (replicated), the in-flight activations [S, B/G, D] over (stage, expert)."""
   tokens = batch // dep.expert * prompt_len * 4
   inflight = batch // dep.groups // dep.expert * cfg.model_dim * cfg.bytes_per_param
   return tokens + 2 * batch * 4 + inflight
