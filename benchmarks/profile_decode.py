@@ -129,11 +129,9 @@ def main():
                         synced_steps=2, profile_dir=trace_dir)
   # The compiled decode call, as generate compiled it (the same cache length): no
   # conditional; while loops and their known trip counts; the scopes of its kernels.
-  fn = engine.ring_fn(args.batch, dep.ring_period * dep.tokens_per_call)
-  hlo = fn.lower(params, engine.init_cache(args.batch, decode.cache_len(args.prompt_len + new)),
-                 engine.ring_state(jax.numpy.zeros((args.batch,), "int32"),
-                                   jax.numpy.zeros((args.batch,), "int32")),
-                 jax.random.key(0)).compile().as_text()
+  fn = engine.decode_program(args.batch, dep.ring_period * dep.tokens_per_call)
+  state = engine.abstract_decode_state(args.batch, decode.cache_len(args.prompt_len + new))
+  hlo = fn.lower(params, state, jax.random.key(0)).compile().as_text()
   out = {"config": args.config, "share": args.share, "deployment": dep.describe(),
          "batch": args.batch,
          "tpot_ms": gen.tpot_ms, "tpot_synced_ms": gen.tpot_synced_ms,

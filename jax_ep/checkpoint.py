@@ -33,6 +33,10 @@ from jax_ep.config import ConfigError, ModelConfig
 from jax_ep.model import Transformer
 
 FORMAT = 1
+# Arrays renamed since format 1 was first written (the head dim's letter K became Dh):
+# a checkpoint that holds the old names is read under them and renamed.
+RENAMED = {"wq_DxHxK": "wq_DxHxDh", "wk_DxHxK": "wk_DxHxDh", "wv_DxHxK": "wv_DxHxDh",
+           "wo_HxKxD": "wo_HxDhxD"}
 PARAMS, OPT_STATE, META = "params", "opt_state", "meta"
 # Fields that may differ between the saved model and the one restoring it: the KV
 # cache's length is the server's choice, not the weights'.
@@ -235,6 +239,11 @@ class Checkpointer:
     meta = self.meta(step)
     where = f"{self.directory} step {step}"
     check_model(meta["model"], cfg, where)
+    old_names = {new: old for old, new in RENAMED.items()}
+    renamed = {name for name in targets if name in meta["arrays"] and any(
+        key.rsplit("/", 1)[-1] in RENAMED for key in meta["arrays"][name])}
+    targets = {name: _rename(t, old_names) if name in renamed else t
+               for name, t in targets.items()}
     for name, target in targets.items():
       if name not in meta["arrays"]:
         raise ConfigError(f"{where} holds no {name!r} item (it has "
@@ -254,7 +263,15 @@ class Checkpointer:
         raise ConfigError(f"{where} is corrupt: {name} array(s) {', '.join(bad[:4])}"
                           f"{' ...' if len(bad) > 4 else ''} do not hold what was saved "
                           "(fingerprint mismatch).")
-    return restored
+    return {name: _rename(tree, RENAMED) if name in renamed else tree
+            for name, tree in restored.items()}
+
+
+def _rename(tree, names: dict[str, str]):
+  """`tree` (nested dicts) with each dict key in `names` replaced by its value."""
+  if isinstance(tree, dict):
+    return {names.get(k, k): _rename(v, names) for k, v in tree.items()}
+  return tree
 
 
 def _short(e: Exception) -> str:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ep import distributed, ring, sharding
+from jax_ep import distributed, ring
 from jax_ep.config import ConfigError
 from jax_ep.engine import Engine
 from jax_ep.perf import per_device
@@ -24,7 +24,7 @@ from jax_ep.perf import per_device
 
 @dataclasses.dataclass
 class Generation:
-  tokens: np.ndarray  # [B, N] int32, the N new tokens of each sequence
+  tokens: np.ndarray  # [B, O] int32, the O new tokens of each sequence
   compile_s: float  # prefill and decode calls, compiled ahead of time
   prefill_s: float
   step_s: list[float]  # per token, decode calls timed one by one, each synced (the first
@@ -74,17 +74,17 @@ def _progress(msg: str, log: Callable[[str], None] | None):
     log(msg)
 
 
-def check_request(engine: Engine, prompts_BxP, max_new_tokens: int, temperature: float,
+def check_request(engine: Engine, prompts_BxT, max_new_tokens: int, temperature: float,
                   max_len: int):
   """Every check of a generate request, on the host, before anything compiles.
 
-  Returns the prompts as int32 [B, P]; raises ConfigError saying what to change.
+  Returns the prompts as int32 [B, T]; raises ConfigError saying what to change.
   """
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be a positive integer.")
   if not temperature >= 0:
     raise ConfigError(f"temperature={temperature} must be >= 0 (0 is greedy).")
-  prompts = np.asarray(prompts_BxP)
+  prompts = np.asarray(prompts_BxT)
   if prompts.ndim == 2 and prompts.shape[1] + max_new_tokens - 1 > max_len:
     raise ConfigError(
         f"prompt_len {prompts.shape[1]} + max_new_tokens {max_new_tokens} - 1 exceeds the KV "
@@ -113,11 +113,11 @@ def cache_len(max_len: int) -> int:
   return -(-max_len // 16) * 16
 
 
-def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
+def generate(engine: Engine, params, prompts_BxT, max_new_tokens: int, *,
              temperature: float = 0.0, seed: int = 0, max_len: int | None = None,
              synced_steps: int = 0, log: Callable[[str], None] | None = None,
              profile_dir: str | None = None) -> Generation:
-  """Prefills `prompts_BxP` and generates `max_new_tokens` tokens per sequence.
+  """Prefills `prompts_BxT` and generates `max_new_tokens` tokens per sequence.
 
   `params` must be in `engine`'s layout (Engine.init_params or Engine.place_params).
   The first of the N - 1 decode steps also fills the ring; `synced_steps` of the next
@@ -125,7 +125,7 @@ def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
   `profile_dir` if given).
   """
   max_len = max_len or engine.cfg.max_seq_len
-  tokens = check_request(engine, prompts_BxP, max_new_tokens, temperature, max_len)
+  tokens = check_request(engine, prompts_BxT, max_new_tokens, temperature, max_len)
   if jax.tree.structure(params) != jax.tree.structure(engine.abstract_params):
     raise ConfigError("params are not in this engine's layout; pass them through "
                       "engine.place_params(params) first.")
@@ -146,18 +146,15 @@ def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
   for i, (_, n) in enumerate(chunks):
     last = i == len(chunks) - 1
     if (n, last) not in compiled:
-      fn = engine.prefill_fn(temperature, sample=last)
+      fn = engine.prefill_program(temperature, sample=last)
       compiled[n, last] = fn.lower(params_abs, cache_abs, tokens[:, :n], i32, key).compile()
-  state_abs = jax.eval_shape(engine.ring_state, jnp.zeros((b,), jnp.int32),
-                             jnp.zeros((b,), jnp.int32))
-  state_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                           state_abs, sharding.named(engine.mesh, engine.ring_specs()))
+  state_abs = engine.abstract_decode_state(b, cache_len(max_len))
   period = dep.ring_period
   first_steps = ring.first_call_steps(dep.groups, dep.stages)
   calls = decode_calls(max_new_tokens - 1, dep.tokens_per_call)
-  rings = {k: engine.ring_fn(b, k, temperature).lower(params_abs, cache_abs, state_abs,
-                                                      key).compile()
-           for k in {first_steps} | {period * n for n in calls[1:]}}
+  decoders = {k: engine.decode_program(b, k, temperature).lower(params_abs, state_abs,
+                                                                key).compile()
+              for k in {first_steps} | {period * n for n in calls[1:]}}
   compile_s = time.perf_counter() - t0
   _progress(f"compiled in {compile_s:.1f} s; prefill of {b} x {p} tokens in {len(chunks)} "
             f"chunk(s)", log)
@@ -178,20 +175,20 @@ def generate(engine: Engine, params, prompts_BxP, max_new_tokens: int, *,
 
   # Decode: call 0 fills the ring (one token); each later call is calls[i] tokens for
   # every sequence.
-  state = engine.ring_state(first, jnp.full((b,), p, jnp.int32))
+  state = engine.decode_state(first, jnp.full((b,), p, jnp.int32), cache)
+  del cache  # the state holds it, and each decode call donates the state
   outs, step_s = [], []
   synced = min(synced_steps, max(len(calls) - 1, 0))
   t_all = time.perf_counter()
   timed = 0
   for i, n in enumerate(calls):
     t0 = time.perf_counter()
-    state, cache, out, stats = rings[first_steps if i == 0 else period * n](params, cache,
-                                                                            state, key)
+    state, out, stats = decoders[first_steps if i == 0 else period * n](params, state, key)
     outs.append(out)
     loads.append(stats.load_E)
     dropped.append(stats.dropped)
     if i <= synced:  # the fill (not a steady step), then the calls timed one by one
-      out.tokens_KxBg.block_until_ready()
+      out.tokens_UxBg.block_until_ready()
       if i:
         step_s.append((time.perf_counter() - t0) / n)
       if i == synced and profile_dir:  # before the clock starts: tracing takes a while
@@ -225,7 +222,7 @@ def decode_calls(steps: int, tokens_per_call: int) -> list[int]:
   return [1] + [tokens_per_call] * full + ([rest] if rest else [])
 
 
-def assemble(first_B: np.ndarray, outs: list[ring.RingOutput], batch: int, groups: int,
+def assemble(first_B: np.ndarray, outs: list[ring.DecodeOutput], batch: int, groups: int,
              experts: int, steps: int) -> np.ndarray:
   """Per-sequence token lists [B, 1 + steps] from prefill's token and the ring's outputs."""
   new = np.zeros((batch, 1 + steps), np.int32)

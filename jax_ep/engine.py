@@ -1,8 +1,10 @@
-"""A model laid out on a deployment: sharded parameters and cache, the jitted forward.
+"""A model laid out on a deployment: sharded parameters and cache, the jitted programs.
 
 Parameters are created straight into their shards (jit with out_shardings), so no
-device ever holds another device's expert. The forward is one shard_map over the
-(stage, expert, tp) mesh: embed -> pipeline of stages (pipeline.py) -> head.
+device ever holds another device's expert. Each program is one shard_map over the
+(stage, expert, tp) mesh, returned jitted (call it, or lower and compile it ahead of
+time): logits_program and prefill_program run embed -> pipeline of stages (pipeline.py)
+-> head; decode_program runs the decode ring (ring.py).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class Engine:
     self.abstract_params = jax.eval_shape(self.to_layout, self.abstract_canonical)
     self.param_specs = sharding.param_specs(self.abstract_params, self.table)
     self.param_shardings = sharding.named(self.mesh, self.param_specs)
-    kv = (self.table.kv_LxBxHxSxK,) * self.local_layers
+    kv = (self.table.kv_LxBxHxSxDh,) * self.local_layers
     self.cache_specs = StagedKVCache(kv, kv)
     self.cache_shardings = sharding.named(self.mesh, self.cache_specs)
 
@@ -104,7 +106,7 @@ class Engine:
                         self.cache_shardings)
 
   def canonical_cache(self, cache: StagedKVCache) -> KVCache:
-    """The cache in layer order, [L, B, H, S, K] (for inspection; copies it)."""
+    """The cache in layer order, [L, B, H, S, Dh] (for inspection; copies it)."""
     def stack(parts):
       a = jnp.stack(parts, axis=1)  # [stages, L_local, ...]
       return a.reshape(self.cfg.num_layers, *a.shape[2:])
@@ -114,7 +116,7 @@ class Engine:
   def tokens_sharding(self):
     return NamedSharding(self.mesh, self.table.tokens_BxT)
 
-  # --- forward ---------------------------------------------------------------------------
+  # --- programs --------------------------------------------------------------------------
 
   def _layers(self, params_):
     layers = [nnx.merge(self.layer_graphdef, jax.tree.map(lambda a: a[0], p))
@@ -168,8 +170,8 @@ class Engine:
         in_specs=(self.param_specs, self.cache_specs, t.tokens_BxT, P(), P()),
         out_specs=out_specs, check_vma=False)
 
-  @functools.cached_property
-  def forward(self):
+  @functools.cache  # noqa: B019 - one jit per engine, kept for its life
+  def logits_program(self):
     """jit(params, cache, tokens [B, T], pos) -> (logits [B, T, V] f32, cache, MoEStats).
 
     Every sequence starts at `pos`. The cache is donated: it is updated in place. MoE
@@ -181,7 +183,7 @@ class Engine:
                    donate_argnums=(1,))
 
   @functools.cache  # noqa: B019 - one jit per (engine, arguments), kept for its life
-  def prefill_fn(self, temperature: float = 0.0, sample: bool = True):
+  def prefill_program(self, temperature: float = 0.0, sample: bool = True):
     """jit(params, cache, tokens [B, T], pos, key) -> (next tokens [B], cache, MoEStats),
     or without `sample` (cache, MoEStats): an early chunk of a chunked prefill.
 
@@ -191,46 +193,62 @@ class Engine:
     return jax.jit(self._shard_prefill("sample" if sample else "cache", temperature),
                    donate_argnums=(1,))
 
-  def ring_specs(self):
-    return ring.RingState(P(), P(), self.table.inflight_NxBxD, P())
+  def decode_state_specs(self) -> ring.DecodeState:
+    """The decode state's PartitionSpecs: a DecodeState of them."""
+    return ring.DecodeState(P(), P(), self.table.inflight_NxBgxD, P(), self.cache_specs)
 
   @functools.cache  # noqa: B019 - one jit per (engine, arguments), kept for its life
-  def ring_fn(self, batch: int, steps: int, temperature: float = 0.0):
-    """jit(params, cache, RingState, key) -> (RingState, cache, RingOutput, MoEStats):
-    `steps` micro-steps of the decode ring (ring.py). Cache and state are donated."""
+  def decode_program(self, batch: int, steps: int, temperature: float = 0.0):
+    """jit(params, DecodeState, key) -> (DecodeState, DecodeOutput, MoEStats): `steps`
+    micro-steps of the decode ring (ring.py). The state, cache included, is donated."""
     cfg, par, groups = self.cfg, self.par, self.dep.groups
 
-    def ring_(params_, cache_, state_, key):
-      state_, cache_, out, stats = ring.run(
-          self._layers(params_), params_, state_, cache_, key, steps=steps, groups=groups,
+    def decode_(params_, state_, key):
+      state_, out, stats = ring.run(
+          self._layers(params_), params_, state_, key, steps=steps, groups=groups,
           batch=batch, temperature=temperature, norm_eps=cfg.norm_eps, par=par)
       stats = ep.MoEStats(ep.psum_batch(stats.load_E, par), ep.psum_batch(stats.dropped, par))
-      return state_, cache_, out, stats
+      return state_, out, stats
 
     t = self.table
     stats_specs = ep.MoEStats(t.load_LxE, t.load_LxE)
-    out_specs = ring.RingOutput(P(), P(), P())
+    out_specs = ring.DecodeOutput(P(), P(), P())
+    state_specs = self.decode_state_specs()
     f = jax.shard_map(
-        ring_, mesh=self.mesh,
-        in_specs=(self.param_specs, self.cache_specs, self.ring_specs(), P()),
-        out_specs=(self.ring_specs(), self.cache_specs, out_specs, stats_specs),
-        check_vma=False)
-    return jax.jit(f, donate_argnums=(1, 2))
+        decode_, mesh=self.mesh, in_specs=(self.param_specs, state_specs, P()),
+        out_specs=(state_specs, out_specs, stats_specs), check_vma=False)
+    return jax.jit(f, donate_argnums=(1,))
 
-  def ring_state(self, tokens_B, pos_B) -> ring.RingState:
-    """The ring's starting state after prefill: next tokens and their positions [B]."""
+  def _decode_start(self, tokens_B, pos_B) -> ring.DecodeState:
+    """The decode state's arrays but the cache (left None)."""
+    bg = tokens_B.shape[0] // self.dep.groups
+    return ring.DecodeState(
+        tokens_B.astype(jnp.int32), pos_B.astype(jnp.int32),
+        jnp.zeros((self.dep.stages, bg, self.cfg.model_dim), self.cfg.jnp_dtype),
+        jnp.zeros((), jnp.int32), None)
+
+  def _decode_start_shardings(self):
+    return sharding.named(self.mesh, self.decode_state_specs()._replace(cache=None))
+
+  def decode_state(self, tokens_B, pos_B, cache: StagedKVCache) -> ring.DecodeState:
+    """The decode state after prefill: each sequence's next token and the position it
+    takes [B], and the cache prefill filled (held as it is, not copied)."""
     b = tokens_B.shape[0]
     self.dep.check_batch(b)
-    bg = b // self.dep.groups
-    specs = self.ring_specs()
-    shardings = sharding.named(self.mesh, specs)
+    if cache.k[0].shape[1] != b:
+      raise ConfigError(f"the cache holds {cache.k[0].shape[1]} sequences, the tokens {b}.")
+    start = jax.jit(self._decode_start, out_shardings=self._decode_start_shardings())
+    return start(tokens_B, pos_B)._replace(cache=cache)
 
-    def make(tokens_B, pos_B):
-      return ring.RingState(tokens_B.astype(jnp.int32), pos_B.astype(jnp.int32),
-                            jnp.zeros((self.dep.stages, bg, self.cfg.model_dim),
-                                      self.cfg.jnp_dtype), jnp.zeros((), jnp.int32))
-
-    return jax.jit(make, out_shardings=shardings)(tokens_B, pos_B)
+  def abstract_decode_state(self, batch: int, max_len: int | None = None) -> ring.DecodeState:
+    """The decode state's shapes, dtypes and shardings, nothing allocated: what
+    decode_program lowers for ahead of time."""
+    self.dep.check_batch(batch)
+    b = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    start = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         jax.eval_shape(self._decode_start, b, b),
+                         self._decode_start_shardings())
+    return start._replace(cache=self.abstract_cache(batch, max_len))
 
   def check_tokens(self, tokens_BxT, pos: int = 0, max_len: int | None = None):
     """Host-side checks before anything compiles; raises ConfigError."""

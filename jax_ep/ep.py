@@ -130,10 +130,10 @@ def best_over_vocab(score_B, id_B, par: Parallel):
   axes = vocab_axes(par)
   if not axes:
     return id_B
-  scores_NxB = jax.lax.all_gather(score_B, axes, axis=0)
-  ids_NxB = jax.lax.all_gather(id_B, axes, axis=0)
-  best_B = jnp.argmax(scores_NxB, axis=0)
-  return jnp.take_along_axis(ids_NxB, best_B[None], axis=0)[0]
+  scores_VsxB = jax.lax.all_gather(score_B, axes, axis=0)
+  ids_VsxB = jax.lax.all_gather(id_B, axes, axis=0)
+  best_B = jnp.argmax(scores_VsxB, axis=0)
+  return jnp.take_along_axis(ids_VsxB, best_B[None], axis=0)[0]
 
 
 def psum_batch(x, par: Parallel):

@@ -42,25 +42,25 @@ def open_model(directory: str, config: ModelConfig | None = None,
   return CheckpointModel(cfg, task, int(meta["step"]))
 
 
-def accuracy(gen: Generation, answers_BxN: np.ndarray) -> float:
+def accuracy(gen: Generation, answers_BxO: np.ndarray) -> float:
   """Exact match of the first n generated tokens with the answers."""
-  n = answers_BxN.shape[1]
+  n = answers_BxO.shape[1]
   if gen.tokens.shape[1] < n:
     raise ConfigError(f"generated {gen.tokens.shape[1]} tokens; the task's answers have {n}.")
-  return tasks.exact_match(gen.tokens[:, :n], answers_BxN)
+  return tasks.exact_match(gen.tokens[:, :n], answers_BxO)
 
 
-def routed_tokens(prompts_BxP: np.ndarray, gen: Generation) -> np.ndarray:
+def routed_tokens(prompts_BxT: np.ndarray, gen: Generation) -> np.ndarray:
   """The tokens a generation routed: the prompts (prefill) and every generated token but
   the last (each decode step's input)."""
-  return np.concatenate([np.asarray(prompts_BxP), gen.tokens[:, :-1]], axis=1)
+  return np.concatenate([np.asarray(prompts_BxT), gen.tokens[:, :-1]], axis=1)
 
 
 def expert_load(engine: Engine, params, tokens_BxT: np.ndarray) -> np.ndarray:
   """Per-expert picks [L, E] of one forward pass over `tokens_BxT` from position 0."""
   tokens = jax.device_put(engine.check_tokens(tokens_BxT), engine.tokens_sharding())
   cache = engine.init_cache(tokens.shape[0], tokens.shape[1])
-  _, _, stats = engine.forward(params, cache, tokens, jnp.int32(0))
+  _, _, stats = engine.logits_program()(params, cache, tokens, jnp.int32(0))
   return np.asarray(stats.load_E)
 
 

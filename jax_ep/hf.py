@@ -38,8 +38,8 @@ TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float1
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 # HF tensor name -> (canonical path, how the HF matrix maps to the jax_ep array).
-#   "same": identical; "t": transposed; "in": [H*K, D] <-> [D, H, K]; "out": [D, H*K] <->
-#   [H, K, D]. {i}: layer (the canonical leaf's L axis), {j}: expert (its E axis).
+#   "same": identical; "t": transposed; "in": [H*Dh, D] <-> [D, H, Dh]; "out": [D, H*Dh]
+#   <-> [H, Dh, D]. {i}: layer (the canonical leaf's L axis), {j}: expert (its E axis).
 _LAYER = "model.layers.{i}."
 _EXPERT = _LAYER + "block_sparse_moe.experts.{j}."
 MAPPING = (
@@ -47,10 +47,10 @@ MAPPING = (
     ("model.norm.weight", "final_norm/scale_D", "same"),
     ("lm_head.weight", "unembed_DxV", "t"),
     (_LAYER + "input_layernorm.weight", "layers/attn_norm/scale_D", "same"),
-    (_LAYER + "self_attn.q_proj.weight", "layers/attn/wq_DxHxK", "in"),
-    (_LAYER + "self_attn.k_proj.weight", "layers/attn/wk_DxHxK", "in"),
-    (_LAYER + "self_attn.v_proj.weight", "layers/attn/wv_DxHxK", "in"),
-    (_LAYER + "self_attn.o_proj.weight", "layers/attn/wo_HxKxD", "out"),
+    (_LAYER + "self_attn.q_proj.weight", "layers/attn/wq_DxHxDh", "in"),
+    (_LAYER + "self_attn.k_proj.weight", "layers/attn/wk_DxHxDh", "in"),
+    (_LAYER + "self_attn.v_proj.weight", "layers/attn/wv_DxHxDh", "in"),
+    (_LAYER + "self_attn.o_proj.weight", "layers/attn/wo_HxDhxD", "out"),
     (_LAYER + "post_attention_layernorm.weight", "layers/moe_norm/scale_D", "same"),
     (_LAYER + "block_sparse_moe.gate.weight", "layers/moe/w_router_DxE", "t"),
     (_EXPERT + "w1.weight", "layers/moe/w_gate_ExDxF", "t"),
@@ -147,9 +147,9 @@ def _hf_shape(shape, how):
   """The HF tensor's shape for a canonical slice of `shape`."""
   if how == "t":
     return tuple(reversed(shape))
-  if how == "in":  # [D, H, K] -> [H*K, D]
+  if how == "in":  # [D, H, Dh] -> [H*Dh, D]
     return (shape[1] * shape[2], shape[0])
-  if how == "out":  # [H, K, D] -> [D, H*K]
+  if how == "out":  # [H, Dh, D] -> [D, H*Dh]
     return (shape[2], shape[0] * shape[1])
   return tuple(shape)
 

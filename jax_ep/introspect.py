@@ -126,7 +126,7 @@ def device_shares(engine: Engine, params) -> list[DeviceShare]:
   """
   coords = {d.id: tuple(int(i) for i in idx) for idx, d in np.ndenumerate(engine.mesh.devices)}
   up = _leaf(params, "layers", 0, "moe", "w_up_ExDxF")  # [stages, E, D, F]
-  wq = _leaf(params, "layers", 0, "attn", "wq_DxHxK")  # [stages, D, H, K]
+  wq = _leaf(params, "layers", 0, "attn", "wq_DxHxDh")  # [stages, D, H, Dh]
   unembed = _leaf(params, "unembed_DxV")
   nbytes = bytes_per_device(params)
   maps = [a.sharding.devices_indices_map(a.shape) for a in (up, wq, unembed)]
@@ -179,10 +179,10 @@ def compile_entry_points(engine: Engine, params, batch: int, prompt_len: int, ma
   tokens = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32,
                                 sharding=engine.tokens_sharding())
   key = jax.random.key(0)
-  state = engine.ring_state(jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32))
+  state = engine.abstract_decode_state(batch, decode.cache_len(max_len))
   return {
-      "prefill": engine.prefill_fn(temperature, sample=True).lower(
+      "prefill": engine.prefill_program(temperature, sample=True).lower(
           params, cache, tokens, jnp.int32(0), key).compile(),
-      "decode": engine.ring_fn(batch, engine.dep.ring_period, temperature).lower(
-          params, cache, state, key).compile(),
+      "decode": engine.decode_program(batch, engine.dep.ring_period, temperature).lower(
+          params, state, key).compile(),
   }

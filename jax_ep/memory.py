@@ -120,7 +120,7 @@ def cache_len(max_len: int) -> int:
 def kv_cache_bytes(cfg: ModelConfig, dep: DeploymentConfig, batch: int, length: int) -> int:
   """Keys and values one device holds: its layers x its rows x its heads x `length`."""
   shape = (dep.stages, batch, cfg.num_heads, length, cfg.head_dim)
-  local = shard_shape(shape, sharding.table_for(dep).kv_LxBxHxSxK, dep)
+  local = shard_shape(shape, sharding.table_for(dep).kv_LxBxHxSxDh, dep)
   return 2 * (cfg.num_layers // dep.stages) * math.prod(local) * cfg.bytes_per_param
 
 

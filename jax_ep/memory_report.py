@@ -100,13 +100,10 @@ def compiled_memory(engine, batch: int, prompt_len: int, max_len: int) -> dict:
   tokens = jax.ShapeDtypeStruct((batch, chunk), jnp.int32, sharding=engine.tokens_sharding())
   key = jax.random.key(0)
   out = {}
-  pre = engine.prefill_fn(0.0, sample=True).lower(params, cache, tokens, jnp.int32(0), key)
+  pre = engine.prefill_program(0.0, sample=True).lower(params, cache, tokens, jnp.int32(0), key)
   out["prefill"] = _stats(pre.compile().memory_analysis())
-  zeros = jnp.zeros((batch,), jnp.int32)
-  state = jax.eval_shape(engine.ring_state, zeros, zeros)
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
-                       sharding.named(engine.mesh, engine.ring_specs()))
-  ring = engine.ring_fn(batch, dep.ring_period, 0.0).lower(params, cache, state, key)
+  state = engine.abstract_decode_state(batch, length)
+  ring = engine.decode_program(batch, dep.ring_period, 0.0).lower(params, state, key)
   out["decode"] = _stats(ring.compile().memory_analysis())
   return out
 

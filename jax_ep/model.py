@@ -23,15 +23,15 @@ def _normal(rngs: nnx.Rngs, shape, fan_in: int, dtype):
   return jax.random.normal(rngs.params(), shape, dtype) * jnp.asarray(fan_in**-0.5, dtype)
 
 
-def rope(x_BxTxHxK: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+def rope(x_BxTxHxDh: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
   """Rotary position embedding (rotate-half form), computed in float32."""
-  half = x_BxTxHxK.shape[-1] // 2
-  freq_K2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_BxTxK2 = positions_BxT[..., None].astype(jnp.float32) * freq_K2[None, None, :]
-  sin, cos = jnp.sin(angle_BxTxK2)[:, :, None], jnp.cos(angle_BxTxK2)[:, :, None]
-  x1, x2 = jnp.split(x_BxTxHxK.astype(jnp.float32), 2, axis=-1)
+  half = x_BxTxHxDh.shape[-1] // 2
+  freq_Dh2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BxTxDh2 = positions_BxT[..., None].astype(jnp.float32) * freq_Dh2[None, None, :]
+  sin, cos = jnp.sin(angle_BxTxDh2)[:, :, None], jnp.cos(angle_BxTxDh2)[:, :, None]
+  x1, x2 = jnp.split(x_BxTxHxDh.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxTxHxK.dtype)
+  return out.astype(x_BxTxHxDh.dtype)
 
 
 def rms_norm(x, scale_D, eps: float):
@@ -70,13 +70,13 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     d, h, k, dt = cfg.model_dim, cfg.num_heads, cfg.head_dim, cfg.jnp_dtype
-    self.wq_DxHxK = nnx.Param(_normal(rngs, (d, h, k), d, dt))
-    self.wk_DxHxK = nnx.Param(_normal(rngs, (d, h, k), d, dt))
-    self.wv_DxHxK = nnx.Param(_normal(rngs, (d, h, k), d, dt))
-    self.wo_HxKxD = nnx.Param(_normal(rngs, (h, k, d), h * k, dt))
+    self.wq_DxHxDh = nnx.Param(_normal(rngs, (d, h, k), d, dt))
+    self.wk_DxHxDh = nnx.Param(_normal(rngs, (d, h, k), d, dt))
+    self.wv_DxHxDh = nnx.Param(_normal(rngs, (d, h, k), d, dt))
+    self.wo_HxDhxD = nnx.Param(_normal(rngs, (h, k, d), h * k, dt))
     self.rope_theta = cfg.rope_theta
 
-  def __call__(self, x_BxTxD, k_BxHxSxK, v_BxHxSxK, pos_B, par: ep.Parallel):
+  def __call__(self, x_BxTxD, k_BxHxSxDh, v_BxHxSxDh, pos_B, par: ep.Parallel):
     """Attends sequence b's T new tokens at positions pos_B[b]..pos_B[b]+T-1 to its cache
     positions < pos_B[b] and to each other (causally). Sequences may be at different
     positions (decode groups, continuous batching).
@@ -84,25 +84,25 @@ class Attention(nnx.Module):
     The cache is only read here: the caller writes the returned new keys and values,
     so a pipeline bubble can skip the write. One new token per sequence (decode) with
     the Pallas kernels on reads only the live positions (kernels/decode_attention.py).
-    Returns the output [B, T, D] and the new k, v [B, T, H, K].
+    Returns the output [B, T, D] and the new k, v [B, T, H, Dh].
     """
     b, t, _ = x_BxTxD.shape
-    s = k_BxHxSxK.shape[2]
+    s = k_BxHxSxDh.shape[2]
     pos_B = jnp.broadcast_to(jnp.asarray(pos_B, jnp.int32), (b,))
     positions_BxT = pos_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    q = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wq_DxHxK[...])
-    k = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wk_DxHxK[...])
-    v = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wv_DxHxK[...])
+    q = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wq_DxHxDh[...])
+    k = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wk_DxHxDh[...])
+    v = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.wv_DxHxDh[...])
     q, k = rope(q, positions_BxT, self.rope_theta), rope(k, positions_BxT, self.rope_theta)
-    k, v = k.astype(k_BxHxSxK.dtype), v.astype(v_BxHxSxK.dtype)
+    k, v = k.astype(k_BxHxSxDh.dtype), v.astype(v_BxHxSxDh.dtype)
     scale = q.shape[-1] ** -0.5
     kernel = ep.kernels(par)
     if t == 1 and kernel != "xla" and decode_attention.supports(s):
-      o_BxHxK = decode_attention.attend_decode(q[:, 0], k_BxHxSxK, v_BxHxSxK, pos_B, k[:, 0],
+      o_BxHxDh = decode_attention.attend_decode(q[:, 0], k_BxHxSxDh, v_BxHxSxDh, pos_B, k[:, 0],
                                                v[:, 0], scale, interpret=kernel == "interpret")
-      o_BxTxHxK = o_BxHxK[:, None].astype(v.dtype)
+      o_BxTxHxDh = o_BxHxDh[:, None].astype(v.dtype)
     else:
-      old_BxHxTxS = jnp.einsum("bthk,bhsk->bhts", q, k_BxHxSxK,
+      old_BxHxTxS = jnp.einsum("bthk,bhsk->bhts", q, k_BxHxSxDh,
                                preferred_element_type=jnp.float32)
       seen_Bx1x1xS = (jnp.arange(s)[None, :] < pos_B[:, None])[:, None, None, :]
       old_BxHxTxS = jnp.where(seen_Bx1x1xS, old_BxHxTxS * scale, -jnp.inf)
@@ -111,9 +111,9 @@ class Attention(nnx.Module):
       new_BxHxTxT = jnp.where(causal_1x1xTxT, new_BxHxTxT * scale, -jnp.inf)
       probs = jax.nn.softmax(jnp.concatenate([old_BxHxTxS, new_BxHxTxT], axis=-1), axis=-1)
       probs = probs.astype(v.dtype)
-      o_BxTxHxK = (jnp.einsum("bhts,bhsk->bthk", probs[..., :s], v_BxHxSxK)
+      o_BxTxHxDh = (jnp.einsum("bhts,bhsk->bthk", probs[..., :s], v_BxHxSxDh)
                    + jnp.einsum("bhtu,buhk->bthk", probs[..., s:], v))
-    out_BxTxD = jnp.einsum("bthk,hkd->btd", o_BxTxHxK, self.wo_HxKxD[...])
+    out_BxTxD = jnp.einsum("bthk,hkd->btd", o_BxTxHxDh, self.wo_HxDhxD[...])
     return ep.psum_tp(out_BxTxD, par), k, v
 
 
@@ -144,18 +144,18 @@ class DecoderLayer(nnx.Module):
     self.moe_norm = RMSNorm(cfg.model_dim, cfg.norm_eps, cfg.jnp_dtype)
     self.moe = MoEBlock(cfg, rngs)
 
-  def __call__(self, x_BxTxD, k_BxHxSxK, v_BxHxSxK, pos_B, par: ep.Parallel, active=True):
-    """Returns the output, this layer's new keys and values [B, T, H, K], MoE stats.
+  def __call__(self, x_BxTxD, k_BxHxSxDh, v_BxHxSxDh, pos_B, par: ep.Parallel, active=True):
+    """Returns the output, this layer's new keys and values [B, T, H, Dh], MoE stats.
 
     `active` False marks a pipeline bubble: attention runs, the experts skip its
     tokens, and its load is not counted.
     """
-    h, k_BxTxHxK, v_BxTxHxK = self.attn(self.attn_norm(x_BxTxD), k_BxHxSxK, v_BxHxSxK, pos_B,
+    h, k_BxTxHxDh, v_BxTxHxDh = self.attn(self.attn_norm(x_BxTxD), k_BxHxSxDh, v_BxHxSxDh, pos_B,
                                         par)
     x_BxTxD = x_BxTxD + h
     b, t, d = x_BxTxD.shape
     y_TxD, stats = self.moe(self.moe_norm(x_BxTxD).reshape(b * t, d), par, active)
-    return x_BxTxD + y_TxD.reshape(b, t, d), k_BxTxHxK, v_BxTxHxK, stats
+    return x_BxTxD + y_TxD.reshape(b, t, d), k_BxTxHxDh, v_BxTxHxDh, stats
 
 
 class Transformer(nnx.Module):
@@ -186,14 +186,17 @@ class Transformer(nnx.Module):
   def __call__(self, tokens_BxT, cache: KVCache, pos_B, par: ep.Parallel = ep.ONE_DEVICE):
     """The whole model on one device: logits [B, T, V], the extended cache, MoE stats.
 
-    The reference every deployment is tested against. pos_B: each sequence's position
-    (a scalar: all the same).
+    The independent reference every deployment is tested against (tests/reference.py;
+    engine, ring, property, checkpoint and hf tests): one program over the canonical
+    parameters, without the engine's parameter layout, shard_map, pipeline, ring or
+    sharded sampling. Training (train.py) runs these same layers. pos_B: each
+    sequence's position (a scalar: all the same).
     """
     pos_B = jnp.broadcast_to(jnp.asarray(pos_B, jnp.int32), (tokens_BxT.shape[0],))
     x = embed(self.embed_VxD[...], tokens_BxT)
     stats = []
     for i in range(self.num_local_layers()):
-      x, k, v, s = self.layer(i)(x, cache.k_LxBxHxSxK[i], cache.v_LxBxHxSxK[i], pos_B, par)
+      x, k, v, s = self.layer(i)(x, cache.k_LxBxHxSxDh[i], cache.v_LxBxHxSxDh[i], pos_B, par)
       cache = cache.write(i, pos_B, k, v)
       stats.append(s)
     stats = jax.tree.map(lambda *a: jnp.stack(a), *stats)

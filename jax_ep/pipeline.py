@@ -1,8 +1,8 @@
 """Prefill's pipeline of stages over micro-batches, run inside shard_map (GPipe).
 
 At step t stage s works on micro-batch t - s while the activations it produced at
-step t - 1 travel to stage s + 1 (ppermute), so with M micro-batches and S stages
-a pass takes M + S - 1 steps, S - 1 of them fill and drain. Each stage keeps its
+step t - 1 travel to stage s + 1 (ppermute), so with M micro-batches and N stages
+a pass takes M + N - 1 steps, N - 1 of them fill and drain. Each stage keeps its
 layers' KV cache; a bubble step computes on a stand-in micro-batch, writes nothing
 and sends nothing to the experts. Decode runs on the ring (ring.py) instead.
 """
@@ -23,7 +23,7 @@ def run(layers_: list[DecoderLayer], x_MxBxTxD_, cache_: StagedKVCache, pos, par
   Args:
     layers_: this stage's L_local layers, holding this device's shards.
     x_MxBxTxD_: this device's batch, embedded, split into M micro-batches of B rows.
-    cache_: this stage's cache, per local layer [1, M * B, H_local, S, K].
+    cache_: this stage's cache, per local layer [1, M * B, H_local, S, Dh].
     pos: position of the first new token (every sequence of a prefill shares it).
 
   Returns:
@@ -35,10 +35,10 @@ def run(layers_: list[DecoderLayer], x_MxBxTxD_, cache_: StagedKVCache, pos, par
   stage = ep.stage_index(par)
   pos_B = jnp.full((b,), pos, jnp.int32)
 
-  def rows(a_1xBxHxSxK, mb):
+  def rows(a_1xBxHxSxDh, mb):
     if m == 1:  # no slice, so no copy of the cache
-      return a_1xBxHxSxK[0]
-    return jax.lax.dynamic_slice_in_dim(a_1xBxHxSxK[0], mb * b, b, axis=0)
+      return a_1xBxHxSxDh[0]
+    return jax.lax.dynamic_slice_in_dim(a_1xBxHxSxDh[0], mb * b, b, axis=0)
 
   def step(t, carry):
     inflight_, outputs_, (ks, vs), load_, dropped_ = carry

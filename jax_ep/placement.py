@@ -90,7 +90,7 @@ def rows(cfg: ModelConfig, dep: DeploymentConfig, devices, batch: int | None = N
             layers=block(table.norm_LxD, 0, cfg.num_layers),
             experts=block(table.expert_in_LxExDxF, 1, cfg.num_experts),
             mlp_cols=block(table.expert_in_LxExDxF, 3, cfg.mlp_dim),
-            heads=block(table.attn_in_LxDxHxK, 2, cfg.num_heads),
+            heads=block(table.attn_in_LxDxHxDh, 2, cfg.num_heads),
             vocab=block(table.unembed_DxV, 1, cfg.vocab_size),
             batch_rows=None if batch is None else block(table.tokens_BxT, 0, batch)))
   return out

@@ -1,15 +1,15 @@
 """Decode as a ring of stages with several groups of sequences in flight (in shard_map).
 
-The batch of B sequences splits into G groups (DeploymentConfig.groups); the ring's
-period is L = max(G, S) micro-steps for S stages. At micro-step t, stage s runs its
-layers for group (t - s) mod L (a real group if that is < G; otherwise the stage idles
+The batch of B sequences splits into G groups of Bg = B / G (DeploymentConfig.groups);
+the ring's period is max(G, N) micro-steps for N stages. At micro-step t, stage s runs its
+layers for group (t - s) mod max(G, N) (a real group if that is < G; otherwise it idles
 on a stand-in: a bubble, which writes nothing and sends the experts nothing). Its
 activations move to stage s + 1 with ppermute; the last stage's output goes through
 the head, and the sampled tokens reach every stage, where stage 0 embeds them at the
 group's next turn. Each group's KV cache stays on the stages that own its layers.
 
-With G >= S every stage is busy every micro-step and each sequence gets a token every
-L = G micro-steps; G = 1 is one batch in flight (each stage busy one micro-step in S).
+With G >= N every stage is busy every micro-step and each sequence gets a token every
+G micro-steps; G = 1 is one batch in flight (each stage busy one micro-step in N).
 Stage roles are masks (no lax.cond), and a call runs a static number of micro-steps,
 so nothing syncs with the host between them.
 
@@ -29,21 +29,28 @@ from jax_ep.kv_cache import StagedKVCache, write_rows
 from jax_ep.mesh import EXPERT
 
 
-class RingState(NamedTuple):
-  """What the ring carries between calls (all but `inflight` replicated)."""
+class DecodeState(NamedTuple):
+  """What decoding carries from one call to the next: Engine.decode_state builds it after
+  prefill, Engine.decode_program takes it (donated) and returns the next one. A pytree
+  (Engine.decode_state_specs gives its PartitionSpecs); all but inflight_NxBgxD and the
+  cache are replicated."""
 
   tokens_B: jax.Array  # int32: each sequence's next input token, global order
   pos_B: jax.Array  # int32: the position that token takes
-  inflight_NxBgxD: jax.Array  # activations each stage receives next, [N, Bg, D] over stage, expert
-  t: jax.Array  # int32 scalar: micro-steps since the ring started
+  # The activations each stage receives next, over stage and expert (each device: its
+  # [1, Bg / E, D]).
+  inflight_NxBgxD: jax.Array
+  micro_steps: jax.Array  # int32 scalar: micro-steps run since the ring started
+  cache: StagedKVCache  # per local layer [N, B, H, S, Dh], over stage, expert and tp
 
 
-class RingOutput(NamedTuple):
-  """Per micro-step of a call: the tokens the last stage sampled, and for which group."""
+class DecodeOutput(NamedTuple):
+  """Per micro-step of a call (U of them): the tokens the last stage sampled, and for
+  which group."""
 
-  tokens_KxBg: jax.Array  # int32, in group order (expert-major: e * Bl + r)
-  group_K: jax.Array  # int32
-  valid_K: jax.Array  # bool: False while the ring fills (the first S - 1 micro-steps)
+  tokens_UxBg: jax.Array  # int32, in group order (expert-major: e * Bl + r)
+  group_U: jax.Array  # int32
+  valid_U: jax.Array  # bool: False while the ring fills (the first N - 1 micro-steps)
 
 
 def group_ids(g, batch: int, groups: int, experts: int, xp=jnp):
@@ -55,23 +62,23 @@ def group_ids(g, batch: int, groups: int, experts: int, xp=jnp):
 
 def first_call_steps(groups: int, stages: int) -> int:
   """Micro-steps of the first call after prefill so that every group gets exactly one
-  token: the period plus the fill, max(G, S) + min(G, S) - 1 = G + S - 1."""
+  token: the period plus the fill, max(G, N) + min(G, N) - 1 = G + N - 1."""
   return groups + stages - 1
 
 
-def run(layers_, params_, state_: RingState, cache_: StagedKVCache, key, *, steps: int,
-        groups: int, batch: int, temperature: float, norm_eps: float, par: ep.Parallel):
+def run(layers_, params_, state_: DecodeState, key, *, steps: int, groups: int, batch: int,
+        temperature: float, norm_eps: float, par: ep.Parallel):
   """`steps` micro-steps of the ring on this device (inside shard_map).
 
   Args:
     layers_: this stage's layers (this device's shards).
     params_: the deployment params (embedding, final norm, this device's vocabulary
       columns of the unembedding).
-    state_: RingState; inflight_ is this device's [1, Bl, D].
-    cache_: this stage's cache, per local layer [1, B / E, H_local, S, K].
+    state_: DecodeState: inflight_NxBgxD is this device's [1, Bl, D], the cache this
+      stage's, per local layer [1, B / E, H_local, S, Dh].
     key: the sampling key (temperature > 0); noise is keyed by sequence and position.
   Returns:
-    (RingState, StagedKVCache, RingOutput, MoEStats summed over the micro-steps).
+    (DecodeState, DecodeOutput, MoEStats summed over the micro-steps).
   """
   period = max(groups, par.stage)
   stage = ep.stage_index(par)
@@ -86,10 +93,10 @@ def run(layers_, params_, state_: RingState, cache_: StagedKVCache, key, *, step
   num_experts = layers_[0].moe.w_router_DxE.shape[-1]
 
   def micro_step(i, carry):
-    st, (ks, vs), load_, dropped_, out = carry
-    ks, vs = list(ks), list(vs)
-    slot = (st.t - stage) % period
-    valid = (slot < groups) & (st.t >= stage)
+    st, load_, dropped_, out = carry
+    ks, vs = list(st.cache.k), list(st.cache.v)
+    slot = (st.micro_steps - stage) % period
+    valid = (slot < groups) & (st.micro_steps >= stage)
     g = jnp.minimum(slot, groups - 1)
     ids_ = group_ids(g, batch, groups, par.expert).reshape(par.expert, bl)[e_index]
     pos_ = st.pos_B[ids_]
@@ -106,8 +113,8 @@ def run(layers_, params_, state_: RingState, cache_: StagedKVCache, key, *, step
         load_ = load_.at[li].add(stats.load_E)
         dropped_ = dropped_.at[li].add(stats.dropped)
     # The head, on every stage (SPMD); the last stage's result is the one kept.
-    last_slot = (st.t - (par.stage - 1)) % period
-    last_valid = (last_slot < groups) & (st.t >= par.stage - 1)
+    last_slot = (st.micro_steps - (par.stage - 1)) % period
+    last_valid = (last_slot < groups) & (st.micro_steps >= par.stage - 1)
     last_g = jnp.minimum(last_slot, groups - 1)
     with jax.named_scope("head"):
       hg_ = ep.gather_batch(h_, par)  # [Bg, 1, D], expert-major
@@ -121,15 +128,16 @@ def run(layers_, params_, state_: RingState, cache_: StagedKVCache, key, *, step
     last_ids = group_ids(last_g, batch, groups, par.expert)
     tokens_B = st.tokens_B.at[last_ids].set(jnp.where(last_valid, token_Bg, st.tokens_B[last_ids]))
     pos_B = st.pos_B.at[last_ids].add(last_valid.astype(jnp.int32))
-    out = RingOutput(out.tokens_KxBg.at[i].set(token_Bg), out.group_K.at[i].set(last_g),
-                     out.valid_K.at[i].set(last_valid))
-    st = RingState(tokens_B, pos_B, inflight_, st.t + 1)
-    return st, (tuple(ks), tuple(vs)), load_, dropped_, out
+    out = DecodeOutput(out.tokens_UxBg.at[i].set(token_Bg), out.group_U.at[i].set(last_g),
+                       out.valid_U.at[i].set(last_valid))
+    st = DecodeState(tokens_B, pos_B, inflight_, st.micro_steps + 1,
+                     StagedKVCache(tuple(ks), tuple(vs)))
+    return st, load_, dropped_, out
 
   bg = bl * par.expert
-  out = RingOutput(jnp.zeros((steps, bg), jnp.int32), jnp.zeros((steps,), jnp.int32),
-                   jnp.zeros((steps,), bool))
-  carry = (state_, (cache_.k, cache_.v), jnp.zeros((num_layers, num_experts), jnp.int32),
+  out = DecodeOutput(jnp.zeros((steps, bg), jnp.int32), jnp.zeros((steps,), jnp.int32),
+                     jnp.zeros((steps,), bool))
+  carry = (state_, jnp.zeros((num_layers, num_experts), jnp.int32),
            jnp.zeros((num_layers,), jnp.int32), out)
-  state_, (ks, vs), load_, dropped_, out = jax.lax.fori_loop(0, steps, micro_step, carry)
-  return state_, StagedKVCache(ks, vs), out, ep.MoEStats(load_, dropped_)
+  state_, load_, dropped_, out = jax.lax.fori_loop(0, steps, micro_step, carry)
+  return state_, out, ep.MoEStats(load_, dropped_)

@@ -1,7 +1,10 @@
 """One table per deployment: which weight and activation axes map to which mesh axes.
 
 Field names carry the dimension letters (README legend); weight fields are apart
-from activation fields. Everything else reads its PartitionSpecs from here.
+from activation fields. Everything else reads its PartitionSpecs from here. A layer
+field's leading L is the canonical layout's stack of layers; the deployment layout's
+per-local-layer arrays [N, ...] (and the cache's) take the same spec: `stage` splits L
+into N blocks.
 """
 
 from __future__ import annotations
@@ -23,17 +26,17 @@ class ShardingTable:
   unembed_DxV: P
   final_norm_D: P
   norm_LxD: P
-  attn_in_LxDxHxK: P  # wq, wk, wv
-  attn_out_LxHxKxD: P  # wo
+  attn_in_LxDxHxDh: P  # wq, wk, wv
+  attn_out_LxHxDhxD: P  # wo
   router_LxDxE: P
   expert_in_LxExDxF: P  # w_up, w_gate
   expert_out_LxExFxD: P  # w_down
   # activations and state
   tokens_BxT: P
   logits_BxTxV: P
-  kv_LxBxHxSxK: P
+  kv_LxBxHxSxDh: P
   load_LxE: P
-  inflight_NxBxD: P  # the decode ring's activations between stages
+  inflight_NxBgxD: P  # the decode ring's activations between stages (ring.DecodeState)
 
 
 def table_for(dep: DeploymentConfig) -> ShardingTable:
@@ -46,16 +49,16 @@ def table_for(dep: DeploymentConfig) -> ShardingTable:
       unembed_DxV=P(None, (EXPERT, TP)),
       final_norm_D=P(),
       norm_LxD=P(STAGE),
-      attn_in_LxDxHxK=P(STAGE, None, TP, None),
-      attn_out_LxHxKxD=P(STAGE, TP, None, None),
+      attn_in_LxDxHxDh=P(STAGE, None, TP, None),
+      attn_out_LxHxDhxD=P(STAGE, TP, None, None),
       router_LxDxE=P(STAGE),
       expert_in_LxExDxF=P(STAGE, experts, None, ffn),
       expert_out_LxExFxD=P(STAGE, experts, ffn, None),
       tokens_BxT=P(EXPERT),
       logits_BxTxV=P(None, None, (EXPERT, TP)),
-      kv_LxBxHxSxK=P(STAGE, EXPERT, TP, None, None),
+      kv_LxBxHxSxDh=P(STAGE, EXPERT, TP, None, None),
       load_LxE=P(STAGE),
-      inflight_NxBxD=P(STAGE, EXPERT),
+      inflight_NxBgxD=P(STAGE, EXPERT),
   )
 
 
@@ -63,10 +66,10 @@ def table_for(dep: DeploymentConfig) -> ShardingTable:
 _PARAM_FIELD = {
     "embed_VxD": "embed_VxD",
     "unembed_DxV": "unembed_DxV",
-    "wq_DxHxK": "attn_in_LxDxHxK",
-    "wk_DxHxK": "attn_in_LxDxHxK",
-    "wv_DxHxK": "attn_in_LxDxHxK",
-    "wo_HxKxD": "attn_out_LxHxKxD",
+    "wq_DxHxDh": "attn_in_LxDxHxDh",
+    "wk_DxHxDh": "attn_in_LxDxHxDh",
+    "wv_DxHxDh": "attn_in_LxDxHxDh",
+    "wo_HxDhxD": "attn_out_LxHxDhxD",
     "w_router_DxE": "router_LxDxE",
     "w_up_ExDxF": "expert_in_LxExDxF",
     "w_gate_ExDxF": "expert_in_LxExDxF",

@@ -53,15 +53,15 @@ class Task:
       raise ConfigError(f"--task_digits={self.digits} makes sequences of {self.seq_len} "
                         f"tokens, more than the model's max_seq_len={max_seq_len}.")
 
-  def answer(self, digits_BxN):
-    return digits_BxN[:, ::-1] if self.name == "reverse" else digits_BxN
+  def answer(self, digits_BxO):
+    return digits_BxO[:, ::-1] if self.name == "reverse" else digits_BxO
 
   def sequences(self, key, batch: int):
     """Whole sequences [B, 2n + 2] int32 (jnp, usable under jit)."""
-    digits_BxN = jax.random.randint(key, (batch, self.digits), 0, 10, jnp.int32)
+    digits_BxO = jax.random.randint(key, (batch, self.digits), 0, 10, jnp.int32)
     bos = jnp.full((batch, 1), BOS, jnp.int32)
     sep = jnp.full((batch, 1), SEP, jnp.int32)
-    return jnp.concatenate([bos, digits_BxN, sep, self.answer(digits_BxN)], axis=1)
+    return jnp.concatenate([bos, digits_BxO, sep, self.answer(digits_BxO)], axis=1)
 
   def train_batch(self, seed: int, step, batch: int):
     """The training batch of `step`: a function of (seed, step) only, so a resumed run
@@ -90,6 +90,6 @@ class Task:
     return cls(**d)
 
 
-def exact_match(answers_BxN, expected_BxN) -> float:
+def exact_match(answers_BxO, expected_BxO) -> float:
   """Fraction of sequences whose whole answer is right."""
-  return float(np.mean(np.all(np.asarray(answers_BxN) == np.asarray(expected_BxN), axis=1)))
+  return float(np.mean(np.all(np.asarray(answers_BxO) == np.asarray(expected_BxO), axis=1)))

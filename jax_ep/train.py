@@ -101,7 +101,7 @@ def merge(cfg: ModelConfig, params: dict) -> Transformer:
 
 class Forward(NamedTuple):
   logits_BxTxV: jax.Array  # float32
-  probs_LxNxE: jax.Array  # router probabilities of each layer's N = B * T tokens (float32)
+  probs_LxTxE: jax.Array  # router probabilities of each layer's B x T tokens (float32)
   load_LxE: jax.Array  # int32 picks per expert
 
 
@@ -118,28 +118,28 @@ def forward(model: Transformer, tokens_BxT) -> Forward:
   for i in range(model.num_local_layers()):
     layer = model.layer(i)
     # An empty one-slot cache: from position 0 the tokens attend to each other only.
-    heads, head_dim = layer.attn.wq_DxHxK.shape[1:]
+    heads, head_dim = layer.attn.wq_DxHxDh.shape[1:]
     k0 = jnp.zeros((b, heads, 1, head_dim), x.dtype)
     h, _, _ = layer.attn(layer.attn_norm(x), k0, k0, 0, PAR)
     x = x + h
-    xn_NxD = layer.moe_norm(x).reshape(b * t, -1)
-    logits_NxE = xn_NxD.astype(jnp.float32) @ layer.moe.w_router_DxE[...].astype(jnp.float32)
-    probs.append(jax.nn.softmax(logits_NxE, axis=-1))
-    y, stats = layer.moe(xn_NxD, PAR)
+    xn_TxD = layer.moe_norm(x).reshape(b * t, -1)
+    logits_TxE = xn_TxD.astype(jnp.float32) @ layer.moe.w_router_DxE[...].astype(jnp.float32)
+    probs.append(jax.nn.softmax(logits_TxE, axis=-1))
+    y, stats = layer.moe(xn_TxD, PAR)
     loads.append(stats.load_E)
     x = x + y.reshape(x.shape)
   logits = head(x, model.final_norm.scale_D[...], model.unembed_DxV[...], model.final_norm.eps)
   return Forward(logits, jnp.stack(probs), jnp.stack(loads))
 
 
-def balance_loss(probs_LxNxE, load_LxE, top_k: int):
+def balance_loss(probs_LxTxE, load_LxE, top_k: int):
   """E * sum_e f_e * p_e per layer, averaged over layers (1 when perfectly balanced).
 
   f (the fraction of picks per expert) is a count and carries no gradient; p does.
   """
-  n, e = probs_LxNxE.shape[1:]
+  n, e = probs_LxTxE.shape[1:]
   f_LxE = load_LxE.astype(jnp.float32) / (n * top_k)
-  p_LxE = jnp.mean(probs_LxNxE, axis=1)
+  p_LxE = jnp.mean(probs_LxTxE, axis=1)
   return jnp.mean(e * jnp.sum(f_LxE * p_LxE, axis=-1))
 
 
@@ -156,7 +156,7 @@ def loss_and_metrics(cfg: ModelConfig, tc: TrainConfig, params, seq_BxT):
   logp = jax.nn.log_softmax(out.logits_BxTxV, axis=-1)
   nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   ce = jnp.sum(nll * mask) / (mask.sum() * seq_BxT.shape[0])
-  bal = balance_loss(out.probs_LxNxE, out.load_LxE, cfg.top_k)
+  bal = balance_loss(out.probs_LxTxE, out.load_LxE, cfg.top_k)
   right = (jnp.argmax(out.logits_BxTxV, axis=-1) == targets) | ~mask
   metrics = {"loss": ce, "balance": bal, "accuracy": jnp.mean(jnp.all(right, axis=1)),
              "token_accuracy": 1 - jnp.sum(~right) / (mask.sum() * seq_BxT.shape[0]),

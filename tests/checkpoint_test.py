@@ -14,15 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from numpy.testing import assert_allclose, assert_array_equal
 
 from configs import deployments, load_model
 from jax_ep import checkpoint
 from jax_ep.config import ConfigError, DeploymentConfig
 from jax_ep.engine import Engine
-from jax_ep.kv_cache import KVCache
-from jax_ep.model import Transformer
+from tests import reference
 
 PRESETS = deployments.PRESETS
 TP2 = DeploymentConfig(kind="proposed", stages=2, expert=4, tp=2, placement="tp")
@@ -75,13 +73,11 @@ def test_restored_baseline_gives_the_saved_models_logits(saved):
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, source.cfg.vocab_size, (8, 5)),
                        jnp.int32)
   cache = engine.init_cache(8, 8)
-  logits, _, _ = engine.forward(restored, cache, jax.device_put(tokens, engine.tokens_sharding()),
-                                jnp.int32(0))
+  logits, _, _ = engine.logits_program()(
+      restored, cache, jax.device_put(tokens, engine.tokens_sharding()), jnp.int32(0))
   # The reference: the saved params as they were, whole on one device.
-  graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(source.cfg, nnx.Rngs(0))))[0]
   canonical = jax.device_get(source.canonical_params(params))
-  want = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t, KVCache.zeros(source.cfg, 8, 8), 0)[0])(
-      canonical, tokens)
+  want, _, _ = reference.Reference(source.cfg).forward(tokens, 8, canonical)
   assert_allclose(np.asarray(logits), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
@@ -104,6 +100,25 @@ def test_another_model_names_the_fields(saved, change, message):
   with pytest.raises(ConfigError, match="holds another model") as e:
     checkpoint.restore(saved[0], Engine(other, PRESETS["single"]))
   assert message in str(e.value)
+
+
+def test_checkpoint_with_the_old_head_dim_names_is_read_and_renamed(tmp_path):
+  # Written before K became Dh: the same arrays under wq_DxHxK, ..., wo_HxKxD.
+  cfg = load_model("tiny")
+  _, params, _ = checkpoint.restore_canonical(_saved_canonical(cfg, tmp_path / "new"))
+  old = checkpoint._rename(checkpoint.as_numpy(params),
+                           {new: old for old, new in checkpoint.RENAMED.items()})
+  assert any(k.endswith("wq_DxHxK") for k in checkpoint.describe(old))
+  checkpoint.save_canonical(str(tmp_path / "old"), cfg, old)
+  _, got, _ = checkpoint.restore_canonical(str(tmp_path / "old"))
+  assert _equal(got, params)
+  assert not any(k.rsplit("/", 1)[-1] in checkpoint.RENAMED for k in checkpoint.describe(got))
+
+
+def _saved_canonical(cfg, path):
+  engine = Engine(cfg, PRESETS["single"])
+  checkpoint.save(str(path), engine, engine.init_params(5))
+  return str(path)
 
 
 def test_cache_length_may_differ(saved):

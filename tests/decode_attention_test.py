@@ -22,7 +22,7 @@ def test_attend_decode_equals_softmax_over_live_positions_and_the_new_token():
   out = decode_attention.attend_decode(q, kc, vc, pos, kn, vn, scale, interpret=True)
   for i in range(b):
     n = int(pos[i])
-    keys = jnp.concatenate([kc[i, :, :n], kn[i, :, None]], axis=1)  # [H, n + 1, K]
+    keys = jnp.concatenate([kc[i, :, :n], kn[i, :, None]], axis=1)  # [H, n + 1, Dh]
     vals = jnp.concatenate([vc[i, :, :n], vn[i, :, None]], axis=1)
     p = jax.nn.softmax(jnp.einsum("hk,hsk->hs", q[i], keys) * scale, axis=-1)
     assert_allclose(out[i], jnp.einsum("hs,hsk->hk", p, vals), rtol=1e-5, atol=1e-5)

@@ -49,8 +49,8 @@ def test_greedy_tokens_are_the_argmax_of_a_full_forward(engine, params, prompts,
   # Feed prompt + generated tokens through one forward pass (no incremental cache): token
   # i + 1 must be the argmax at the position of token i.
   seq = np.concatenate([prompts, greedy.tokens[:, :-1]], axis=1)  # [B, PROMPT + NEW - 1]
-  logits, _, _ = engine.forward(params, engine.init_cache(B, MAX_LEN), jnp.asarray(seq),
-                                jnp.int32(0))
+  logits, _, _ = engine.logits_program()(params, engine.init_cache(B, MAX_LEN),
+                                         jnp.asarray(seq), jnp.int32(0))
   logits = np.asarray(logits)
   assert_array_equal(np.argmax(np.asarray(logits)[:, PROMPT - 1:], axis=-1), greedy.tokens)
 
@@ -124,6 +124,12 @@ def test_imbalance():
   assert gen.imbalance == pytest.approx(1.5)  # worst layer: 3 / 2
 
 
+def _programs_built() -> int:
+  """How many programs Engines have built (each is memoized per engine and arguments)."""
+  return sum(f.cache_info().currsize
+             for f in (Engine.logits_program, Engine.prefill_program, Engine.decode_program))
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(max_new_tokens=NEW + 1), "prompt_len 4 \\+ max_new_tokens 6 - 1 exceeds the KV cache "
                                    "length 8"),
@@ -134,9 +140,10 @@ def test_imbalance():
 ])
 def test_errors_before_compiling(params, prompts, kwargs, message):
   engine = Engine(CFG, deployments.SINGLE)  # fresh: nothing traced yet
+  built = _programs_built()
   args = dict(prompts=prompts, max_new_tokens=NEW, temperature=0.0)
   args.update(kwargs)
   with pytest.raises(ConfigError, match=message):
     decode.generate(engine, params, args["prompts"], args["max_new_tokens"],
                     temperature=args["temperature"], max_len=MAX_LEN)
-  assert "forward" not in engine.__dict__  # the error came before any tracing
+  assert _programs_built() == built  # the error came before any program was built

@@ -1,6 +1,6 @@
-"""Tests for jax_ep/engine.py (with mesh.py, sharding.py, pipeline.py, ep.py): every
-deployment computes what one device computes, holds the shards it promises, and runs the
-collectives it is meant to.
+"""Tests for jax_ep/engine.py: every deployment computes what one device computes (the
+reference: model.Transformer.__call__, tests/reference.py), and its programs hold the
+collectives it is meant to; the Engine's checks before anything compiles.
 
 Compiles are the cost here (seconds each on CPU): each deployment compiles its forward
 once (module-scoped fixture) plus generate's prefill and decode step, and the single-device
@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
-from configs import deployments, load_model, seed
+from configs import deployments, load_model
 from jax_ep import decode, introspect
 from jax_ep.config import ConfigError, DeploymentConfig
 from jax_ep.engine import Engine
 from jax_ep.mesh import make_mesh
+from tests import reference
 
 PROMPT, NEW, MAX_LEN = 3, 3, 8  # prompt length, new tokens, KV cache length
 PRESETS = deployments.PRESETS
@@ -29,6 +30,7 @@ PRESETS = deployments.PRESETS
 # name -> (model preset, deployment, batch). Batch 8 is the CLI's default; on seed_baseline
 # each decode group has 4 tokens for tp=8 (fewer tokens than tp ranks).
 CASES = {
+    "single": ("tiny", deployments.SINGLE, 8),  # the engine's programs on a 1 x 1 x 1 mesh
     "proposed_8": ("tiny", PRESETS["proposed_8"], 8),  # 4 x 2
     "proposed_16": ("tiny", PRESETS["proposed_16"], 64),  # 4 x 4
     "seed_proposed": ("tiny", PRESETS["seed_proposed"], 64),  # 4 x 16, one expert per device
@@ -68,15 +70,13 @@ def _zero_router(params):
       params)
 
 
-@functools.cache
-def _single(model):
-  engine = Engine(load_model(model), deployments.SINGLE)
-  return engine, engine.init_params(0)
+def _ref(model) -> reference.Reference:
+  return reference.of(load_model(model))
 
 
 class Result(NamedTuple):
   logits: np.ndarray  # [B, PROMPT, V]
-  k: np.ndarray  # the cache after the forward, canonical [L, B, H, MAX_LEN, K]
+  k: np.ndarray  # the cache after the forward, canonical [L, B, H, MAX_LEN, Dh]
   v: np.ndarray
   load: np.ndarray  # [L, E]
   dropped: np.ndarray  # [L]
@@ -85,22 +85,22 @@ class Result(NamedTuple):
 def _forward(engine, params, tokens) -> Result:
   cache = engine.init_cache(tokens.shape[0], MAX_LEN)
   tokens = jax.device_put(tokens, engine.tokens_sharding())
-  logits, cache, stats = engine.forward(params, cache, tokens, jnp.int32(0))
+  logits, cache, stats = engine.logits_program()(params, cache, tokens, jnp.int32(0))
   return Result(*(np.asarray(a) for a in (logits, *engine.canonical_cache(cache), *stats)))
 
 
 @functools.cache
 def _reference(model, batch, zero_router=False) -> Result:
-  engine, params = _single(model)
-  params = _zero_router(params) if zero_router else params
-  return _forward(engine, params, _prompts(engine.cfg.vocab_size, batch))
+  ref = _ref(model)
+  params = _zero_router(ref.params) if zero_router else ref.params
+  logits, cache, stats = ref.forward(_prompts(ref.cfg.vocab_size, batch), MAX_LEN, params)
+  return Result(*(np.asarray(a) for a in (logits, *cache, *stats)))
 
 
 @functools.cache
-def _reference_generation(model, batch) -> decode.Generation:
-  engine, params = _single(model)
-  return decode.generate(engine, params, _prompts(engine.cfg.vocab_size, batch), NEW,
-                         max_len=MAX_LEN)
+def _reference_generation(model, batch) -> reference.Generation:
+  ref = _ref(model)
+  return ref.generate(_prompts(ref.cfg.vocab_size, batch), NEW, MAX_LEN)
 
 
 @dataclasses.dataclass
@@ -119,9 +119,9 @@ class Deployed:
 @pytest.fixture(scope="module", params=list(CASES))
 def deployed(request):
   model, dep, batch = CASES[request.param]
-  single, params = _single(model)
-  engine = Engine(single.cfg, dep)
-  return Deployed(request.param, model, batch, engine, engine.place_params(params))
+  ref = _ref(model)
+  engine = Engine(ref.cfg, dep)
+  return Deployed(request.param, model, batch, engine, engine.place_params(ref.params))
 
 
 def test_forward_equals_single_device(deployed):
@@ -145,7 +145,7 @@ def test_generate_equals_single_device(deployed):
                         max_len=MAX_LEN)
   want = _reference_generation(deployed.model, deployed.batch)
   assert gen.tokens.shape == (deployed.batch, NEW)
-  assert_array_equal(gen.tokens, want.tokens)
+  assert_array_equal(gen.tokens, want.tokens_BxO)
   if deployed.engine.dep.stages > 1 and deployed.engine.dep.groups > 1:
     # The ring ends its last call with groups in flight, whose next tokens the first
     # stages have routed already (ring_test.py); the last stage routed exactly these.
@@ -159,7 +159,7 @@ def test_generate_equals_single_device(deployed):
 def test_all_tokens_to_two_experts_equals_single_device(deployed):
   # Adversarial routing: experts 0 and 1 get every token, the others none: the device
   # holding them receives every pick, which the worst-case dropless buffer holds.
-  params = deployed.engine.place_params(_zero_router(_single(deployed.model)[1]))
+  params = deployed.engine.place_params(_zero_router(_ref(deployed.model).params))
   got = _forward(deployed.engine, params, deployed.prompts)
   want = _reference(deployed.model, deployed.batch, zero_router=True)
   assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
@@ -180,8 +180,9 @@ def _collectives(text):
 def test_lowered_program_has_the_collectives(deployed):
   engine, dep = deployed.engine, deployed.engine.dep
   tokens = jax.device_put(deployed.prompts, engine.tokens_sharding())
-  text = engine.forward.lower(deployed.params, engine.abstract_cache(deployed.batch, MAX_LEN),
-                              tokens, jnp.int32(0)).as_text()
+  text = engine.logits_program().lower(
+      deployed.params, engine.abstract_cache(deployed.batch, MAX_LEN), tokens,
+      jnp.int32(0)).as_text()
   ops = _collectives(text)
   names = {op for op, _, _ in ops}
   rows = deployed.batch // (dep.expert * dep.microbatches)  # one micro-batch on one device
@@ -214,120 +215,11 @@ def test_lowered_program_has_the_collectives(deployed):
 
 
 def test_single_device_program_has_no_collectives():
-  engine, params = _single("tiny")
-  text = engine.forward.lower(params, engine.abstract_cache(8, MAX_LEN), _prompts(256, 8),
-                              jnp.int32(0)).as_text()
+  engine = Engine(load_model("tiny"), deployments.SINGLE)
+  params = engine.place_params(_ref("tiny").params)
+  text = engine.logits_program().lower(params, engine.abstract_cache(8, MAX_LEN),
+                                       _prompts(256, 8), jnp.int32(0)).as_text()
   assert not _collectives(text)
-
-
-# --- shards: each device holds exactly what the deployment promises --------------------------
-
-
-def _placed(dep, model="tiny"):
-  single, params = _single(model)
-  engine = Engine(single.cfg, dep)
-  return engine, engine.place_params(params)
-
-
-def _coords(mesh):
-  """Device id -> (stage, expert, tp) position in the mesh."""
-  return {d.id: tuple(int(i) for i in idx) for idx, d in np.ndenumerate(mesh.devices)}
-
-
-def _starts(shard):
-  return tuple(s.start or 0 for s in shard.index)
-
-
-def test_seed_proposed_one_expert_per_device():
-  engine, params = _placed(PRESETS["seed_proposed"])  # 4 stages x 16 experts
-  cfg, coords = engine.cfg, _coords(engine.mesh)
-  d, f, h, k = cfg.model_dim, cfg.mlp_dim, cfg.num_heads, cfg.head_dim
-  (layer,) = params["layers"]  # one layer per stage: [stages, ...] arrays
-  moe, attn = layer["moe"], layer["attn"]
-  for name in ("w_up_ExDxF", "w_down_ExFxD"):
-    shards = moe[name][...].addressable_shards
-    assert len(shards) == 64
-    for shard in shards:
-      want = (1, 1, d, f) if name == "w_up_ExDxF" else (1, 1, f, d)
-      assert shard.data.shape == want
-      stage, expert, _ = coords[shard.device.id]
-      assert _starts(shard)[:2] == (stage, expert)  # layer `stage`, expert `expert`
-  for shard in attn["wq_DxHxK"][...].addressable_shards:
-    assert shard.data.shape == (1, d, h, k)  # every head of its stage's layer: no tp
-  for shard in moe["w_router_DxE"][...].addressable_shards:
-    assert shard.data.shape == (1, d, cfg.num_experts)
-  (cache_k,) = engine.cache_shardings.k
-  assert cache_k.shard_shape((4, 64, h, MAX_LEN, k)) == (1, 4, h, MAX_LEN, k)
-  # The unembedding: 256 / 16 vocabulary columns on each device of a stage.
-  for shard in params["unembed_DxV"][...].addressable_shards:
-    stage, expert, _ = coords[shard.device.id]
-    assert shard.data.shape == (d, cfg.vocab_size // 16)
-    assert _starts(shard)[1] == expert * cfg.vocab_size // 16
-
-
-def test_seed_baseline_four_experts_and_an_eighth_of_the_heads_per_device():
-  engine, params = _placed(PRESETS["seed_baseline"])  # 2 stages x tp 8
-  cfg, coords = engine.cfg, _coords(engine.mesh)
-  d, f, k = cfg.model_dim, cfg.mlp_dim, cfg.head_dim
-  heads = cfg.num_heads // 8
-  # Two local layers per stage (layer 2 * stage + i in params["layers"][i]), each
-  # P(stage, (expert, tp), ...) on (2, 1, 8): 2 layers x 2 experts = 4 experts per device.
-  assert len(params["layers"]) == 2
-  for layer in params["layers"]:
-    shards = layer["moe"]["w_up_ExDxF"][...].addressable_shards
-    assert len(shards) == 16
-    for shard in shards:
-      assert shard.data.shape == (1, 2, d, f)
-      stage, _, tp = coords[shard.device.id]
-      assert _starts(shard)[:2] == (stage, 2 * tp)
-    for name, shape in (("wq_DxHxK", (1, d, heads, k)), ("wo_HxKxD", (1, heads, k, d))):
-      for shard in layer["attn"][name][...].addressable_shards:
-        assert shard.data.shape == shape
-        stage, _, tp = coords[shard.device.id]
-        head_axis = 2 if name == "wq_DxHxK" else 1
-        assert _starts(shard)[0] == stage and _starts(shard)[head_axis] == heads * tp
-  for cache_k in engine.cache_shardings.k:
-    assert cache_k.shard_shape((2, 8, 8, MAX_LEN, k)) == (1, 8, 1, MAX_LEN, k)
-  for shard in params["unembed_DxV"][...].addressable_shards:  # vocabulary over tp
-    assert shard.data.shape == (d, cfg.vocab_size // 8)
-
-
-def test_seed_proposed_e64_every_layer_one_expert_of_each():
-  engine, params = _placed(PRESETS["seed_proposed_e64"], "tiny_e64")
-  cfg = engine.cfg
-  assert len(params["layers"]) == 4  # one stage: every layer on every device
-  for layer in params["layers"]:
-    for shard in layer["moe"]["w_up_ExDxF"][...].addressable_shards:
-      assert shard.data.shape == (1, 1, cfg.model_dim, cfg.mlp_dim)
-
-
-def test_tp_placement_splits_each_expert_mlp():
-  engine, params = _placed(CASES["proposed_tp2"][1])  # 2 stages x 4 experts x tp 2
-  cfg, coords = engine.cfg, _coords(engine.mesh)
-  d, f = cfg.model_dim, cfg.mlp_dim
-  for name, shape, f_axis in (("w_up_ExDxF", (1, 4, d, f // 2), 3),
-                              ("w_down_ExFxD", (1, 4, f // 2, d), 2)):
-    for layer in params["layers"]:  # two local layers per stage
-      for shard in layer["moe"][name][...].addressable_shards:
-        assert shard.data.shape == shape
-        stage, expert, tp = coords[shard.device.id]
-        starts = _starts(shard)
-        assert (starts[0], starts[1], starts[f_axis]) == (stage, 4 * expert, f // 2 * tp)
-
-
-def test_seed_model_on_seed_meshes_without_allocating():
-  # The Engine builds its shardings from jax.eval_shape: nothing of the 72 GB is allocated.
-  cfg = seed.get_config()
-  for dep, expert_bytes in ((PRESETS["seed_proposed"], 2 * 8192 * 32768 * 2),
-                            (PRESETS["seed_baseline"], 4 * 2 * 8192 * 32768 * 2)):
-    engine = Engine(cfg, dep)
-    per_device = 0
-    leaves = jax.tree_util.tree_leaves_with_path(engine.abstract_params)
-    shardings = jax.tree.leaves(engine.param_shardings)
-    for (path, leaf), sharding in zip(leaves, shardings, strict=True):
-      if "w_up" in jax.tree_util.keystr(path) or "w_down" in jax.tree_util.keystr(path):
-        per_device += np.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
-    assert per_device == expert_bytes  # 1 expert = 1.07 GB; the baseline's 4 = 4.3 GB
 
 
 # --- errors before anything compiles --------------------------------------------------------
@@ -348,8 +240,15 @@ def test_model_that_does_not_fit():
     Engine(load_model("tiny"), DeploymentConfig(kind="proposed", stages=8))
 
 
+def _programs_built() -> int:
+  """How many programs Engines have built (each is memoized per engine and arguments)."""
+  return sum(f.cache_info().currsize
+             for f in (Engine.logits_program, Engine.prefill_program, Engine.decode_program))
+
+
 def test_check_tokens():
   engine = Engine(load_model("tiny"), deployments.SINGLE)
+  built = _programs_built()
   ok = np.zeros((2, 4), np.int32)
   out = engine.check_tokens(ok)
   assert out.dtype == jnp.int32 and out.shape == (2, 4)
@@ -372,7 +271,7 @@ def test_check_tokens():
     engine.check_tokens(np.zeros((4,), np.int32))
   with pytest.raises(ConfigError, match="batch=4 is not divisible"):
     Engine(engine.cfg, PRESETS["proposed_8"]).check_tokens(np.zeros((4, 3), np.int32))
-  assert "forward" not in engine.__dict__  # host-side: nothing was traced or compiled
+  assert _programs_built() == built  # host-side: nothing was traced or compiled
 
 
 def test_init_cache_checks_the_batch():
@@ -381,21 +280,21 @@ def test_init_cache_checks_the_batch():
     engine.init_cache(6)
 
 
-def test_place_params_round_trip_and_wrong_model():
-  single, params = _single("tiny")
-  engine = Engine(single.cfg, PRESETS["proposed_8"])
-  placed = engine.place_params(params)
-  back = single.place_params(placed)  # from another deployment's layout, and back
-  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
-    assert_array_equal(a, b)
-  assert_array_equal(jax.tree.leaves(engine.to_canonical(placed))[0],
-                     jax.tree.leaves(single.to_canonical(params))[0])
-  other = dataclasses.replace(single.cfg, num_experts=8)
-  with pytest.raises(ConfigError, match=r"w_down_ExFxD.*float32\[4, 16, 128, 64\].*needs "
-                                        r"float32\[4, 8, 128, 64\]"):
-    Engine(other, PRESETS["proposed_8"]).place_params(placed)
-  with pytest.raises(ConfigError, match="w_gate_ExDxF.*is missing"):
-    Engine(load_model("tiny_swiglu"), PRESETS["single"]).place_params(params)
+def test_decode_state_holds_the_cache_and_matches_its_abstract_form():
+  engine = Engine(load_model("tiny"), PRESETS["proposed_8"])  # 4 stages x 2, 4 groups
+  cache = engine.init_cache(8, MAX_LEN)
+  state = engine.decode_state(jnp.arange(8), jnp.full((8,), 3), cache)
+  assert state.cache is cache  # held as it is: not copied
+  assert_array_equal(state.tokens_B, np.arange(8))
+  assert_array_equal(state.pos_B, 3)
+  assert state.inflight_NxBgxD.shape == (4, 2, engine.cfg.model_dim) and state.micro_steps == 0
+  abstract = engine.abstract_decode_state(8, MAX_LEN)
+  assert jax.tree.structure(state) == jax.tree.structure(abstract)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(abstract), strict=True):
+    assert (a.shape, a.dtype) == (b.shape, b.dtype)
+    assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
+  with pytest.raises(ConfigError, match="the cache holds 8 sequences, the tokens 16"):
+    engine.decode_state(jnp.zeros(16, jnp.int32), jnp.zeros(16, jnp.int32), cache)
 
 
 def test_mesh_with_other_axis_names():
@@ -409,12 +308,12 @@ def test_dropping_on_a_mesh():
   # --nodropless on the baseline's tp token split: with room for every token nothing is
   # dropped and the output is the single device's; with a quarter of a balanced share the
   # overflow is dropped, counted over the devices, and the output changes.
-  single, _ = _single("tiny")
+  ref = _ref("tiny")
   want = _reference("tiny", 8)
   for factor, drops in ((8.0, False), (0.25, True)):
     dep = dataclasses.replace(PRESETS["baseline_8"], dropless=False, capacity_factor=factor)
-    engine = Engine(single.cfg, dep)
-    got = _forward(engine, engine.place_params(_single("tiny")[1]), _prompts(256, 8))
+    engine = Engine(ref.cfg, dep)
+    got = _forward(engine, engine.place_params(ref.params), _prompts(256, 8))
     assert_array_equal(got.load[0], want.load[0])  # layer 0 routes before any drop
     if drops:
       assert got.dropped.sum() > 0

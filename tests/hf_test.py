@@ -18,8 +18,8 @@ from safetensors.numpy import save_file
 
 from jax_ep import checkpoint, hf, routing
 from jax_ep.config import ConfigError
-from jax_ep.kv_cache import KVCache
-from jax_ep.model import Transformer, rope
+from jax_ep.model import rope
+from tests import reference
 
 CONFIG = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
           "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
@@ -94,7 +94,7 @@ def mixtral_logits(c, t, tokens_T):
   inv_freq = 1.0 / (c["rope_theta"] ** (np.arange(0, k, 2) / k))
   freqs = np.arange(n)[:, None] * inv_freq[None]
   emb = np.concatenate([freqs, freqs], axis=-1)
-  cos, sin = np.cos(emb)[:, None], np.sin(emb)[:, None]  # [T, 1, K]
+  cos, sin = np.cos(emb)[:, None], np.sin(emb)[:, None]  # [T, 1, Dh]
   x = t["model.embed_tokens.weight"][tokens_T].astype(np.float64)
   for i in range(c["num_hidden_layers"]):
     p = f"model.layers.{i}."
@@ -127,11 +127,9 @@ def mixtral_logits(c, t, tokens_T):
 
 
 def _jax_logits(cfg, params, tokens_T):
-  graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))[0]
-  tokens = jnp.asarray(tokens_T, jnp.int32)[None]
-  run = jax.jit(lambda p: nnx.merge(graphdef, p)(tokens, KVCache.zeros(cfg, 1, len(tokens_T)),
-                                                 0)[0][0])
-  return np.asarray(run(jax.device_put(params)))
+  logits, _, _ = reference.Reference(cfg).forward(np.asarray(tokens_T)[None], len(tokens_T),
+                                                  jax.device_put(params))
+  return np.asarray(logits[0])
 
 
 def test_import_computes_what_mixtral_computes_and_exports_the_same_tensors(tmp_path):

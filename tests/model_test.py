@@ -1,5 +1,6 @@
-"""Tests for jax_ep/model.py and kv_cache.py: full-size shapes without allocating, the KV
-cache against a full forward pass, causality, rotary positions."""
+"""Tests for jax_ep/model.py: full-size shapes without allocating; Transformer.__call__,
+the single-device reference every deployment is tested against (tests/reference.py),
+incremental with its KV cache against a full forward pass, causality, rotary positions."""
 
 import dataclasses
 import functools
@@ -15,6 +16,7 @@ from configs import seed, seed_e64, tiny
 from jax_ep import ep
 from jax_ep.kv_cache import KVCache
 from jax_ep.model import Transformer, rope
+from tests import reference
 
 TINY = tiny.get_config()
 B, L, PROMPT = 2, 8, 3  # batch, whole sequence, prefilled part
@@ -40,10 +42,10 @@ def test_seed_model_shapes_and_bytes_without_allocating():
       "['final_norm']['scale_D']": ((8192,), f16),
       "['layers']['attn_norm']['scale_D']": ((4, 8192), f16),
       "['layers']['moe_norm']['scale_D']": ((4, 8192), f16),
-      "['layers']['attn']['wq_DxHxK']": ((4, 8192, 16, 512), f16),
-      "['layers']['attn']['wk_DxHxK']": ((4, 8192, 16, 512), f16),
-      "['layers']['attn']['wv_DxHxK']": ((4, 8192, 16, 512), f16),
-      "['layers']['attn']['wo_HxKxD']": ((4, 16, 512, 8192), f16),
+      "['layers']['attn']['wq_DxHxDh']": ((4, 8192, 16, 512), f16),
+      "['layers']['attn']['wk_DxHxDh']": ((4, 8192, 16, 512), f16),
+      "['layers']['attn']['wv_DxHxDh']": ((4, 8192, 16, 512), f16),
+      "['layers']['attn']['wo_HxDhxD']": ((4, 16, 512, 8192), f16),
       "['layers']['moe']['w_router_DxE']": ((4, 8192, 16), f32),  # the router stays f32
       "['layers']['moe']['w_up_ExDxF']": ((4, 16, 8192, 32768), f16),
       "['layers']['moe']['w_down_ExFxD']": ((4, 16, 32768, 8192), f16),
@@ -73,25 +75,11 @@ def test_swiglu_adds_a_gate_matrix():
 # --- the tiny model, on one device ----------------------------------------------------------
 
 
-class _Model:
-  """A tiny model and its jitted __call__(tokens, cache, pos); one compile per input shape."""
-
-  def __init__(self, cfg, par=ep.ONE_DEVICE):
-    self.cfg = cfg
-    self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
-    self.params = jax.jit(lambda: nnx.split(Transformer(cfg, nnx.Rngs(0)))[1])()
-
-    @jax.jit
-    def call(params, tokens, cache, pos):
-      return nnx.merge(self.graphdef, params)(tokens, cache, pos, par)
-
-    self.call = call
-
-  def __call__(self, tokens, cache, pos):
-    return self.call(self.params, tokens, cache, jnp.asarray(pos, jnp.int32))
+class _Model(reference.Reference):
+  """The tiny model's Transformer.__call__ (the tests' reference), whole or incremental."""
 
   def full(self, tokens):
-    return self(tokens, KVCache.zeros(self.cfg, B, L), 0)
+    return self.forward(tokens, L)
 
   def incremental(self, tokens):
     """Prefill the first PROMPT tokens, then one token at a time."""
@@ -124,9 +112,9 @@ def test_cache_decoding_equals_full_forward(model, tokens):
   inc, inc_cache = model.incremental(tokens)
   assert_allclose(inc, full, rtol=1e-5, atol=1e-5)
   # The cache holds the same keys and values either way, at every position.
-  assert_allclose(inc_cache.k_LxBxHxSxK, full_cache.k_LxBxHxSxK, rtol=1e-5, atol=1e-5)
-  assert_allclose(inc_cache.v_LxBxHxSxK, full_cache.v_LxBxHxSxK, rtol=1e-5, atol=1e-5)
-  assert np.abs(np.asarray(full_cache.k_LxBxHxSxK)).min(axis=(0, 1, 2, 4)).all()  # all written
+  assert_allclose(inc_cache.k_LxBxHxSxDh, full_cache.k_LxBxHxSxDh, rtol=1e-5, atol=1e-5)
+  assert_allclose(inc_cache.v_LxBxHxSxDh, full_cache.v_LxBxHxSxDh, rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(full_cache.k_LxBxHxSxDh)).min(axis=(0, 1, 2, 4)).all()  # all written
   # Every token picks top_k experts in every layer.
   assert_array_equal(stats.load_E.sum(-1), [B * L * TINY.top_k] * TINY.num_layers)
 
@@ -136,7 +124,7 @@ def test_decode_kernels_equal_full_forward():
   (interpreted; a 16-position cache, the kernel's tile) equals the full forward."""
   cfg = dataclasses.replace(TINY, max_seq_len=16)
   full_model = _Model(cfg)
-  kern = _Model(cfg, ep.Parallel(kernels="interpret"))
+  kern = _Model(cfg, par=ep.Parallel(kernels="interpret"))
   kern.params = full_model.params
   toks = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (B, 16)), jnp.int32)
   full, _, _ = full_model(toks[:, :10], KVCache.zeros(cfg, B, 16), 0)

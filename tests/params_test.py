@@ -1,10 +1,21 @@
-"""jax_ep/params.py: the canonical <-> deployment layouts on host arrays (no mesh), and
-the mismatch message; Engine.place_params on meshes is in engine_test and checkpoint_test."""
+"""jax_ep/params.py: the canonical <-> deployment layouts on host arrays (no mesh), the
+mismatch message, and placing parameters (canonical or another deployment's) on a mesh
+through Engine.place_params (restoring checkpoints into deployments: checkpoint_test)."""
+
+import dataclasses
 
 import jax
 import numpy as np
+import pytest
+from numpy.testing import assert_array_equal
 
+from configs import deployments, load_model
 from jax_ep import params
+from jax_ep.config import ConfigError
+from jax_ep.engine import Engine
+from tests import reference
+
+PRESETS = deployments.PRESETS
 
 
 def _canonical(num_layers=6):
@@ -43,3 +54,23 @@ def test_first_mismatch_names_the_leaf_and_both_shapes():
   bad = _canonical()
   del bad["unembed_DxV"]
   assert params.first_mismatch(bad, want) == "['unembed_DxV'] is missing"
+
+
+def test_place_params_round_trip_and_wrong_model():
+  canonical = reference.of(load_model("tiny")).params
+  single = Engine(load_model("tiny"), deployments.SINGLE)
+  engine = Engine(single.cfg, PRESETS["proposed_8"])
+  placed = engine.place_params(canonical)
+  back = single.place_params(placed)  # from another deployment's layout
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(single.place_params(canonical)),
+                  strict=True):
+    assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(engine.to_canonical(placed)), jax.tree.leaves(canonical),
+                  strict=True):
+    assert_array_equal(a, b)
+  other = dataclasses.replace(single.cfg, num_experts=8)
+  with pytest.raises(ConfigError, match=r"w_down_ExFxD.*float32\[4, 16, 128, 64\].*needs "
+                                        r"float32\[4, 8, 128, 64\]"):
+    Engine(other, PRESETS["proposed_8"]).place_params(placed)
+  with pytest.raises(ConfigError, match="w_gate_ExDxF.*is missing"):
+    Engine(load_model("tiny_swiglu"), PRESETS["single"]).place_params(canonical)

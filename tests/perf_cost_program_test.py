@@ -7,7 +7,6 @@ import collections
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 from configs import deployments, load_model
@@ -68,10 +67,9 @@ def test_decode_program_has_exactly_the_modelled_collectives(name):
   params = jax.eval_shape(lambda: engine.init_params(0))
   params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         params, engine.param_shardings)
-  cache = engine.abstract_cache(batch, decode.cache_len(MAX_LEN))
-  state = engine.ring_state(jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32))
+  state = engine.abstract_decode_state(batch, decode.cache_len(MAX_LEN))
   # Two micro-steps: the loop body (one micro-step) is in the program once.
-  text = engine.ring_fn(batch, 2).lower(params, cache, state, jax.random.key(0)).as_text()
+  text = engine.decode_program(batch, 2).lower(params, state, jax.random.key(0)).as_text()
   got = collections.Counter(introspect.lowered_collectives(text))
   # Sampling's collectives (the best id and score over vocabulary shards, the token from
   # the last stage to all) and the load statistics' sums carry a few numbers per row or

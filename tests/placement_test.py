@@ -24,14 +24,14 @@ def test_rows_are_the_shards_jax_places(name):
   assert [(r.process, r.device) for r in rows] == [
       (d.process_index, d.id) for d in engine.mesh.devices.ravel()]
   t = engine.table
-  L, E, D, F, H, K, V = (cfg.num_layers, cfg.num_experts, cfg.model_dim, cfg.mlp_dim,
-                         cfg.num_heads, cfg.head_dim, cfg.vocab_size)
+  L, E, D, F, H, Dh, V = (cfg.num_layers, cfg.num_experts, cfg.model_dim, cfg.mlp_dim,
+                          cfg.num_heads, cfg.head_dim, cfg.vocab_size)
 
   def where(spec, shape):
     return NamedSharding(engine.mesh, spec).devices_indices_map(shape)
 
   norm, up = where(t.norm_LxD, (L, D)), where(t.expert_in_LxExDxF, (L, E, D, F))
-  wq, head = where(t.attn_in_LxDxHxK, (L, D, H, K)), where(t.unembed_DxV, (D, V))
+  wq, head = where(t.attn_in_LxDxHxDh, (L, D, H, Dh)), where(t.unembed_DxV, (D, V))
   tokens = where(t.tokens_BxT, (1024, 1))
   by_id = {d.id: d for d in engine.mesh.devices.ravel()}
   for r in rows:

@@ -1,13 +1,13 @@
 """Property tests (hypothesis): random small valid configs compute, on their deployment,
-what one device computes; random configs that break a documented rule are refused with
-ConfigError before anything compiles, never with another exception.
+what one device computes (model.Transformer.__call__, tests/reference.py); random
+configs that break a documented rule are refused with ConfigError before anything
+compiles, never with another exception.
 
 Examples are bounded and derandomized (the same examples on every run, so CI is
 reproducible): a few valid ones, since each compiles two programs, and many invalid ones,
 which compile nothing.
 """
 
-import functools
 import math
 
 import jax
@@ -20,6 +20,7 @@ from numpy.testing import assert_allclose
 from jax_ep import memory
 from jax_ep.config import ConfigError, DeploymentConfig, ModelConfig
 from jax_ep.engine import Engine
+from tests import reference
 
 PROMPT, CACHE = 3, 8
 BOUNDED = dict(deadline=None, derandomize=True, database=None,
@@ -53,17 +54,10 @@ def valid_cases(draw):
   return _model(layers, experts, top_k, heads, mlp_kind), dep, batch
 
 
-@functools.cache
-def _single(cfg):
-  engine = Engine(cfg, DeploymentConfig())
-  return engine, engine.init_params(0)
-
-
 def _logits(engine, params, tokens):
   cache = engine.init_cache(tokens.shape[0], CACHE)
-  logits, _, stats = engine.forward(params, cache, jax.device_put(tokens,
-                                                                   engine.tokens_sharding()),
-                                    jnp.int32(0))
+  tokens = jax.device_put(tokens, engine.tokens_sharding())
+  logits, _, stats = engine.logits_program()(params, cache, tokens, jnp.int32(0))
   return np.asarray(logits), np.asarray(stats.load_E)
 
 
@@ -71,11 +65,12 @@ def _logits(engine, params, tokens):
 @given(valid_cases())
 def test_random_valid_configs_equal_one_device(case):
   cfg, dep, batch = case
-  single, params = _single(cfg)
+  ref = reference.of(cfg)
   tokens = jnp.asarray(np.random.default_rng(batch).integers(0, 64, (batch, PROMPT)), jnp.int32)
-  want, want_load = _logits(single, params, tokens)
+  want, _, want_stats = ref.forward(tokens, CACHE)
+  want, want_load = np.asarray(want), np.asarray(want_stats.load_E)
   engine = Engine(cfg, dep)
-  got, load = _logits(engine, engine.place_params(params), tokens)
+  got, load = _logits(engine, engine.place_params(ref.params), tokens)
   assert_allclose(got, want, rtol=2e-5, atol=2e-5)
   assert (load.sum(1) == want_load.sum(1)).all()  # every (token, pick) counted once a layer
 

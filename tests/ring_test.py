@@ -1,7 +1,7 @@
 """Tests for jax_ep/ring.py: decode groups in flight on a ring of stages produce, for every
-sequence, exactly the tokens and caches of one-group decoding and of the single device,
-groups at different positions included; the compiled ring has no conditional and a loop
-of known trip count."""
+sequence, exactly the tokens and caches of one-group decoding and of the single device
+(model.Transformer.__call__, tests/reference.py), groups at different positions
+included; the compiled ring has no conditional and a loop of known trip count."""
 
 import dataclasses
 import functools
@@ -17,6 +17,7 @@ from configs import deployments, load_model
 from jax_ep import decode, ring
 from jax_ep.config import DeploymentConfig
 from jax_ep.engine import Engine
+from tests import reference
 
 PROMPT, NEW, CACHE = 3, 5, 16
 PRESETS = deployments.PRESETS
@@ -35,10 +36,15 @@ RINGS = {
 }
 
 
+def _ref() -> reference.Reference:
+  return reference.of(load_model("tiny"))
+
+
 @functools.cache
 def _single():
+  """The engine on one device (for sampling, which the reference does not do)."""
   engine = Engine(load_model("tiny"), deployments.SINGLE)
-  return engine, engine.init_params(0)
+  return engine, engine.place_params(_ref().params)
 
 
 def _prompts(batch):
@@ -56,34 +62,35 @@ def _run(engine, params, prompts, calls, pos_shift=None):
   key = jax.random.key(0)
   cache = engine.init_cache(b, CACHE)
   tokens = jax.device_put(jnp.asarray(prompts), engine.tokens_sharding())
-  first, cache, _ = engine.prefill_fn()(params, cache, tokens, jnp.int32(0), key)
+  first, cache, _ = engine.prefill_program()(params, cache, tokens, jnp.int32(0), key)
   first, pos = np.array(first), np.full((b,), PROMPT, np.int32)
   for g, k in (pos_shift or {}).items():
     ids = np.asarray(ring.group_ids(g, b, dep.groups, dep.expert, xp=np))
     first[ids], pos[ids] = prompts[ids, PROMPT - k], PROMPT - k
-  state = engine.ring_state(jnp.asarray(first), jnp.asarray(pos))
+  state = engine.decode_state(jnp.asarray(first), jnp.asarray(pos), cache)
   outs = []
   for i in range(calls):
     steps = ring.first_call_steps(dep.groups, dep.stages) if i == 0 else dep.ring_period
-    state, cache, out, _ = engine.ring_fn(b, steps)(params, cache, state, key)
+    state, out, _ = engine.decode_program(b, steps)(params, state, key)
     outs.append(out)
   new = decode.assemble(first, outs, b, dep.groups, dep.expert, calls)
-  return new, [np.asarray(a) for a in engine.canonical_cache(cache)]
+  return new, [np.asarray(a) for a in engine.canonical_cache(state.cache)]
 
 
 @pytest.mark.parametrize("name", sorted(RINGS))
 def test_ring_equals_one_group_and_the_single_device(name):
   dep, batch = RINGS[name]
-  single, params = _single()
+  ref = _ref()
   prompts = _prompts(batch)
-  ring_engine = Engine(single.cfg, dep)
-  one_engine = Engine(single.cfg, dataclasses.replace(dep, decode_groups=1))
-  placed = ring_engine.place_params(params)
+  ring_engine = Engine(ref.cfg, dep)
+  one_engine = Engine(ref.cfg, dataclasses.replace(dep, decode_groups=1))
+  placed = ring_engine.place_params(ref.params)
   tokens, cache = _run(ring_engine, placed, prompts, NEW - 1)
   one_tokens, one_cache = _run(one_engine, placed, prompts, NEW - 1)
-  want_tokens, want_cache = _run(single, params, prompts, NEW - 1)
+  want = ref.generate(prompts, NEW, CACHE)
+  want_cache = [np.asarray(a) for a in want.cache]
   assert_array_equal(tokens, one_tokens)
-  assert_array_equal(tokens, want_tokens)
+  assert_array_equal(tokens, want.tokens_BxO)
   # Positions of finished tokens. A ring call ends with groups in flight: their next
   # token has been through the first stages, whose layers wrote position done (it is
   # the ring's next call that finishes it).
@@ -99,11 +106,11 @@ def test_groups_at_different_positions():
   step behind the others on the same ring, and each of its sequences produces the
   single device's tokens from one position earlier."""
   dep, batch = RINGS["4_stages_8_devices_g4"]
-  single, params = _single()
+  ref = _ref()
   prompts = _prompts(batch)
-  engine = Engine(single.cfg, dep)
-  tokens, _ = _run(engine, engine.place_params(params), prompts, NEW - 1, pos_shift={1: 1})
-  want, _ = _run(single, params, prompts, NEW - 1)
+  engine = Engine(ref.cfg, dep)
+  tokens, _ = _run(engine, engine.place_params(ref.params), prompts, NEW - 1, pos_shift={1: 1})
+  want = ref.generate(prompts, NEW, CACHE).tokens_BxO
   late = np.asarray(ring.group_ids(1, batch, dep.groups, dep.expert, xp=np))
   on_time = np.setdiff1d(np.arange(batch), late)
   assert_array_equal(tokens[on_time], want[on_time])
@@ -113,13 +120,13 @@ def test_groups_at_different_positions():
 
 def test_generate_uses_the_ring_and_equals_the_single_device():
   dep, batch = RINGS["4_stages_16_devices_g4"]
-  single, params = _single()
+  ref = _ref()
   # Two tokens per call: each call runs two ring periods in its loop.
-  engine = Engine(single.cfg, dataclasses.replace(dep, tokens_per_call=2))
-  gen = decode.generate(engine, engine.place_params(params), _prompts(batch), NEW,
+  engine = Engine(ref.cfg, dataclasses.replace(dep, tokens_per_call=2))
+  gen = decode.generate(engine, engine.place_params(ref.params), _prompts(batch), NEW,
                         max_len=PROMPT + NEW, synced_steps=1)
-  want = decode.generate(single, params, _prompts(batch), NEW, max_len=PROMPT + NEW)
-  assert_array_equal(gen.tokens, want.tokens)
+  want = ref.generate(_prompts(batch), NEW, PROMPT + NEW)
+  assert_array_equal(gen.tokens, want.tokens_BxO)
   # The last stage's layer routed exactly the single device's tokens; earlier stages
   # also routed the in-flight groups' next tokens (test above).
   assert_array_equal(gen.load_LxE[-1], want.load_LxE[-1])
@@ -142,12 +149,10 @@ def test_temperature_sampling_is_the_same_on_the_ring():
 
 def test_compiled_ring_has_no_conditional_and_a_known_trip_count():
   dep, batch = RINGS["4_stages_8_devices_g4"]
-  single, params = _single()
-  engine = Engine(single.cfg, dep)
-  state = engine.ring_state(jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32))
-  hlo = engine.ring_fn(batch, 4).lower(engine.place_params(params),
-                                       engine.init_cache(batch, CACHE), state,
-                                       jax.random.key(0)).compile().as_text()
+  engine = Engine(load_model("tiny"), dep)
+  hlo = engine.decode_program(batch, 4).lower(engine.place_params(_ref().params),
+                                              engine.abstract_decode_state(batch, CACHE),
+                                              jax.random.key(0)).compile().as_text()
   assert " conditional(" not in hlo
   whiles = [line for line in hlo.splitlines() if " while(" in line]
   assert whiles and all(re.search(r'known_trip_count":\{"n":"4"', w) for w in whiles)

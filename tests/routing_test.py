@@ -112,7 +112,7 @@ def test_pack_exchange_compact_against_numpy(seed):
     sends.append(np.asarray(buf).reshape(p, rows))
     counts.append(np.asarray(pack.counts_PxEl))
   for dst in range(p):
-    recv = np.stack([sends[src][dst] for src in range(p)])  # [S, W]
+    recv = np.stack([sends[src][dst] for src in range(p)])  # [P, W]
     comp = routing.compact_received(jnp.asarray(np.stack([c[dst] for c in counts])), rows)
     got = np.asarray(routing.take_rows(jnp.asarray(recv.reshape(-1, 1)), comp.gather_R))[:, 0]
     start = 0

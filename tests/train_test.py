@@ -1,6 +1,7 @@
-"""Tests for jax_ep/train.py and evaluate.py: the tiny task model learns to reverse digits,
-a run stopped and resumed ends bitwise where an uninterrupted one does, gradients reach
-the router, and the trained model generates the same tokens on every deployment.
+"""Tests for jax_ep/train.py, and for evaluate.py on a trained checkpoint (they share its
+one training run; evaluate_test.py has the rest): the tiny task model learns to reverse
+digits, a run stopped and resumed ends bitwise where an uninterrupted one does, gradients
+reach the router, and the trained model generates the same tokens on every deployment.
 
 One training run (module fixture: tiny_task, 100 steps, a few seconds after compiling)
 serves every test that needs a trained model; the resumed run reuses its compiled step.
@@ -87,7 +88,7 @@ def test_training_forward_is_the_model_and_the_router_learns_from_both_losses():
     out = train.forward(train.merge(cfg, p), seq[:, :-1])
     logp = jax.nn.log_softmax(out.logits_BxTxV)
     ce = -jnp.mean(jnp.take_along_axis(logp, seq[:, 1:, None], axis=-1))
-    return ce, train.balance_loss(out.probs_LxNxE, out.load_LxE, cfg.top_k)
+    return ce, train.balance_loss(out.probs_LxTxE, out.load_LxE, cfg.top_k)
 
   @jax.jit
   def run(p, s):
@@ -149,19 +150,3 @@ def test_trained_generations_are_the_same_on_every_deployment(trained):
 def test_open_model_checks_a_named_config(trained):
   with pytest.raises(ConfigError, match="num_experts=4 .this model: 16.*--config names another"):
     evaluate.open_model(trained[0], load_model("tiny"))
-
-
-def test_task_data_is_a_function_of_seed_and_step():
-  task = tasks.Task("reverse", 5)
-  a, b = task.train_batch(0, 3, 8), task.train_batch(0, 3, 8)
-  assert_array_equal(a, b)
-  assert not np.array_equal(a, task.train_batch(0, 4, 8))
-  assert not np.array_equal(a, task.train_batch(1, 3, 8))
-  a = np.asarray(a)
-  assert (a[:, 0] == tasks.BOS).all() and (a[:, 6] == tasks.SEP).all()
-  assert_array_equal(a[:, 7:], a[:, 1:6][:, ::-1])
-  prompts, answers = task.eval_set(0, 8)
-  assert prompts.shape == (8, 7) and answers.shape == (8, 5)
-  assert_array_equal(np.asarray(tasks.Task("copy", 5).answer(a[:, 1:6])), a[:, 1:6])
-  with pytest.raises(ConfigError, match="--task='add'"):
-    tasks.Task("add", 3)

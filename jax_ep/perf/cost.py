@@ -3,7 +3,7 @@
 Pure Python over the configs (nothing here traces or runs jax). It follows what
 jax_ep's code does per device for one decode step (a token for every sequence):
 
-  * decode runs on the ring (ring.py): L = max(G, S) micro-steps per token, in each a
+  * decode runs on the ring (ring.py): max(G, N) micro-steps per token, in each a
     stage runs its layers on one group of B / (G x E) rows per device, and the head
     (vocabulary split over the stage's devices) runs on one group's rows;
   * attention reads `context_len` positions of its rows' KV cache (on GPU the decode
@@ -20,7 +20,7 @@ The floor (floor_s) is what any implementation of the layout must spend: each
 operation's bytes (weights, the live KV cache) or unpadded FLOPs at the ceilings.
 
 Shape letters as in the README: B batch, L layers, E experts, D model dim,
-F MLP hidden, H heads, K head dim (Dh), V vocabulary, G groups, S stages.
+F MLP hidden, H heads, Dh head dim, V vocabulary, G groups, N stages.
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ def floor_operations(cfg: ModelConfig, dep: DeploymentConfig, batch: int,
   Per micro-step a stage's layers on one group: the attention projections (its heads'
   weights), attention over the live KV cache (`context_len` positions), the router and
   its experts (weights once, the real rows' FLOPs); and the head on one group's rows
-  (this device's vocabulary columns). L = max(G, S) micro-steps per token step; the
+  (this device's vocabulary columns). max(G, N) micro-steps per token step; the
   head runs G times (once per group).
   """
   lay = layout(cfg, dep, batch)
@@ -251,8 +251,8 @@ def floor_s(cfg: ModelConfig, dep: DeploymentConfig, batch: int, context_len: fl
             hw: Hardware) -> float:
   """A lower bound on TPOT: each operation's roofline (floor_operations), summed.
 
-  A token crosses the S stages one after another, so with one group a step takes at
-  least S times one stage; groups in flight raise TPS, not lower TPOT.
+  A token crosses the N stages one after another, so with one group a step takes at
+  least N times one stage; groups in flight raise TPS, not lower TPOT.
   """
   return sum(k * _roofline(b, f, hw) for _, k, b, f in floor_operations(cfg, dep, batch,
                                                                         context_len))

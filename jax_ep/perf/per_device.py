@@ -21,7 +21,7 @@ class Layout:
   mlp: int  # F, or F / tp when placement = "tp"
   rows: int  # B / expert: sequences this device attends for (replicated over tp, stage)
   groups: int  # G decode groups in flight
-  period: int  # L = max(G, S): micro-steps per token of each sequence
+  period: int  # max(G, N) for N stages: micro-steps per token of each sequence
   micro_rows: int  # rows / G: one group's rows on this device
   moe_tokens: int  # tokens this device routes per layer and micro-step (/ tp if split)
   ep_size: int  # devices one layer's experts are spread over (the all_to_all group)
@@ -54,12 +54,12 @@ def layout(cfg: ModelConfig, dep: DeploymentConfig, batch: int) -> Layout:
 
 
 def micro_steps(dep: DeploymentConfig) -> int:
-  """Ring micro-steps per token of each sequence (ring.py): max(G, S)."""
+  """Ring micro-steps per token of each sequence (ring.py): max(G, N) for N stages."""
   return dep.ring_period
 
 
 def bubble_factor(dep: DeploymentConfig) -> float:
-  """Micro-steps per token over the stage-busy ones: L / G (1 when G >= S)."""
+  """Micro-steps per token over the stage-busy ones: max(G, N) / G (1 when G >= N)."""
   return dep.ring_period / dep.groups
 
 

@@ -1,0 +1,42 @@
+"""jax_ep/perf/plan.py: what a benchmark runs: one device's share of a deployment, scaled
+presets when devices are few, mesh: kinds."""
+
+import dataclasses
+
+import pytest
+
+from configs import deployments, load_model
+from jax_ep.config import ConfigError
+from jax_ep.perf import plan
+
+
+def test_share_of_seed_proposed_is_one_expert_one_layer():
+  one_group = dataclasses.replace(deployments.SEED_PROPOSED, decode_groups=1)
+  share, rows = plan.share_config(load_model("seed"), one_group, 1024)
+  assert (share.num_layers, share.num_experts, share.top_k, rows) == (1, 1, 1, 64)
+  assert share.model_dim == 8192 and share.mlp_dim == 32768
+
+
+def test_share_of_tp_deployment_is_refused():
+  with pytest.raises(ConfigError, match="tp=8"):
+    plan.share_config(load_model("seed"), deployments.SEED_BASELINE, 1024)
+
+
+def test_scaled_preset_when_devices_are_few():
+  assert plan._preset_for("proposed", 64) == ("seed_proposed", "")
+  name, note = plan._preset_for("baseline", 8)
+  assert name == "baseline_8" and "needs 16 GPUs, 8 present" in note
+
+
+def test_mesh_kind():
+  dep = plan.parse_mesh("mesh:1x2x1")
+  assert dep.mesh_shape == (1, 2, 1) and dep.microbatches == 1 and dep.groups == 1
+  four = plan.parse_mesh("mesh:4x2x2/8")
+  assert four.placement == "tp" and four.groups == 8 and four.microbatches == 4
+  with pytest.raises(ConfigError, match="mesh:SxExT"):
+    plan.parse_mesh("mesh:2x2")
+
+
+def test_one_device_has_no_scaled_baseline():
+  with pytest.raises(ConfigError, match="single-device run"):
+    plan._preset_for("baseline", 1)
