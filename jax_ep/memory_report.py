@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import jax
 
-from jax_ep import memory_budget, sharding
+from jax_ep import memory_budget
 from jax_ep.config import DeploymentConfig, ModelConfig
 from jax_ep.memory import Footprint, cache_len, prefill_chunk
 from jax_ep.memory_budget import Budget, GiB

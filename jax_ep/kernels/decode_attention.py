@@ -8,7 +8,7 @@ kernel (jax.experimental.pallas.ops.gpu.decode_attention), which reads only the 
 kernel's softmax residuals, so the cache is read before the new key is written (a
 pipeline bubble then writes nothing).
 
-The cache is [B, H, S, K]: each (sequence, head) is one contiguous [S, K] run.
+The cache is [B, H, S, Dh]: each (sequence, head) is one contiguous [S, Dh] run.
 """
 
 from __future__ import annotations
@@ -28,38 +28,38 @@ def supports(cache_len: int) -> bool:
   return _block_k(cache_len) is not None
 
 
-def cache_attention(q_BxHxK, k_BxHxSxK, v_BxHxSxK, lengths_B, scale: float, interpret: bool):
+def cache_attention(q_BxHxDh, k_BxHxSxDh, v_BxHxSxDh, lengths_B, scale: float, interpret: bool):
   """Softmax attention of each query over its sequence's cache positions < lengths_B[b].
 
-  Returns o [B, H, K] (normalised, q's dtype) and the softmax's running max m and sum l
+  Returns o [B, H, Dh] (normalised, q's dtype) and the softmax's running max m and sum l
   [B, H] float32 (l = sum over positions of exp(score - m)).
   """
   from jax.experimental.pallas.ops.gpu import decode_attention as da
 
-  b, h, s, k = k_BxHxSxK.shape
+  b, h, s, k = k_BxHxSxDh.shape
   inner = functools.partial(
       da.decode_attn_unbatched, sm_scale=scale, block_h=16, block_k=_block_k(s), k_splits=1,
       num_warps=4, num_stages=2, grid=None, interpret=interpret, debug=False,
       return_residuals=True, normalize_output=True)
   lengths_BxH = jnp.broadcast_to(lengths_B[:, None], (b, h)).astype(jnp.int32)
-  o, (l, m) = jax.vmap(jax.vmap(inner))(q_BxHxK[:, :, None, :], k_BxHxSxK, v_BxHxSxK,
+  o, (l, m) = jax.vmap(jax.vmap(inner))(q_BxHxDh[:, :, None, :], k_BxHxSxDh, v_BxHxSxDh,
                                         None, lengths_BxH)
   return o[:, :, 0], l[:, :, 0], m[:, :, 0]
 
 
-def attend_decode(q_BxHxK, k_BxHxSxK, v_BxHxSxK, pos_B, k_new_BxHxK, v_new_BxHxK,
+def attend_decode(q_BxHxDh, k_BxHxSxDh, v_BxHxSxDh, pos_B, k_new_BxHxDh, v_new_BxHxDh,
                   scale: float, interpret: bool):
   """One new query per sequence over its cache (positions < pos_B) and its own new key.
 
-  Returns [B, H, K] float32.
+  Returns [B, H, Dh] float32.
   """
-  o_c, l_c, m_c = cache_attention(q_BxHxK, k_BxHxSxK, v_BxHxSxK, pos_B, scale, interpret)
+  o_c, l_c, m_c = cache_attention(q_BxHxDh, k_BxHxSxDh, v_BxHxSxDh, pos_B, scale, interpret)
   f32 = jnp.float32
-  s_new = jnp.einsum("bhk,bhk->bh", q_BxHxK.astype(f32), k_new_BxHxK.astype(f32)) * scale
+  s_new = jnp.einsum("bhk,bhk->bh", q_BxHxDh.astype(f32), k_new_BxHxDh.astype(f32)) * scale
   has_cache = (l_c > 0) & jnp.isfinite(m_c)
   m = jnp.where(has_cache, jnp.maximum(m_c, s_new), s_new)
   w_cache = jnp.where(has_cache, l_c * jnp.exp(m_c - m), 0.0)
   w_new = jnp.exp(s_new - m)
   o = (jnp.where(has_cache[..., None], o_c.astype(f32), 0.0) * w_cache[..., None]
-       + v_new_BxHxK.astype(f32) * w_new[..., None])
+       + v_new_BxHxDh.astype(f32) * w_new[..., None])
   return o / (w_cache + w_new)[..., None]

@@ -22,8 +22,14 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jax_ep.kernels.groups import (DEFAULT_BLOCKS, SWIGLU_UP_BLOCKS, Blocks, activate,
-                                   locate, tile_table)
+from jax_ep.kernels.groups import (
+  DEFAULT_BLOCKS,
+  SWIGLU_UP_BLOCKS,
+  Blocks,
+  activate,
+  locate,
+  tile_table,
+)
 
 IMPLS = ("xla", "pallas", "interpret")
 ACTIVATIONS = ("none", "gelu", "swiglu")

@@ -1,0 +1,57 @@
+"""Tests for jax_ep/kernels/groups.py: the tile table and the program each id computes
+(every live tile exactly once, group by group), the rows a launch multiplies, GELU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpy.testing import assert_allclose
+
+from jax_ep.kernels import groups
+
+
+def test_tile_table():
+  table = np.asarray(groups.tile_table(jnp.array([10, 0, 17], jnp.int32), 8))
+  # rows start, rows, row tiles, first row tile; G padded to 4 with an empty group.
+  np.testing.assert_array_equal(table[:4], [[0, 10, 10, 27], [10, 0, 17, 0], [2, 0, 3, 0],
+                                            [0, 2, 2, 5]])
+  assert table[4, 0] == 5  # 2 + 3 live row tiles
+
+
+class _Ref:
+  """A table as the kernel reads it (ref[i, j]), on the host."""
+
+  def __init__(self, a):
+    self.a = np.asarray(a)
+
+  def __getitem__(self, idx):
+    return jnp.asarray(self.a[idx])
+
+
+def test_every_live_tile_has_exactly_one_program():
+  # Sizes [10, 0, 17] at 8-row tiles, 3 column tiles: 5 row tiles x 3 = 15 live programs,
+  # each (group, row tile, column tile) once, group by group.
+  sizes = [10, 0, 17]
+  ref = _Ref(groups.tile_table(jnp.array(sizes, jnp.int32), 8))
+  seen = []
+  for pid in range(24):
+    t = groups.locate(ref, jnp.int32(pid), 8, 3)
+    if bool(t.live):
+      seen.append((int(t.g), int(t.row0), int(t.n)))
+      assert 0 < int(t.rows_left) and int(t.row0) + min(8, int(t.rows_left)) <= 27
+    else:
+      assert pid >= 15
+  want = [(g, r, n) for g, r in ((0, 0), (0, 8), (2, 10), (2, 18), (2, 26)) for n in range(3)]
+  assert sorted(seen) == sorted(want) and len(seen) == 15
+  assert [g for g, _, _ in seen[:6]] == [0] * 6  # group 0's six programs first
+
+
+def test_cost_rows_follow_the_real_rows():
+  b = groups.Blocks(block_m=128)
+  assert groups.cost_rows([128] * 16, b) == 2048
+  assert groups.cost_rows([0, 0, 2048], b) == 2048
+  assert groups.cost_rows([129, 1, 0], b) == 256 + 128
+
+
+def test_gelu_matches_jax():
+  x = jnp.linspace(-30, 30, 301)
+  assert_allclose(groups.gelu_tanh(x), jax.nn.gelu(x, approximate=True), rtol=1e-5, atol=1e-6)
