@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ep import distributed, ring
+from jax_ep import distributed, ring, routing
 from jax_ep.config import ConfigError
 from jax_ep.engine import Engine
 from jax_ep.perf import per_device
@@ -43,8 +43,7 @@ class Generation:
   @property
   def imbalance(self) -> float:
     """Expert load max/mean, the worst layer (1.0: perfectly balanced)."""
-    load = np.asarray(self.load_LxE, np.float64)
-    return float(np.max(load.max(axis=1) / np.maximum(load.mean(axis=1), 1e-9)))
+    return float(routing.load_imbalance(self.load_LxE))
 
   @property
   def steps(self) -> int:

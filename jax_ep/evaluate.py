@@ -13,7 +13,7 @@ from jax_ep import checkpoint, tasks
 from jax_ep.config import ConfigError, ModelConfig
 from jax_ep.decode import Generation
 from jax_ep.engine import Engine
-from jax_ep.train import imbalance
+from jax_ep.routing import load_imbalance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,4 +67,4 @@ def expert_load(engine: Engine, params, tokens_BxT: np.ndarray) -> np.ndarray:
 def random_router_imbalance(engine: Engine, tokens_BxT: np.ndarray, seed: int = 0) -> float:
   """Load max/mean of the same model shape with random weights (Engine.init_params) on
   the same tokens: what an untrained router does with them."""
-  return float(imbalance(expert_load(engine, engine.init_params(seed), tokens_BxT)))
+  return float(load_imbalance(expert_load(engine, engine.init_params(seed), tokens_BxT)))

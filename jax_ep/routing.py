@@ -151,3 +151,11 @@ def take_rows(x_RxD: jax.Array, index_R: jax.Array) -> jax.Array:
   """x[index] with index == N (the sentinel) giving a zero row."""
   x_pad = jnp.concatenate([x_RxD, jnp.zeros((1, x_RxD.shape[1]), x_RxD.dtype)], axis=0)
   return x_pad[index_R]
+
+
+def load_imbalance(load_LxE) -> jax.Array:
+  """Expert load max/mean of the worst layer (1.0: balanced): the one definition that
+  generate, bench, train and evaluate report."""
+  load = jnp.asarray(load_LxE, jnp.float32)
+  return jnp.max(load.max(-1) / jnp.maximum(load.mean(-1), 1e-9))
+

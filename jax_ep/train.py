@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jax_ep import checkpoint, ep, tasks
+from jax_ep import checkpoint, ep, routing, tasks
 from jax_ep.config import ConfigError, ModelConfig
 from jax_ep.model import Transformer, embed, head
 
@@ -143,12 +143,6 @@ def balance_loss(probs_LxTxE, load_LxE, top_k: int):
   return jnp.mean(e * jnp.sum(f_LxE * p_LxE, axis=-1))
 
 
-def imbalance(load_LxE) -> jax.Array:
-  """Expert load max/mean of the worst layer (1.0: balanced)."""
-  load = load_LxE.astype(jnp.float32)
-  return jnp.max(load.max(-1) / jnp.maximum(load.mean(-1), 1e-9))
-
-
 def loss_and_metrics(cfg: ModelConfig, tc: TrainConfig, params, seq_BxT):
   out = forward(merge(cfg, params), seq_BxT[:, :-1])
   targets = seq_BxT[:, 1:]
@@ -160,7 +154,7 @@ def loss_and_metrics(cfg: ModelConfig, tc: TrainConfig, params, seq_BxT):
   right = (jnp.argmax(out.logits_BxTxV, axis=-1) == targets) | ~mask
   metrics = {"loss": ce, "balance": bal, "accuracy": jnp.mean(jnp.all(right, axis=1)),
              "token_accuracy": 1 - jnp.sum(~right) / (mask.sum() * seq_BxT.shape[0]),
-             "load_max_mean": imbalance(out.load_LxE)}
+             "load_max_mean": routing.load_imbalance(out.load_LxE)}
   return ce + tc.balance_coef * bal, metrics
 
 

@@ -139,3 +139,9 @@ def test_dispatch_combine_round_trip():
   pack = routing.pack_by_destination(EXPERTS_TxK, ALL, 4, 2, rows=2)
   out = routing.combine(routing.dispatch(X_TxD, pack.slot_TxK, 4), pack.slot_TxK, WEIGHTS_TxK)
   assert_allclose(out, X_TxD * jnp.array([[1.0], [1.0], [0.0], [0.0]]), rtol=1e-6)
+
+
+def test_load_imbalance_is_the_worst_layers_max_over_mean():
+  load_LxE = np.array([[2, 2, 2, 2], [6, 0, 1, 1]])  # layer 1: 6 / 2
+  assert float(routing.load_imbalance(load_LxE)) == pytest.approx(3.0)
+  assert float(routing.load_imbalance(np.zeros((2, 4)))) == 0.0
