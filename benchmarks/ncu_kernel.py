@@ -33,4 +33,7 @@ def main(which: str):
 
 
 if __name__ == "__main__":
-  main(sys.argv[1] if len(sys.argv) > 1 else "skewed")
+  which = sys.argv[1] if len(sys.argv) > 1 else "skewed"
+  if len(sys.argv) > 2 or which not in ("skewed", "balanced"):
+    sys.exit(f"usage: python3 benchmarks/ncu_kernel.py [skewed|balanced] (GPU only)\n{__doc__}")
+  main(which)

@@ -287,8 +287,8 @@ def check_model(saved: dict, cfg: ModelConfig, where: str) -> None:
   diff += [f"{k}={saved[k]!r} (unknown to this jax_ep)" for k in saved if k not in want]
   if diff:
     raise ConfigError(f"{where} holds another model: {', '.join(diff)}. Restore it into the "
-                      "model it was saved from (jax-ep reads that from the checkpoint when "
-                      "--config is not given).")
+                      "model it was saved from: --config=<its preset> (generate and bench read the "
+                      "model from the checkpoint when --config is not given; train does not).")
 
 
 def _check_shapes(saved: dict, target, where: str) -> None:

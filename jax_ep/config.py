@@ -219,7 +219,8 @@ class DeploymentConfig:
             f"batch={batch} is not divisible by expert axis x "
             f"{'microbatches' if field == 'microbatches' else 'decode groups'} = "
             f"{self.expert} x {m} = {per}; each device's share of each "
-            f"{what} must be whole. Use a batch that is a multiple of {per}.")
+            f"{what} must be whole. Use a batch that is a multiple of {self.min_batch} (the "
+            "least that every split of this deployment takes).")
 
   def describe(self) -> str:
     return (f"{self.kind}: stage {self.stages} x expert {self.expert} x tp {self.tp} "

@@ -48,6 +48,11 @@ class Engine:
     if dict(self.mesh.shape) != want:
       raise ConfigError(f"mesh {dict(self.mesh.shape)} does not match {dep.describe()}: "
                         f"it needs axes {want}; build it with jax_ep.mesh.make_mesh.")
+    platform = self.mesh.devices.flat[0].platform
+    if dep.kernels == "pallas" and platform != "gpu":
+      raise ConfigError(f"DeploymentConfig.kernels=pallas runs the Triton kernels, which need a "
+                        f"GPU; these devices are {platform}: use kernels=interpret (the same "
+                        "kernels through Pallas' interpreter), xla or auto.")
     self.par = ep.Parallel.of(dep)
     self.table = sharding.table_for(dep)
     self.local_layers = cfg.num_layers // dep.stages

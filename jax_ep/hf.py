@@ -298,6 +298,7 @@ def export_hf(checkpoint_dir: str, dst: str, max_shard_bytes: int = 5 * 2**30) -
     shards[-1][name] = t
     size += t.nbytes
   parent = os.path.dirname(os.path.abspath(dst))
+  os.makedirs(parent, exist_ok=True)  # as import-hf makes its --workdir's parents
   tmp = tempfile.mkdtemp(dir=parent, prefix=".export-hf-")
   try:
     names = (["model.safetensors"] if len(shards) == 1 else

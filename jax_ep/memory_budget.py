@@ -195,4 +195,5 @@ def check(fp: Footprint, budget: Budget, *, candidates=None, platform: str = "gp
   if len(lines) == 1:
     lines.append("Neither a smaller batch nor another deployment fits: use a smaller model "
                  "(--config) or devices with more memory; `jax-ep plan` prints the table.")
+  lines.append("(--nocheck_memory runs it anyway.)")
   raise ConfigError(" ".join(lines))

@@ -24,6 +24,7 @@ def test_help_and_usage_errors():
   assert all(name in config_help for name in model_names())
   assert usage["rc"] == 1
   assert "usage: jax-ep {generate,bench,predict,plan,train,import-hf,export-hf}" in usage["stderr"]
+  assert "unknown command 'frobnicate'" in usage["stderr"]
   assert dry_run["rc"] == 1 and "--dry_run is for generate" in dry_run["stderr"]
   for r, flag in zip(required, ["workdir", "workdir", "dst"], strict=True):
     assert r["rc"] == 1 and f"--{flag} is required here." in r["stderr"], r

@@ -11,6 +11,7 @@ from jax_ep.perf import tables
 def test_predict_bench_and_bench_refusals(tmp_path):
   out_dir, refused_dir = tmp_path / "bench", tmp_path / "refused"
   refused_dir.mkdir()
+  (tmp_path / "not_bench.json").write_text(json.dumps({"tokens": [[1, 2]]}))
   results = run_cases([
       ["predict", "--hardware=h200", "--context_len=256"],
       ["bench", "--simulate_devices=8", "--kinds=single", "--batch=2", "--prompt_len=4",
@@ -18,6 +19,9 @@ def test_predict_bench_and_bench_refusals(tmp_path):
        f"--out_dir={out_dir}"],
       ["bench", "--simulate_devices=8", "--batch=7", "--prompt_len=4", "--max_new_tokens=8"],
       ["bench", "--simulate_devices=8", f"--output={refused_dir}"],
+      ["predict", f"--calibration={tmp_path / 'missing.json'}"],
+      ["predict", f"--calibration={tmp_path / 'not_bench.json'}"],
+      ["predict", f"--plot={tmp_path / 'missing_dir' / 'x.png'}"],
   ])
   predict, bench, *refused = results
   assert predict["rc"] == 0 and tables.report("h200", 1024, 256) in predict["stdout"]
@@ -28,7 +32,9 @@ def test_predict_bench_and_bench_refusals(tmp_path):
           result["spec"]["probe_mib"], result["spec"]["batch"]) == (1, 1, 0, 1, 2)
   assert (out_dir / "seed_table.md").exists()
   # Refused before any probe or compile, nothing written.
-  for r, message in zip(refused, ["--skip_unfit runs the rest", "is a directory"], strict=True):
+  for r, message in zip(refused, ["--skip_unfit runs the rest", "is a directory",
+                                  "cannot read it", "holds no measured run",
+                                  "does not exist; create it first"], strict=True):
     assert r["rc"] == 2, (r["args"], r["stdout"][-1000:], r["stderr"][-2000:])
     assert message in r["stderr"], (r["args"], r["stderr"][-2000:])
     assert "compiling" not in r["stdout"] and "probe:" not in r["stdout"], r["args"]

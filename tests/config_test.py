@@ -169,10 +169,14 @@ def test_check_batch():
   with _raises("batch=12 is not divisible by expert axis x microbatches = 4 x 2 = 8"):
     dep.check_batch(12)
   with _raises("batch=8 is not divisible by expert axis x decode groups = 4 x 4 = 16; each "
-               "device's share of each decode group must be whole"):
+               "device's share of each decode group must be whole. Use a batch that is a "
+               "multiple of 16"):
     dataclasses.replace(dep, decode_groups=4).check_batch(8)
   with _raises("batch=4"):
     dep.check_batch(4)
+  # 3 groups and 2 micro-batches: the hint names their least common multiple, 4 x 6.
+  with _raises("multiple of 24"):
+    dataclasses.replace(dep, decode_groups=3).check_batch(8)
   with _raises("batch=8.0"):
     dep.check_batch(8.0)
 

@@ -321,3 +321,9 @@ def test_dropping_on_a_mesh():
     else:
       assert_array_equal(got.dropped, 0)
       assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_pallas_kernels_off_a_gpu_are_refused_before_compiling():
+  dep = dataclasses.replace(deployments.PRESETS["single"], kernels="pallas")
+  with pytest.raises(ConfigError, match="need a GPU; these devices are cpu"):
+    Engine(load_model("tiny"), dep)

@@ -7,6 +7,9 @@
 # Each part fits one 10-minute call. Writes $OUT/results.tgz and $OUT/summary.txt.
 set -u
 PART=${1:-1}
+case $PART in parts|profile|kernel|1|2) ;;
+  *) echo "unknown PART '$PART': use parts, profile, kernel, 1 or 2" >&2; exit 2 ;;
+esac
 export PYTHONPATH=. PYTHONUNBUFFERED=1 JAX_EP_COMMIT=${2:-unknown}
 R=$OUT/r; mkdir -p $R
 step() {  # name timeout_s command...
@@ -39,7 +42,7 @@ step seed_1gpu 220 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 step swiglu_1gpu 220 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 -m jax_ep bench --config=seed_swiglu --kinds=single --prompt_len=128 \
   --out_dir=$R/swiglu_1gpu
-else
+elif [ "$PART" = 2 ]; then
 step slices_4gpu 250 python3 -m jax_ep bench --kinds=slice_1x4,slice_2x2,slice_2x2/1 \
   --out_dir=$R/slices_4gpu
 step ep2 300 env CUDA_VISIBLE_DEVICES=0,1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \

@@ -74,7 +74,7 @@ def _generate(profile_dir):
   max_len = min(cfg.max_seq_len, prompts.shape[1] + new)
   # Everything that can be wrong with the request is checked before anything compiles.
   decode.check_request(engine, prompts, new, flags.TEMPERATURE.value, max_len)
-  if flags.CHECK_MEMORY.value:
+  if flags.CHECK_MEMORY.value and not flags.DRY_RUN.value:  # a dry run allocates nothing
     platform = jax.devices()[0].platform
     fp = memory.footprint(cfg, dep, len(prompts), prompts.shape[1], max_len, platform)
     memory_budget.check(fp, memory_budget.budget_for_devices(jax.devices()[:dep.num_devices]),

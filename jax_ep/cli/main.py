@@ -62,7 +62,10 @@ def _setup_processes(command: str):
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
-    raise app.UsageError(f"usage: jax-ep {{{','.join(COMMANDS)}}} [--flags]; see --help.")
+    got = ("no command" if len(argv) < 2 else f"more than one command: {argv[1:]}"
+           if len(argv) > 2 else f"unknown command {argv[1]!r}")
+    raise app.UsageError(f"{got}. usage: jax-ep {{{','.join(COMMANDS)}}} [--flags]; see "
+                         "--help.")
   if flags.DRY_RUN.value and argv[1] != "generate":
     raise app.UsageError("--dry_run is for generate (jax-ep generate --dry_run).")
   _check_flags()

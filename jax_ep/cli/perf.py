@@ -57,9 +57,33 @@ def bench():
 def predict():
   """The seed's table, the term-by-term breakdown and, with --plot, the scaling curves
   (jax_ep/perf/tables.py); no device is used."""
+  from jax_ep import output
   from jax_ep.perf import tables
 
+  output.check_output_path(flags.PLOT.value, "--plot")
+  _check_calibration(flags.CALIBRATION.value)
   batch = 1024 if flags.BATCH.value is None else flags.BATCH.value
   print(tables.report(flags.HARDWARE.value, batch, flags.CONTEXT_LEN.value, flags.CALIBRATION.value,
                       flags.PLOT.value))
   return 0
+
+
+def _check_calibration(path: str | None) -> None:
+  """--calibration must be a jax-ep bench result with at least one measured run."""
+  import json
+
+  from jax_ep.config import ConfigError
+  from jax_ep.perf.calibrate import load_records
+
+  if path is None:
+    return
+  try:
+    records = load_records(path)
+  except OSError as e:
+    raise ConfigError(f"--calibration={path}: cannot read it ({e.strerror}).") from None
+  except (json.JSONDecodeError, AttributeError, TypeError) as e:
+    raise ConfigError(f"--calibration={path} is not a jax-ep bench result ({e}).") from None
+  if not records:
+    raise ConfigError(f"--calibration={path} holds no measured run (a \"runs\" list with "
+                      "tpot_ms, as `jax-ep bench --output` writes).")
+
