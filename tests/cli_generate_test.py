@@ -85,3 +85,14 @@ def test_bad_input_fails_before_compiling_and_writes_nothing(tmp_path):
     assert "compiling" not in r["stdout"] and "probe:" not in r["stdout"], r["args"]
     assert "DeploymentConfig" not in r["stderr"] and "Traceback" not in r["stderr"]
   assert not list(tmp_path.iterdir())
+
+
+def test_dry_run_of_a_model_this_host_cannot_hold_prints_the_layout():
+  # The seed model (69 GB of fp16 experts) does not fit this host: a dry run allocates
+  # nothing, so the memory check that refuses `generate` without it is skipped.
+  dry, real = run_cases([["generate", "--config=seed", "--deployment=single", "--dry_run"],
+                         ["generate", "--config=seed", "--deployment=single"]])
+  assert dry["rc"] == 0, dry["stderr"][-2000:]
+  assert "layers/4  experts/16" in dry["stdout"] and "compiling" not in dry["stdout"]
+  assert real["rc"] == 2 and "does not fit" in real["stderr"]
+

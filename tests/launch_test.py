@@ -100,10 +100,7 @@ def test_processes_that_disagree_stop_before_compiling():
 
 
 def test_dry_run_prints_which_process_holds_what():
-  # The seed model (69 GB of fp16 experts) does not fit this host: a dry run allocates
-  # nothing, so the memory check does not refuse it.
-  code, log, _ = _wait(_launch(2, 4, ["generate", "--config=seed", "--deployment=proposed",
-                                      "--dry_run"]), 300)
+  code, log, _ = _wait(_launch(2, 4, ["generate", "--deployment=proposed", "--dry_run"]), 300)
   assert code == 0, log[-3000:]
   rows = [line.split()[1:] for line in log.splitlines()
           if line.startswith("[0] ") and line[4:5].isdigit() and "devices on" not in line]
