@@ -36,6 +36,7 @@ import numpy as np
 from jax_ep import routing
 from jax_ep.kernels import combine as combine_kernel
 from jax_ep.kernels import grouped_matmul as gm
+from jax_ep.kernels import grouped_mgpu as gmg
 from jax_ep.kv_cache import write_rows
 from jax_ep.perf import plan, runner
 from jax_ep.perf.probes import measure_hardware, time_call
@@ -171,6 +172,57 @@ def part_mgpu(bw, log):
   return out
 
 
+# jax_ep's warp-specialised Mosaic GPU kernel (kernels/grouped_mgpu.py): up, down blocks.
+WS_VARIANTS = {
+    "ws_n256_s4": (gmg.MgpuBlocks(), gmg.MgpuBlocks()),
+    "ws_n256_s3": (gmg.MgpuBlocks(stages=3), gmg.MgpuBlocks(stages=3)),
+    "ws_n128_s4": (gmg.MgpuBlocks(block_n=128), gmg.MgpuBlocks(block_n=128)),
+    "ws_n128_s6": (gmg.MgpuBlocks(block_n=128, stages=6), gmg.MgpuBlocks(block_n=128, stages=6)),
+}
+
+
+def _mlp_ws(x, gs, w_up, w_down, w_gate=None, *, blocks, real):
+  m = x.shape[0]
+  up, down = gmg.fit(*w_up.shape[1:], blocks[0]), gmg.fit(*w_down.shape[1:], blocks[1])
+  x_pad = jnp.pad(x, ((0, gmg.pad_rows(m) - m), (0, 0)))
+  act = "gelu" if w_gate is None else "swiglu"
+  h = gmg.grouped_matmul_mgpu(x_pad, m, w_up, gs, w_gate, activation=act, blocks=up,
+                              interpret=INTERPRET, sms=2 if INTERPRET else None)
+  return gmg.grouped_matmul_mgpu(h, m, w_down, gs, blocks=down, interpret=INTERPRET,
+                                 sms=2 if INTERPRET else None)[:real]
+
+
+def part_ws(bw, log):
+  """The Triton kernel (default blocks) against the warp-specialised Mosaic GPU kernel
+  on the same rows: the GELU MLP on skewed and balanced rows, and the SwiGLU MLP."""
+  w_up = _rand(6, (E, D, F), scale=D ** -0.5)
+  w_down = _rand(7, (E, F, D), scale=F ** -0.5)
+  x = _rand(8, (T * K, D))
+  out = {}
+  skewed = SKEWED if not INTERPRET else [5, 3, 0, 8]
+  floor = 2 * E * D * F * 2 / bw
+  for sizes_name, sizes in (("skewed", skewed), ("balanced", [T * K // E] * E)):
+    gs = jnp.asarray(sizes, jnp.int32)
+    fns = {"triton_default": functools.partial(_mlp, blocks=None, real=sum(sizes))}
+    for name, blocks in WS_VARIANTS.items():
+      fns[name] = functools.partial(_mlp_ws, blocks=blocks, real=sum(sizes))
+    out[sizes_name] = _run_variants(fns, (x, gs, w_up, w_down), floor, log,
+                                    f"ws {sizes_name}")
+  w_gate = _rand(9, (E, D, F), scale=D ** -0.5)
+  gs = jnp.asarray(skewed, jnp.int32)
+  real = sum(skewed)
+  fns = {"triton_default": lambda x, gs, u, d, g: gm.grouped_mlp(
+             x, gs, u, d, g, impl="interpret" if INTERPRET else "pallas")[:real],
+         "ws_swiglu_n128_s4": functools.partial(
+             _mlp_ws, blocks=(gmg.SWIGLU_MGPU_BLOCKS, gmg.MgpuBlocks()), real=real),
+         "ws_swiglu_n128_s3": functools.partial(
+             _mlp_ws, blocks=(gmg.MgpuBlocks(block_n=128, stages=3), gmg.MgpuBlocks()),
+             real=real)}
+  out["swiglu_skewed"] = _run_variants(fns, (x, gs, w_up, w_down, w_gate), 1.5 * floor,
+                                       log, "ws swiglu skewed")
+  return out
+
+
 def _mlp(x, gs, w_up, w_down, blocks, real):
   """The real rows only: the kernel leaves the buffer's other rows unset."""
   return gm.grouped_mlp(x, gs, w_up, w_down, impl="interpret" if INTERPRET else "pallas",
@@ -260,7 +312,7 @@ def main():
       result[part] = part_calls(hw, per_call, log)
     else:
       result[part] = {"combine": part_combine, "cache": part_cache,
-                      "kernel": part_kernel, "mgpu": part_mgpu}[part](bw, log)
+                      "kernel": part_kernel, "mgpu": part_mgpu, "ws": part_ws}[part](bw, log)
     gc.collect()
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)
