@@ -173,28 +173,39 @@ def part_mgpu(bw, log):
 
 
 # jax_ep's warp-specialised Mosaic GPU kernel (kernels/grouped_mgpu.py): up, down blocks.
+_WS = lambda **kw: (gmg.MgpuBlocks(**kw), gmg.MgpuBlocks(**kw))
 WS_VARIANTS = {
-    "ws_n256_s4": (gmg.MgpuBlocks(), gmg.MgpuBlocks()),
-    "ws_n256_s3": (gmg.MgpuBlocks(stages=3), gmg.MgpuBlocks(stages=3)),
-    "ws_n128_s4": (gmg.MgpuBlocks(block_n=128), gmg.MgpuBlocks(block_n=128)),
-    "ws_n128_s6": (gmg.MgpuBlocks(block_n=128, stages=6), gmg.MgpuBlocks(block_n=128, stages=6)),
+    "ws_d0_s4": _WS(delay=0), "ws_d1_s4": _WS(delay=1), "ws_d1_s3": _WS(delay=1, stages=3),
+    "ws_d2_s4": _WS(delay=2), "ws_d1_n128_s6": _WS(delay=1, block_n=128, stages=6),
 }
 
 
-def _mlp_ws(x, gs, w_up, w_down, w_gate=None, *, blocks, real):
+def _ws(x, gs, w, w_gate=None, *, blocks, real, activation="none"):
+  """One product through the Mosaic GPU kernel, on the real rows."""
   m = x.shape[0]
-  up, down = gmg.fit(*w_up.shape[1:], blocks[0]), gmg.fit(*w_down.shape[1:], blocks[1])
   x_pad = jnp.pad(x, ((0, gmg.pad_rows(m) - m), (0, 0)))
-  act = "gelu" if w_gate is None else "swiglu"
-  h = gmg.grouped_matmul_mgpu(x_pad, m, w_up, gs, w_gate, activation=act, blocks=up,
-                              interpret=INTERPRET, sms=2 if INTERPRET else None)
-  return gmg.grouped_matmul_mgpu(h, m, w_down, gs, blocks=down, interpret=INTERPRET,
+  return gmg.grouped_matmul_mgpu(x_pad, m, w, gs, w_gate, activation=activation,
+                                 blocks=gmg.fit(*w.shape[1:], blocks), interpret=INTERPRET,
                                  sms=2 if INTERPRET else None)[:real]
+
+
+def _mlp_ws(x, gs, w_up, w_down, w_gate=None, *, blocks, real):
+  h = _ws(x, gs, w_up, w_gate, blocks=blocks[0], real=x.shape[0],
+          activation="gelu" if w_gate is None else "swiglu")
+  return _ws(h, gs, w_down, blocks=blocks[1], real=real)
+
+
+def _triton(x, gs, w, *, real, activation="none"):
+  return gm.grouped_matmul(x, w, gs, activation=activation,
+                           impl="interpret" if INTERPRET else "pallas",
+                           blocks=gm.blocks_for(*w.shape[1:]))[:real]
 
 
 def part_ws(bw, log):
   """The Triton kernel (default blocks) against the warp-specialised Mosaic GPU kernel
-  on the same rows: the GELU MLP on skewed and balanced rows, and the SwiGLU MLP."""
+  on the same rows: the GELU MLP on skewed and balanced rows, each product alone, the
+  SwiGLU MLP, and the MMA-bound case (one group of 3072 rows) beside XLA's and jax's
+  Hopper matmul on the same dense product."""
   w_up = _rand(6, (E, D, F), scale=D ** -0.5)
   w_down = _rand(7, (E, F, D), scale=F ** -0.5)
   x = _rand(8, (T * K, D))
@@ -208,19 +219,56 @@ def part_ws(bw, log):
       fns[name] = functools.partial(_mlp_ws, blocks=blocks, real=sum(sizes))
     out[sizes_name] = _run_variants(fns, (x, gs, w_up, w_down), floor, log,
                                     f"ws {sizes_name}")
-  w_gate = _rand(9, (E, D, F), scale=D ** -0.5)
   gs = jnp.asarray(skewed, jnp.int32)
   real = sum(skewed)
+  h = jax.nn.gelu(_rand(10, (T * K, F)))
+  for prod, args, act in (("up", (x, gs, w_up), "gelu"), ("down", (h, gs, w_down), "none")):
+    fns = {"triton_default": functools.partial(_triton, real=real, activation=act),
+           "ws_d1_s4": functools.partial(_ws, blocks=WS_VARIANTS["ws_d1_s4"][0], real=real,
+                                         activation=act),
+           "ws_d0_s4": functools.partial(_ws, blocks=WS_VARIANTS["ws_d0_s4"][0], real=real,
+                                         activation=act)}
+    out[f"skewed_{prod}"] = _run_variants(fns, args, floor / 2, log, f"ws skewed {prod}")
+  w_gate = _rand(9, (E, D, F), scale=D ** -0.5)
   fns = {"triton_default": lambda x, gs, u, d, g: gm.grouped_mlp(
              x, gs, u, d, g, impl="interpret" if INTERPRET else "pallas")[:real],
-         "ws_swiglu_n128_s4": functools.partial(
-             _mlp_ws, blocks=(gmg.SWIGLU_MGPU_BLOCKS, gmg.MgpuBlocks()), real=real),
-         "ws_swiglu_n128_s3": functools.partial(
+         "ws_swiglu_n128_d1_s4": functools.partial(
+             _mlp_ws, blocks=(gmg.MgpuBlocks(block_n=128), gmg.MgpuBlocks()), real=real),
+         "ws_swiglu_n128_d1_s3": functools.partial(
              _mlp_ws, blocks=(gmg.MgpuBlocks(block_n=128, stages=3), gmg.MgpuBlocks()),
              real=real)}
   out["swiglu_skewed"] = _run_variants(fns, (x, gs, w_up, w_down, w_gate), 1.5 * floor,
                                        log, "ws swiglu skewed")
+  if not INTERPRET:
+    out["dense_3072"] = _dense_rates(log)
   return out
+
+
+def _dense_rates(log):
+  """[3072, 8192] x [8192, 32768]: XLA, jax's Hopper matmul, jax_ep's two kernels on one
+  group of all the rows; TFLOP/s."""
+  from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
+
+  rows = 3072
+  x, w = _rand(11, (rows, D)), _rand(12, (1, D, F), scale=D ** -0.5)
+  gs = jnp.asarray([rows], jnp.int32)
+  cfg = lambda **kw: hm.TuningConfig(tile_k=64, max_concurrent_steps=4, **kw)
+  fns = {
+      "xla": lambda x, w, gs: x @ w[0],
+      "hopper_m128_n128_wgN": lambda x, w, gs: hm.matmul(x, w[0], None, cfg(
+          tile_m=128, tile_n=128, wg_dimension=hm.MatmulDimension.N)),
+      "hopper_m64_n256_wgM": lambda x, w, gs: hm.matmul(x, w[0], None, cfg(
+          tile_m=64, tile_n=256, wg_dimension=hm.MatmulDimension.M)),
+      "triton_default": lambda x, w, gs: _triton(x, gs, w, real=rows),
+      "ws_d1_s4": lambda x, w, gs: _ws(x, gs, w, blocks=WS_VARIANTS["ws_d1_s4"][0], real=rows),
+      "ws_d0_s4": lambda x, w, gs: _ws(x, gs, w, blocks=WS_VARIANTS["ws_d0_s4"][0], real=rows),
+  }
+  res = _run_variants(fns, (x, w, gs), 2 * rows * D * F / 745e12, log, "ws dense 3072")
+  for r in res.values():
+    if "ms" in r:
+      r["tflops"] = 2 * rows * D * F / r["ms"] / 1e9
+  log("ws dense TFLOP/s: " + ", ".join(f"{k} {v.get('tflops', 0):.0f}" for k, v in res.items()))
+  return res
 
 
 def _mlp(x, gs, w_up, w_down, blocks, real):

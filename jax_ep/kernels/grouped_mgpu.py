@@ -40,6 +40,11 @@ class MgpuBlocks:
   block_k: int = 64
   stages: int = 4
   epi_n: int = 64
+  # wgmma groups a compute warpgroup keeps in flight past the one it issues: its shared
+  # memory slot is released that many steps later (1: the next step's MMA is issued
+  # before this one is awaited, so a warpgroup's tensor-core work does not stall on
+  # wgmma's latency).
+  delay: int = 1
 
   def smem_bytes(self, weights: int = 1, itemsize: int = 2) -> int:
     ring = self.stages * (CTA_ROWS + weights * self.block_n) * self.block_k * itemsize
@@ -59,8 +64,10 @@ def fit(k: int, n: int, preferred: MgpuBlocks = DEFAULT_MGPU_BLOCKS) -> MgpuBloc
     bk //= 2
   while bn > 16 and n % bn:
     bn //= 2
+  depth = min(preferred.stages, k // bk)
   return dataclasses.replace(preferred, block_k=bk, block_n=bn,
-                             epi_n=min(preferred.epi_n, bn))
+                             epi_n=min(preferred.epi_n, bn),
+                             delay=max(0, min(preferred.delay, depth - 1)))
 
 
 def row_ladder(rows: int) -> tuple[int, ...]:
@@ -136,9 +143,11 @@ def _kernel(table_gmem, x_gmem, *refs, g: int, n_items: int, n_tiles: int,
   def pipeline(body, context, row0=0):
     # The row tile starts at any row (groups are packed): an element offset.
     specs = [plgpu.BlockSpec((pl.Element(CTA_ROWS), bk), lambda s: (row0, s),
-                             transforms=transforms, memory_space=plgpu.SMEM)]
+                             transforms=transforms, memory_space=plgpu.SMEM,
+                             delay_release=blocks.delay)]
     specs += [plgpu.BlockSpec((bk, bn), lambda s: (s, 0), transforms=transforms,
-                              memory_space=plgpu.SMEM)] * len(weight_gmems)
+                              memory_space=plgpu.SMEM, delay_release=blocks.delay)
+              ] * len(weight_gmems)
     return plgpu.emit_pipeline_warp_specialized(
         body, grid=(k // bk,), memory_registers=40, in_specs=specs, wg_axis="wg",
         num_compute_wgs=2, max_concurrent_steps=blocks.stages, compute_context=context)
@@ -198,7 +207,7 @@ def _kernel(table_gmem, x_gmem, *refs, g: int, n_items: int, n_tiles: int,
             for acc, w in zip(acc_refs, w_smems):
               plgpu.wgmma(acc, x_rows, w)
 
-          plgpu.wgmma_wait(0)
+          plgpu.wgmma_wait(blocks.delay)
           return acc_refs
 
         cols = pl.ds(n * bn, bn)
@@ -235,6 +244,12 @@ def grouped_matmul_mgpu(x_pad, m: int, w_GxKxN, group_sizes_G, w_gate_GxKxN=None
   g, _, n = w_GxKxN.shape
   if rows < pad_rows(m) or rows % ALIGN:
     raise ValueError(f"x_pad has {rows} rows for m={m}: give pad_rows(m)={pad_rows(m)}")
+  steps = min(blocks.stages, k // max(blocks.block_k, 1))
+  if not 0 <= blocks.delay < steps:
+    # The pipeline would wait for a release that never comes: a hang, not an error.
+    raise ValueError(f"delay={blocks.delay} must be below the pipeline's depth "
+                     f"min(stages={blocks.stages}, K/block_k={k // blocks.block_k}); "
+                     "use fit(), which lowers it")
   if k % blocks.block_k or n % blocks.block_n or blocks.block_n % blocks.epi_n:
     raise ValueError(f"K={k}, N={n} must be multiples of block_k={blocks.block_k} and "
                      f"block_n={blocks.block_n} (a multiple of epi_n={blocks.epi_n})")
