@@ -175,9 +175,15 @@ def part_mgpu(bw, log):
 # jax_ep's warp-specialised Mosaic GPU kernel (kernels/grouped_mgpu.py): up, down blocks.
 _WS = lambda **kw: (gmg.MgpuBlocks(**kw), gmg.MgpuBlocks(**kw))
 WS_VARIANTS = {
-    "ws_d0_s4": _WS(delay=0), "ws_d1_s4": _WS(delay=1), "ws_d1_s3": _WS(delay=1, stages=3),
-    "ws_d2_s4": _WS(delay=2), "ws_d1_n128_s6": _WS(delay=1, block_n=128, stages=6),
+    "ws_d1_s4": _WS(delay=1), "ws_d1_s4_c2": _WS(delay=1, cluster=2),
+    "ws_d1_s4_c4": _WS(delay=1, cluster=4), "ws_d1_s3_c2": _WS(delay=1, stages=3, cluster=2),
+    "ws_d0_s4_c2": _WS(delay=0, cluster=2),
 }
+# The variants timed product by product, and on the SwiGLU MLP (up blocks).
+WS_PRODUCT = ("ws_d1_s4", "ws_d1_s4_c2", "ws_d1_s4_c4")
+WS_SWIGLU = {"ws_swiglu_n128_c1": gmg.MgpuBlocks(block_n=128),
+             "ws_swiglu_n128_c2": gmg.MgpuBlocks(block_n=128, cluster=2),
+             "ws_swiglu_n128_c4": gmg.MgpuBlocks(block_n=128, cluster=4)}
 
 
 def _ws(x, gs, w, w_gate=None, *, blocks, real, activation="none"):
@@ -223,20 +229,15 @@ def part_ws(bw, log):
   real = sum(skewed)
   h = jax.nn.gelu(_rand(10, (T * K, F)))
   for prod, args, act in (("up", (x, gs, w_up), "gelu"), ("down", (h, gs, w_down), "none")):
-    fns = {"triton_default": functools.partial(_triton, real=real, activation=act),
-           "ws_d1_s4": functools.partial(_ws, blocks=WS_VARIANTS["ws_d1_s4"][0], real=real,
-                                         activation=act),
-           "ws_d0_s4": functools.partial(_ws, blocks=WS_VARIANTS["ws_d0_s4"][0], real=real,
-                                         activation=act)}
+    fns = {"triton_default": functools.partial(_triton, real=real, activation=act)}
+    fns.update({name: functools.partial(_ws, blocks=WS_VARIANTS[name][0], real=real,
+                                        activation=act) for name in WS_PRODUCT})
     out[f"skewed_{prod}"] = _run_variants(fns, args, floor / 2, log, f"ws skewed {prod}")
   w_gate = _rand(9, (E, D, F), scale=D ** -0.5)
   fns = {"triton_default": lambda x, gs, u, d, g: gm.grouped_mlp(
-             x, gs, u, d, g, impl="interpret" if INTERPRET else "pallas")[:real],
-         "ws_swiglu_n128_d1_s4": functools.partial(
-             _mlp_ws, blocks=(gmg.MgpuBlocks(block_n=128), gmg.MgpuBlocks()), real=real),
-         "ws_swiglu_n128_d1_s3": functools.partial(
-             _mlp_ws, blocks=(gmg.MgpuBlocks(block_n=128, stages=3), gmg.MgpuBlocks()),
-             real=real)}
+             x, gs, u, d, g, impl="interpret" if INTERPRET else "pallas")[:real]}
+  fns.update({name: functools.partial(_mlp_ws, blocks=(up, dataclasses.replace(
+      up, block_n=256)), real=real) for name, up in WS_SWIGLU.items()})
   out["swiglu_skewed"] = _run_variants(fns, (x, gs, w_up, w_down, w_gate), 1.5 * floor,
                                        log, "ws swiglu skewed")
   if not INTERPRET:
@@ -255,13 +256,12 @@ def _dense_rates(log):
   cfg = lambda **kw: hm.TuningConfig(tile_k=64, max_concurrent_steps=4, **kw)
   fns = {
       "xla": lambda x, w, gs: x @ w[0],
-      "hopper_m128_n128_wgN": lambda x, w, gs: hm.matmul(x, w[0], None, cfg(
-          tile_m=128, tile_n=128, wg_dimension=hm.MatmulDimension.N)),
       "hopper_m64_n256_wgM": lambda x, w, gs: hm.matmul(x, w[0], None, cfg(
           tile_m=64, tile_n=256, wg_dimension=hm.MatmulDimension.M)),
       "triton_default": lambda x, w, gs: _triton(x, gs, w, real=rows),
       "ws_d1_s4": lambda x, w, gs: _ws(x, gs, w, blocks=WS_VARIANTS["ws_d1_s4"][0], real=rows),
-      "ws_d0_s4": lambda x, w, gs: _ws(x, gs, w, blocks=WS_VARIANTS["ws_d0_s4"][0], real=rows),
+      "ws_d1_s4_c2": lambda x, w, gs: _ws(x, gs, w, blocks=WS_VARIANTS["ws_d1_s4_c2"][0],
+                                          real=rows),
   }
   res = _run_variants(fns, (x, w, gs), 2 * rows * D * F / 745e12, log, "ws dense 3072")
   for r in res.values():

@@ -45,6 +45,10 @@ class MgpuBlocks:
   # before this one is awaited, so a warpgroup's tensor-core work does not stall on
   # wgmma's latency).
   delay: int = 1
+  # CTAs of a cluster: they take adjacent column tiles of one row tile, and each x tile
+  # is loaded once from L2 and multicast to all of them (the kernel is bound by what the
+  # SMs load from L2: weights once per row tile, x once per column tile; NOTES section 7).
+  cluster: int = 1
 
   def smem_bytes(self, weights: int = 1, itemsize: int = 2) -> int:
     ring = self.stages * (CTA_ROWS + weights * self.block_n) * self.block_k * itemsize
@@ -144,7 +148,8 @@ def _kernel(table_gmem, x_gmem, *refs, g: int, n_items: int, n_tiles: int,
     # The row tile starts at any row (groups are packed): an element offset.
     specs = [plgpu.BlockSpec((pl.Element(CTA_ROWS), bk), lambda s: (row0, s),
                              transforms=transforms, memory_space=plgpu.SMEM,
-                             delay_release=blocks.delay)]
+                             delay_release=blocks.delay,
+                             collective_axes=("cluster",) if blocks.cluster > 1 else ())]
     specs += [plgpu.BlockSpec((bk, bn), lambda s: (s, 0), transforms=transforms,
                               memory_space=plgpu.SMEM, delay_release=blocks.delay)
               ] * len(weight_gmems)
@@ -161,11 +166,14 @@ def _kernel(table_gmem, x_gmem, *refs, g: int, n_items: int, n_tiles: int,
                      collective_axes="wg")
   def _scope(allocs, out_smem):
     wg = lax.axis_index("wg")
+    cta = lax.axis_index("cluster") if blocks.cluster > 1 else 0
 
     @plgpu.nd_loop((n_items,), collective_axes="sm")
     def _items(info):
       (item,) = info.index
-      live, grp, n, row0, start, end = locate_scalar(table_gmem, item, g, n_tiles)
+      live, grp, pair, row0, start, end = locate_scalar(
+          table_gmem, item, g, n_tiles // blocks.cluster)
+      n = pair * blocks.cluster + cta
       lo, mine = wg_span(row0, start, end, wg)
 
       @pl.when(live)
@@ -254,8 +262,11 @@ def grouped_matmul_mgpu(x_pad, m: int, w_GxKxN, group_sizes_G, w_gate_GxKxN=None
     raise ValueError(f"K={k}, N={n} must be multiples of block_k={blocks.block_k} and "
                      f"block_n={blocks.block_n} (a multiple of epi_n={blocks.epi_n})")
   n_tiles = n // blocks.block_n
+  if n_tiles % blocks.cluster:
+    raise ValueError(f"N={n} has {n_tiles} column tiles of {blocks.block_n}: not a "
+                     f"multiple of cluster={blocks.cluster}")
   # Each group adds at most one partial tile, and its first tile's ALIGN - 1 rows.
-  n_items = (pl.cdiv(m + (ALIGN - 1) * g, CTA_ROWS) + g) * n_tiles
+  n_items = (pl.cdiv(m + (ALIGN - 1) * g, CTA_ROWS) + g) * (n_tiles // blocks.cluster)
   weights = (w_GxKxN,) if w_gate_GxKxN is None else (w_GxKxN, w_gate_GxKxN)
   kw = {}
   if interpret:
@@ -265,7 +276,10 @@ def grouped_matmul_mgpu(x_pad, m: int, w_GxKxN, group_sizes_G, w_gate_GxKxN=None
       functools.partial(_kernel, g=g, n_items=n_items, n_tiles=n_tiles, blocks=blocks,
                         activation=activation),
       out_type=jax.ShapeDtypeStruct((rows, n), x_pad.dtype),
-      grid=(sms or num_sms(),), grid_names=("sm",), num_threads=3, thread_name="wg",
+      grid=((sms or num_sms()) // blocks.cluster,), grid_names=("sm",),
+      cluster=(blocks.cluster,) if blocks.cluster > 1 else (),
+      cluster_names=("cluster",) if blocks.cluster > 1 else (),
+      num_threads=3, thread_name="wg",
       compiler_params=params, **kw)
   return call(flat_table(group_sizes_G), x_pad, *weights)
 
