@@ -177,8 +177,10 @@ _WS = lambda **kw: (gmg.MgpuBlocks(**kw), gmg.MgpuBlocks(**kw))
 WS_VARIANTS = {
     "ws_d1_s4": _WS(delay=1), "ws_d1_s4_c2": _WS(delay=1, cluster=2),
     "ws_d1_s4_c4": _WS(delay=1, cluster=4), "ws_d1_s3_c2": _WS(delay=1, stages=3, cluster=2),
-    "ws_d0_s4_c2": _WS(delay=0, cluster=2),
+    "ws_d0_s4_c2": _WS(delay=0, cluster=2), "ws_d0_s4_c4": _WS(delay=0, cluster=4),
+    "ws_d0_s4": _WS(delay=0),
 }
+WS_ONLY = None  # --ws: the variants to run (each in its own process guards against hangs)
 # The variants timed product by product, and on the SwiGLU MLP (up blocks).
 WS_PRODUCT = ("ws_d1_s4", "ws_d1_s4_c2", "ws_d1_s4_c4")
 WS_SWIGLU = {"ws_swiglu_n128_c1": gmg.MgpuBlocks(block_n=128),
@@ -222,9 +224,12 @@ def part_ws(bw, log):
     gs = jnp.asarray(sizes, jnp.int32)
     fns = {"triton_default": functools.partial(_mlp, blocks=None, real=sum(sizes))}
     for name, blocks in WS_VARIANTS.items():
-      fns[name] = functools.partial(_mlp_ws, blocks=blocks, real=sum(sizes))
+      if WS_ONLY is None or name in WS_ONLY:
+        fns[name] = functools.partial(_mlp_ws, blocks=blocks, real=sum(sizes))
     out[sizes_name] = _run_variants(fns, (x, gs, w_up, w_down), floor, log,
                                     f"ws {sizes_name}")
+  if WS_ONLY is not None:
+    return out
   gs = jnp.asarray(skewed, jnp.int32)
   real = sum(skewed)
   h = jax.nn.gelu(_rand(10, (T * K, F)))
@@ -339,7 +344,10 @@ def main():
   ap.add_argument("--out", default="decode_parts.json")
   ap.add_argument("--cpu_check", action="store_true", help="tiny shapes, interpreted kernels")
   ap.add_argument("--kernel_set", default="tiles", choices=sorted(KERNEL_SETS))
+  ap.add_argument("--ws", default="", help="ws part: only these variants, the MLP only")
   args = ap.parse_args()
+  global WS_ONLY
+  WS_ONLY = set(args.ws.split(",")) if args.ws else None
   global KERNEL_VARIANTS
   KERNEL_VARIANTS = KERNEL_SETS[args.kernel_set]
   if args.cpu_check:
