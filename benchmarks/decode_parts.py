@@ -36,7 +36,6 @@ import numpy as np
 from jax_ep import routing
 from jax_ep.kernels import combine as combine_kernel
 from jax_ep.kernels import grouped_matmul as gm
-from jax_ep.kernels import grouped_mgpu as gmg
 from jax_ep.kv_cache import write_rows
 from jax_ep.perf import plan, runner
 from jax_ep.perf.probes import measure_hardware, time_call
@@ -172,110 +171,6 @@ def part_mgpu(bw, log):
   return out
 
 
-# jax_ep's warp-specialised Mosaic GPU kernel (kernels/grouped_mgpu.py): up, down blocks.
-_WS = lambda **kw: (gmg.MgpuBlocks(**kw), gmg.MgpuBlocks(**kw))
-WS_VARIANTS = {
-    "ws_d1_s4": _WS(delay=1), "ws_d1_s4_c2": _WS(delay=1, cluster=2),
-    "ws_d1_s4_c4": _WS(delay=1, cluster=4), "ws_d1_s3_c2": _WS(delay=1, stages=3, cluster=2),
-    "ws_d0_s4_c2": _WS(delay=0, cluster=2), "ws_d0_s4_c4": _WS(delay=0, cluster=4),
-    "ws_d0_s4": _WS(delay=0),
-}
-WS_ONLY = None  # --ws: the variants to run (each in its own process guards against hangs)
-# The variants timed product by product, and on the SwiGLU MLP (up blocks).
-WS_PRODUCT = ("ws_d1_s4", "ws_d1_s4_c2", "ws_d1_s4_c4")
-WS_SWIGLU = {"ws_swiglu_n128_c1": gmg.MgpuBlocks(block_n=128),
-             "ws_swiglu_n128_c2": gmg.MgpuBlocks(block_n=128, cluster=2),
-             "ws_swiglu_n128_c4": gmg.MgpuBlocks(block_n=128, cluster=4)}
-
-
-def _ws(x, gs, w, w_gate=None, *, blocks, real, activation="none"):
-  """One product through the Mosaic GPU kernel, on the real rows."""
-  m = x.shape[0]
-  x_pad = jnp.pad(x, ((0, gmg.pad_rows(m) - m), (0, 0)))
-  return gmg.grouped_matmul_mgpu(x_pad, m, w, gs, w_gate, activation=activation,
-                                 blocks=gmg.fit(*w.shape[1:], blocks), interpret=INTERPRET,
-                                 sms=2 if INTERPRET else None)[:real]
-
-
-def _mlp_ws(x, gs, w_up, w_down, w_gate=None, *, blocks, real):
-  h = _ws(x, gs, w_up, w_gate, blocks=blocks[0], real=x.shape[0],
-          activation="gelu" if w_gate is None else "swiglu")
-  return _ws(h, gs, w_down, blocks=blocks[1], real=real)
-
-
-def _triton(x, gs, w, *, real, activation="none"):
-  return gm.grouped_matmul(x, w, gs, activation=activation,
-                           impl="interpret" if INTERPRET else "pallas",
-                           blocks=gm.blocks_for(*w.shape[1:]))[:real]
-
-
-def part_ws(bw, log):
-  """The Triton kernel (default blocks) against the warp-specialised Mosaic GPU kernel
-  on the same rows: the GELU MLP on skewed and balanced rows, each product alone, the
-  SwiGLU MLP, and the MMA-bound case (one group of 3072 rows) beside XLA's and jax's
-  Hopper matmul on the same dense product."""
-  w_up = _rand(6, (E, D, F), scale=D ** -0.5)
-  w_down = _rand(7, (E, F, D), scale=F ** -0.5)
-  x = _rand(8, (T * K, D))
-  out = {}
-  skewed = SKEWED if not INTERPRET else [5, 3, 0, 8]
-  floor = 2 * E * D * F * 2 / bw
-  for sizes_name, sizes in (("skewed", skewed), ("balanced", [T * K // E] * E)):
-    gs = jnp.asarray(sizes, jnp.int32)
-    fns = {"triton_default": functools.partial(_mlp, blocks=None, real=sum(sizes))}
-    for name, blocks in WS_VARIANTS.items():
-      if WS_ONLY is None or name in WS_ONLY:
-        fns[name] = functools.partial(_mlp_ws, blocks=blocks, real=sum(sizes))
-    out[sizes_name] = _run_variants(fns, (x, gs, w_up, w_down), floor, log,
-                                    f"ws {sizes_name}")
-  if WS_ONLY is not None:
-    return out
-  gs = jnp.asarray(skewed, jnp.int32)
-  real = sum(skewed)
-  h = jax.nn.gelu(_rand(10, (T * K, F)))
-  for prod, args, act in (("up", (x, gs, w_up), "gelu"), ("down", (h, gs, w_down), "none")):
-    fns = {"triton_default": functools.partial(_triton, real=real, activation=act)}
-    fns.update({name: functools.partial(_ws, blocks=WS_VARIANTS[name][0], real=real,
-                                        activation=act) for name in WS_PRODUCT})
-    out[f"skewed_{prod}"] = _run_variants(fns, args, floor / 2, log, f"ws skewed {prod}")
-  w_gate = _rand(9, (E, D, F), scale=D ** -0.5)
-  fns = {"triton_default": lambda x, gs, u, d, g: gm.grouped_mlp(
-             x, gs, u, d, g, impl="interpret" if INTERPRET else "pallas")[:real]}
-  fns.update({name: functools.partial(_mlp_ws, blocks=(up, dataclasses.replace(
-      up, block_n=256)), real=real) for name, up in WS_SWIGLU.items()})
-  out["swiglu_skewed"] = _run_variants(fns, (x, gs, w_up, w_down, w_gate), 1.5 * floor,
-                                       log, "ws swiglu skewed")
-  if not INTERPRET:
-    out["dense_3072"] = _dense_rates(log)
-  return out
-
-
-def _dense_rates(log):
-  """[3072, 8192] x [8192, 32768]: XLA, jax's Hopper matmul, jax_ep's two kernels on one
-  group of all the rows; TFLOP/s."""
-  from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
-
-  rows = 3072
-  x, w = _rand(11, (rows, D)), _rand(12, (1, D, F), scale=D ** -0.5)
-  gs = jnp.asarray([rows], jnp.int32)
-  cfg = lambda **kw: hm.TuningConfig(tile_k=64, max_concurrent_steps=4, **kw)
-  fns = {
-      "xla": lambda x, w, gs: x @ w[0],
-      "hopper_m64_n256_wgM": lambda x, w, gs: hm.matmul(x, w[0], None, cfg(
-          tile_m=64, tile_n=256, wg_dimension=hm.MatmulDimension.M)),
-      "triton_default": lambda x, w, gs: _triton(x, gs, w, real=rows),
-      "ws_d1_s4": lambda x, w, gs: _ws(x, gs, w, blocks=WS_VARIANTS["ws_d1_s4"][0], real=rows),
-      "ws_d1_s4_c2": lambda x, w, gs: _ws(x, gs, w, blocks=WS_VARIANTS["ws_d1_s4_c2"][0],
-                                          real=rows),
-  }
-  res = _run_variants(fns, (x, w, gs), 2 * rows * D * F / 745e12, log, "ws dense 3072")
-  for r in res.values():
-    if "ms" in r:
-      r["tflops"] = 2 * rows * D * F / r["ms"] / 1e9
-  log("ws dense TFLOP/s: " + ", ".join(f"{k} {v.get('tflops', 0):.0f}" for k, v in res.items()))
-  return res
-
-
 def _mlp(x, gs, w_up, w_down, blocks, real):
   """The real rows only: the kernel leaves the buffer's other rows unset."""
   return gm.grouped_mlp(x, gs, w_up, w_down, impl="interpret" if INTERPRET else "pallas",
@@ -344,10 +239,7 @@ def main():
   ap.add_argument("--out", default="decode_parts.json")
   ap.add_argument("--cpu_check", action="store_true", help="tiny shapes, interpreted kernels")
   ap.add_argument("--kernel_set", default="tiles", choices=sorted(KERNEL_SETS))
-  ap.add_argument("--ws", default="", help="ws part: only these variants, the MLP only")
   args = ap.parse_args()
-  global WS_ONLY
-  WS_ONLY = set(args.ws.split(",")) if args.ws else None
   global KERNEL_VARIANTS
   KERNEL_VARIANTS = KERNEL_SETS[args.kernel_set]
   if args.cpu_check:
@@ -368,7 +260,7 @@ def main():
       result[part] = part_calls(hw, per_call, log)
     else:
       result[part] = {"combine": part_combine, "cache": part_cache,
-                      "kernel": part_kernel, "mgpu": part_mgpu, "ws": part_ws}[part](bw, log)
+                      "kernel": part_kernel, "mgpu": part_mgpu}[part](bw, log)
     gc.collect()
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)
