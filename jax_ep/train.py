@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jax_ep import checkpoint, ep, routing, tasks
-from jax_ep.config import ConfigError, ModelConfig
+from jax_ep import checkpoint, ep, memory, routing, tasks
+from jax_ep.config import ConfigError, DeploymentConfig, ModelConfig
 from jax_ep.model import Transformer, embed, head
 
 # One device, XLA kernels: the Pallas kernels have no gradients.
@@ -195,6 +195,16 @@ class Result:
 def bar(done: int, total: int, width: int = 24) -> str:
   full = width * done // max(total, 1)
   return "[" + "#" * full + "." * (width - full) + f"] {done}/{total}"
+
+
+def memory_bytes(cfg: ModelConfig, tc: TrainConfig) -> dict[str, int]:
+  """A lower bound on the bytes `run` holds on its one device, by part: the weights, the
+  random weights kept for the report, their gradients, AdamW's two moments (all in the
+  weights' dtype), and the float32 logits of a batch; activations come on top."""
+  w = sum(memory.weight_bytes(cfg, DeploymentConfig()).values())
+  logits = tc.batch * tc.task.seq_len * cfg.vocab_size * 4
+  return {"weights": w, "random weights (report)": w, "gradients": w,
+          "AdamW moments": 2 * w, "logits": logits}
 
 
 def run(cfg: ModelConfig, tc: TrainConfig, workdir: str | None, *, save_every: int = 0,

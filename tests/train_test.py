@@ -150,3 +150,37 @@ def test_trained_generations_are_the_same_on_every_deployment(trained):
 def test_open_model_checks_a_named_config(trained):
   with pytest.raises(ConfigError, match="num_experts=4 .this model: 16.*--config names another"):
     evaluate.open_model(trained[0], load_model("tiny"))
+
+
+class _GPU:
+  """A device as budget_for_devices reads one: an allocator limit of `gib` GiB."""
+  platform, device_kind = "gpu", "NVIDIA H100 80GB HBM3"
+
+  def __init__(self, gib):
+    self.gib = gib
+
+  def memory_stats(self):
+    return {"bytes_limit": self.gib << 30, "bytes_in_use": 0}
+
+
+def test_memory_bytes_counts_the_weights_five_times_and_the_logits():
+  parts = train.memory_bytes(CFG, TC)
+  state = train.init_state(CFG, TC)
+  weights = sum(x.nbytes for x in jax.tree.leaves(state.params))
+  moments = sum(x.nbytes for x in jax.tree.leaves(state.opt_state)
+                if hasattr(x, "shape") and x.size > 1)
+  assert parts["weights"] == parts["gradients"] == weights
+  assert parts["AdamW moments"] == moments  # what optax.adamw really holds
+  assert parts["logits"] == TC.batch * TC.task.seq_len * CFG.vocab_size * 4
+
+
+def test_train_refuses_a_model_its_device_cannot_hold_before_allocating():
+  from jax_ep.cli.train import check_memory
+
+  seed = load_model("seed")
+  with pytest.raises(ConfigError) as e:
+    check_memory("seed", seed, TC, _GPU(80))
+  msg = str(e.value)
+  assert "training --config=seed needs at least" in msg and "80.00 GiB usable" in msg
+  assert "--config=tiny_task" in msg and "--nocheck_memory" in msg
+  check_memory("tiny_task", CFG, TC, _GPU(80))  # fits: no error

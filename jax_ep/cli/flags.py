@@ -74,8 +74,9 @@ OVERLAP = flags.DEFINE_bool("xla_overlap", True,
                             "overlap compute on GPU; see jax_ep/runtime.py).")
 CHECK_MEMORY = flags.DEFINE_bool(
     "check_memory", True,
-    "generate, bench: refuse a run whose planned bytes per device (jax_ep/memory.py) exceed "
-    "the device's memory, before allocating; --nocheck_memory runs it anyway.")
+    "generate, bench, train: refuse a run whose planned bytes per device (jax_ep/memory.py; "
+    "train: jax_ep/train.py's lower bound) exceed the device's memory, before allocating; "
+    "--nocheck_memory runs it anyway.")
 CHECK_NUMERICS = flags.DEFINE_bool(
     "check_numerics", False,
     "generate: report every layer's non-finite outputs from inside the compiled programs and "

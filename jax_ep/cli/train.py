@@ -6,6 +6,26 @@ from __future__ import annotations
 from jax_ep.cli import flags
 
 
+def check_memory(name: str, cfg, tc, device) -> None:
+  """Refuses, before anything is allocated, a model whose training cannot fit the device."""
+  from jax_ep import memory_budget, train
+  from jax_ep.config import ConfigError
+
+  parts = train.memory_bytes(cfg, tc)
+  budget = memory_budget.budget_for_devices([device])
+  need = sum(parts.values())
+  if need <= budget.bytes:
+    return
+  gib = memory_budget.GiB
+  terms = ", ".join(f"{k} {v / gib:.2f}" for k, v in parts.items())
+  raise ConfigError(
+      f"training --config={name} needs at least {need / gib:.2f} GiB on one device ({terms} "
+      f"GiB), {budget.bytes / gib:.2f} GiB usable ({budget.source}). Training runs on one "
+      "device: train a small model (--config=tiny_task, tiny) or a smaller --batch, and "
+      "serve a large one from weights with generate --checkpoint. (--nocheck_memory runs "
+      "it anyway.)")
+
+
 def run():
   """Trains (or resumes) the --config model in --workdir."""
   import jax
@@ -22,6 +42,8 @@ def run():
                          task=tasks.Task(flags.TASK.value, flags.TASK_DIGITS.value))
   if flags.SAVE_EVERY.value < 0:
     raise ConfigError(f"--save_every={flags.SAVE_EVERY.value} must be >= 0 (0: only at the end).")
+  if flags.CHECK_MEMORY.value:
+    check_memory(flags.CONFIG.value, cfg, tc, jax.devices()[0])
   print(f"train {flags.CONFIG.value} ({cfg.num_layers} layers x {cfg.num_experts} experts, top-"
         f"{cfg.top_k}, {cfg.dtype}) on {tc.task.name} of {tc.task.digits} digits: {tc.steps} "
         f"steps of {tc.batch}, on {jax.devices()[0]}; checkpoints in {flags.WORKDIR.value}",
