@@ -1,5 +1,6 @@
-"""Tests for jax_ep/cli/main.py: --help lists the commands and every flag; a wrong command
-line is a usage error (exit 1) naming what to give; run as users run it (cli_runner.py)."""
+"""Tests for jax_ep/cli/main.py: --help lists the commands and every flag, `<command> --help`
+the flags the command reads; a wrong command line is a usage error (exit 1) naming what to
+give, a flag the command does not read is reported; run as users run it (cli_runner.py)."""
 
 from cli_runner import run_cases
 
@@ -13,11 +14,20 @@ FLAGS = ("deployment", "simulate_devices", "batch", "prompt_len", "skip_unfit", 
 
 
 def test_help_and_usage_errors():
-  help_, command_help, usage, dry_run, *required = run_cases([
-      ["--help"], ["generate", "--help"], ["frobnicate"], ["plan", "--dry_run"],
+  help_, command_help, train_help, usage, dry_run, unread, *required = run_cases([
+      ["--help"], ["generate", "--help"], ["train", "-h"], ["frobnicate"],
+      ["plan", "--dry_run"], ["plan", "--steps=3", "--kinds=single"],
       ["train"], ["import-hf", "--src=x"], ["export-hf", "--checkpoint=x"]])
-  assert help_["rc"] == 0 and command_help == {**help_, "args": command_help["args"]}
-  assert "generate   prefill prompts" in help_["stdout"]
+  assert help_["rc"] == 0 and "generate   prefill prompts" in help_["stdout"]
+  gen = command_help["stdout"]
+  assert command_help["rc"] == 0 and gen.startswith("jax-ep generate [--flags]")
+  assert "--batch:" in gen and "--[no]dry_run:" in gen and "--simulate_devices:" in gen
+  assert "--steps:" not in gen and "--kinds:" not in gen and "--src:" not in gen
+  train = train_help["stdout"]
+  assert "--steps:" in train and "--workdir:" in train and "--deployment:" not in train
+  assert unread["rc"] == 0
+  assert ("jax-ep plan: not read by plan, so without effect: --kinds, --steps"
+          in unread["stderr"])
   for flag in FLAGS:
     assert f"--{flag}:" in help_["stdout"] or f"--[no]{flag}:" in help_["stdout"], flag
   config_help = help_["stdout"].split("--config:")[1].split("(default")[0]

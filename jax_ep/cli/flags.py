@@ -60,7 +60,7 @@ DROPLESS = flags.DEFINE_bool(
 SEED = flags.DEFINE_integer("seed", 0, "Seed for weights, prompts and sampling.")
 BATCH = flags.DEFINE_integer(
     "batch", None, "Sequences decoded together (default: generate and plan 8, rounded up to "
-    "a batch the deployment splits; bench 1024, the seed's tokens per forward pass).")
+    "a batch the deployment splits; bench 1024, the seed's tokens per forward pass; train 32).")
 PROMPT_LEN = flags.DEFINE_integer("prompt_len", 16, "Tokens in each (random) prompt.")
 NEW = flags.DEFINE_integer("max_new_tokens", 16, "Tokens generated per sequence.")
 TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy; > 0 samples.")

@@ -21,7 +21,7 @@ from absl import app, logging
 from absl import flags as absl_flags
 
 from jax_ep import distributed, runtime
-from jax_ep.cli import flags, generate, hf, perf, plan, train
+from jax_ep.cli import command_flags, flags, generate, hf, perf, plan, train
 
 # Each command, in the order the usage line lists them, and the function that runs it.
 COMMANDS = {"generate": generate.run, "bench": perf.bench, "predict": perf.predict,
@@ -69,6 +69,11 @@ def main(argv):
   if flags.DRY_RUN.value and argv[1] != "generate":
     raise app.UsageError("--dry_run is for generate (jax-ep generate --dry_run).")
   _check_flags()
+  unread = command_flags.unread(COMMANDS[argv[1]], argv[1] in OFFLINE)
+  if unread:
+    print(f"jax-ep {argv[1]}: not read by {argv[1]}, so without effect: "
+          f"{', '.join('--' + n for n in unread)} (`jax-ep {argv[1]} --help` lists its flags).",
+          file=sys.stderr, flush=True)
   if argv[1] not in OFFLINE:
     runtime.simulate_devices(flags.SIMULATE.value)
     runtime.set_xla_flags(flags.OVERLAP.value)
@@ -80,11 +85,17 @@ def main(argv):
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull", "-?")
 
 
-def print_help() -> None:
-  """The commands and every flag of jax-ep (absl's --help lists the flags of the calling
-  module only: none for the console script, and exits 1)."""
-  print(__doc__)
-  print(absl_flags.FLAGS.module_help(flags))
+def print_help(command: str | None = None) -> None:
+  """The commands and every flag of jax-ep, or one command's line and the flags it reads
+  (absl's --help lists the flags of the calling module only: none for the console script,
+  and exits 1)."""
+  if command is None:
+    print(__doc__)
+    print(absl_flags.FLAGS.module_help(flags))
+    return
+  line = next(ln for ln in __doc__.splitlines() if ln.strip().startswith(command + " "))
+  print(f"jax-ep {command} [--flags]\n\n{line}\n\nFlags it reads:")
+  print(command_flags.help_text(COMMANDS[command], command in OFFLINE))
 
 
 def run():
@@ -92,7 +103,8 @@ def run():
   from jax_ep.config import ConfigError
 
   if any(a in HELP_FLAGS for a in sys.argv[1:]):
-    print_help()
+    commands = [a for a in sys.argv[1:] if a in COMMANDS]
+    print_help(commands[0] if len(commands) == 1 else None)
     sys.exit(0)
   try:
     app.run(main)
