@@ -70,7 +70,9 @@ def main(argv):
     raise app.UsageError("--dry_run is for generate (jax-ep generate --dry_run).")
   _check_flags()
   unread = command_flags.unread(COMMANDS[argv[1]], argv[1] in OFFLINE)
-  if unread:
+  first = distributed.resolve(flags.COORDINATOR.value, flags.NUM_PROCESSES.value,
+                              flags.PROCESS_ID.value).process_id == 0
+  if unread and first:  # every process of a launch gets the same flags: one report
     print(f"jax-ep {argv[1]}: not read by {argv[1]}, so without effect: "
           f"{', '.join('--' + n for n in unread)} (`jax-ep {argv[1]} --help` lists its flags).",
           file=sys.stderr, flush=True)
