@@ -235,22 +235,26 @@ def run(cfg: ModelConfig, tc: TrainConfig, workdir: str | None, *, save_every: i
     end = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
     log_every = log_every or max(1, tc.steps // 10)
     first, t0 = step + 1, time.perf_counter()
+    saving = 0.0  # seconds in checkpoint saves since t0: not training, left out of the rate
     while step < end:
       state, metrics = train_step(cfg, tc, state)
       step += 1
       if step == first:  # the first step compiled: time the others
         jax.block_until_ready(metrics)
         log(f"first step (compiling the training step) in {time.perf_counter() - t0:.1f} s")
-        t0 = time.perf_counter()
+        t0, saving = time.perf_counter(), 0.0
       if step % log_every == 0 or step == end:
         m = {k: float(v) for k, v in metrics.items()}
-        rate = (step - first) / max(time.perf_counter() - t0, 1e-9)
+        rate = (step - first) / max(time.perf_counter() - t0 - saving, 1e-9)
         log(f"{bar(step, tc.steps)} loss {m['loss']:.4f} acc {m['accuracy']:.3f} "
             f"balance {m['balance']:.3f} load max/mean {m['load_max_mean']:.2f} "
             f"({rate:.1f} steps/s)")
       if ckpt is not None and ((save_every and step % save_every == 0) or step == end):
+        jax.block_until_ready(state)  # the step's own time is not the save's
+        t_save = time.perf_counter()
         ckpt.save(step, cfg, state.params, opt_state=state.opt_state,
                   extra={"train": tc.to_dict()})
+        saving += time.perf_counter() - t_save
     if ckpt is not None:
       ckpt.wait()
   finally:

@@ -184,3 +184,20 @@ def test_train_refuses_a_model_its_device_cannot_hold_before_allocating():
   assert "training --config=seed needs at least" in msg and "80.00 GiB usable" in msg
   assert "--config=tiny_task" in msg and "--nocheck_memory" in msg
   check_memory("tiny_task", CFG, TC, _GPU(80))  # fits: no error
+
+
+def test_logged_rate_leaves_out_checkpoint_saves(tmp_path, monkeypatch):
+  # Each save made 1.5 s slower: counted in the rate, 4 saves would hold 3 timed steps
+  # under 0.5 steps/s; the training steps themselves take milliseconds here.
+  save = checkpoint.Checkpointer.save
+
+  def slow_save(self, *args, **kwargs):
+    import time
+    time.sleep(1.5)
+    return save(self, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", slow_save)
+  lines = []
+  train.run(CFG, TC, str(tmp_path / "run"), save_every=1, stop_after=4, log=lines.append)
+  last = next(ln for ln in reversed(lines) if "steps/s" in ln)
+  assert float(last.split("(")[-1].split(" steps/s")[0]) > 2, last
