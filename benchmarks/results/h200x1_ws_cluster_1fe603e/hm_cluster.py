@@ -1,5 +1,11 @@
-import sys, time, jax, jax.numpy as jnp
+"""jax's hopper_matmul_mgpu with and without a cluster (argv[1]: none, N or M)."""
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
+
 dim = {"N": hm.MatmulDimension.N, "M": hm.MatmulDimension.M, "none": None}[sys.argv[1]]
 M, K, N = 3072, 8192, 32768
 a = jax.random.normal(jax.random.key(0), (M, K), jnp.float16)
@@ -10,7 +16,10 @@ f = jax.jit(lambda a, b: hm.matmul(a, b, None, cfg))
 out = f(a, b).block_until_ready()
 ref = (a @ b).astype(jnp.float32)
 err = float(jnp.abs(out.astype(jnp.float32) - ref).max())
-t = time.perf_counter(); n = 10
-for _ in range(n): out = f(a, b)
-out.block_until_ready(); ms = (time.perf_counter() - t) / n * 1e3
-print(f"hopper cluster={sys.argv[1]}: {ms:.3f} ms, {2*M*K*N/ms/1e9:.0f} TFLOP/s, max err {err:.3g}", flush=True)
+t, n = time.perf_counter(), 10
+for _ in range(n):
+  out = f(a, b)
+out.block_until_ready()
+ms = (time.perf_counter() - t) / n * 1e3
+print(f"hopper cluster={sys.argv[1]}: {ms:.3f} ms, {2 * M * K * N / ms / 1e9:.0f} TFLOP/s, "
+      f"max err {err:.3g}", flush=True)
