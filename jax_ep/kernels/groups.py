@@ -36,9 +36,12 @@ class Blocks:
 
 # Measured on one H200 (benchmarks/results/h200_kernel/, jax 0.11.2): the best of the
 # sweep for the seed's 8192 x 32768 products. SwiGLU's fused up product loads two weight
-# tiles per step, so it takes narrower ones to fit the 227 KiB of shared memory.
+# tiles per step, so it takes narrower ones to fit the 227 KiB of shared memory, and
+# shorter K steps in a deeper pipeline (k32 x 6 stages: 2-6% faster than k64 x 3 on
+# four row distributions, A/B in one process; 1.0 ms less a seed_swiglu step;
+# benchmarks/results/h200x1_cluster_d5878c8/, NOTES section 8).
 DEFAULT_BLOCKS = Blocks()
-SWIGLU_UP_BLOCKS = Blocks(block_n=128, num_stages=3)
+SWIGLU_UP_BLOCKS = Blocks(block_n=128, block_k=32, num_stages=6)
 
 
 def gelu_tanh(x):
