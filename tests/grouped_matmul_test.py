@@ -53,6 +53,26 @@ def test_kernel_and_xla_equal_the_dense_reference(name, gated):
   assert_allclose(got[:real], want[:real], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_small_last_tiles_compute_the_same(gated):
+  # last_m=8: a tile with at most 8 real rows (every group here ends in one, and
+  # "random"'s 10 and 17 rows have tiles of 16 and 10 that must stay full) runs an
+  # 8-row MMA; split-K takes the same path.
+  x, up, down, gate = _weights(2)
+  gate = gate if gated else None
+  small = gm.Blocks(block_m=16, block_n=32, block_k=32, last_m=8)
+  for name, sizes in sorted(SIZES.items()):
+    gs = jnp.asarray(sizes, jnp.int32)
+    want = _dense(x, sizes, up, down, gate)[:sum(sizes)]
+    got = gm.grouped_mlp(x, gs, up, down, gate, impl="interpret", blocks=small)
+    assert_allclose(got[:sum(sizes)], want, rtol=1e-5, atol=1e-5, err_msg=name)
+    pad = jnp.pad(x, ((0, small.block_m), (0, 0)))
+    act = "swiglu" if gated else "gelu"
+    h = gm._pallas(pad, M, up, gs, gate, act, small, True, split_k=2)
+    y = gm._pallas(h, M, down, gs, None, "none", small, True, split_k=2)[:M]
+    assert_allclose(y[:sum(sizes)], want, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 @pytest.mark.parametrize("split_k", [2])
 def test_split_k_sums_to_the_same(split_k):
   x, up, down, gate = _weights(1)

@@ -78,7 +78,13 @@ def _kernel(table_ref, x_ref, w_ref, *rest, blocks: Blocks, k_steps: int, n_tile
       y = activate(accs[0], accs[-1], activation)
       plgpu.store(o_ref.at[rows, cols], y.astype(o_ref.dtype), mask=mask_M1)
 
-  pl.when(live)(lambda: tile(bm))
+  if 0 < blocks.last_m < bm:
+    # A group's nearly empty last tile: fewer MMA rows, the same weight tile loads.
+    small = rows_left <= blocks.last_m
+    pl.when(live & small)(lambda: tile(blocks.last_m))
+    pl.when(live & ~small)(lambda: tile(bm))
+  else:
+    pl.when(live)(lambda: tile(bm))
 
 
 def _pallas(x_pad, m, w_GxKxN, group_sizes_G, wg_GxKxN, activation, blocks: Blocks,

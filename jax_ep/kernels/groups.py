@@ -28,6 +28,9 @@ class Blocks:
   block_k: int = 64
   num_warps: int = 8
   num_stages: int = 4
+  # A row tile with at most this many real rows (a group's last) runs a last_m-row MMA
+  # on the same weight tile instead of a block_m-row one (0: off).
+  last_m: int = 0
 
   def smem_bytes(self, weights: int = 1, itemsize: int = 2) -> int:
     """Shared memory of the software pipeline: x and weight tiles per stage."""
