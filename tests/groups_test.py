@@ -50,6 +50,8 @@ def test_cost_rows_follow_the_real_rows():
   assert groups.cost_rows([128] * 16, b) == 2048
   assert groups.cost_rows([0, 0, 2048], b) == 2048
   assert groups.cost_rows([129, 1, 0], b) == 256 + 128
+  small = groups.Blocks(block_m=128, last_m=64)  # a last tile of <= 64 rows costs 64
+  assert groups.cost_rows([129, 1, 0, 200, 128], small) == (128 + 64) + 64 + 256 + 128
 
 
 def test_gelu_matches_jax():

@@ -41,10 +41,12 @@ class Blocks:
 # sweep for the seed's 8192 x 32768 products. SwiGLU's fused up product loads two weight
 # tiles per step, so it takes narrower ones to fit the 227 KiB of shared memory, and
 # shorter K steps in a deeper pipeline (k32 x 6 stages: 2-6% faster than k64 x 3 on
-# four row distributions, A/B in one process; 1.0 ms less a seed_swiglu step;
-# benchmarks/results/h200x1_cluster_d5878c8/, NOTES section 8).
+# four row distributions, A/B in one process; 0.6 ms less a seed_swiglu step;
+# benchmarks/results/h200x1_cluster_d5878c8/, NOTES section 8). Its nearly empty last
+# row tiles run a 64-row MMA (last_m: 6% less on rows near 128 an expert, 1.3 ms less a
+# seed_swiglu step); on the other products that measured slower (results/h200x1_lastm_61d74fe/).
 DEFAULT_BLOCKS = Blocks()
-SWIGLU_UP_BLOCKS = Blocks(block_n=128, block_k=32, num_stages=6)
+SWIGLU_UP_BLOCKS = Blocks(block_n=128, block_k=32, num_stages=6, last_m=64)
 
 
 def gelu_tanh(x):
@@ -114,6 +116,11 @@ def locate(table_ref, pid, block_m: int, n_tiles: int) -> Tile:
 
 def cost_rows(group_sizes, blocks: Blocks = DEFAULT_BLOCKS) -> int:
   """Rows the kernel multiplies for these (host) group sizes: each group's rounded up to
-  block_m."""
-  bm = blocks.block_m
-  return sum(-(-int(s) // bm) * bm for s in group_sizes)
+  block_m, or its last tile to last_m where it holds no more."""
+  bm, small = blocks.block_m, blocks.last_m if 0 < blocks.last_m < blocks.block_m else 0
+
+  def rows(s: int) -> int:
+    full, rest = divmod(s, bm)
+    return full * bm + (0 if rest == 0 else small if rest <= small else bm)
+
+  return sum(rows(int(s)) for s in group_sizes)
