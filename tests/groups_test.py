@@ -57,3 +57,13 @@ def test_cost_rows_follow_the_real_rows():
 def test_gelu_matches_jax():
   x = jnp.linspace(-30, 30, 301)
   assert_allclose(groups.gelu_tanh(x), jax.nn.gelu(x, approximate=True), rtol=1e-5, atol=1e-6)
+
+
+def test_default_blocks_fit_hopper_shared_memory():
+  # 227 KiB of shared memory a block on H100 / H200; SwiGLU's up product streams two
+  # weight tiles a stage. A small last tile is a Triton dot: at least 16 rows, fewer
+  # than block_m.
+  assert groups.DEFAULT_BLOCKS.smem_bytes() <= 227 * 1024
+  assert groups.SWIGLU_UP_BLOCKS.smem_bytes(weights=2) <= 227 * 1024
+  for b in (groups.DEFAULT_BLOCKS, groups.SWIGLU_UP_BLOCKS):
+    assert b.last_m == 0 or (16 <= b.last_m < b.block_m and b.last_m % 16 == 0)
