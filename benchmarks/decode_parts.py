@@ -8,8 +8,10 @@ Parts (the seed's shapes: batch 1024, top-2, D 8192, 16 GELU experts of 32768):
     through XLA (routing.combine) and through the Pallas kernel (kernels/combine.py);
   cache:   the KV-cache write of one decode token per sequence at its own position, as a
     scatter with and without the unique/sorted promise (kv_cache.write_rows);
-  kernel:  the grouped expert MLP on skewed and balanced rows, per tile shape and kernel
+  kernel:  the grouped expert MLP on each --row_sets row set, per tile shape and kernel
     (kernels/grouped_matmul.py Blocks; --kernel_set);
+  swiglu:  the SwiGLU expert MLP (seed_swiglu's) on the same row sets, per variant of its
+    fused up product's blocks (SWIGLU_UP_VARIANTS; the down product at its default);
   mgpu:    jax's Mosaic GPU grouped matmul (ragged_dot_mgpu) on the skewed rows, as they
     are and padded per group to its row blocks, beside jax_ep's kernel (GPU only);
   calls:   the seed model on one device, and one GPU's share of seed_proposed, with
@@ -54,7 +56,22 @@ KERNEL_SETS = {
           "k128_s2": {"block_k": 128, "num_stages": 2}},
 }
 KERNEL_VARIANTS = KERNEL_SETS["tiles"]
+# SwiGLU's fused up product: Blocks fields changed from SWIGLU_UP_BLOCKS (NOTES 8-9).
+SWIGLU_UP_VARIANTS = {"default": {}, "last_m0": {"last_m": 0},
+                      "k64_s3_last_m0": {"block_k": 64, "num_stages": 3, "last_m": 0}}
 SKEWED = [265, 231, 204, 178, 161, 147, 139, 128, 117, 106, 98, 85, 72, 51, 36, 30]
+# 2048 rows over 16 experts (batch 1024, top-2); --cpu_check takes the tiny ones.
+ROW_SETS = {
+    "skewed": SKEWED,  # an untrained router's spread, 30-265 rows
+    "balanced": [128] * 16,
+    # the seed step's layer 3 loads (results/h200x1_e8a146a load_LxE, scaled to 2048)
+    "seed_layer3": [42, 139, 83, 215, 157, 67, 92, 124, 128, 159, 109, 106, 119, 301, 42, 165],
+    # one draw of a uniform multinomial: a balanced router's step (seed_swiglu's)
+    "near128": [133, 111, 130, 125, 155, 132, 127, 127, 110, 149, 125, 117, 115, 139, 122, 131],
+}
+TINY_ROW_SETS = {"skewed": [5, 3, 0, 8], "balanced": [8] * 4, "seed_layer3": [2, 9, 1, 4],
+                 "near128": [9, 7, 8, 8]}
+ROWS = ("skewed", "balanced")  # --row_sets
 
 
 def _rand(key, shape, dtype=jnp.float16, scale=1.0):
@@ -122,8 +139,7 @@ def part_kernel(bw, log):
   x = _rand(8, (T * K, D))
   out = {}
   variants = KERNEL_VARIANTS
-  skewed = SKEWED if not INTERPRET else [5, 3, 0, 8]
-  for sizes_name, sizes in (("skewed", skewed), ("balanced", [T * K // E] * E)):
+  for sizes_name, sizes in _row_sets():
     gs = jnp.asarray(sizes, jnp.int32)
     fns = {name: jax.jit(functools.partial(
         _mlp, blocks=(gm.blocks_for(D, F, dataclasses.replace(gm.DEFAULT_BLOCKS, **v)),
@@ -133,6 +149,30 @@ def part_kernel(bw, log):
     out[sizes_name] = _run_variants(fns, (x, gs, w_up, w_down), floor, log,
                                     f"kernel {sizes_name}")
   return out
+
+
+def part_swiglu(bw, log):
+  w_up = _rand(6, (E, D, F), scale=D ** -0.5)
+  w_gate = _rand(9, (E, D, F), scale=D ** -0.5)
+  w_down = _rand(7, (E, F, D), scale=F ** -0.5)
+  x = _rand(8, (T * K, D))
+  down = gm.blocks_for(F, D, gm.DEFAULT_BLOCKS)
+  out = {}
+  for sizes_name, sizes in _row_sets():
+    gs = jnp.asarray(sizes, jnp.int32)
+    fns = {name: jax.jit(functools.partial(
+        _mlp, blocks=(gm.blocks_for(D, F, dataclasses.replace(gm.SWIGLU_UP_BLOCKS, **v)),
+                      down), real=sum(sizes), w_gate=w_gate))
+        for name, v in SWIGLU_UP_VARIANTS.items()}
+    floor = 3 * E * D * F * 2 / bw
+    out[sizes_name] = _run_variants(fns, (x, gs, w_up, w_down), floor, log,
+                                    f"swiglu {sizes_name}")
+  return out
+
+
+def _row_sets():
+  """(name, group sizes) of --row_sets."""
+  return [(n, (TINY_ROW_SETS if INTERPRET else ROW_SETS)[n]) for n in ROWS]
 
 
 # jax's Hopper grouped matmul (Pallas Mosaic GPU; TMA loads, wgmma): block_m, block_n,
@@ -171,10 +211,10 @@ def part_mgpu(bw, log):
   return out
 
 
-def _mlp(x, gs, w_up, w_down, blocks, real):
+def _mlp(x, gs, w_up, w_down, blocks, real, w_gate=None):
   """The real rows only: the kernel leaves the buffer's other rows unset."""
-  return gm.grouped_mlp(x, gs, w_up, w_down, impl="interpret" if INTERPRET else "pallas",
-                        blocks=blocks)[:real]
+  return gm.grouped_mlp(x, gs, w_up, w_down, w_gate,
+                        impl="interpret" if INTERPRET else "pallas", blocks=blocks)[:real]
 
 
 def _now():
@@ -233,15 +273,20 @@ def part_calls(hw, per_call, log):
 
 
 def main():
+  global KERNEL_VARIANTS, ROWS
   ap = argparse.ArgumentParser()
   ap.add_argument("--parts", default="combine,cache,kernel,calls")
   ap.add_argument("--tokens_per_call", default="1,4")
   ap.add_argument("--out", default="decode_parts.json")
   ap.add_argument("--cpu_check", action="store_true", help="tiny shapes, interpreted kernels")
   ap.add_argument("--kernel_set", default="tiles", choices=sorted(KERNEL_SETS))
+  ap.add_argument("--row_sets", default=",".join(ROWS),
+                  help=f"row sets of the kernel and swiglu parts, from {sorted(ROW_SETS)}")
   args = ap.parse_args()
-  global KERNEL_VARIANTS
   KERNEL_VARIANTS = KERNEL_SETS[args.kernel_set]
+  ROWS = tuple(args.row_sets.split(","))
+  if bad := [r for r in ROWS if r not in ROW_SETS]:
+    ap.error(f"--row_sets: unknown {bad}; choose from {sorted(ROW_SETS)}")
   if args.cpu_check:
     global T, D, E, F, H, HK, INTERPRET, MODEL
     T, D, E, F, H, HK, INTERPRET, MODEL = 16, 64, 4, 128, 8, 8, True, "tiny"
@@ -260,7 +305,8 @@ def main():
       result[part] = part_calls(hw, per_call, log)
     else:
       result[part] = {"combine": part_combine, "cache": part_cache,
-                      "kernel": part_kernel, "mgpu": part_mgpu}[part](bw, log)
+                      "kernel": part_kernel, "swiglu": part_swiglu,
+                      "mgpu": part_mgpu}[part](bw, log)
     gc.collect()
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)

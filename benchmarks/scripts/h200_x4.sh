@@ -2,13 +2,14 @@
 # One device call on nvidia-h200-x4: every GPU measurement of the floor and ring issues.
 # Usage (from the repo root, on the GPU machine): bash benchmarks/scripts/h200_x4.sh PART COMMIT
 # PART parts: a decode step's parts A/B (decode_parts.py), with and without command buffers;
+# rows: the GELU and SwiGLU expert MLPs on the seed step's own row sets (decode_parts.py);
 # kernel: the grouped kernel's sweep; 1: one GPU (profile, the seed, seed_swiglu);
 # 2: several (seed slices with and without the ring, EP2).
 # Each part fits one 10-minute call. Writes $OUT/results.tgz and $OUT/summary.txt.
 set -u
 PART=${1:-1}
-case $PART in parts|profile|kernel|1|2) ;;
-  *) echo "unknown PART '$PART': use parts, profile, kernel, 1 or 2" >&2; exit 2 ;;
+case $PART in parts|rows|profile|kernel|1|2) ;;
+  *) echo "unknown PART '$PART': use parts, rows, profile, kernel, 1 or 2" >&2; exit 2 ;;
 esac
 export PYTHONPATH=. PYTHONUNBUFFERED=1 JAX_EP_COMMIT=${2:-unknown}
 R=$OUT/r; mkdir -p $R
@@ -26,6 +27,10 @@ step parts 330 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
 step calls_no_command_buffer 200 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 benchmarks/decode_parts.py --parts=calls \
   --out=$R/decode_parts_no_command_buffer.json
+elif [ "$PART" = rows ]; then
+step rows 500 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+  python3 benchmarks/decode_parts.py --parts=kernel,swiglu --kernel_set=k \
+  --row_sets=seed_layer3,near128,balanced --out=$R/decode_parts_rows.json
 elif [ "$PART" = profile ]; then
 step profile_1gpu 200 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 benchmarks/profile_decode.py --config=seed --deployment=single --batch=1024 \
