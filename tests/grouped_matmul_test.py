@@ -3,6 +3,7 @@ and the XLA path against a dense per-group reference, on random, empty, all-to-o
 skewed group sizes, with and without split-K, GELU and SwiGLU."""
 
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -53,15 +54,19 @@ def test_kernel_and_xla_equal_the_dense_reference(name, gated):
   assert_allclose(got[:real], want[:real], rtol=1e-5, atol=1e-5)
 
 
+# Last tiles of 9 and 8 rows around last_m=8 (25 = 16 + 9, then 8, then 7), beside SIZES.
+EDGE = {"edge": [25, 8, 7, 0]}
+
+
 @pytest.mark.parametrize("gated", [False, True])
 def test_small_last_tiles_compute_the_same(gated):
-  # last_m=8: a tile with at most 8 real rows (every group here ends in one, and
-  # "random"'s 10 and 17 rows have tiles of 16 and 10 that must stay full) runs an
-  # 8-row MMA; split-K takes the same path.
+  # last_m=8: a tile with at most 8 real rows runs an 8-row MMA; one with more (the 9 of
+  # "edge", "random"'s 10 and 17) keeps the full 16 and would lose rows on the small
+  # path. Split-K takes the same path.
   x, up, down, gate = _weights(2)
   gate = gate if gated else None
   small = gm.Blocks(block_m=16, block_n=32, block_k=32, last_m=8)
-  for name, sizes in sorted(SIZES.items()):
+  for name, sizes in sorted({**SIZES, **EDGE}.items()):
     gs = jnp.asarray(sizes, jnp.int32)
     want = _dense(x, sizes, up, down, gate)[:sum(sizes)]
     got = gm.grouped_mlp(x, gs, up, down, gate, impl="interpret", blocks=small)
@@ -71,6 +76,21 @@ def test_small_last_tiles_compute_the_same(gated):
     h = gm._pallas(pad, M, up, gs, gate, act, small, True, split_k=2)
     y = gm._pallas(h, M, down, gs, None, "none", small, True, split_k=2)[:M]
     assert_allclose(y[:sum(sizes)], want, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_small_last_tile_is_in_the_kernel_and_checked():
+  # The kernel holds an 8-row tile body only with last_m=8 (x loads of [8, block_k]).
+  x, up, _, _ = _weights()
+  gs = jnp.asarray(EDGE["edge"], jnp.int32)
+  pad = jnp.pad(x, ((0, BLOCKS.block_m), (0, 0)))
+  jaxpr = lambda b: str(jax.make_jaxpr(
+      lambda p: gm._pallas(p, M, up, gs, None, "gelu", b, True))(pad))
+  small = gm.Blocks(block_m=16, block_n=32, block_k=32, last_m=8)
+  assert "f32[8,32]" in jaxpr(small) and "f32[8,32]" not in jaxpr(BLOCKS)
+  for bad in (12, 16, 32):  # not a power of two; not below block_m
+    with pytest.raises(ValueError, match="last_m"):
+      gm.grouped_matmul(x, up, gs, impl="interpret",
+                        blocks=gm.Blocks(block_m=16, block_n=32, block_k=32, last_m=bad))
 
 
 @pytest.mark.parametrize("split_k", [2])

@@ -52,6 +52,7 @@ def test_cost_rows_follow_the_real_rows():
   assert groups.cost_rows([129, 1, 0], b) == 256 + 128
   small = groups.Blocks(block_m=128, last_m=64)  # a last tile of <= 64 rows costs 64
   assert groups.cost_rows([129, 1, 0, 200, 128], small) == (128 + 64) + 64 + 256 + 128
+  assert groups.cost_rows([192, 193], small) == (128 + 64) + 256
 
 
 def test_gelu_matches_jax():
@@ -61,9 +62,10 @@ def test_gelu_matches_jax():
 
 def test_default_blocks_fit_hopper_shared_memory():
   # 227 KiB of shared memory a block on H100 / H200; SwiGLU's up product streams two
-  # weight tiles a stage. A small last tile is a Triton dot: at least 16 rows, fewer
-  # than block_m.
+  # weight tiles a stage. A small last tile is a Triton dot: a power of two of at least
+  # 16 rows, fewer than block_m.
   assert groups.DEFAULT_BLOCKS.smem_bytes() <= 227 * 1024
   assert groups.SWIGLU_UP_BLOCKS.smem_bytes(weights=2) <= 227 * 1024
   for b in (groups.DEFAULT_BLOCKS, groups.SWIGLU_UP_BLOCKS):
-    assert b.last_m == 0 or (16 <= b.last_m < b.block_m and b.last_m % 16 == 0)
+    lm = b.last_m
+    assert lm == 0 or (16 <= lm < b.block_m and lm & (lm - 1) == 0)

@@ -231,6 +231,10 @@ def _supports(k: int, k2: int, n: int, blocks: Blocks) -> str | None:
   if k % blocks.block_k or n % blocks.block_n:
     return (f"K={k} and N={n} must be multiples of block_k={blocks.block_k} and "
             f"block_n={blocks.block_n}")
+  lm = blocks.last_m
+  if lm and (lm & (lm - 1) or lm >= blocks.block_m):
+    return (f"last_m={lm} must be 0 or a power of two below block_m={blocks.block_m} "
+            "(a tile's height)")
   return None
 
 

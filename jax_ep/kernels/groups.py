@@ -29,7 +29,8 @@ class Blocks:
   num_warps: int = 8
   num_stages: int = 4
   # A row tile with at most this many real rows (a group's last) runs a last_m-row MMA
-  # on the same weight tile instead of a block_m-row one (0: off).
+  # on the same weight tile instead of a block_m-row one (0: off). A power of two below
+  # block_m; at least 16 on the GPU (Triton's dot).
   last_m: int = 0
 
   def smem_bytes(self, weights: int = 1, itemsize: int = 2) -> int:
@@ -40,8 +41,8 @@ class Blocks:
 # Measured on one H200 (benchmarks/results/h200_kernel/, jax 0.11.2): the best of the
 # sweep for the seed's 8192 x 32768 products. SwiGLU's fused up product loads two weight
 # tiles per step, so it takes narrower ones to fit the 227 KiB of shared memory, and
-# shorter K steps in a deeper pipeline (k32 x 6 stages: 2-6% faster than k64 x 3 on
-# four row distributions, A/B in one process; 0.6 ms less a seed_swiglu step;
+# shorter K steps in a deeper pipeline (k32 x 6 stages: 0.5-5.5% faster than k64 x 3 on
+# three row sets, A/B in one process; 0.6 ms less a seed_swiglu step;
 # benchmarks/results/h200x1_cluster_d5878c8/, NOTES section 8). Its nearly empty last
 # row tiles run a 64-row MMA (last_m: 6% less on rows near 128 an expert, 1.3 ms less a
 # seed_swiglu step); on the other products that measured slower (results/h200x1_lastm_61d74fe/).
