@@ -162,10 +162,10 @@ def part_swiglu(bw, log):
     gs = jnp.asarray(sizes, jnp.int32)
     fns = {name: jax.jit(functools.partial(
         _mlp, blocks=(gm.blocks_for(D, F, dataclasses.replace(gm.SWIGLU_UP_BLOCKS, **v)),
-                      down), real=sum(sizes), w_gate=w_gate))
+                      down), real=sum(sizes)))
         for name, v in SWIGLU_UP_VARIANTS.items()}
     floor = 3 * E * D * F * 2 / bw
-    out[sizes_name] = _run_variants(fns, (x, gs, w_up, w_down), floor, log,
+    out[sizes_name] = _run_variants(fns, (x, gs, w_up, w_down, w_gate), floor, log,
                                     f"swiglu {sizes_name}")
   return out
 
@@ -211,8 +211,9 @@ def part_mgpu(bw, log):
   return out
 
 
-def _mlp(x, gs, w_up, w_down, blocks, real, w_gate=None):
-  """The real rows only: the kernel leaves the buffer's other rows unset."""
+def _mlp(x, gs, w_up, w_down, w_gate=None, *, blocks, real):
+  """The real rows only: the kernel leaves the buffer's other rows unset. Weights are
+  arguments, never closed over (a closed-over array is compiled in as a constant)."""
   return gm.grouped_mlp(x, gs, w_up, w_down, w_gate,
                         impl="interpret" if INTERPRET else "pallas", blocks=blocks)[:real]
 

@@ -17,7 +17,7 @@ step() {  # name timeout_s command...
   local name=$1 t=$2; shift 2
   echo "== $name" | tee -a $OUT/summary.txt
   timeout $t "$@" > $R/$name.log 2>&1; echo "rc=$?" >> $R/$name.log
-  grep -E "^\| (Single|One|Prop|Base|slice|mesh|share)|TPOT|rc=|Error|error|ms_per_step|^    |^(combine|cache|kernel|calls|probe) " \
+  grep -E "^\| (Single|One|Prop|Base|slice|mesh|share)|TPOT|rc=|Error|error|ms_per_step|^    |^(combine|cache|kernel|swiglu|calls|probe) " \
     $R/$name.log | tail -30 >> $OUT/summary.txt
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv > $R/nvidia_smi.txt
