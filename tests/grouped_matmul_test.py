@@ -78,6 +78,30 @@ def test_small_last_tiles_compute_the_same(gated):
     assert_allclose(y[:sum(sizes)], want, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+# Around tail_m=8 with 16-row tiles: 24 = 16 + 8 (merged), 25 = 16 + 9 (not), 8 alone
+# (a single tile: not merged), 40 = 16 + 16 + 8 (merged into the second tile).
+TAILS = {"tails": [24, 8, 25, 0], "long": [40, 0, 0, 0], "random": SIZES["random"]}
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("last_m", [0, 8])
+def test_tails_in_the_tile_before_compute_the_same(gated, last_m):
+  x, up, down, gate = _weights(3)
+  x = jnp.concatenate([x, x[:32]])  # 72 rows: room for "tails"
+  gate = gate if gated else None
+  blocks = gm.Blocks(block_m=16, block_n=32, block_k=32, tail_m=8, last_m=last_m)
+  for name, sizes in sorted(TAILS.items()):
+    gs = jnp.asarray(sizes, jnp.int32)
+    want = _dense(x[:M], sizes, up, down, gate)[:sum(sizes)] if sum(sizes) <= M else None
+    if want is None:  # more rows than _dense's M: each group's own reference
+      want = jnp.concatenate([
+          expert_mlp(x[None, s:s + n], up[g:g + 1], down[g:g + 1],
+                     None if gate is None else gate[g:g + 1])[0]
+          for g, (s, n) in enumerate(zip(np.cumsum(sizes) - sizes, sizes, strict=True))])
+    got = gm.grouped_mlp(x, gs, up, down, gate, impl="interpret", blocks=blocks)
+    assert_allclose(got[:sum(sizes)], want, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 def test_small_last_tile_is_in_the_kernel_and_checked():
   # The kernel holds an 8-row tile body only with last_m=8 (x loads of [8, block_k]).
   x, up, _, _ = _weights()
@@ -88,9 +112,10 @@ def test_small_last_tile_is_in_the_kernel_and_checked():
   small = gm.Blocks(block_m=16, block_n=32, block_k=32, last_m=8)
   assert "f32[8,32]" in jaxpr(small) and "f32[8,32]" not in jaxpr(BLOCKS)
   for bad in (12, 16, 32):  # not a power of two; not below block_m
-    with pytest.raises(ValueError, match="last_m"):
-      gm.grouped_matmul(x, up, gs, impl="interpret",
-                        blocks=gm.Blocks(block_m=16, block_n=32, block_k=32, last_m=bad))
+    for name in ("last_m", "tail_m"):
+      with pytest.raises(ValueError, match=name):
+        gm.grouped_matmul(x, up, gs, impl="interpret", blocks=gm.Blocks(
+            block_m=16, block_n=32, block_k=32, **{name: bad}))
 
 
 @pytest.mark.parametrize("split_k", [2])

@@ -53,6 +53,17 @@ def test_cost_rows_follow_the_real_rows():
   small = groups.Blocks(block_m=128, last_m=64)  # a last tile of <= 64 rows costs 64
   assert groups.cost_rows([129, 1, 0, 200, 128], small) == (128 + 64) + 64 + 256 + 128
   assert groups.cost_rows([192, 193], small) == (128 + 64) + 256
+  tail = groups.Blocks(block_m=128, tail_m=16, last_m=64)  # 16 rows after a full tile
+  assert groups.cost_rows([144, 145, 16, 272], tail) == (128 + 16) + (128 + 64) + 64 + 272
+
+
+def test_tile_table_merges_tails():
+  sizes = jnp.array([24, 8, 25, 0, 40], jnp.int32)  # tiles of 16, tails of 8
+  table = np.asarray(groups.tile_table(sizes, 16, tail_m=8))
+  np.testing.assert_array_equal(table[2, :5], [1, 1, 2, 0, 2])  # 24 and 40 merge their 8
+  assert table[4, 0] == 6
+  np.testing.assert_array_equal(np.asarray(groups.tile_table(sizes, 16))[2, :5],
+                                [2, 1, 2, 0, 3])
 
 
 def test_gelu_matches_jax():

@@ -52,39 +52,56 @@ def _kernel(table_ref, x_ref, w_ref, *rest, blocks: Blocks, k_steps: int, n_tile
   cols = pl.ds(pl.multiple_of(n * bn, bn), bn)
   gated = activation == "swiglu"
 
-  def tile(height):
-    mask_M1 = (jnp.arange(height, dtype=jnp.int32) < rows_left)[:, None]
-    rows = pl.ds(row0, height)
+  def dot(a, b):
+    # float32 models (the agreement tests) multiply in full float32, not TF32.
+    exact = a.dtype == jnp.float32
+    return jnp.dot(a, b, preferred_element_type=jnp.float32,
+                   precision=jax.lax.Precision.HIGHEST if exact else None)
 
-    def dot(a, b):
-      # float32 models (the agreement tests) multiply in full float32, not TF32.
-      exact = a.dtype == jnp.float32
-      return jnp.dot(a, b, preferred_element_type=jnp.float32,
-                     precision=jax.lax.Precision.HIGHEST if exact else None)
+  def tile(height, tail=0):
+    # (rows, mask) of the tile's `height` rows, then of its group's last `tail` rows.
+    parts = [(pl.ds(row0, height), (jnp.arange(height, dtype=jnp.int32) < rows_left)[:, None])]
+    if tail:
+      parts.append((pl.ds(row0 + height, tail),
+                    (jnp.arange(tail, dtype=jnp.int32) < rows_left - height)[:, None]))
+    w_refs = (w_ref, wg_ref) if gated else (w_ref,)
 
     def step(k, accs):
       ks = pl.ds(pl.multiple_of((k0 + k) * bk, bk), bk)
-      x = plgpu.load(x_ref.at[rows, ks], mask=mask_M1, other=0.0)
-      out = [accs[0] + dot(x, w_ref[g, ks, cols])]
-      if gated:
-        out.append(accs[1] + dot(x, wg_ref[g, ks, cols]))
+      ws, out = [], []
+      for (rows, mask), acc in zip(parts, accs, strict=True):
+        x = plgpu.load(x_ref.at[rows, ks], mask=mask, other=0.0)
+        new = []
+        for j, ref in enumerate(w_refs):
+          if len(ws) == j:  # each weight tile loaded once a step, for every part
+            ws.append(ref[g, ks, cols])
+          new.append(acc[j] + dot(x, ws[j]))
+        out.append(tuple(new))
       return tuple(out)
 
-    zeros = jnp.zeros((height, bn), jnp.float32)
-    accs = jax.lax.fori_loop(0, k_steps, step, (zeros,) * (2 if gated else 1))
-    if split_k > 1:
-      plgpu.store(o_ref.at[rows, cols], accs[0], mask=mask_M1)
-    else:
-      y = activate(accs[0], accs[-1], activation)
-      plgpu.store(o_ref.at[rows, cols], y.astype(o_ref.dtype), mask=mask_M1)
+    init = tuple((jnp.zeros((h, bn), jnp.float32),) * len(w_refs)
+                 for h in [height] + ([tail] if tail else []))
+    accs = jax.lax.fori_loop(0, k_steps, step, init)
+    for (rows, mask), acc in zip(parts, accs, strict=True):
+      if split_k > 1:
+        plgpu.store(o_ref.at[rows, cols], acc[0], mask=mask)
+      else:
+        y = activate(acc[0], acc[-1], activation)
+        plgpu.store(o_ref.at[rows, cols], y.astype(o_ref.dtype), mask=mask)
 
+  rest = live
+  if 0 < blocks.tail_m < bm and split_k == 1:
+    # The tile before a group's last few rows computes them too (tile_table's tail_m).
+    tail = (rows_left > bm) & (rows_left <= bm + blocks.tail_m)
+    pl.when(live & tail)(lambda: tile(bm, blocks.tail_m))
+    rest = live & ~tail
   if 0 < blocks.last_m < bm:
     # A group's nearly empty last tile: fewer MMA rows, the same weight tile loads.
     small = rows_left <= blocks.last_m
-    pl.when(live & small)(lambda: tile(blocks.last_m))
-    pl.when(live & ~small)(lambda: tile(bm))
+    pl.when(rest & small)(lambda: tile(blocks.last_m))
+    pl.when(rest & ~small)(lambda: tile(bm))
   else:
-    pl.when(live)(lambda: tile(bm))
+    pl.when(rest)(lambda: tile(bm))
 
 
 def _pallas(x_pad, m, w_GxKxN, group_sizes_G, wg_GxKxN, activation, blocks: Blocks,
@@ -109,7 +126,7 @@ def _pallas(x_pad, m, w_GxKxN, group_sizes_G, wg_GxKxN, activation, blocks: Bloc
   # At most cdiv(M, bm) + G - 1 row tiles hold a real row (each group adds at most one
   # partial tile); the rest of the grid exits at once.
   programs = (pl.cdiv(m, bm) + g) * n_tiles
-  table = tile_table(group_sizes_G, bm)
+  table = tile_table(group_sizes_G, bm, blocks.tail_m)
   weights = (w_GxKxN,) if wg_GxKxN is None else (w_GxKxN, wg_GxKxN)
   full = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
   rows = x_pad.shape[0]
@@ -231,10 +248,11 @@ def _supports(k: int, k2: int, n: int, blocks: Blocks) -> str | None:
   if k % blocks.block_k or n % blocks.block_n:
     return (f"K={k} and N={n} must be multiples of block_k={blocks.block_k} and "
             f"block_n={blocks.block_n}")
-  lm = blocks.last_m
-  if lm and (lm & (lm - 1) or lm >= blocks.block_m):
-    return (f"last_m={lm} must be 0 or a power of two below block_m={blocks.block_m} "
-            "(a tile's height)")
+  for name in ("last_m", "tail_m"):
+    v = getattr(blocks, name)
+    if v and (v & (v - 1) or v >= blocks.block_m):
+      return (f"{name}={v} must be 0 or a power of two below block_m={blocks.block_m} "
+              "(a tile's height)")
   return None
 
 

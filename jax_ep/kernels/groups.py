@@ -32,6 +32,11 @@ class Blocks:
   # on the same weight tile instead of a block_m-row one (0: off). A power of two below
   # block_m; at least 16 on the GPU (Triton's dot).
   last_m: int = 0
+  # A group whose last row tile would hold at most this many rows (after a full one)
+  # computes them in the tile before it: a second, tail_m-row MMA on the weight tile that
+  # tile loads, one program fewer (0: off; without split-K only). A power of two below
+  # block_m, at least 16 on the GPU.
+  tail_m: int = 0
 
   def smem_bytes(self, weights: int = 1, itemsize: int = 2) -> int:
     """Shared memory of the software pipeline: x and weight tiles per stage."""
@@ -73,14 +78,18 @@ def _next_pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
 
-def tile_table(group_sizes_G: jax.Array, block_m: int) -> jax.Array:
+def tile_table(group_sizes_G: jax.Array, block_m: int, tail_m: int = 0) -> jax.Array:
   """Per group: [row start, rows, row tiles, first row tile], int32 [4, G_pad], and the
   number of live row tiles in column [4, 0]. G_pad is a power of two (Triton vectors);
-  padding groups are empty and start past every live tile."""
+  padding groups are empty and start past every live tile. With tail_m, a group's last
+  <= tail_m rows after a full tile belong to that tile (Blocks.tail_m)."""
   g = group_sizes_G.shape[0]
   sizes = group_sizes_G.astype(jnp.int32)
   starts = jnp.cumsum(sizes) - sizes
   tiles = (sizes + block_m - 1) // block_m
+  if tail_m:
+    rest = sizes - (tiles - 1) * block_m
+    tiles = tiles - ((tiles >= 2) & (rest <= tail_m)).astype(jnp.int32)
   first = jnp.cumsum(tiles) - tiles
   live = jnp.sum(tiles)
   pad = _next_pow2(g) - g
@@ -117,11 +126,16 @@ def locate(table_ref, pid, block_m: int, n_tiles: int) -> Tile:
 
 def cost_rows(group_sizes, blocks: Blocks = DEFAULT_BLOCKS) -> int:
   """Rows the kernel multiplies for these (host) group sizes: each group's rounded up to
-  block_m, or its last tile to last_m where it holds no more."""
+  block_m, or its last rows to tail_m (after a full tile) or last_m where they fit."""
   bm, small = blocks.block_m, blocks.last_m if 0 < blocks.last_m < blocks.block_m else 0
+  tail = blocks.tail_m if 0 < blocks.tail_m < bm else 0
 
   def rows(s: int) -> int:
     full, rest = divmod(s, bm)
-    return full * bm + (0 if rest == 0 else small if rest <= small else bm)
+    if rest == 0:
+      return full * bm
+    if full and rest <= tail:
+      return full * bm + tail
+    return full * bm + (small if rest <= small else bm)
 
   return sum(rows(int(s)) for s in group_sizes)
