@@ -54,11 +54,15 @@ KERNEL_SETS = {
     "k": {"m128_n256_k64_s4": {}, "k32_s6": {"block_k": 32, "num_stages": 6},
           "k32_s8": {"block_k": 32, "num_stages": 8},
           "k128_s2": {"block_k": 128, "num_stages": 2}},
+    # A group's last few rows in the tile before (tail_m) or a smaller last tile (last_m).
+    "tails": {"default": {}, "tail16": {"tail_m": 16}, "tail32": {"tail_m": 32},
+              "last64": {"last_m": 64}, "tail16_last64": {"tail_m": 16, "last_m": 64}},
 }
 KERNEL_VARIANTS = KERNEL_SETS["tiles"]
 # SwiGLU's fused up product: Blocks fields changed from SWIGLU_UP_BLOCKS (NOTES 8-9).
 SWIGLU_UP_VARIANTS = {"default": {}, "last_m0": {"last_m": 0},
-                      "k64_s3_last_m0": {"block_k": 64, "num_stages": 3, "last_m": 0}}
+                      "k64_s3_last_m0": {"block_k": 64, "num_stages": 3, "last_m": 0},
+                      "tail16": {"tail_m": 16}, "tail32": {"tail_m": 32}}
 SKEWED = [265, 231, 204, 178, 161, 147, 139, 128, 117, 106, 98, 85, 72, 51, 36, 30]
 # 2048 rows over 16 experts (batch 1024, top-2); --cpu_check takes the tiny ones.
 ROW_SETS = {

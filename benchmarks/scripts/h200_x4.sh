@@ -29,7 +29,7 @@ step calls_no_command_buffer 200 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_ME
   --out=$R/decode_parts_no_command_buffer.json
 elif [ "$PART" = rows ]; then
 step rows 500 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
-  python3 benchmarks/decode_parts.py --parts=kernel,swiglu --kernel_set=k \
+  python3 benchmarks/decode_parts.py --parts=kernel,swiglu --kernel_set=tails \
   --row_sets=seed_layer3,near128,balanced --out=$R/decode_parts_rows.json
 elif [ "$PART" = profile ]; then
 step profile_1gpu 200 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
