@@ -84,12 +84,12 @@ TAILS = {"tails": [24, 8, 25, 0], "long": [40, 0, 0, 0], "random": SIZES["random
 
 
 @pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("last_m", [0, 8])
-def test_tails_in_the_tile_before_compute_the_same(gated, last_m):
+@pytest.mark.parametrize("tail_m,last_m", [(8, 0), (8, 8), (4, 8)])
+def test_tails_in_the_tile_before_compute_the_same(gated, tail_m, last_m):
   x, up, down, gate = _weights(3)
   x = jnp.concatenate([x, x[:32]])  # 72 rows: room for "tails"
   gate = gate if gated else None
-  blocks = gm.Blocks(block_m=16, block_n=32, block_k=32, tail_m=8, last_m=last_m)
+  blocks = gm.Blocks(block_m=16, block_n=32, block_k=32, tail_m=tail_m, last_m=last_m)
   for name, sizes in sorted(TAILS.items()):
     gs = jnp.asarray(sizes, jnp.int32)
     want = _dense(x[:M], sizes, up, down, gate)[:sum(sizes)] if sum(sizes) <= M else None
@@ -100,6 +100,23 @@ def test_tails_in_the_tile_before_compute_the_same(gated, last_m):
           for g, (s, n) in enumerate(zip(np.cumsum(sizes) - sizes, sizes, strict=True))])
     got = gm.grouped_mlp(x, gs, up, down, gate, impl="interpret", blocks=blocks)
     assert_allclose(got[:sum(sizes)], want, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_tails_store_only_their_rows_and_save_a_program():
+  # 17 = 16 + 1 rows: the tail path stores 1 of its 8 rows; the rows past the last group
+  # stay unset (NaN in the interpreter) as without tails, not written by a tail.
+  x, up, _, _ = _weights(4)
+  sizes = [10, 0, 17, 0]
+  gs = jnp.asarray(sizes, jnp.int32)
+  pad = jnp.pad(x, ((0, 16), (0, 0)))
+  tails = gm.Blocks(block_m=16, block_n=32, block_k=32, tail_m=8)
+  unset = lambda b: np.isnan(np.asarray(gm._pallas(pad, M, up, gs, None, "none", b, True)))
+  np.testing.assert_array_equal(unset(tails), unset(BLOCKS))
+  assert not unset(tails)[:sum(sizes)].any()
+  # The launch's table merges the tail (one row tile fewer); an invalid tail_m does not.
+  assert int(gm.kernel_table(gs, tails)[4, 0]) == 2
+  assert int(gm.kernel_table(gs, BLOCKS)[4, 0]) == 3
+  assert int(gm.kernel_table(gs, gm.Blocks(block_m=16, tail_m=16))[4, 0]) == 3
 
 
 def test_small_last_tile_is_in_the_kernel_and_checked():

@@ -126,7 +126,7 @@ def _pallas(x_pad, m, w_GxKxN, group_sizes_G, wg_GxKxN, activation, blocks: Bloc
   # At most cdiv(M, bm) + G - 1 row tiles hold a real row (each group adds at most one
   # partial tile); the rest of the grid exits at once.
   programs = (pl.cdiv(m, bm) + g) * n_tiles
-  table = tile_table(group_sizes_G, bm, blocks.tail_m)
+  table = kernel_table(group_sizes_G, blocks)
   weights = (w_GxKxN,) if wg_GxKxN is None else (w_GxKxN, wg_GxKxN)
   full = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
   rows = x_pad.shape[0]
@@ -142,6 +142,13 @@ def _pallas(x_pad, m, w_GxKxN, group_sizes_G, wg_GxKxN, activation, blocks: Bloc
       interpret=interpret,
       name=f"grouped_matmul_{activation}",
   )(table, x_pad, *weights)
+
+
+def kernel_table(group_sizes_G: jax.Array, blocks: Blocks) -> jax.Array:
+  """The tile table of a launch without split-K: a group's last few rows merged into the
+  tile before them where the kernel's tail path computes them (Blocks.tail_m)."""
+  bm = blocks.block_m
+  return tile_table(group_sizes_G, bm, blocks.tail_m if 0 < blocks.tail_m < bm else 0)
 
 
 def _pallas_partial(x_pad, m, w_GxKxN, group_sizes_G, blocks: Blocks, interpret: bool,
