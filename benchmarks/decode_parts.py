@@ -54,15 +54,18 @@ KERNEL_SETS = {
     "k": {"m128_n256_k64_s4": {}, "k32_s6": {"block_k": 32, "num_stages": 6},
           "k32_s8": {"block_k": 32, "num_stages": 8},
           "k128_s2": {"block_k": 128, "num_stages": 2}},
-    # A group's last few rows in the tile before (tail_m) or a smaller last tile (last_m).
-    "tails": {"default": {}, "tail16": {"tail_m": 16}, "tail32": {"tail_m": 32},
-              "last64": {"last_m": 64}, "tail16_last64": {"tail_m": 16, "last_m": 64}},
+    # A group's last few rows in the tile before (tail_m) or a smaller last tile
+    # (last_m), in the up product only (small-tile code slowed the down one: NOTES 9).
+    "tails": {"default": {}, "up_tail16": {"up": {"tail_m": 16}},
+              "up_tail32": {"up": {"tail_m": 32}}, "up_last64": {"up": {"last_m": 64}},
+              "up_tail16_last64": {"up": {"tail_m": 16, "last_m": 64}}},
 }
 KERNEL_VARIANTS = KERNEL_SETS["tiles"]
 # SwiGLU's fused up product: Blocks fields changed from SWIGLU_UP_BLOCKS (NOTES 8-9).
 SWIGLU_UP_VARIANTS = {"default": {}, "last_m0": {"last_m": 0},
                       "k64_s3_last_m0": {"block_k": 64, "num_stages": 3, "last_m": 0},
-                      "tail16": {"tail_m": 16}, "tail32": {"tail_m": 32}}
+                      "tail16_last64": {"tail_m": 16}, "tail32_last64": {"tail_m": 32},
+                      "tail16_last0": {"tail_m": 16, "last_m": 0}}
 SKEWED = [265, 231, 204, 178, 161, 147, 139, 128, 117, 106, 98, 85, 72, 51, 36, 30]
 # 2048 rows over 16 experts (batch 1024, top-2); --cpu_check takes the tiny ones.
 ROW_SETS = {
@@ -146,8 +149,8 @@ def part_kernel(bw, log):
   for sizes_name, sizes in _row_sets():
     gs = jnp.asarray(sizes, jnp.int32)
     fns = {name: jax.jit(functools.partial(
-        _mlp, blocks=(gm.blocks_for(D, F, dataclasses.replace(gm.DEFAULT_BLOCKS, **v)),
-                      gm.blocks_for(F, D, dataclasses.replace(gm.DEFAULT_BLOCKS, **v))),
+        _mlp, blocks=(gm.blocks_for(D, F, _changed(v, "up")),
+                      gm.blocks_for(F, D, _changed(v, "down"))),
         real=sum(sizes))) for name, v in variants.items()}
     floor = 2 * E * D * F * 2 / bw
     out[sizes_name] = _run_variants(fns, (x, gs, w_up, w_down), floor, log,
@@ -172,6 +175,13 @@ def part_swiglu(bw, log):
     out[sizes_name] = _run_variants(fns, (x, gs, w_up, w_down, w_gate), floor, log,
                                     f"swiglu {sizes_name}")
   return out
+
+
+def _changed(variant: dict, product: str) -> gm.Blocks:
+  """DEFAULT_BLOCKS with a variant's changes: its "up" / "down" entry, or all of it."""
+  if "up" in variant or "down" in variant:
+    variant = variant.get(product, {})
+  return dataclasses.replace(gm.DEFAULT_BLOCKS, **variant)
 
 
 def _row_sets():
