@@ -3,6 +3,8 @@ and the XLA path against a dense per-group reference, on random, empty, all-to-o
 skewed group sizes, with and without split-K, GELU and SwiGLU."""
 
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,3 +175,21 @@ def test_blocks_for_small_shapes_and_errors():
                       blocks=gm.Blocks(block_n=96))
   with pytest.raises(ValueError, match="impl="):
     gm.grouped_matmul(x, up, jnp.asarray([40, 0, 0, 0]), impl="cuda")
+
+
+def test_mlp_blocks_take_the_defaults_and_the_changes():
+  up, down = gm.mlp_blocks(8192, 32768, swiglu=True)
+  assert (up, down) == (gm.SWIGLU_UP_BLOCKS, gm.DEFAULT_BLOCKS)
+  assert gm.mlp_blocks(8192, 32768)[0] == gm.DEFAULT_BLOCKS
+  up, down = gm.mlp_blocks(8192, 32768, swiglu=True, spec="up.tail_m=16,num_stages=3")
+  assert (up.tail_m, up.last_m, up.block_n, up.num_stages) == (16, 64, 128, 3)
+  assert (down.tail_m, down.num_stages, down.block_n) == (0, 3, 256)
+  up, down = gm.mlp_blocks(64, 48, spec="block_n=256")  # narrowed to the shapes after
+  assert (up.block_n, down.block_n, down.block_k) == (16, 64, 16)
+  with pytest.raises(ValueError, match=re.escape("the down product's tail_m=128 must be")):
+    gm.mlp_blocks(8192, 32768, spec="down.tail_m=128")
+  with pytest.raises(ValueError, match=re.escape("the up product's last_m=64 must be 0 or a "
+                                                 "power of two below block_m=64")):
+    gm.mlp_blocks(8192, 32768, swiglu=True, spec="block_m=64")  # SwiGLU up's last_m 64
+  assert gm.mlp_supports(8192, 32768, swiglu=True, spec="up.tail_m=32") is None
+  assert "multiples of block_k" in gm.mlp_supports(60, 128, spec="up.tail_m=32")

@@ -1,9 +1,12 @@
 """Tests for jax_ep/kernels/groups.py: the tile table and the program each id computes
 (every live tile exactly once, group by group), the rows a launch multiplies, GELU."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from numpy.testing import assert_allclose
 
 from jax_ep.kernels import groups
@@ -80,3 +83,29 @@ def test_default_blocks_fit_hopper_shared_memory():
   for b in (groups.DEFAULT_BLOCKS, groups.SWIGLU_UP_BLOCKS):
     lm = b.last_m
     assert lm == 0 or (16 <= lm < b.block_m and lm & (lm - 1) == 0)
+
+
+def test_parse_blocks_per_product_and_both():
+  got = groups.parse_blocks(" up.tail_m=16, num_stages=3 ,down.last_m=0")
+  assert got == {"up": {"tail_m": 16, "num_stages": 3}, "down": {"num_stages": 3, "last_m": 0}}
+  assert groups.parse_blocks("") == {"up": {}, "down": {}}
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("tail_m", "write FIELD=VALUE"), ("mid.tail_m=16", "the product 'mid' is unknown"),
+    ("up.tail=16", "'tail' is not a Blocks field"), ("block_n=wide", "'wide' is not an integer"),
+    ("num_warps=0", "num_warps must be >= 1"), ("tail_m=-16", "tail_m must be >= 0")])
+def test_parse_blocks_says_what_is_wrong(spec, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    groups.parse_blocks(spec)
+
+
+def test_with_blocks_checks_the_tiles():
+  b = groups.with_blocks(groups.DEFAULT_BLOCKS, {"tail_m": 32, "block_n": 128})
+  assert (b.tail_m, b.block_n, b.block_m) == (32, 128, 128)
+  for changes, message in (({"block_n": 96}, "block_n=96 must be a power of two"),
+                           ({"block_k": 8}, "block_k=8 must be a power of two, at least 16"),
+                           ({"tail_m": 24}, "tail_m=24 must be 0 or a power of two"),
+                           ({"block_m": 64, "last_m": 64}, "below block_m=64")):
+    with pytest.raises(ValueError, match=re.escape(message)):
+      groups.with_blocks(groups.DEFAULT_BLOCKS, changes)

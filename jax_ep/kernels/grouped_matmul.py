@@ -28,7 +28,10 @@ from jax_ep.kernels.groups import (
   Blocks,
   activate,
   locate,
+  parse_blocks,
+  small_tiles_error,
   tile_table,
+  with_blocks,
 )
 
 IMPLS = ("xla", "pallas", "interpret")
@@ -255,18 +258,29 @@ def _supports(k: int, k2: int, n: int, blocks: Blocks) -> str | None:
   if k % blocks.block_k or n % blocks.block_n:
     return (f"K={k} and N={n} must be multiples of block_k={blocks.block_k} and "
             f"block_n={blocks.block_n}")
-  for name in ("last_m", "tail_m"):
-    v = getattr(blocks, name)
-    if v and (v & (v - 1) or v >= blocks.block_m):
-      return (f"{name}={v} must be 0 or a power of two below block_m={blocks.block_m} "
-              "(a tile's height)")
-  return None
+  return small_tiles_error(blocks)
 
 
-def mlp_supports(d: int, f: int) -> str | None:
-  """Why grouped_mlp's kernels cannot take a D x F expert MLP (with its default blocks
-  narrowed to the shapes, blocks_for), or None if they can."""
-  return (_supports(d, d, f, blocks_for(d, f)) or _supports(f, f, d, blocks_for(f, d)))
+def mlp_blocks(d: int, f: int, swiglu: bool = False, spec: str = "") -> tuple[Blocks, Blocks]:
+  """(up, down) Blocks of a D x F expert MLP: the measured defaults (SWIGLU_UP_BLOCKS for
+  SwiGLU's fused up product), changed as `spec` says (groups.parse_blocks, e.g.
+  "up.tail_m=16"), then narrowed to the shapes (blocks_for). ValueError for a bad spec."""
+  changes = parse_blocks(spec)
+  out = []
+  for name, default, k, n in (("up", SWIGLU_UP_BLOCKS if swiglu else DEFAULT_BLOCKS, d, f),
+                              ("down", DEFAULT_BLOCKS, f, d)):
+    try:
+      out.append(blocks_for(k, n, with_blocks(default, changes[name])))
+    except ValueError as e:
+      raise ValueError(f"the {name} product's {e}") from None
+  return tuple(out)
+
+
+def mlp_supports(d: int, f: int, swiglu: bool = False, spec: str = "") -> str | None:
+  """Why grouped_mlp's kernels cannot take a D x F expert MLP with these blocks
+  (mlp_blocks), or None if they can."""
+  up, down = mlp_blocks(d, f, swiglu, spec)
+  return _supports(d, d, f, up) or _supports(f, f, d, down)
 
 
 def grouped_matmul(x_MxK: jax.Array, w_GxKxN: jax.Array, group_sizes_G: jax.Array, *,
@@ -311,16 +325,14 @@ def grouped_mlp(x_MxD: jax.Array, group_sizes_G: jax.Array, w_up_GxDxF: jax.Arra
   ("xla") or unspecified (kernels).
 
   `blocks` may be one Blocks or (up, down); None picks the measured defaults, narrowed
-  to the shapes (blocks_for). `expected_rows` (the real rows of a typical call, M if
+  to the shapes (mlp_blocks). `expected_rows` (the real rows of a typical call, M if
   None) sets split-K: with few row tiles, K is split so the GPU has enough programs.
   The kernels keep the hidden [M + pad, F] padded between the two products, so nothing
   is copied between them.
   """
   activation = "gelu" if w_gate_GxDxF is None else "swiglu"
   if blocks is None:
-    up = blocks_for(w_up_GxDxF.shape[1], w_up_GxDxF.shape[2],
-                    SWIGLU_UP_BLOCKS if w_gate_GxDxF is not None else DEFAULT_BLOCKS)
-    down = blocks_for(w_down_GxFxD.shape[1], w_down_GxFxD.shape[2], DEFAULT_BLOCKS)
+    up, down = mlp_blocks(*w_up_GxDxF.shape[1:], swiglu=w_gate_GxDxF is not None)
   else:
     up, down = blocks if isinstance(blocks, tuple) else (blocks, blocks)
   if impl in ("pallas", "interpret"):

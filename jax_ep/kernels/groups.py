@@ -55,6 +55,61 @@ DEFAULT_BLOCKS = Blocks()
 SWIGLU_UP_BLOCKS = Blocks(block_n=128, block_k=32, num_stages=6, last_m=64)
 
 
+PRODUCTS = ("up", "down")  # an expert MLP's two grouped products
+
+
+def parse_blocks(spec: str) -> dict[str, dict[str, int]]:
+  """Blocks fields to change, per product, from a comma-separated spec such as
+  "up.tail_m=16,up.last_m=0,num_stages=3": `up.` or `down.` names one product, a bare
+  field both. Raises ValueError naming what is wrong (field, value, syntax)."""
+  fields = {f.name for f in dataclasses.fields(Blocks)}
+  out: dict[str, dict[str, int]] = {p: {} for p in PRODUCTS}
+  for item in filter(None, (s.strip() for s in spec.split(","))):
+    key, eq, value = item.partition("=")
+    product, dot, name = key.strip().rpartition(".")
+    if not eq or not name:
+      raise ValueError(f"{item!r}: write FIELD=VALUE or PRODUCT.FIELD=VALUE, "
+                       f"with PRODUCT one of {list(PRODUCTS)}")
+    if dot and product not in PRODUCTS:
+      raise ValueError(f"{item!r}: the product {product!r} is unknown; "
+                       f"use one of {list(PRODUCTS)}, or no prefix for both")
+    if name not in fields:
+      raise ValueError(f"{item!r}: {name!r} is not a Blocks field; "
+                       f"use one of {sorted(fields)}")
+    try:
+      v = int(value)
+    except ValueError:
+      raise ValueError(f"{item!r}: {value.strip()!r} is not an integer") from None
+    if v < (0 if name in ("last_m", "tail_m") else 1):
+      raise ValueError(f"{item!r}: {name} must be "
+                       f"{'>= 0' if name in ('last_m', 'tail_m') else '>= 1'}")
+    for p in (product,) if dot else PRODUCTS:
+      out[p][name] = v
+  return out
+
+
+def with_blocks(blocks: Blocks, changes: dict[str, int]) -> Blocks:
+  """`blocks` with these fields changed; ValueError where the result cannot tile."""
+  b = dataclasses.replace(blocks, **changes)
+  for name in ("block_m", "block_n", "block_k"):
+    v = getattr(b, name)
+    if v < 16 or v & (v - 1):
+      raise ValueError(f"{name}={v} must be a power of two, at least 16")
+  if why := small_tiles_error(b):
+    raise ValueError(why)
+  return b
+
+
+def small_tiles_error(blocks: Blocks) -> str | None:
+  """Why last_m or tail_m cannot be a tile's smaller height, or None."""
+  for name in ("last_m", "tail_m"):
+    v = getattr(blocks, name)
+    if v and (v & (v - 1) or v >= blocks.block_m):
+      return (f"{name}={v} must be 0 or a power of two below block_m={blocks.block_m} "
+              "(a tile's height)")
+  return None
+
+
 def gelu_tanh(x):
   """jax.nn.gelu(approximate=True), written with exp only (lowers everywhere):
   0.5 x (1 + tanh(z)) = x * sigmoid(2 z)."""
