@@ -7,6 +7,8 @@ import math
 
 import jax.numpy as jnp
 
+from jax_ep.kernels import grouped_matmul, groups
+
 DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
 MLP_KINDS = ("gelu", "swiglu")
 PLACEMENTS = ("ep", "tp")
@@ -122,6 +124,10 @@ class DeploymentConfig:
   # The grouped expert matmul and decode attention: "auto" (Pallas on GPU, XLA
   # elsewhere), "xla", "pallas", "interpret" (the Pallas kernels through the interpreter).
   kernels: str = "auto"
+  # Changes to the grouped expert kernel's measured tile sizes (kernels/groups.py Blocks),
+  # e.g. "up.tail_m=16,down.num_stages=3": `up.`/`down.` names one product, a bare field
+  # both. "": the defaults. Only the Pallas kernels read it.
+  expert_blocks: str = ""
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -137,6 +143,13 @@ class DeploymentConfig:
     if self.kernels not in KERNELS:
       raise ConfigError(f"DeploymentConfig.kernels={self.kernels!r} is unknown; "
                         f"use one of {list(KERNELS)}.")
+    if not isinstance(self.expert_blocks, str):
+      raise ConfigError(f"DeploymentConfig.expert_blocks={self.expert_blocks!r} must be a string "
+                        "such as 'up.tail_m=16' ('' for the defaults).")
+    try:
+      groups.parse_blocks(self.expert_blocks)
+    except ValueError as e:
+      raise ConfigError(f"DeploymentConfig.expert_blocks={self.expert_blocks!r}: {e}.") from None
     if self.placement not in PLACEMENTS:
       raise ConfigError(
           f"DeploymentConfig.placement={self.placement!r} is unknown; "
@@ -179,6 +192,12 @@ class DeploymentConfig:
           "tensor-parallel attention gives each tp device whole heads.")
     if self.placement == "tp" and model.mlp_dim % self.tp:
       raise ConfigError(f"mlp_dim={model.mlp_dim} is not divisible by tp={self.tp}.")
+    f = model.mlp_dim // self.tp if self.placement == "tp" else model.mlp_dim
+    try:
+      grouped_matmul.mlp_blocks(model.model_dim, f, model.mlp_kind == "swiglu",
+                                self.expert_blocks)
+    except ValueError as e:
+      raise ConfigError(f"DeploymentConfig.expert_blocks={self.expert_blocks!r}: {e}.") from None
     shards = self.expert * self.tp
     if model.vocab_size % shards:
       raise ConfigError(

@@ -33,11 +33,12 @@ class Parallel:
   capacity_factor: float = 2.0
   dropless: bool = True
   kernels: str = "auto"
+  expert_blocks: str = ""  # DeploymentConfig.expert_blocks
 
   @classmethod
   def of(cls, dep: DeploymentConfig) -> Parallel:
     return cls(dep.stages, dep.expert, dep.tp, dep.placement, dep.capacity_factor,
-               dep.dropless, dep.kernels)
+               dep.dropless, dep.kernels, dep.expert_blocks)
 
   def _live(self, *names):
     sizes = {STAGE: self.stage, EXPERT: self.expert, TP: self.tp}
@@ -166,11 +167,12 @@ def kernels(par: Parallel) -> str:
   return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
-def expert_impl(par: Parallel, d: int, f: int) -> str:
+def expert_impl(par: Parallel, d: int, f: int, swiglu: bool) -> str:
   """kernels(par) for the expert MLP, falling back to XLA under "auto" when the kernel
   cannot tile D x F (grouped_matmul.mlp_supports); an explicit choice is kept."""
   impl = kernels(par)
-  if par.kernels == "auto" and impl == "pallas" and grouped_matmul.mlp_supports(d, f):
+  if par.kernels == "auto" and impl == "pallas" and grouped_matmul.mlp_supports(
+      d, f, swiglu, par.expert_blocks):
     return "xla"
   return impl
 
@@ -238,10 +240,12 @@ def moe(x_TxD_, w_router_DxE, w_up_ExDxF_, w_down_ExFxD_, w_gate_ExDxF_, *, top_
     else:  # the buffer is already one run per expert, nothing after the runs
       x_RxD_, group_sizes = recv_, recv_PxEl[0]
     # Balanced, a device receives as many rows as it sends picks (tokens x K).
-    y_RxD_ = grouped_matmul.grouped_mlp(x_RxD_, group_sizes, w_up_ExDxF_, w_down_ExFxD_,
-                                        w_gate_ExDxF_,
-                                        impl=expert_impl(par, dim, w_up_ExDxF_.shape[2]),
-                                        expected_rows=tokens * top_k)
+    f, swiglu = w_up_ExDxF_.shape[2], w_gate_ExDxF_ is not None
+    y_RxD_ = grouped_matmul.grouped_mlp(
+        x_RxD_, group_sizes, w_up_ExDxF_, w_down_ExFxD_, w_gate_ExDxF_,
+        impl=expert_impl(par, dim, f, swiglu),
+        blocks=grouped_matmul.mlp_blocks(dim, f, swiglu, par.expert_blocks),
+        expected_rows=tokens * top_k)
     if par.ffn_over_tp:
       y_RxD_ = jax.lax.psum(y_RxD_, TP)
     if p > 1:

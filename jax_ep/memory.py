@@ -152,10 +152,10 @@ class WorkingSet:
     return self.carries + max(self.attention, self.exchange + self.expert_kernel, self.head)
 
 
-def _kernel_impl(dep: DeploymentConfig, platform: str, d: int, f: int) -> str:
+def _kernel_impl(dep: DeploymentConfig, platform: str, d: int, f: int, swiglu: bool) -> str:
   if dep.kernels != "auto":
     return dep.kernels
-  if platform == "cpu" or grouped_matmul.mlp_supports(d, f):
+  if platform == "cpu" or grouped_matmul.mlp_supports(d, f, swiglu, dep.expert_blocks):
     return "xla"
   return "pallas"
 
@@ -186,18 +186,19 @@ def _phase(cfg: ModelConfig, dep: DeploymentConfig, rows: int, positions: int, l
   routing = moe_tokens * cfg.num_experts * 4 + 3 * picks * (p + cfg.num_experts) * 4
   head = head_rows * d * b + head_rows * (cfg.vocab_size // (dep.expert * dep.tp)) * 4
   exchange = 5 * r * d * b + picks * d * 4  # send, recv, compacted, out, back; picks f32
-  impl = _kernel_impl(dep, platform, d, f)
-  gates = 2 if cfg.mlp_kind == "swiglu" else 1
+  swiglu = cfg.mlp_kind == "swiglu"
+  impl = _kernel_impl(dep, platform, d, f, swiglu)
+  gates = 2 if swiglu else 1
   if impl == "xla":
     # ragged_dot: XLA expands it to a masked dense product over the local experts
     # (float32 [El, R, F] before the masked sum; kernels/grouped_matmul.py), then the
     # activation in float32 and the cast; the down product likewise over [El, R, D].
     kernel = e_local * r * (f + d) * 4 + r * f * (gates * 4 + 4 + b)
   else:  # the hidden stays padded between the two products; split-K partials in float32
-    pad = r + grouped_matmul.DEFAULT_BLOCKS.block_m
-    up = (e_local, d, f)
-    split_up = grouped_matmul.split_for(picks, up, grouped_matmul.DEFAULT_BLOCKS)
-    split_down = grouped_matmul.split_for(picks, (e_local, f, d), grouped_matmul.DEFAULT_BLOCKS)
+    up, down = grouped_matmul.mlp_blocks(d, f, swiglu, dep.expert_blocks)
+    pad = r + max(up.block_m, down.block_m)
+    split_up = grouped_matmul.split_for(picks, (e_local, d, f), up)
+    split_down = grouped_matmul.split_for(picks, (e_local, f, d), down)
     kernel = pad * f * b + (split_up * pad * f * 4 * gates if split_up > 1 else 0) + (
         split_down * pad * d * 4 if split_down > 1 else 0) + pad * d * b
   return WorkingSet(carries=residual, attention=attention, exchange=exchange + routing,

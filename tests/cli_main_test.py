@@ -10,13 +10,14 @@ FLAGS = ("deployment", "simulate_devices", "batch", "prompt_len", "skip_unfit", 
          "output", "profile_dir", "seed", "config", "check_numerics", "check_memory",
          "device_kind", "devices", "compile", "checkpoint", "workdir", "steps", "save_every",
          "src", "dst", "kinds", "share", "synced", "warmup", "probe_mib", "out_dir", "hardware",
-         "context_len", "calibration", "plot")
+         "context_len", "calibration", "plot", "expert_blocks")
 
 
 def test_help_and_usage_errors():
-  help_, command_help, train_help, usage, dry_run, unread, *required = run_cases([
+  help_, command_help, train_help, usage, dry_run, unread, blocks, *required = run_cases([
       ["--help"], ["generate", "--help"], ["train", "-h"], ["frobnicate"],
       ["plan", "--dry_run"], ["plan", "--steps=3", "--kinds=single"],
+      ["bench", "--expert_blocks=up.tail=16"],
       ["train"], ["import-hf", "--src=x"], ["export-hf", "--checkpoint=x"]])
   assert help_["rc"] == 0 and "generate   prefill prompts" in help_["stdout"]
   gen = command_help["stdout"]
@@ -36,5 +37,6 @@ def test_help_and_usage_errors():
   assert "usage: jax-ep {generate,bench,predict,plan,train,import-hf,export-hf}" in usage["stderr"]
   assert "unknown command 'frobnicate'" in usage["stderr"]
   assert dry_run["rc"] == 1 and "--dry_run is for generate" in dry_run["stderr"]
+  assert blocks["rc"] == 1 and "'tail' is not a Blocks field" in blocks["stderr"]
   for r, flag in zip(required, ["workdir", "workdir", "dst"], strict=True):
     assert r["rc"] == 1 and f"--{flag} is required here." in r["stderr"], r

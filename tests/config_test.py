@@ -106,6 +106,17 @@ def test_decode_groups_prefill_chunk_and_kernels():
     DeploymentConfig(kernels="cuda")
 
 
+def test_expert_blocks_are_checked_at_construction_and_against_the_model():
+  with _raises("expert_blocks='up.tail=16': 'up.tail=16': 'tail' is not a Blocks field"):
+    DeploymentConfig(expert_blocks="up.tail=16")
+  with _raises("expert_blocks=16 must be a string"):
+    DeploymentConfig(expert_blocks=16)
+  dep = DeploymentConfig(expert_blocks="block_m=16,up.tail_m=16")  # parses; cannot tile
+  with _raises("the up product's tail_m=16 must be 0 or a power of two below block_m=16"):
+    dep.check_model(TINY)
+  DeploymentConfig(expert_blocks="block_m=32,up.tail_m=16").check_model(TINY)
+
+
 @pytest.mark.parametrize("value", [0.0, -1.0, float("inf"), float("nan"), "2"])
 def test_capacity_factor_must_be_positive_and_finite(value):
   with _raises(f"capacity_factor={value!r}"):

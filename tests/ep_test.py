@@ -79,6 +79,23 @@ def test_dropping_hand_counted():
   assert_allclose(y, full * kept, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mlp_kind", ["gelu", "swiglu"])
+def test_expert_blocks_reach_the_kernel_and_keep_the_function(monkeypatch, mlp_kind):
+  # All-zero router: experts 0 and 1 get 24 rows each, a 16-row tile and an 8-row tail.
+  from jax_ep.kernels import grouped_matmul
+
+  seen, pallas = [], grouped_matmul._pallas
+  monkeypatch.setattr(grouped_matmul, "_pallas",
+                      lambda *a, **k: seen.append(a[6]) or pallas(*a, **k))
+  x, router, up, down, gate = _weights(mlp_kind, zero_router=True)
+  spec = "block_m=16,block_n=16,block_k=16,up.tail_m=8,up.last_m=0,down.last_m=8"
+  y, _ = _moe_one_device(ep.Parallel(kernels="interpret", expert_blocks=spec))(
+      x, router, up, down, gate)
+  assert_allclose(y, _reference(x, router, up, down, gate), rtol=1e-5, atol=1e-5)
+  assert [(b.block_m, b.block_n, b.tail_m, b.last_m) for b in seen] == [(16, 16, 8, 0),
+                                                                        (16, 16, 0, 8)]
+
+
 def test_inactive_tokens_are_not_counted_and_get_nothing():
   x, router, up, down, _ = _weights()
   y, stats = _moe_one_device(ep.Parallel(kernels="interpret"), active=False)(
@@ -204,6 +221,7 @@ def test_gather_batch_and_from_last_stage():
 def test_auto_kernels_fall_back_to_xla_for_shapes_the_kernel_cannot_tile(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   auto = ep.Parallel()
-  assert ep.expert_impl(auto, 8192, 32768) == "pallas"
-  assert ep.expert_impl(auto, 60, 128) == "xla"  # D = 60: no block_k divides it
-  assert ep.expert_impl(ep.Parallel(kernels="pallas"), 60, 128) == "pallas"  # asked for
+  for swiglu in (False, True):
+    assert ep.expert_impl(auto, 8192, 32768, swiglu) == "pallas"
+    assert ep.expert_impl(auto, 60, 128, swiglu) == "xla"  # D = 60: no block_k divides it
+  assert ep.expert_impl(ep.Parallel(kernels="pallas"), 60, 128, False) == "pallas"  # asked for

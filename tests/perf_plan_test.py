@@ -40,3 +40,16 @@ def test_mesh_kind():
 def test_one_device_has_no_scaled_baseline():
   with pytest.raises(ConfigError, match="single-device run"):
     plan._preset_for("baseline", 1)
+
+
+def test_expert_blocks_reach_every_planned_deployment():
+  spec = plan.BenchSpec(config="seed_swiglu", kinds=("single", "mesh:1x2x1"), share="proposed",
+                        expert_blocks="up.tail_m=16")
+  plans, skipped = plan.plan(load_model("seed_swiglu"), spec, 64, lambda m: None)
+  assert not skipped and len(plans) == 3
+  assert {p.dep.expert_blocks for p in plans} == {"up.tail_m=16"}
+  bad = dataclasses.replace(spec, expert_blocks="block_m=16,up.last_m=0,up.tail_m=16")
+  plans, skipped = plan.plan(load_model("seed_swiglu"), bad, 64, lambda m: None)
+  assert [s["name"] for s in skipped] == ["single", "mesh:1x2x1"]
+  assert all("tail_m=16 must be 0 or a power of two below block_m=16" in s["reason"]
+             for s in skipped)

@@ -12,6 +12,7 @@ import re
 from absl import app, flags
 
 from configs import deployments, model_names
+from jax_ep.kernels import groups
 from jax_ep.perf import hardware
 
 # --- the model, the deployment and the run (generate, bench, plan) ------------------------
@@ -50,6 +51,25 @@ KERNELS = flags.DEFINE_enum(
     "kernels", None, ["auto", "xla", "pallas", "interpret"],
     "The grouped expert matmul and decode attention: auto (the Pallas kernels on GPU, XLA "
     "elsewhere), xla, pallas, interpret (the kernels through Pallas' interpreter).")
+EXPERT_BLOCKS = flags.DEFINE_string(
+    "expert_blocks", None,
+    "Change the grouped expert kernel's tile sizes (jax_ep/kernels/groups.py Blocks; "
+    "benchmarks/NOTES.md has what each measured), as FIELD=VALUE pairs, comma-separated: "
+    "'up.' or 'down.' before a field names one product of the expert MLP, none both; e.g. "
+    "'up.tail_m=16,down.num_stages=3'. Fields: block_m, block_n, block_k, num_warps, "
+    "num_stages, last_m, tail_m. The Pallas kernels only (--kernels).")
+
+
+def _check_expert_blocks(spec: str | None) -> bool:
+  """--expert_blocks parses (kernels/groups.py); the model-dependent checks come later."""
+  try:
+    groups.parse_blocks(spec or "")
+  except ValueError as e:
+    raise flags.ValidationError(str(e)) from None
+  return True
+
+
+flags.register_validator("expert_blocks", _check_expert_blocks)
 CAPACITY = flags.DEFINE_float(
     "capacity_factor", None,
     "With --nodropless: send-buffer rows per destination device, relative to a balanced share.")
@@ -173,7 +193,8 @@ PLOT = flags.DEFINE_string("plot", None, "predict: write the EP scaling curve (1
 FLAG_OF_FIELD = {"stages": "stages", "expert": "expert_axis", "tp": "tp",
                  "placement": "placement", "microbatches": "microbatches",
                  "decode_groups": "decode_groups", "prefill_chunk": "prefill_chunk",
-                 "kernels": "kernels", "capacity_factor": "capacity_factor",
+                 "kernels": "kernels", "expert_blocks": "expert_blocks",
+                 "capacity_factor": "capacity_factor",
                  "dropless": "dropless", "batch": "batch", "max_new_tokens": "max_new_tokens",
                  "temperature": "temperature"}
 # Fields also rewritten where a message names them bare ("batch=6 is not divisible");
@@ -207,7 +228,8 @@ def deployment_for(num_devices: int):
                "placement": PLACEMENT.value, "microbatches": MICRO.value,
                "decode_groups": GROUPS.value, "tokens_per_call": PER_CALL.value,
                "prefill_chunk": PREFILL_CHUNK.value,
-               "kernels": KERNELS.value, "capacity_factor": CAPACITY.value,
+               "kernels": KERNELS.value, "expert_blocks": EXPERT_BLOCKS.value,
+               "capacity_factor": CAPACITY.value,
                "dropless": DROPLESS.value}
   return dataclasses.replace(dep, **{k: v for k, v in overrides.items() if v is not None})
 

@@ -39,7 +39,8 @@ def bench():
       prompt_len=flags.PROMPT_LEN.value if flags.PROMPT_LEN.present else None, steps=steps,
       synced=flags.SYNCED.value, warmup=flags.WARMUP.value, num_devices=flags.DEVICES.value,
       seed=flags.SEED.value, probe_mib=flags.PROBE_MIB.value, checkpoint=flags.CHECKPOINT.value,
-      tokens_per_call=flags.PER_CALL.value or 1, skip_unfit=flags.SKIP_UNFIT.value,
+      tokens_per_call=flags.PER_CALL.value or 1, expert_blocks=flags.EXPERT_BLOCKS.value or "",
+      skip_unfit=flags.SKIP_UNFIT.value,
       check_memory=flags.CHECK_MEMORY.value)
   result = runner.run(spec, log=lambda m: print(m, flush=True))
   print(report.markdown(result))

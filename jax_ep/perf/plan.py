@@ -32,6 +32,7 @@ class BenchSpec:
   probes: bool = True
   probe_mib: int | None = None  # copy probe size (GPU 4096, CPU 64); all_to_all 1/64 of it
   tokens_per_call: int = 1  # tokens per sequence per decode call (DeploymentConfig)
+  expert_blocks: str = ""  # the expert kernel's tile changes (DeploymentConfig)
   skip_unfit: bool = False  # skip deployments that cannot run here instead of failing
   check_memory: bool = True  # refuse (or skip) what overflows a device (memory_budget.py)
   checkpoint: str | None = None  # the model and its weights from this checkpoint, not random
@@ -138,7 +139,8 @@ def plan(cfg: ModelConfig, spec: BenchSpec, num_devices: int, log) -> tuple[list
         name, dep = base, deployments.resolve(base, num_devices)
       if groups is not None:
         dep = dataclasses.replace(dep, decode_groups=groups)
-      dep = dataclasses.replace(dep, tokens_per_call=spec.tokens_per_call)
+      dep = dataclasses.replace(dep, tokens_per_call=spec.tokens_per_call,
+                                expert_blocks=spec.expert_blocks)
       if base in deployments.SLICES:
         model_name = deployments.SLICES[base][0]
         model_cfg = load_model(model_name)
@@ -168,7 +170,8 @@ def plan(cfg: ModelConfig, spec: BenchSpec, num_devices: int, log) -> tuple[list
                                      spec.batch // full.groups)
       plans.append(Plan(f"share:{name}", f"One GPU's share of {name}", share_cfg,
                         dataclasses.replace(deployments.SINGLE,
-                                            tokens_per_call=spec.tokens_per_call), rows, name,
+                                            tokens_per_call=spec.tokens_per_call,
+                                            expert_blocks=spec.expert_blocks), rows, name,
                         f"one device of {name} ({full.num_devices} GPUs) for one group of "
                         f"{spec.batch // full.groups}: {share_cfg.num_layers} layer(s) x "
                         f"{share_cfg.num_experts} expert(s), top-{share_cfg.top_k}, {rows} "

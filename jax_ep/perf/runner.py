@@ -142,14 +142,15 @@ def run(spec: BenchSpec = BenchSpec(), log: Callable[[str], None] = print) -> di
   log(f"bench: {n} x {devices[0].device_kind} ({platform}), jax {jax.__version__}; model "
       f"{spec.config}, batch {spec.batch}, prompt {spec.prompt_len}; decode: the ring's fill, "
       f"{spec.warmup} warm-up, {spec.synced} synced and {spec.steps} back-to-back calls of "
-      f"{spec.tokens_per_call} token(s)")
+      f"{spec.tokens_per_call} token(s)"
+      + (f"; expert blocks changed: {spec.expert_blocks}" if spec.expert_blocks else ""))
   plans, skipped = plan(cfg, spec, n, log)
   footprints = {}
   if spec.check_memory:
     plans, footprints = fit_memory(plans, skipped, spec, devices, log)
   if skipped and not spec.skip_unfit:
-    raise ConfigError("cannot run " + "; ".join(f"{s['name']}: {s['reason']}" for s in skipped)
-                      + ". --skip_unfit runs the rest.")
+    raise ConfigError("cannot run " + "; ".join(f"{s['name']}: {s['reason'].rstrip('.')}"
+                                                for s in skipped) + ". --skip_unfit runs the rest.")
   if not plans:
     raise ConfigError("nothing to run: " + "; ".join(s["reason"] for s in skipped))
   if spec.probes:
