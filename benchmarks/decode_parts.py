@@ -44,28 +44,29 @@ from jax_ep.perf.probes import measure_hardware, time_call
 
 T, K, D, E, F, H, HK = 1024, 2, 8192, 16, 32768, 16, 512
 INTERPRET, MODEL = False, "seed"  # --cpu_check: tiny shapes through the interpreter
-# Blocks fields changed from the defaults, per variant of the kernel part.
+# Per variant of the kernel part, its changes to the measured blocks, as
+# DeploymentConfig.expert_blocks (and `jax-ep --expert_blocks`) take them.
 KERNEL_SETS = {
-    "tiles": {"m128_n256_s4": {}, "m128_n256_s3": {"num_stages": 3},
-              "m256_n128_s3": {"block_m": 256, "block_n": 128, "num_stages": 3},
-              "m256_n128_s4": {"block_m": 256, "block_n": 128, "num_stages": 4},
-              "m64_n256_s4_w4": {"block_m": 64, "num_warps": 4}},
+    "tiles": {"m128_n256_s4": "", "m128_n256_s3": "num_stages=3",
+              "m256_n128_s3": "block_m=256,block_n=128,num_stages=3",
+              "m256_n128_s4": "block_m=256,block_n=128,num_stages=4",
+              "m64_n256_s4_w4": "block_m=64,num_warps=4"},
     # The K step and the pipeline depth (the skewed case is MMA-bound: NOTES section 6).
-    "k": {"m128_n256_k64_s4": {}, "k32_s6": {"block_k": 32, "num_stages": 6},
-          "k32_s8": {"block_k": 32, "num_stages": 8},
-          "k128_s2": {"block_k": 128, "num_stages": 2}},
-    # A group's last few rows in the tile before (tail_m) or a smaller last tile
-    # (last_m), in the up product only (small-tile code slowed the down one: NOTES 9).
-    "tails": {"default": {}, "up_tail16": {"up": {"tail_m": 16}},
-              "up_tail32": {"up": {"tail_m": 32}}, "up_last64": {"up": {"last_m": 64}},
-              "up_tail16_last64": {"up": {"tail_m": 16, "last_m": 64}}},
+    "k": {"m128_n256_k64_s4": "", "k32_s6": "block_k=32,num_stages=6",
+          "k32_s8": "block_k=32,num_stages=8", "k128_s2": "block_k=128,num_stages=2"},
+    # A group's last few rows in the tile before (tail_m: one program fewer) or a
+    # smaller last tile (last_m: the same programs, less MMA; it slowed the down product,
+    # NOTES 9); tails in the down product too, and up to 64 rows.
+    "tails": {"default": "", "up_tail16": "up.tail_m=16", "up_tail32": "up.tail_m=32",
+              "up_tail64": "up.tail_m=64", "tail32": "tail_m=32", "up_last64": "up.last_m=64",
+              "up_tail32_last64": "up.tail_m=32,up.last_m=64"},
 }
 KERNEL_VARIANTS = KERNEL_SETS["tiles"]
-# SwiGLU's fused up product: Blocks fields changed from SWIGLU_UP_BLOCKS (NOTES 8-9).
-SWIGLU_UP_VARIANTS = {"default": {}, "last_m0": {"last_m": 0},
-                      "k64_s3_last_m0": {"block_k": 64, "num_stages": 3, "last_m": 0},
-                      "tail16_last64": {"tail_m": 16}, "tail32_last64": {"tail_m": 32},
-                      "tail16_last0": {"tail_m": 16, "last_m": 0}}
+# SwiGLU's fused up product: its changes to SWIGLU_UP_BLOCKS (NOTES 8-9); the down
+# product at its default.
+SWIGLU_UP_VARIANTS = {"default": "", "last_m0": "up.last_m=0",
+                      "tail16_last64": "up.tail_m=16", "tail32_last64": "up.tail_m=32",
+                      "tail16_last0": "up.tail_m=16,up.last_m=0"}
 SKEWED = [265, 231, 204, 178, 161, 147, 139, 128, 117, 106, 98, 85, 72, 51, 36, 30]
 # 2048 rows over 16 experts (batch 1024, top-2); --cpu_check takes the tiny ones.
 ROW_SETS = {
@@ -148,10 +149,8 @@ def part_kernel(bw, log):
   variants = KERNEL_VARIANTS
   for sizes_name, sizes in _row_sets():
     gs = jnp.asarray(sizes, jnp.int32)
-    fns = {name: jax.jit(functools.partial(
-        _mlp, blocks=(gm.blocks_for(D, F, _changed(v, "up")),
-                      gm.blocks_for(F, D, _changed(v, "down"))),
-        real=sum(sizes))) for name, v in variants.items()}
+    fns = {name: jax.jit(functools.partial(_mlp, blocks=gm.mlp_blocks(D, F, False, spec),
+                                           real=sum(sizes))) for name, spec in variants.items()}
     floor = 2 * E * D * F * 2 / bw
     out[sizes_name] = _run_variants(fns, (x, gs, w_up, w_down), floor, log,
                                     f"kernel {sizes_name}")
@@ -163,25 +162,16 @@ def part_swiglu(bw, log):
   w_gate = _rand(9, (E, D, F), scale=D ** -0.5)
   w_down = _rand(7, (E, F, D), scale=F ** -0.5)
   x = _rand(8, (T * K, D))
-  down = gm.blocks_for(F, D, gm.DEFAULT_BLOCKS)
   out = {}
   for sizes_name, sizes in _row_sets():
     gs = jnp.asarray(sizes, jnp.int32)
-    fns = {name: jax.jit(functools.partial(
-        _mlp, blocks=(gm.blocks_for(D, F, dataclasses.replace(gm.SWIGLU_UP_BLOCKS, **v)),
-                      down), real=sum(sizes)))
-        for name, v in SWIGLU_UP_VARIANTS.items()}
+    fns = {name: jax.jit(functools.partial(_mlp, blocks=gm.mlp_blocks(D, F, True, spec),
+                                           real=sum(sizes)))
+           for name, spec in SWIGLU_UP_VARIANTS.items()}
     floor = 3 * E * D * F * 2 / bw
     out[sizes_name] = _run_variants(fns, (x, gs, w_up, w_down, w_gate), floor, log,
                                     f"swiglu {sizes_name}")
   return out
-
-
-def _changed(variant: dict, product: str) -> gm.Blocks:
-  """DEFAULT_BLOCKS with a variant's changes: its "up" / "down" entry, or all of it."""
-  if "up" in variant or "down" in variant:
-    variant = variant.get(product, {})
-  return dataclasses.replace(gm.DEFAULT_BLOCKS, **variant)
 
 
 def _row_sets():

@@ -4,12 +4,16 @@
 # PART parts: a decode step's parts A/B (decode_parts.py), with and without command buffers;
 # rows: the GELU and SwiGLU expert MLPs on the seed step's own row sets (decode_parts.py);
 # kernel: the grouped kernel's sweep; 1: one GPU (profile, the seed, seed_swiglu);
-# 2: several (seed slices with and without the ring, EP2).
+# 2: several (seed slices with and without the ring, EP2);
+# ab: one GPU's step with the kernel's default blocks and with SPEC, alternating, twice:
+#   bash benchmarks/scripts/h200_x4.sh ab COMMIT SPEC [CONFIGS]  (--expert_blocks SPEC;
+#   CONFIGS comma-separated, default seed_swiglu; seed_swiglu at prompt 128, others 32).
 # Each part fits one 10-minute call. Writes $OUT/results.tgz and $OUT/summary.txt.
 set -u
 PART=${1:-1}
 case $PART in parts|rows|profile|kernel|1|2) ;;
-  *) echo "unknown PART '$PART': use parts, rows, profile, kernel, 1 or 2" >&2; exit 2 ;;
+  ab) [ -n "${3:-}" ] || { echo "ab needs SPEC, an --expert_blocks value" >&2; exit 2; } ;;
+  *) echo "unknown PART '$PART': use parts, rows, profile, kernel, 1, 2 or ab" >&2; exit 2 ;;
 esac
 export PYTHONPATH=. PYTHONUNBUFFERED=1 JAX_EP_COMMIT=${2:-unknown}
 R=$OUT/r; mkdir -p $R
@@ -47,6 +51,18 @@ step seed_1gpu 220 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 step swiglu_1gpu 220 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 -m jax_ep bench --config=seed_swiglu --kinds=single --prompt_len=128 \
   --out_dir=$R/swiglu_1gpu
+elif [ "$PART" = ab ]; then
+for cfg in $(echo "${4:-seed_swiglu}" | tr , ' '); do
+  prompt=32; [ "$cfg" = seed_swiglu ] && prompt=128
+  for i in 1 2; do
+    for v in default changed; do
+      blocks=""; [ $v = changed ] && blocks=$3
+      step ${cfg}_${v}_$i 140 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+        python3 -m jax_ep bench --config=$cfg --kinds=single --prompt_len=$prompt \
+        --expert_blocks="$blocks" --out_dir=$R/${cfg}_${v}_$i
+    done
+  done
+done
 elif [ "$PART" = 2 ]; then
 step slices_4gpu 250 python3 -m jax_ep bench --kinds=slice_1x4,slice_2x2,slice_2x2/1 \
   --out_dir=$R/slices_4gpu
