@@ -13,8 +13,8 @@ def check_output_path(path: str | None, flag: str = "--output") -> None:
   """Raises ConfigError unless `path` can be written as a new or replaced file.
 
   None means no output was asked for; an empty string is a mistake (`--output=`). The
-  directory must exist and take a new file (tried: permission bits say nothing for
-  root, nor for read-only file systems), and `path` must not be a directory.
+  directory must exist and take a new file (_try_create), and `path` must not be a
+  directory.
   """
   if path is None:
     return
@@ -29,6 +29,31 @@ def check_output_path(path: str | None, flag: str = "--output") -> None:
     what = "is not a directory" if os.path.exists(directory) else "does not exist"
     raise ConfigError(f"{flag}={path}: {directory} {what}; create it first or choose another "
                       "path.")
+  _try_create(directory, path, flag)
+
+
+def check_output_dir(path: str | None, flag: str) -> None:
+  """Raises ConfigError unless `path` is, or can be made, a directory to write files in
+  (its nearest existing ancestor must be a writable directory). None: not asked for."""
+  if path is None:
+    return
+  if not path.strip():
+    raise ConfigError(f"{flag}= is empty: give a directory, or leave the flag out.")
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f"{flag}={path} is a file, not a directory; give a directory (it is "
+                      "created if missing).")
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ConfigError(f"{flag}={path}: {existing} is a file, so the directory cannot be "
+                      "created there; choose another path.")
+  _try_create(existing, path, flag)
+
+
+def _try_create(directory: str, path: str, flag: str) -> None:
+  """A file can be created in `directory` (tried: permission bits say nothing for root,
+  nor for read-only file systems), or ConfigError."""
   probe = os.path.join(directory, f".jax_ep_probe_{secrets.token_hex(4)}")
   try:
     fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)

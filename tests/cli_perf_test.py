@@ -22,6 +22,7 @@ def test_predict_bench_and_bench_refusals(tmp_path):
       ["predict", f"--calibration={tmp_path / 'missing.json'}"],
       ["predict", f"--calibration={tmp_path / 'not_bench.json'}"],
       ["predict", f"--plot={tmp_path / 'missing_dir' / 'x.png'}"],
+      ["bench", "--simulate_devices=8", f"--out_dir={tmp_path / 'not_bench.json'}"],
   ])
   predict, bench, *refused = results
   assert predict["rc"] == 0 and tables.report("h200", 1024, 256) in predict["stdout"]
@@ -34,7 +35,8 @@ def test_predict_bench_and_bench_refusals(tmp_path):
   # Refused before any probe or compile, nothing written.
   for r, message in zip(refused, ["--skip_unfit runs the rest", "is a directory",
                                   "cannot read it", "holds no measured run",
-                                  "does not exist; create it first"], strict=True):
+                                  "does not exist; create it first",
+                                  "not_bench.json is a file, not a directory"], strict=True):
     assert r["rc"] == 2, (r["args"], r["stdout"][-1000:], r["stderr"][-2000:])
     assert message in r["stderr"], (r["args"], r["stderr"][-2000:])
     assert "compiling" not in r["stdout"] and "probe:" not in r["stdout"], r["args"]

@@ -26,6 +26,20 @@ def test_output_path_checks(tmp_path):
     output.check_output_path(str(tmp_path / "file" / "out.json"))
 
 
+def test_output_dir_checks(tmp_path):
+  output.check_output_dir(None, "--profile_dir")
+  output.check_output_dir(str(tmp_path), "--profile_dir")  # exists
+  output.check_output_dir(str(tmp_path / "new" / "deeper"), "--profile_dir")  # made later
+  assert os.listdir(tmp_path) == []  # nothing made now, the probe gone
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ConfigError, match="--profile_dir=.*file is a file, not a directory"):
+    output.check_output_dir(str(tmp_path / "file"), "--profile_dir")
+  with pytest.raises(ConfigError, match="file is a file, so the directory cannot be created"):
+    output.check_output_dir(str(tmp_path / "file" / "trace"), "--out_dir")
+  with pytest.raises(ConfigError, match="--out_dir= is empty"):
+    output.check_output_dir("", "--out_dir")
+
+
 def test_write_json_atomically(tmp_path):
   path = str(tmp_path / "out.json")
   output.write_json(path, {"tokens": [[1, 2]]})

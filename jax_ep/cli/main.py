@@ -33,7 +33,7 @@ OFFLINE = ("plan", "predict")  # no device is used: no simulated devices, proces
 def _check_flags():
   """What can be wrong with the flags alone, before any device or compile."""
   from jax_ep.config import ConfigError
-  from jax_ep.output import check_output_path
+  from jax_ep.output import check_output_dir, check_output_path
 
   if flags.SIMULATE.value < -1:
     runtime.simulate_devices(flags.SIMULATE.value)  # raises, saying what to use
@@ -41,8 +41,10 @@ def _check_flags():
     if flag.value is not None and flag.value < 1:
       raise ConfigError(f"--{flag.name}={flag.value} must be a positive integer.")
   if distributed.resolve(flags.COORDINATOR.value, flags.NUM_PROCESSES.value,
-                         flags.PROCESS_ID.value).process_id == 0:  # only process 0 writes it
+                         flags.PROCESS_ID.value).process_id == 0:  # only process 0 writes
     check_output_path(flags.OUTPUT.value)
+    for flag in (flags.PROFILE, flags.OUT_DIR):
+      check_output_dir(flag.value, f"--{flag.name}")
 
 
 def _setup_processes(command: str):
@@ -111,5 +113,7 @@ def run():
   try:
     app.run(main)
   except ConfigError as e:
-    print(f"jax-ep: error: {flags.flag_message(str(e))}", file=sys.stderr)
+    command = next((a for a in sys.argv[1:] if a in COMMANDS), None)
+    reads = command_flags.reads(COMMANDS[command], command in OFFLINE) if command else None
+    print(f"jax-ep: error: {flags.flag_message(str(e), reads)}", file=sys.stderr)
     sys.exit(2)
