@@ -279,16 +279,18 @@ def _short(e: Exception) -> str:
   return text[:300] + (" ..." if len(text) > 300 else "")
 
 
-def check_model(saved: dict, cfg: ModelConfig, where: str) -> None:
-  """Raises ConfigError naming each ModelConfig field in which `saved` differs from cfg."""
+def check_model(saved: dict, cfg: ModelConfig, where: str, advice: str | None = None) -> None:
+  """Raises ConfigError naming each ModelConfig field in which `saved` differs from cfg,
+  then `advice` (what to change; by default, the restore's)."""
   want = dataclasses.asdict(cfg)
   diff = [f"{k}={saved.get(k)!r} (this model: {v!r})" for k, v in want.items()
           if k not in FREE_FIELDS and saved.get(k) != v]
   diff += [f"{k}={saved[k]!r} (unknown to this jax_ep)" for k in saved if k not in want]
   if diff:
-    raise ConfigError(f"{where} holds another model: {', '.join(diff)}. Restore it into the "
-                      "model it was saved from: --config=<its preset> (generate and bench read the "
-                      "model from the checkpoint when --config is not given; train does not).")
+    raise ConfigError(f"{where} holds another model: {', '.join(diff)}. " + (
+        advice or "Restore it into the model it was saved from: --config=<its preset> "
+        "(generate and bench read the model from the checkpoint when --config is not given; "
+        "train does not)."))
 
 
 def _check_shapes(saved: dict, target, where: str) -> None:

@@ -86,8 +86,9 @@ def check_request(engine: Engine, prompts_BxT, max_new_tokens: int, temperature:
   prompts = np.asarray(prompts_BxT)
   if prompts.ndim == 2 and prompts.shape[1] + max_new_tokens - 1 > max_len:
     raise ConfigError(
-        f"prompt_len {prompts.shape[1]} + max_new_tokens {max_new_tokens} - 1 exceeds the KV "
-        f"cache length {max_len}; lower one of them or raise max_seq_len.")
+        f"prompt_len={prompts.shape[1]} + max_new_tokens={max_new_tokens} - 1 exceeds the KV "
+        f"cache length {max_len} (the model's max_seq_len); lower one of them, or raise "
+        "ModelConfig.max_seq_len (a preset's in configs/).")
   return engine.check_tokens(prompts, 0, max_len)
 
 

@@ -31,11 +31,9 @@ def open_model(directory: str, config: ModelConfig | None = None,
     meta = ckpt.meta()
     cfg = ckpt.config()
   if config is not None:
-    try:
-      checkpoint.check_model(meta["model"], config, f"--checkpoint={directory}")
-    except ConfigError as e:
-      raise ConfigError(f"{e} ({flag} names another model; leave {flag} out to use the "
-                        "checkpoint's.)") from None
+    checkpoint.check_model(meta["model"], config, f"--checkpoint={directory}",
+                           f"{flag} names another model: leave {flag} out to use the "
+                           "checkpoint's.")
     cfg = dataclasses.replace(cfg, max_seq_len=config.max_seq_len)
   train = meta.get("train")
   task = tasks.Task.from_dict(train["task"]) if train else None

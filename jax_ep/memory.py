@@ -267,7 +267,9 @@ class Footprint:
     rows = [(f"weights: {k}", v, True)
             for k, v in sorted(self.weights.items(), key=lambda kv: -kv[1])]
     return rows + [
-        (f"KV cache ({self.batch} sequences x {self.length} positions)", self.kv_cache, True),
+        (f"KV cache ({self.batch // self.dep.expert} of the {self.batch} sequences x "
+         f"{self.cfg.num_layers // self.dep.stages} layers x {self.length} positions)",
+         self.kv_cache, True),
         ("prompt tokens and ring state", self.state, True),
         ("activations: pipeline carries and residual stream", w.carries, True),
         ("activations: attention (q, k, v, scores)", w.attention, live == "attention"),

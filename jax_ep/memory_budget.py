@@ -192,8 +192,11 @@ def check(fp: Footprint, budget: Budget, *, candidates=None, platform: str = "gp
       name, d, f = found
       lines.append(f"The smallest deployment that fits batch {fp.batch}: --deployment={name} "
                    f"({d.num_devices} devices of {f.total / GiB:.2f} GiB).")
+  planning = what == "plan"  # `jax-ep plan` itself: it prints the table, runs nothing
   if len(lines) == 1:
     lines.append("Neither a smaller batch nor another deployment fits: use a smaller model "
-                 "(--config) or devices with more memory; `jax-ep plan` prints the table.")
-  lines.append("(--nocheck_memory runs it anyway.)")
+                 "(--config) or devices with more memory"
+                 + ("." if planning else "; `jax-ep plan` prints the table."))
+  if not planning:
+    lines.append("(--nocheck_memory runs it anyway.)")
   raise ConfigError(" ".join(lines))

@@ -50,7 +50,12 @@ BAD = [
     (["--max_new_tokens=0"], "--max_new_tokens=0 must be a positive integer"),
     (["--temperature=-1"], "--temperature=-1.0 must be >= 0"),
     (["--batch=6"], "--batch=6 is not divisible"),
-    (["--prompt_len=60", "--max_new_tokens=10"], "exceeds the KV cache length 64"),
+    (["--prompt_len=60", "--max_new_tokens=10"], "--prompt_len=60 + --max_new_tokens=10 - 1 "
+     "exceeds the KV cache length 64"),
+    (["--tokens_per_call=0"], "--tokens_per_call=0 must be a positive integer"),
+    (["--expert_blocks=block_m=16,tail_m=16"], "--expert_blocks='block_m=16,tail_m=16': the up "
+     "product's tail_m=16 must be 0 or a power of two below block_m=16"),
+    (["--profile_dir=/proc/version"], "--profile_dir=/proc/version is a file, not a directory"),
     (["--config=nope"], "--config='nope' is not a preset"),
     (["--deployment=seed_proposed"], "needs 64 devices but 8 are available"),
     (["--deployment=proposed", "--tp=3"], "num_experts=16 is not divisible by the expert x tp"),

@@ -7,15 +7,22 @@ from configs import deployments
 
 
 def test_plan_refuses_what_does_not_fit_and_prints_the_holdings():
-  refused, fits = run_cases([
+  refused, fits, capacity, dropping = run_cases([
       ["plan", "--config=seed", "--deployment=single", "--device_kind=h100"],
       ["plan", "--config=seed", "--deployment=seed_proposed", "--device_kind=h200",
        "--batch=1024", "--prompt_len=32", "--max_new_tokens=32"],
+      ["plan", "--capacity_factor=0.5"], ["plan", "--capacity_factor=0.5", "--nodropless"],
   ])
   # The seed on one 80 GB H100: refused, and the smallest deployment that fits is named.
   assert refused["rc"] == 0 and "DOES NOT FIT" in refused["stdout"]
   assert "--deployment=proposed_2 (2 devices" in refused["stdout"]
   assert "| weights: experts | 64.000 |" in refused["stdout"]
+  assert "(--nocheck_memory" not in refused["stdout"]  # plan runs nothing: no advice to
+  # Per device of the 64 (expert axis 16, 4 stages): 64 of the 1024 sequences, one layer.
+  assert "| KV cache (64 of the 1024 sequences x 1 layers x 64 positions) |" in fits["stdout"]
+  # --capacity_factor sizes only --nodropless buffers: said where it does nothing.
+  assert "--capacity_factor=0.5 is without effect" in capacity["stderr"]
+  assert dropping["rc"] == 0 and "without effect" not in dropping["stderr"]
   assert fits["rc"] == 0 and "fits." in fits["stdout"]
   holdings = [line for line in fits["stdout"].splitlines() if line.startswith("| 63 |")]
   assert holdings == ["| 63 | 3, 15, 0 | 3 | 15 | 0-32767 | 0-15 | 30720-32767 | 960-1023 |"]

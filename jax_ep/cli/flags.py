@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 
 from absl import app, flags
 
@@ -17,7 +18,8 @@ from jax_ep.perf import hardware
 
 # --- the model, the deployment and the run (generate, bench, plan) ------------------------
 CONFIG = flags.DEFINE_string("config", "tiny", "Model preset, a file in configs/: "
-                             f"{', '.join(model_names())}.")
+                             f"{', '.join(model_names())} (bench, when not given: seed on "
+                             "GPU, tiny on CPU).")
 DEPLOYMENT = flags.DEFINE_string(
     "deployment", "proposed",
     "single, baseline or proposed (the preset for the device count), or a preset from "
@@ -81,12 +83,16 @@ SEED = flags.DEFINE_integer("seed", 0, "Seed for weights, prompts and sampling."
 BATCH = flags.DEFINE_integer(
     "batch", None, "Sequences decoded together (default: generate and plan 8, rounded up to "
     "a batch the deployment splits; bench 1024, the seed's tokens per forward pass; train 32).")
-PROMPT_LEN = flags.DEFINE_integer("prompt_len", 16, "Tokens in each (random) prompt.")
-NEW = flags.DEFINE_integer("max_new_tokens", 16, "Tokens generated per sequence.")
+PROMPT_LEN = flags.DEFINE_integer("prompt_len", 16, "Tokens in each (random) prompt (bench, when "
+                                  "not given: 32 on GPU, 8 on CPU).")
+NEW = flags.DEFINE_integer("max_new_tokens", 16, "Tokens generated per sequence (bench: sets "
+                           "the timed steps instead of --steps, after the fill, --warmup and "
+                           "--synced steps).")
 TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy; > 0 samples.")
 OUTPUT = flags.DEFINE_string("output", None,
-                             "JSON file for the generated tokens ([batch][new tokens]) and "
-                             "metrics; written only when the run succeeds.")
+                             "generate: JSON file for the generated tokens ([batch][new "
+                             "tokens]) and metrics; bench: the results JSON (the table beside "
+                             "it); written only when the run succeeds.")
 PROFILE = flags.DEFINE_string("profile_dir", None,
                               "Write a jax.profiler trace of the decode steps here.")
 OVERLAP = flags.DEFINE_bool("xla_overlap", True,
@@ -144,9 +150,10 @@ CHECKPOINT = flags.DEFINE_string(
     "config is used (--config, if given, must name the same model).")
 WORKDIR = flags.DEFINE_string("workdir", None, "train: checkpoints go here, and a run found "
                               "here is resumed; import-hf: the checkpoint to write.")
-STEPS = flags.DEFINE_integer("steps", 200, "train: optimizer steps in all (a resumed run "
-                             "continues to this many); bench: decode steps timed back to "
-                             "back, TPOT is their mean (default 20 on GPU, 4 on CPU).")
+STEPS = flags.DEFINE_integer("steps", 200, "train: optimizer steps in all (the learning-rate "
+                             "schedule spans them: resuming a run in --workdir takes the "
+                             "--steps it started with); bench: decode steps timed back to "
+                             "back, TPOT is their mean (not given: 20 on GPU, 4 on CPU).")
 SAVE_EVERY = flags.DEFINE_integer("save_every", 50, "train: checkpoint every N steps (and at "
                                   "the end); 0: only at the end.")
 LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-2, "train: AdamW's peak learning rate "
@@ -192,7 +199,8 @@ PLOT = flags.DEFINE_string("plot", None, "predict: write the EP scaling curve (1
 # with these, so they name what the user typed (--expert_axis, not DeploymentConfig.expert).
 FLAG_OF_FIELD = {"stages": "stages", "expert": "expert_axis", "tp": "tp",
                  "placement": "placement", "microbatches": "microbatches",
-                 "decode_groups": "decode_groups", "prefill_chunk": "prefill_chunk",
+                 "decode_groups": "decode_groups", "tokens_per_call": "tokens_per_call",
+                 "prefill_chunk": "prefill_chunk", "prompt_len": "prompt_len",
                  "kernels": "kernels", "expert_blocks": "expert_blocks",
                  "capacity_factor": "capacity_factor",
                  "dropless": "dropless", "batch": "batch", "max_new_tokens": "max_new_tokens",
@@ -200,13 +208,18 @@ FLAG_OF_FIELD = {"stages": "stages", "expert": "expert_axis", "tp": "tp",
 # Fields also rewritten where a message names them bare ("batch=6 is not divisible");
 # placement= and microbatches= also appear in DeploymentConfig.describe(), kept as is.
 _BARE_FIELDS = ("stages", "tp", "decode_groups", "prefill_chunk", "capacity_factor", "batch",
-                "max_new_tokens", "temperature")
+                "max_new_tokens", "temperature", "prompt_len")
 
 
-def flag_message(message: str) -> str:
-  """A library message with config fields written as the CLI flags that set them."""
+def flag_message(message: str, reads: frozenset[str] | None = None) -> str:
+  """A library message with config fields written as the CLI flags that set them; with
+  `reads` (the flags of the command that failed) only as those, the others left as
+  fields (bench sets its meshes by --kinds, not --stages)."""
   def sub(m):
-    return f"--{FLAG_OF_FIELD[m.group(2)]}="
+    flag = FLAG_OF_FIELD[m.group(2)]
+    if reads is not None and flag not in reads:
+      return f"{m.group(2)}="
+    return f"--{flag}="
 
   fields = "|".join(sorted(FLAG_OF_FIELD, key=len, reverse=True))
   message = re.sub(rf"(DeploymentConfig\.)({fields})=", sub, message)
@@ -231,7 +244,11 @@ def deployment_for(num_devices: int):
                "kernels": KERNELS.value, "expert_blocks": EXPERT_BLOCKS.value,
                "capacity_factor": CAPACITY.value,
                "dropless": DROPLESS.value}
-  return dataclasses.replace(dep, **{k: v for k, v in overrides.items() if v is not None})
+  dep = dataclasses.replace(dep, **{k: v for k, v in overrides.items() if v is not None})
+  if CAPACITY.value is not None and dep.dropless:
+    print(f"jax-ep: --capacity_factor={CAPACITY.value} is without effect: dropless buffers (the "
+          "default) hold every pick; --nodropless sizes them by it.", file=sys.stderr, flush=True)
+  return dep
 
 
 def batch_for(dep) -> int:

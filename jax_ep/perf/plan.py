@@ -136,7 +136,7 @@ def plan(cfg: ModelConfig, spec: BenchSpec, num_devices: int, log) -> tuple[list
       elif base.startswith("mesh:"):
         name, dep = base, parse_mesh(base)
       else:
-        name, dep = base, deployments.resolve(base, num_devices)
+        name, dep = base, _resolve(base, num_devices, "--kinds")
       if groups is not None:
         dep = dataclasses.replace(dep, decode_groups=groups)
       dep = dataclasses.replace(dep, tokens_per_call=spec.tokens_per_call,
@@ -159,11 +159,12 @@ def plan(cfg: ModelConfig, spec: BenchSpec, num_devices: int, log) -> tuple[list
       plans.append(Plan(kind, label, model_cfg, dep, batch, name, note, model_name=model_name))
     except ConfigError as e:
       skipped.append({"name": kind, "reason": str(e)})
-      log(f"skip {kind}: {e}")
+      if spec.skip_unfit:  # else the error names them all
+        log(f"skip {kind}: {e}")
   if spec.share:
     name = SEED_PRESET.get(spec.share, spec.share)
     try:
-      full = deployments.resolve(name, num_devices)
+      full = _resolve(name, num_devices, "--share")
       # One group on one device of `full` (the ring's micro-step on one device).
       share_cfg, rows = share_config(cfg, dataclasses.replace(full, decode_groups=1,
                                                               microbatches=1),
@@ -178,7 +179,8 @@ def plan(cfg: ModelConfig, spec: BenchSpec, num_devices: int, log) -> tuple[list
                         "sequences", share_of=full, model_name=spec.config))
     except ConfigError as e:
       skipped.append({"name": f"share:{name}", "reason": str(e)})
-      log(f"skip share {name}: {e}")
+      if spec.skip_unfit:
+        log(f"skip share {name}: {e}")
   return plans, skipped
 
 
@@ -222,6 +224,15 @@ def footprint(p: Plan, spec: BenchSpec, platform: str):
                           spec.prompt_len + new_tokens(spec) - 1, platform)
 
 
+def _resolve(name: str, num_devices: int, flag: str) -> DeploymentConfig:
+  """deployments.resolve, with an unknown name refused as the bench flag that gave it."""
+  if name not in deployments.PRESETS and name not in ("baseline", "proposed"):
+    kinds = "single, baseline, proposed, mesh:SxExT[/G]" if flag == "--kinds" else "proposed"
+    raise ConfigError(f"{flag}: {name!r} is not a kind or preset; use {kinds} or one of "
+                      f"{sorted(deployments.PRESETS)}.")
+  return deployments.resolve(name, num_devices)
+
+
 def fit_memory(plans: list[Plan], skipped: list, spec: BenchSpec, devices, log):
   """Drops (into `skipped`) the plans that overflow a device on their own; the kept plans
   and their footprints."""
@@ -235,7 +246,8 @@ def fit_memory(plans: list[Plan], skipped: list, spec: BenchSpec, devices, log):
       memory_budget.check(fp, budget, platform=devices[0].platform, what=f"bench {p.name}")
     except ConfigError as e:
       skipped.append({"name": p.name, "reason": str(e)})
-      log(f"skip {p.name}: {e}")
+      if spec.skip_unfit:
+        log(f"skip {p.name}: {e}")
       continue
     kept.append(p)
     footprints[p.name] = fp
