@@ -6,8 +6,9 @@
 # kernel: the grouped kernel's sweep; 1: one GPU (profile, the seed, seed_swiglu);
 # 2: several (seed slices with and without the ring, EP2);
 # ab: one GPU's step with the kernel's default blocks and with SPEC, alternating, twice:
-#   bash benchmarks/scripts/h200_x4.sh ab COMMIT SPEC [CONFIGS]  (--expert_blocks SPEC;
-#   CONFIGS comma-separated, default seed_swiglu; seed_swiglu at prompt 128, others 32).
+#   bash benchmarks/scripts/h200_x4.sh ab COMMIT SPEC [CONFIGS [ROUNDS]]  (--expert_blocks
+#   SPEC; CONFIGS comma-separated, default seed_swiglu; seed_swiglu at prompt 128, others
+#   32; ROUNDS of the pair per config, default 2).
 # Each part fits one 10-minute call. Writes $OUT/results.tgz and $OUT/summary.txt.
 set -u
 PART=${1:-1}
@@ -54,7 +55,7 @@ step swiglu_1gpu 220 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0
 elif [ "$PART" = ab ]; then
 for cfg in $(echo "${4:-seed_swiglu}" | tr , ' '); do
   prompt=32; [ "$cfg" = seed_swiglu ] && prompt=128
-  for i in 1 2; do
+  for i in $(seq 1 ${5:-2}); do
     for v in default changed; do
       blocks=""; [ $v = changed ] && blocks=$3
       step ${cfg}_${v}_$i 140 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
