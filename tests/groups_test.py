@@ -81,8 +81,8 @@ def test_default_blocks_fit_hopper_shared_memory():
   assert groups.DEFAULT_BLOCKS.smem_bytes() <= 227 * 1024
   assert groups.SWIGLU_UP_BLOCKS.smem_bytes(weights=2) <= 227 * 1024
   for b in (groups.DEFAULT_BLOCKS, groups.SWIGLU_UP_BLOCKS):
-    lm = b.last_m
-    assert lm == 0 or (16 <= lm < b.block_m and lm & (lm - 1) == 0)
+    for small in (b.last_m, b.tail_m):
+      assert small == 0 or (16 <= small < b.block_m and small & (small - 1) == 0)
 
 
 def test_parse_blocks_per_product_and_both():

@@ -51,8 +51,11 @@ class Blocks:
 # benchmarks/results/h200x1_cluster_d5878c8/, NOTES section 8). Its nearly empty last
 # row tiles run a 64-row MMA (last_m: 6% less on rows near 128 an expert, 1.3 ms less a
 # seed_swiglu step); on the other products that measured slower (results/h200x1_lastm_61d74fe/).
-DEFAULT_BLOCKS = Blocks()
-SWIGLU_UP_BLOCKS = Blocks(block_n=128, block_k=32, num_stages=6, last_m=64)
+# Every product folds a group's last <= 32 rows after a full tile into that tile (tail_m:
+# the seed step 31.0-31.1 -> 30.5-30.6 ms, seed_swiglu's 48.0 -> 46.2-46.3, A/B in one
+# call; results/h200x1_tails_8dff91f/, NOTES section 10).
+DEFAULT_BLOCKS = Blocks(tail_m=32)
+SWIGLU_UP_BLOCKS = Blocks(block_n=128, block_k=32, num_stages=6, last_m=64, tail_m=32)
 
 
 PRODUCTS = ("up", "down")  # an expert MLP's two grouped products
