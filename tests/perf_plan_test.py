@@ -42,6 +42,19 @@ def test_one_device_has_no_scaled_baseline():
     plan._preset_for("baseline", 1)
 
 
+def test_names_with_groups_and_unknown_names():
+  seed = load_model("seed")
+  spec = plan.BenchSpec(config="seed", kinds=("single", "seed_proposed/1"),
+                        share="seed_proposed/1")
+  plans, skipped = plan.plan(seed, spec, 64, lambda m: None)
+  assert not skipped and [p.name for p in plans] == ["single", "seed_proposed/1",
+                                                      "share:seed_proposed/1"]
+  assert plans[1].dep.groups == 1 and plans[2].share_of.groups == 1
+  bad = dataclasses.replace(spec, kinds=("bogus/2",), share="nope")
+  _, skipped = plan.plan(seed, bad, 64, lambda m: None)
+  assert [s["reason"].split(":")[0] for s in skipped] == ["--kinds", "--share"]
+
+
 def test_expert_blocks_reach_every_planned_deployment():
   spec = plan.BenchSpec(config="seed_swiglu", kinds=("single", "mesh:1x2x1"), share="proposed",
                         expert_blocks="up.tail_m=16")

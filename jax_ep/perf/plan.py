@@ -226,7 +226,8 @@ def footprint(p: Plan, spec: BenchSpec, platform: str):
 
 def _resolve(name: str, num_devices: int, flag: str) -> DeploymentConfig:
   """deployments.resolve, with an unknown name refused as the bench flag that gave it."""
-  if name not in deployments.PRESETS and name not in ("baseline", "proposed"):
+  base = deployments.with_groups(name)[0]  # "preset/G" too
+  if base not in deployments.PRESETS and base not in ("baseline", "proposed"):
     kinds = "single, baseline, proposed, mesh:SxExT[/G]" if flag == "--kinds" else "proposed"
     raise ConfigError(f"{flag}: {name!r} is not a kind or preset; use {kinds} or one of "
                       f"{sorted(deployments.PRESETS)}.")
