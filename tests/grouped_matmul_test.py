@@ -183,7 +183,7 @@ def test_mlp_blocks_take_the_defaults_and_the_changes():
   assert gm.mlp_blocks(8192, 32768)[0] == gm.DEFAULT_BLOCKS
   up, down = gm.mlp_blocks(8192, 32768, swiglu=True, spec="up.tail_m=16,num_stages=3")
   assert (up.tail_m, up.last_m, up.block_n, up.num_stages) == (16, 64, 128, 3)
-  assert (down.tail_m, down.num_stages, down.block_n) == (32, 3, 256)
+  assert (down.tail_m, down.num_stages, down.block_n) == (64, 3, 256)
   up, down = gm.mlp_blocks(64, 48, spec="block_n=256")  # narrowed to the shapes after
   assert (up.block_n, down.block_n, down.block_k) == (16, 64, 16)
   with pytest.raises(ValueError, match=re.escape("the down product's tail_m=128 must be")):

@@ -51,11 +51,12 @@ class Blocks:
 # benchmarks/results/h200x1_cluster_d5878c8/, NOTES section 8). Its nearly empty last
 # row tiles run a 64-row MMA (last_m: 6% less on rows near 128 an expert, 1.3 ms less a
 # seed_swiglu step); on the other products that measured slower (results/h200x1_lastm_61d74fe/).
-# Every product folds a group's last <= 32 rows after a full tile into that tile (tail_m:
-# the seed step 31.0-31.1 -> 30.5-30.6 ms, seed_swiglu's 48.0 -> 46.2-46.3, A/B in one
-# call; results/h200x1_tails_8dff91f/, NOTES section 10).
-DEFAULT_BLOCKS = Blocks(tail_m=32)
-SWIGLU_UP_BLOCKS = Blocks(block_n=128, block_k=32, num_stages=6, last_m=64, tail_m=32)
+# Every product folds a group's last <= 64 rows after a full tile into that tile (tail_m;
+# A/B of the step, alternating in one call: tails of 32 took the seed step from 29.9-30.0
+# to 29.3-29.5 ms and seed_swiglu's from 45.7-45.9 to 44.0-44.3; tails of 64 then to
+# 28.5-28.6 and 43.0-43.1; results/h200x1_tails_8dff91f/, NOTES section 10).
+DEFAULT_BLOCKS = Blocks(tail_m=64)
+SWIGLU_UP_BLOCKS = Blocks(block_n=128, block_k=32, num_stages=6, last_m=64, tail_m=64)
 
 
 PRODUCTS = ("up", "down")  # an expert MLP's two grouped products
