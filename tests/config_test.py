@@ -114,7 +114,10 @@ def test_expert_blocks_are_checked_at_construction_and_against_the_model():
   dep = DeploymentConfig(expert_blocks="block_m=16,up.tail_m=16")  # parses; cannot tile
   with _raises("the up product's tail_m=16 must be 0 or a power of two below block_m=16"):
     dep.check_model(TINY)
-  DeploymentConfig(expert_blocks="block_m=32,up.tail_m=16").check_model(TINY)
+  DeploymentConfig(expert_blocks="block_m=32,tail_m=16").check_model(TINY)
+  with _raises("the down product's tail_m=64 (its default) must be 0 or a power of two below "
+               "block_m=32"):  # a default that no longer fits is named as one
+    DeploymentConfig(expert_blocks="block_m=32,up.tail_m=16").check_model(TINY)
 
 
 @pytest.mark.parametrize("value", [0.0, -1.0, float("inf"), float("nan"), "2"])

@@ -88,7 +88,7 @@ def test_expert_blocks_reach_the_kernel_and_keep_the_function(monkeypatch, mlp_k
   monkeypatch.setattr(grouped_matmul, "_pallas",
                       lambda *a, **k: seen.append(a[6]) or pallas(*a, **k))
   x, router, up, down, gate = _weights(mlp_kind, zero_router=True)
-  spec = "block_m=16,block_n=16,block_k=16,up.tail_m=8,up.last_m=0,down.last_m=8"
+  spec = "block_m=16,block_n=16,block_k=16,up.tail_m=8,up.last_m=0,down.tail_m=0,down.last_m=8"
   y, _ = _moe_one_device(ep.Parallel(kernels="interpret", expert_blocks=spec))(
       x, router, up, down, gate)
   assert_allclose(y, _reference(x, router, up, down, gate), rtol=1e-5, atol=1e-5)

@@ -188,8 +188,8 @@ def test_mlp_blocks_take_the_defaults_and_the_changes():
   assert (up.block_n, down.block_n, down.block_k) == (16, 64, 16)
   with pytest.raises(ValueError, match=re.escape("the down product's tail_m=128 must be")):
     gm.mlp_blocks(8192, 32768, spec="down.tail_m=128")
-  with pytest.raises(ValueError, match=re.escape("the up product's last_m=64 must be 0 or a "
-                                                 "power of two below block_m=64")):
-    gm.mlp_blocks(8192, 32768, swiglu=True, spec="block_m=64")  # SwiGLU up's last_m 64
+  with pytest.raises(ValueError, match=re.escape("the up product's last_m=64 (its default) "
+                                                 "must be 0 or a power of two below block_m")):
+    gm.mlp_blocks(8192, 32768, swiglu=True, spec="block_m=64,tail_m=0")  # SwiGLU up's last_m
   assert gm.mlp_supports(8192, 32768, swiglu=True, spec="up.tail_m=32") is None
   assert "multiples of block_k" in gm.mlp_supports(60, 128, spec="up.tail_m=32")

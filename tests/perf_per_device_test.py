@@ -21,9 +21,11 @@ def test_layout_single_tiny():
 def test_expert_rows_follow_the_kernel_tiles():
   lay = per_device.layout(SEED, deployments.SINGLE, 1024)
   assert per_device.expert_rows(SEED, lay) == (2048, 2048)  # 128 rows per expert: one 128-row tile
-  # The busiest expert gets 1.5 x 128 = 192 rows (two tiles), the other 15 share the rest
-  # (124 each, one tile): the same 2048 real rows.
+  # The busiest expert gets 1.5 x 128 = 192 rows (a tile and a 64-row tail in it), the
+  # other 15 share the rest (124 each, one tile): the same 2048 real rows.
   real, kernel = per_device.expert_rows(SEED, lay, imbalance=1.5)
+  assert (real, kernel) == (2048, 128 + 64 + 15 * 128)
+  real, kernel = per_device.expert_rows(SEED, lay, imbalance=2.0)  # 256: two full tiles
   assert (real, kernel) == (2048, 256 + 15 * 128)
   lay = per_device.layout(TINY, deployments.SINGLE, 8)
   assert per_device.expert_rows(TINY, lay) == (16, 16 * 128)  # 1 row each, still a whole tile

@@ -99,17 +99,19 @@ def with_blocks(blocks: Blocks, changes: dict[str, int]) -> Blocks:
     v = getattr(b, name)
     if v < 16 or v & (v - 1):
       raise ValueError(f"{name}={v} must be a power of two, at least 16")
-  if why := small_tiles_error(b):
+  if why := small_tiles_error(b, defaults=[n for n in ("last_m", "tail_m") if n not in changes]):
     raise ValueError(why)
   return b
 
 
-def small_tiles_error(blocks: Blocks) -> str | None:
-  """Why last_m or tail_m cannot be a tile's smaller height, or None."""
+def small_tiles_error(blocks: Blocks, defaults=()) -> str | None:
+  """Why last_m or tail_m cannot be a tile's smaller height, or None; `defaults` names
+  fields the user did not set (the message says so)."""
   for name in ("last_m", "tail_m"):
     v = getattr(blocks, name)
     if v and (v & (v - 1) or v >= blocks.block_m):
-      return (f"{name}={v} must be 0 or a power of two below block_m={blocks.block_m} "
+      given = " (its default)" if name in defaults else ""
+      return (f"{name}={v}{given} must be 0 or a power of two below block_m={blocks.block_m} "
               "(a tile's height)")
   return None
 
