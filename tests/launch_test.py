@@ -108,3 +108,15 @@ def test_dry_run_prints_which_process_holds_what():
   assert [(r[0], r[2]) for r in rows] == [(str(s // 2), str(s)) for s in range(4) for _ in "ab"]
   assert "8 devices on 2 process(es)" in log and "compiling" not in log
   assert not [line for line in log.splitlines() if line.startswith("[1] ") and "stage" in line]
+
+
+def test_a_bench_over_two_processes_runs_what_spans_them(tmp_path):
+  code, log, _ = _wait(_launch(2, 4, [
+      "bench", "--kinds=single,proposed", "--skip_unfit", "--steps=1", "--synced=1",
+      "--warmup=0", "--batch=16", "--prompt_len=4", "--probe_mib=1",
+      f"--out_dir={tmp_path}"]))
+  assert code == 0, log[-3000:]
+  assert "[0] skip single: single uses 1 device(s), of 1 of the 2 processes" in log
+  assert "[0]   proposed: TPOT" in log and "[1]   proposed: TPOT" in log
+  runs = json.loads((tmp_path / "seed_table.json").read_text())["runs"]
+  assert [r["name"] for r in runs] == ["proposed"]

@@ -66,3 +66,21 @@ def test_expert_blocks_reach_every_planned_deployment():
   assert [s["name"] for s in skipped] == ["single", "mesh:1x2x1"]
   assert all("tail_m=16 must be 0 or a power of two below block_m=16" in s["reason"]
              for s in skipped)
+
+
+class _Device:
+  def __init__(self, process_index):
+    self.process_index = process_index
+
+
+def test_a_bench_over_processes_runs_only_what_spans_them():
+  spec = plan.BenchSpec(config="tiny", kinds=("single", "mesh:1x2x1", "mesh:1x8x1"),
+                        share="proposed")
+  plans, skipped = plan.plan(load_model("tiny"), spec, 8, lambda m: None)
+  two = [_Device(i // 4) for i in range(8)]  # 2 processes x 4 devices
+  kept = plan.span_processes(plans, skipped, two, lambda m: None, False)
+  assert [p.name for p in kept] == ["mesh:1x8x1"]
+  assert [s["name"] for s in skipped] == ["single", "mesh:1x2x1", "share:seed_proposed"]
+  assert "of 1 of the 2 processes" in skipped[0]["reason"]
+  one = [_Device(0)] * 8
+  assert len(plan.span_processes(plans, [], one, lambda m: None, False)) == 4

@@ -224,6 +224,25 @@ def footprint(p: Plan, spec: BenchSpec, platform: str):
                           spec.prompt_len + new_tokens(spec) - 1, platform)
 
 
+def span_processes(plans: list[Plan], skipped: list, devices, log, skip_unfit: bool) -> list[Plan]:
+  """With several processes every jit runs on all of them: the plans whose mesh does not
+  reach a device of every process (the first N devices; a share's one) move to `skipped`."""
+  processes = {d.process_index for d in devices}
+  kept = []
+  for p in plans:
+    used = {d.process_index for d in devices[:p.dep.num_devices]}
+    if used == processes:
+      kept.append(p)
+      continue
+    reason = (f"{p.name} uses {p.dep.num_devices} device(s), of {len(used)} of the "
+              f"{len(processes)} processes; a bench over several processes runs only "
+              "deployments that span them all: run it in one process")
+    skipped.append({"name": p.name, "reason": reason})
+    if skip_unfit:
+      log(f"skip {p.name}: {reason}")
+  return kept
+
+
 def _resolve(name: str, num_devices: int, flag: str) -> DeploymentConfig:
   """deployments.resolve, with an unknown name refused as the bench flag that gave it."""
   base = deployments.with_groups(name)[0]  # "preset/G" too

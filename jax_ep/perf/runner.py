@@ -39,6 +39,7 @@ from jax_ep.perf.plan import (
   plan,
   platform_defaults,
   slice_share,
+  span_processes,
 )
 from jax_ep.perf.probes import measure_hardware
 from jax_ep.perf.report import calibration_summary
@@ -145,6 +146,7 @@ def run(spec: BenchSpec = BenchSpec(), log: Callable[[str], None] = print) -> di
       f"{spec.tokens_per_call} token(s)"
       + (f"; expert blocks changed: {spec.expert_blocks}" if spec.expert_blocks else ""))
   plans, skipped = plan(cfg, spec, n, log)
+  plans = span_processes(plans, skipped, devices, log, spec.skip_unfit)
   footprints = {}
   if spec.check_memory:
     plans, footprints = fit_memory(plans, skipped, spec, devices, log)
