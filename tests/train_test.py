@@ -185,7 +185,10 @@ def test_train_refuses_a_model_its_device_cannot_hold_before_allocating():
   msg = str(e.value)
   assert "training --config=seed needs at least" in msg and "80.00 GiB usable" in msg
   assert "--config=tiny_task" in msg and "--nocheck_memory" in msg
+  assert "smaller --batch" not in msg  # its weights alone do not fit
   check_memory("tiny_task", CFG, TC, _GPU(80))  # fits: no error
+  with pytest.raises(ConfigError, match="or a smaller --batch"):  # the logits alone do not
+    check_memory("tiny_task", CFG, dataclasses.replace(TC, batch=2**24), _GPU(1))
 
 
 def test_logged_rate_leaves_out_checkpoint_saves(tmp_path, monkeypatch):

@@ -18,12 +18,13 @@ def check_memory(name: str, cfg, tc, device) -> None:
     return
   gib = memory_budget.GiB
   terms = ", ".join(f"{k} {v / gib:.2f}" for k, v in parts.items())
+  # A smaller batch shrinks only the logits: suggested where that would fit.
+  batch = " or a smaller --batch" if need - parts["logits"] <= budget.bytes else ""
   raise ConfigError(
       f"training --config={name} needs at least {need / gib:.2f} GiB on one device ({terms} "
       f"GiB), {budget.bytes / gib:.2f} GiB usable ({budget.source}). Training runs on one "
-      "device: train a small model (--config=tiny_task, tiny) or a smaller --batch, and "
-      "serve a large one from weights with generate --checkpoint. (--nocheck_memory runs "
-      "it anyway.)")
+      f"device: train a small model (--config=tiny_task, tiny){batch}, and serve a large "
+      "one from weights with generate --checkpoint. (--nocheck_memory runs it anyway.)")
 
 
 def run():
