@@ -50,23 +50,22 @@ KERNEL_SETS = {
     "tiles": {"m128_n256_s4": "", "m128_n256_s3": "num_stages=3",
               "m256_n128_s3": "block_m=256,block_n=128,num_stages=3",
               "m256_n128_s4": "block_m=256,block_n=128,num_stages=4",
-              "m64_n256_s4_w4": "block_m=64,num_warps=4"},
+              "m64_n256_s4_w4": "block_m=64,num_warps=4,tail_m=32"},
     # The K step and the pipeline depth (the skewed case is MMA-bound: NOTES section 6).
     "k": {"m128_n256_k64_s4": "", "k32_s6": "block_k=32,num_stages=6",
           "k32_s8": "block_k=32,num_stages=8", "k128_s2": "block_k=128,num_stages=2"},
-    # A group's last few rows in the tile before (tail_m: one program fewer) or a
-    # smaller last tile (last_m: the same programs, less MMA; it slowed the down product,
-    # NOTES 9); tails in the down product too, and up to 64 rows.
-    "tails": {"default": "", "up_tail16": "up.tail_m=16", "up_tail32": "up.tail_m=32",
-              "up_tail64": "up.tail_m=64", "tail32": "tail_m=32", "up_last64": "up.last_m=64",
-              "up_tail32_last64": "up.tail_m=32,up.last_m=64"},
+    # A group's last few rows in the tile before (tail_m: one program fewer; 64 by
+    # default, NOTES 10) or a smaller last tile (last_m: the same programs, less MMA;
+    # it slowed the down product, NOTES 9).
+    "tails": {"default": "", "tail0": "tail_m=0", "tail32": "tail_m=32",
+              "up_tail0": "up.tail_m=0", "down_tail0": "down.tail_m=0",
+              "up_last64": "up.last_m=64"},
 }
 KERNEL_VARIANTS = KERNEL_SETS["tiles"]
 # SwiGLU's fused up product: its changes to SWIGLU_UP_BLOCKS (NOTES 8-9); the down
 # product at its default.
-SWIGLU_UP_VARIANTS = {"default": "", "last_m0": "up.last_m=0",
-                      "tail16_last64": "up.tail_m=16", "tail32_last64": "up.tail_m=32",
-                      "tail16_last0": "up.tail_m=16,up.last_m=0"}
+SWIGLU_UP_VARIANTS = {"default": "", "last_m0": "up.last_m=0", "tail0": "up.tail_m=0",
+                      "tail32": "up.tail_m=32", "tail0_last_m0": "up.tail_m=0,up.last_m=0"}
 SKEWED = [265, 231, 204, 178, 161, 147, 139, 128, 117, 106, 98, 85, 72, 51, 36, 30]
 # 2048 rows over 16 experts (batch 1024, top-2); --cpu_check takes the tiny ones.
 ROW_SETS = {

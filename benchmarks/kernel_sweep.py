@@ -132,10 +132,10 @@ def main():
   # jax_ep's kernel: each product alone over a sweep, then the MLP with the best of each.
   gs = jnp.asarray(SKEWED, jnp.int32)
   if args.grid == "wide":  # the first sweep (results/h200_kernel/sweep_wide.log)
-    grid = [gm.Blocks(*c)
+    grid = [gm.Blocks(*c, tail_m=c[0] // 2)  # tails up to half a tile (NOTES 10)
             for c in itertools.product((64, 128), (64, 128, 256), (64,), (4, 8), (3, 4))]
   else:  # around the best of the wide sweep
-    grid = [gm.Blocks(128, bn, bk, 8, ns)
+    grid = [gm.Blocks(128, bn, bk, 8, ns, tail_m=64)
             for bn, bk, ns in itertools.product((128, 256), (64, 128), (3, 4))]
   if args.quick:
     grid = grid[:4]
