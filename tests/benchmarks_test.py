@@ -1,5 +1,5 @@
 """The GPU benchmark scripts' logic on the CPU: every kernel variant benchmarks/decode_parts.py
-names is a valid --expert_blocks spec for the seed's shapes, and its parts run end to end
+names is a valid --expert_blocks spec for the seed's shapes, and a part runs end to end
 through the Pallas interpreter (--cpu_check: tiny shapes)."""
 
 import json
@@ -26,17 +26,15 @@ def test_every_variant_tiles_the_seed(swiglu, variants):
       assert (up, down) != gm.mlp_blocks(decode_parts.D, decode_parts.F, swiglu), name
 
 
-def test_kernel_parts_run_through_the_interpreter(tmp_path):
+def test_the_swiglu_part_runs_through_the_interpreter(tmp_path):
   out = tmp_path / "parts.json"
   env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_backend_optimization_level=0"}
   proc = subprocess.run(
-      [sys.executable, "benchmarks/decode_parts.py", "--cpu_check", "--parts=kernel,swiglu",
-       "--kernel_set=tails", "--row_sets=seed_layer3", f"--out={out}"],
+      # The swiglu part (the kernel part is the same code with GELU's blocks).
+      [sys.executable, "benchmarks/decode_parts.py", "--cpu_check", "--parts=swiglu",
+       "--row_sets=seed_layer3", f"--out={out}"],
       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  parts = json.loads(out.read_text())
-  for part, variants in (("kernel", decode_parts.KERNEL_SETS["tails"]),
-                         ("swiglu", decode_parts.SWIGLU_UP_VARIANTS)):
-    got = parts[part]["seed_layer3"]
-    assert sorted(got) == sorted(variants), part
-    assert all(v["max_abs_diff_vs_first"] < 1e-2 for v in got.values()), got
+  got = json.loads(out.read_text())["swiglu"]["seed_layer3"]
+  assert sorted(got) == sorted(decode_parts.SWIGLU_UP_VARIANTS)
+  assert all(v["max_abs_diff_vs_first"] < 1e-2 for v in got.values()), got
