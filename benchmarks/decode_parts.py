@@ -11,7 +11,7 @@ Parts (the seed's shapes: batch 1024, top-2, D 8192, 16 GELU experts of 32768):
   kernel:  the grouped expert MLP on each --row_sets row set, per tile shape and kernel
     (kernels/grouped_matmul.py Blocks; --kernel_set);
   swiglu:  the SwiGLU expert MLP (seed_swiglu's) on the same row sets, per variant of its
-    fused up product's blocks (SWIGLU_UP_VARIANTS; the down product at its default);
+    fused up product's blocks (--swiglu_set; the down product at its default);
   mgpu:    jax's Mosaic GPU grouped matmul (ragged_dot_mgpu) on the skewed rows, as they
     are and padded per group to its row blocks, beside jax_ep's kernel (GPU only);
   calls:   the seed model on one device, and one GPU's share of seed_proposed, with
@@ -60,12 +60,22 @@ KERNEL_SETS = {
     "tails": {"default": "", "tail0": "tail_m=0", "tail32": "tail_m=32",
               "up_tail0": "up.tail_m=0", "down_tail0": "down.tail_m=0",
               "up_last64": "up.last_m=64"},
+    # Groups interleaved column tile by column tile in bundles (Blocks.bundle), so a
+    # large group's L2-hit row tiles share the GPU with others' first reads (NOTES 11).
+    "bundle": {"default": "", "up_b2": "up.bundle=2", "up_b4": "up.bundle=4",
+               "up_b16": "up.bundle=16", "b4": "bundle=4", "down_b2": "down.bundle=2",
+               "default_again": ""},
 }
 KERNEL_VARIANTS = KERNEL_SETS["tiles"]
 # SwiGLU's fused up product: its changes to SWIGLU_UP_BLOCKS (NOTES 8-9); the down
 # product at its default.
-SWIGLU_UP_VARIANTS = {"default": "", "last_m0": "up.last_m=0", "tail0": "up.tail_m=0",
-                      "tail32": "up.tail_m=32", "tail0_last_m0": "up.tail_m=0,up.last_m=0"}
+SWIGLU_SETS = {
+    "tails": {"default": "", "last_m0": "up.last_m=0", "tail0": "up.tail_m=0",
+              "tail32": "up.tail_m=32", "tail0_last_m0": "up.tail_m=0,up.last_m=0"},
+    "bundle": {"default": "", "up_b4": "up.bundle=4", "b4": "bundle=4",
+               "default_again": ""},
+}
+SWIGLU_UP_VARIANTS = SWIGLU_SETS["tails"]
 SKEWED = [265, 231, 204, 178, 161, 147, 139, 128, 117, 106, 98, 85, 72, 51, 36, 30]
 # 2048 rows over 16 experts (batch 1024, top-2); --cpu_check takes the tiny ones.
 ROW_SETS = {
@@ -277,17 +287,19 @@ def part_calls(hw, per_call, log):
 
 
 def main():
-  global KERNEL_VARIANTS, ROWS
+  global KERNEL_VARIANTS, SWIGLU_UP_VARIANTS, ROWS
   ap = argparse.ArgumentParser()
   ap.add_argument("--parts", default="combine,cache,kernel,calls")
   ap.add_argument("--tokens_per_call", default="1,4")
   ap.add_argument("--out", default="decode_parts.json")
   ap.add_argument("--cpu_check", action="store_true", help="tiny shapes, interpreted kernels")
   ap.add_argument("--kernel_set", default="tiles", choices=sorted(KERNEL_SETS))
+  ap.add_argument("--swiglu_set", default="tails", choices=sorted(SWIGLU_SETS))
   ap.add_argument("--row_sets", default=",".join(ROWS),
                   help=f"row sets of the kernel and swiglu parts, from {sorted(ROW_SETS)}")
   args = ap.parse_args()
   KERNEL_VARIANTS = KERNEL_SETS[args.kernel_set]
+  SWIGLU_UP_VARIANTS = SWIGLU_SETS[args.swiglu_set]
   ROWS = tuple(args.row_sets.split(","))
   if bad := [r for r in ROWS if r not in ROW_SETS]:
     ap.error(f"--row_sets: unknown {bad}; choose from {sorted(ROW_SETS)}")

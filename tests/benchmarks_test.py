@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize("swiglu,variants", [
     *[(False, v) for v in decode_parts.KERNEL_SETS.values()],
-    (True, decode_parts.SWIGLU_UP_VARIANTS)])
+    *[(True, v) for v in decode_parts.SWIGLU_SETS.values()]])
 def test_every_variant_tiles_the_seed(swiglu, variants):
   for name, spec in variants.items():
     up, down = gm.mlp_blocks(decode_parts.D, decode_parts.F, swiglu, spec)
