@@ -65,6 +65,10 @@ KERNEL_SETS = {
     "bundle": {"default": "", "up_b2": "up.bundle=2", "up_b4": "up.bundle=4",
                "up_b16": "up.bundle=16", "b4": "bundle=4", "down_b2": "down.bundle=2",
                "default_again": ""},
+    # More warps a program: the tile's MMA split over four warpgroups (NOTES 11).
+    "warps": {"default": "", "w16": "num_warps=16", "up_w16": "up.num_warps=16",
+              "m256_n128_w16": "block_m=256,block_n=128,num_warps=16",
+              "default_again": ""},
 }
 KERNEL_VARIANTS = KERNEL_SETS["tiles"]
 # SwiGLU's fused up product: its changes to SWIGLU_UP_BLOCKS (NOTES 8-9); the down
@@ -74,6 +78,8 @@ SWIGLU_SETS = {
               "tail32": "up.tail_m=32", "tail0_last_m0": "up.tail_m=0,up.last_m=0"},
     "bundle": {"default": "", "up_b4": "up.bundle=4", "b4": "bundle=4",
                "default_again": ""},
+    "warps": {"default": "", "up_w16": "up.num_warps=16", "w16": "num_warps=16",
+              "default_again": ""},
 }
 SWIGLU_UP_VARIANTS = SWIGLU_SETS["tails"]
 SKEWED = [265, 231, 204, 178, 161, 147, 139, 128, 117, 106, 98, 85, 72, 51, 36, 30]
