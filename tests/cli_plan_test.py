@@ -13,8 +13,10 @@ def test_plan_refuses_what_does_not_fit_and_prints_the_holdings():
        "--batch=1024", "--prompt_len=32", "--max_new_tokens=32"],
       ["plan", "--capacity_factor=0.5"], ["plan", "--capacity_factor=0.5", "--nodropless"],
   ])
-  # The seed on one 80 GB H100: refused, and the smallest deployment that fits is named.
-  assert refused["rc"] == 0 and "DOES NOT FIT" in refused["stdout"]
+  # The seed on one 80 GB H100: refused (exit 1, after the whole plan), and the smallest
+  # deployment that fits is named.
+  assert refused["rc"] == 1 and "DOES NOT FIT" in refused["stdout"]
+  assert "Which device holds what" in refused["stdout"]
   assert "--deployment=proposed_2 (2 devices" in refused["stdout"]
   assert "| weights: experts | 64.000 |" in refused["stdout"]
   assert "(--nocheck_memory" not in refused["stdout"]  # plan runs nothing: no advice to

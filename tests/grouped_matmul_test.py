@@ -104,30 +104,6 @@ def test_tails_in_the_tile_before_compute_the_same(gated, tail_m, last_m):
     assert_allclose(got[:sum(sizes)], want, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("bundle", [2, 3, 4])
-def test_bundled_program_order_computes_the_same(bundle):
-  # Groups interleaved column tile by column tile (Blocks.bundle), with tails and split-K.
-  x, up, down, gate = _weights(5)
-  blocks = gm.Blocks(block_m=16, block_n=32, block_k=32, tail_m=8, bundle=bundle)
-  for name, sizes in sorted(SIZES.items()):
-    gs = jnp.asarray(sizes, jnp.int32)
-    want = _dense(x, sizes, up, down, gate)[:sum(sizes)]
-    got = gm.grouped_mlp(x, gs, up, down, gate, impl="interpret", blocks=blocks)
-    assert_allclose(got[:sum(sizes)], want, rtol=1e-5, atol=1e-5, err_msg=name)
-    pad = jnp.pad(x, ((0, blocks.block_m), (0, 0)))
-    h = gm._pallas(pad, M, up, gs, None, "gelu", blocks, True, split_k=2)
-    y = gm._pallas(h, M, down, gs, None, "none", blocks, True, split_k=2)[:M]
-    want = _dense(x, sizes, up, down, None)[:sum(sizes)]
-    assert_allclose(y[:sum(sizes)], want, rtol=1e-5, atol=1e-5, err_msg=name)
-
-
-def test_a_bundle_of_no_groups_is_refused():
-  x, up, _, _ = _weights()
-  with pytest.raises(ValueError, match=re.escape("bundle=0 must be at least 1")):
-    gm.grouped_matmul(x, up, jnp.asarray(SIZES["random"], jnp.int32), impl="interpret",
-                      blocks=gm.Blocks(block_m=16, block_n=32, block_k=32, bundle=0))
-
-
 def test_tails_store_only_their_rows_and_save_a_program():
   # 17 = 16 + 1 rows: the tail path stores 1 of its 8 rows; the rows past the last group
   # stay unset (NaN in the interpreter) as without tails, not written by a tail.

@@ -48,29 +48,6 @@ def test_every_live_tile_has_exactly_one_program():
   assert [g for g, _, _ in seen[:6]] == [0] * 6  # group 0's six programs first
 
 
-@pytest.mark.parametrize("bundle", [1, 2, 3, 4, 8])
-@pytest.mark.parametrize("sizes", [[10, 0, 17, 5, 0, 0, 33], [0, 0, 9, 0, 0], [8] * 6,
-                                   [0, 0, 0, 0]])
-def test_bundles_cover_every_live_tile_once_column_by_column(bundle, sizes):
-  # Tiles of 8 rows, tails of 4, 3 column tiles. Within a bundle, column tile n's
-  # programs all come before n + 1's, and each group's row tiles stay adjacent.
-  table = groups.tile_table(jnp.array(sizes, jnp.int32), 8, tail_m=4, bundle=bundle)
-  ref, tiles = _Ref(table), np.asarray(table)[2, :len(sizes)]
-  live = int(np.asarray(table)[4, 0])
-  seen = []
-  for pid in range(3 * (live + 2)):
-    t = groups.locate(ref, jnp.int32(pid), 8, 3, bundle)
-    assert bool(t.live) == (pid < 3 * live)
-    if bool(t.live):
-      g, row0 = int(t.g), int(t.row0)
-      start = sum(sizes[:g])
-      assert start <= row0 < start + sizes[g] and int(t.rows_left) == start + sizes[g] - row0
-      seen.append((g // bundle, int(t.n), g, (row0 - start) // 8))
-  want = [(g // bundle, n, g, r) for g in range(len(sizes)) for r in range(tiles[g])
-          for n in range(3)]
-  assert seen == sorted(want)  # every tile once, in bundle, column, group, row order
-
-
 def test_cost_rows_follow_the_real_rows():
   b = groups.Blocks(block_m=128)
   assert groups.cost_rows([128] * 16, b) == 2048

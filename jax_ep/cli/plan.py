@@ -1,5 +1,6 @@
 """`jax-ep plan`: bytes per device of a deployment and which device holds what, planned
-against a device kind's memory without any GPU (jax_ep/memory.py)."""
+against a device kind's memory without any GPU (jax_ep/memory.py). Exits 1 when the
+deployment does not fit (after printing the whole plan), so scripts can test it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from jax_ep.cli import flags
 
 
 def run():
-  """`jax-ep plan`: the memory table and the device holdings, without a GPU."""
+  """`jax-ep plan`: the memory table and the device holdings, without a GPU; 1 when the
+  deployment does not fit the device kind's memory, else 0."""
   from configs import load_model
   from jax_ep import memory, memory_budget, memory_report
 
@@ -32,7 +34,8 @@ def run():
         f"top-{cfg.top_k}, {cfg.dtype}; deployment {dep.describe()}; batch {batch}, prompt "
         f"{flags.PROMPT_LEN.value}, {flags.NEW.value} new tokens\n")
   print(memory_report.format_footprint(fp, budget))
-  if not memory_budget.fits(fp, budget):
+  fits = memory_budget.fits(fp, budget)
+  if not fits:
     try:
       memory_budget.check(fp, budget, candidates=flags.memory_candidates(), platform=platform,
                           what="plan")
@@ -50,4 +53,4 @@ def run():
                                                  max_len).items():
       print(f"  {name:<8} " + ", ".join(f"{k} {v / memory_budget.GiB:.3f} GiB"
                                         for k, v in m.items()))
-  return 0
+  return 0 if fits else 1

@@ -51,8 +51,7 @@ def _kernel(table_ref, x_ref, w_ref, *rest, blocks: Blocks, k_steps: int, n_tile
   # With split_k > 1, program (pid, s) sums the s-th of split_k slices of K into its own
   # float32 partial; the caller adds the partials and applies the activation.
   k0 = pl.program_id(1) * k_steps if split_k > 1 else 0
-  live, g, n, row0, rows_left = locate(table_ref, pl.program_id(0), bm, n_tiles,
-                                       blocks.bundle)
+  live, g, n, row0, rows_left = locate(table_ref, pl.program_id(0), bm, n_tiles)
   cols = pl.ds(pl.multiple_of(n * bn, bn), bn)
   gated = activation == "swiglu"
 
@@ -150,11 +149,9 @@ def _pallas(x_pad, m, w_GxKxN, group_sizes_G, wg_GxKxN, activation, blocks: Bloc
 
 def kernel_table(group_sizes_G: jax.Array, blocks: Blocks) -> jax.Array:
   """The tile table of a launch without split-K: a group's last few rows merged into the
-  tile before them where the kernel's tail path computes them (Blocks.tail_m), groups
-  in bundles of Blocks.bundle."""
+  tile before them where the kernel's tail path computes them (Blocks.tail_m)."""
   bm = blocks.block_m
-  return tile_table(group_sizes_G, bm, blocks.tail_m if 0 < blocks.tail_m < bm else 0,
-                    blocks.bundle)
+  return tile_table(group_sizes_G, bm, blocks.tail_m if 0 < blocks.tail_m < bm else 0)
 
 
 def _pallas_partial(x_pad, m, w_GxKxN, group_sizes_G, blocks: Blocks, interpret: bool,
@@ -170,7 +167,7 @@ def _pallas_partial(x_pad, m, w_GxKxN, group_sizes_G, blocks: Blocks, interpret:
     raise ValueError(f"K={k} does not split into {split_k} slices of block_k={bk} steps")
   n_tiles = n // bn
   programs = (pl.cdiv(m, bm) + g) * n_tiles
-  table = tile_table(group_sizes_G, bm, bundle=blocks.bundle)
+  table = tile_table(group_sizes_G, bm)
   full = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
   rows = x_pad.shape[0]
   out = pl.pallas_call(
@@ -261,8 +258,6 @@ def _supports(k: int, k2: int, n: int, blocks: Blocks) -> str | None:
   if k % blocks.block_k or n % blocks.block_n:
     return (f"K={k} and N={n} must be multiples of block_k={blocks.block_k} and "
             f"block_n={blocks.block_n}")
-  if blocks.bundle < 1:
-    return f"bundle={blocks.bundle} must be at least 1 (groups a bundle)"
   return small_tiles_error(blocks)
 
 

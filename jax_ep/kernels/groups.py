@@ -4,14 +4,10 @@ multiplies.
 
 Rows are sorted by group (expert); `group_sizes_G` says how many belong to each, in
 order, and may sum to less than the buffer (a worst-case receive buffer whose tail is
-empty). Programs are numbered bundle by bundle (`Blocks.bundle` consecutive groups; one
-by default), within a bundle column tile by column tile, and within a column tile group
-by group with each group's row tiles adjacent: a group's row tiles read each weight
-tile at nearly the same time (HBM once, then L2) and its rows stay in L2 while its
-weights stream past. A bundle of several groups runs their programs side by side, so a
-large group's extra row tiles (MMA on weights already in L2) share the GPU with other
-groups' first reads (HBM) instead of running alone. Programs past the last real row tile
-do nothing.
+empty). Programs are numbered group by group, and within a group column tile by column
+tile with its row tiles adjacent, so a group's row tiles read each weight tile at nearly
+the same time (HBM once, then L2) and its rows stay in L2 while its weights stream past.
+Programs past the last real row tile do nothing.
 """
 
 from __future__ import annotations
@@ -41,9 +37,6 @@ class Blocks:
   # tile loads, one program fewer (0: off; without split-K only). A power of two below
   # block_m, at least 16 on the GPU.
   tail_m: int = 0
-  # Consecutive groups whose programs interleave column tile by column tile (1: group by
-  # group; kernels/groups.py's docstring).
-  bundle: int = 1
 
   def smem_bytes(self, weights: int = 1, itemsize: int = 2) -> int:
     """Shared memory of the software pipeline: x and weight tiles per stage."""
@@ -146,13 +139,11 @@ def _next_pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
 
-def tile_table(group_sizes_G: jax.Array, block_m: int, tail_m: int = 0,
-               bundle: int = 1) -> jax.Array:
-  """Per group: [row start, rows, row tiles, first row tile], int32 [4, G_pad], the
-  number of live row tiles in [4, 0], and per group its bundle's first row tile and row
-  tiles in rows 5 and 6. G_pad is a power of two (Triton vectors); padding groups are
-  empty and start past every live tile. With tail_m, a group's last <= tail_m rows after
-  a full tile belong to that tile (Blocks.tail_m); bundle: Blocks.bundle."""
+def tile_table(group_sizes_G: jax.Array, block_m: int, tail_m: int = 0) -> jax.Array:
+  """Per group: [row start, rows, row tiles, first row tile], int32 [4, G_pad], and the
+  number of live row tiles in column [4, 0]. G_pad is a power of two (Triton vectors);
+  padding groups are empty and start past every live tile. With tail_m, a group's last
+  <= tail_m rows after a full tile belong to that tile (Blocks.tail_m)."""
   g = group_sizes_G.shape[0]
   sizes = group_sizes_G.astype(jnp.int32)
   starts = jnp.cumsum(sizes) - sizes
@@ -162,9 +153,6 @@ def tile_table(group_sizes_G: jax.Array, block_m: int, tail_m: int = 0,
     tiles = tiles - ((tiles >= 2) & (rest <= tail_m)).astype(jnp.int32)
   first = jnp.cumsum(tiles) - tiles
   live = jnp.sum(tiles)
-  bundle = max(1, min(bundle, g))
-  b_tiles = jnp.pad(tiles, (0, -g % bundle)).reshape(-1, bundle).sum(axis=1)
-  b_first = jnp.cumsum(b_tiles) - b_tiles
   pad = _next_pow2(g) - g
   table = jnp.stack([
       jnp.pad(starts, (0, pad), constant_values=jnp.sum(sizes)),
@@ -173,10 +161,7 @@ def tile_table(group_sizes_G: jax.Array, block_m: int, tail_m: int = 0,
       jnp.pad(first, (0, pad), constant_values=live),
   ])
   live_row = jnp.zeros((1, table.shape[1]), jnp.int32).at[0, 0].set(live)
-  per_group = lambda b, value: jnp.pad(jnp.repeat(b, bundle)[:g], (0, pad),
-                                       constant_values=value)
-  return jnp.concatenate([table, live_row, per_group(b_first, live)[None],
-                          per_group(b_tiles, 0)[None]], axis=0)
+  return jnp.concatenate([table, live_row], axis=0)
 
 
 class Tile(NamedTuple):
@@ -187,32 +172,15 @@ class Tile(NamedTuple):
   rows_left: jax.Array  # real rows from row0 to the group's end
 
 
-def locate(table_ref, pid, block_m: int, n_tiles: int, bundle: int = 1) -> Tile:
-  """Which (group, row tile, column tile) program `pid` computes: bundle by bundle, each
-  bundle's column tiles in turn, within one its groups' row tiles in order."""
+def locate(table_ref, pid, block_m: int, n_tiles: int) -> Tile:
+  """Which (group, row tile, column tile) program `pid` computes: group by group, each
+  group's column tiles in turn, its row tiles adjacent."""
   live_tiles = table_ref[4, 0]
-  i32 = lambda b: b.astype(jnp.int32)
-  if bundle == 1:
-    g = jnp.maximum(jnp.sum(i32(table_ref[3, :] * n_tiles <= pid)) - 1, 0)
-    tiles = jnp.maximum(table_ref[2, g], 1)
-    local = pid - table_ref[3, g] * n_tiles
-    n, row_tile = local // tiles, local % tiles
-  else:
-    # The last group whose bundle starts at or before pid is in pid's bundle (an empty
-    # bundle starts where the next one does).
-    b_first_G = table_ref[5, :]
-    last = jnp.maximum(jnp.sum(i32(b_first_G * n_tiles <= pid)) - 1, 0)
-    b0 = (last // bundle) * bundle
-    local = pid - table_ref[5, last] * n_tiles
-    b_tiles = jnp.maximum(table_ref[6, last], 1)
-    n, j = local // b_tiles, local % b_tiles
-    # Within the bundle's column tile, the last of its non-empty groups whose first row
-    # tile is at or before j (counted from the bundle's first).
-    group = jnp.arange(b_first_G.shape[0], dtype=jnp.int32)
-    mine = ((group >= b0) & (group < b0 + bundle) & (table_ref[2, :] > 0)
-            & (table_ref[3, :] - b_first_G <= j))
-    g = jnp.max(jnp.where(mine, group, 0))
-    row_tile = j - (table_ref[3, g] - table_ref[5, g])
+  first_G = table_ref[3, :]
+  g = jnp.maximum(jnp.sum((first_G * n_tiles <= pid).astype(jnp.int32)) - 1, 0)
+  tiles = jnp.maximum(table_ref[2, g], 1)
+  local = pid - table_ref[3, g] * n_tiles
+  n, row_tile = local // tiles, local % tiles
   row0 = table_ref[0, g] + row_tile * block_m
   return Tile(pid < live_tiles * n_tiles, g, n, row0, table_ref[0, g] + table_ref[1, g] - row0)
 
