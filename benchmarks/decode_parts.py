@@ -60,11 +60,6 @@ KERNEL_SETS = {
     "tails": {"default": "", "tail0": "tail_m=0", "tail32": "tail_m=32",
               "up_tail0": "up.tail_m=0", "down_tail0": "down.tail_m=0",
               "up_last64": "up.last_m=64"},
-    # Groups interleaved column tile by column tile in bundles (Blocks.bundle), so a
-    # large group's L2-hit row tiles share the GPU with others' first reads (NOTES 11).
-    "bundle": {"default": "", "up_b2": "up.bundle=2", "up_b4": "up.bundle=4",
-               "up_b16": "up.bundle=16", "b4": "bundle=4", "down_b2": "down.bundle=2",
-               "default_again": ""},
     # More warps a program: the tile's MMA split over four warpgroups (NOTES 11).
     "warps": {"default": "", "w16": "num_warps=16", "up_w16": "up.num_warps=16",
               "m256_n128_w16": "block_m=256,block_n=128,num_warps=16",
@@ -76,8 +71,6 @@ KERNEL_VARIANTS = KERNEL_SETS["tiles"]
 SWIGLU_SETS = {
     "tails": {"default": "", "last_m0": "up.last_m=0", "tail0": "up.tail_m=0",
               "tail32": "up.tail_m=32", "tail0_last_m0": "up.tail_m=0,up.last_m=0"},
-    "bundle": {"default": "", "up_b4": "up.bundle=4", "b4": "bundle=4",
-               "default_again": ""},
     "warps": {"default": "", "up_w16": "up.num_warps=16", "w16": "num_warps=16",
               "default_again": ""},
 }

@@ -3,10 +3,7 @@
 # Usage (from the repo root, on the GPU machine): bash benchmarks/scripts/h200_x4.sh PART COMMIT
 # PART parts: a decode step's parts A/B (decode_parts.py), with and without command buffers;
 # rows: the GELU and SwiGLU expert MLPs on the seed step's own row sets (decode_parts.py);
-# bundle: the same with the program-order variants (Blocks.bundle), then the seed's step
-#   with the defaults and with up.bundle=4;
-# warps: the same with 16 warps a program, and the kernels' PTX (XLA's dump) searched for
-#   how each waits on its MMAs and loads;
+# warps: the same with 16 warps a program;
 # kernel: the grouped kernel's sweep; 1: one GPU (profile, the seed, seed_swiglu);
 # 2: several (seed slices with and without the ring, EP2);
 # ab: one GPU's step with the kernel's default blocks and with SPEC, alternating, twice:
@@ -16,9 +13,9 @@
 # Each part fits one 10-minute call. Writes $OUT/results.tgz and $OUT/summary.txt.
 set -u
 PART=${1:-1}
-case $PART in parts|rows|bundle|warps|profile|kernel|1|2) ;;
+case $PART in parts|rows|warps|profile|kernel|1|2) ;;
   ab) [ -n "${3:-}" ] || { echo "ab needs SPEC, an --expert_blocks value" >&2; exit 2; } ;;
-  *) echo "unknown PART '$PART': use parts, rows, bundle, warps, profile, kernel, 1, 2 or ab" >&2; exit 2 ;;
+  *) echo "unknown PART '$PART': use parts, rows, warps, profile, kernel, 1, 2 or ab" >&2; exit 2 ;;
 esac
 export PYTHONPATH=. PYTHONUNBUFFERED=1 JAX_EP_COMMIT=${2:-unknown}
 R=$OUT/r; mkdir -p $R
@@ -40,28 +37,10 @@ elif [ "$PART" = rows ]; then
 step rows 500 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 benchmarks/decode_parts.py --parts=kernel,swiglu --kernel_set=tails \
   --row_sets=seed_layer3,near128,balanced --out=$R/decode_parts_rows.json
-elif [ "$PART" = bundle ]; then
-step rows 400 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
-  python3 benchmarks/decode_parts.py --parts=kernel,swiglu --kernel_set=bundle \
-  --swiglu_set=bundle --row_sets=seed_layer3,near128,balanced --out=$R/decode_parts_bundle.json
-for v in default changed; do
-  blocks=""; [ $v = changed ] && blocks=up.bundle=4
-  step seed_${v} 140 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
-    python3 -m jax_ep bench --config=seed --kinds=single --expert_blocks="$blocks" \
-    --out_dir=$R/seed_${v}
-done
 elif [ "$PART" = warps ]; then
 step rows 420 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 benchmarks/decode_parts.py --parts=kernel,swiglu --kernel_set=warps \
   --swiglu_set=warps --row_sets=seed_layer3,near128,balanced --out=$R/decode_parts_warps.json
-step ptx 120 env CUDA_VISIBLE_DEVICES=0 XLA_FLAGS=--xla_dump_to=$R/dump \
-  python3 benchmarks/ncu_kernel.py balanced
-for f in $(grep -rl 'wgmma' $R/dump 2>/dev/null); do
-  echo "$(basename $f): $(grep -c 'wgmma.mma_async' $f) wgmma, waits: $(grep -o 'wgmma.wait_group.sync.aligned [0-9]*' $f | sort | uniq -c | tr '\n' ' '), cp.async: $(grep -c 'cp.async' $f), bar.sync: $(grep -c 'bar.sync' $f)"
-done > $R/ptx_summary.txt
-ls $R/dump | head -50 > $R/dump_files.txt
-(cd $R && grep -rl 'wgmma' dump | tar czf ptx.tgz -T -) 2>/dev/null; rm -rf $R/dump
-cat $R/ptx_summary.txt >> $OUT/summary.txt
 elif [ "$PART" = profile ]; then
 step profile_1gpu 200 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 benchmarks/profile_decode.py --config=seed --deployment=single --batch=1024 \
