@@ -1,11 +1,13 @@
-"""The seed's grouped expert MLP (16 GELU experts, 8192 x 32768, 2048 rows) on skewed or
-balanced rows, three calls, for a hardware-counter profiler to capture, e.g.:
+"""The seed's grouped expert MLP (16 GELU experts, 8192 x 32768, 2048 rows) on one of
+decode_parts.py's row sets (skewed, balanced, seed_layer3, near128), three calls, for a
+hardware-counter profiler to capture, e.g.:
 
   ncu -k regex:grouped_matmul --launch-skip 2 --launch-count 2 \\
       --metrics dram__bytes_read.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum \\
       python3 benchmarks/ncu_kernel.py skewed
 
-Random weights and rows (never zeros); the rows of benchmarks/decode_parts.py's SKEWED.
+Random weights and rows (never zeros). `bash benchmarks/scripts/h200_x4.sh ncu COMMIT`
+runs it under ncu with its speed-of-light, warp-state and memory sections.
 """
 
 import sys
@@ -13,10 +15,10 @@ import sys
 import jax
 import jax.numpy as jnp
 
+from benchmarks.decode_parts import ROW_SETS
 from jax_ep.kernels import grouped_matmul as gm
 
 E, D, F = 16, 8192, 32768
-SKEWED = [265, 231, 204, 178, 161, 147, 139, 128, 117, 106, 98, 85, 72, 51, 36, 30]
 
 
 def _rand(key, shape, scale):
@@ -24,7 +26,7 @@ def _rand(key, shape, scale):
 
 
 def main(which: str):
-  sizes = SKEWED if which == "skewed" else [128] * E
+  sizes = ROW_SETS[which]
   w_up, w_down = _rand(1, (E, D, F), D ** -0.5), _rand(2, (E, F, D), F ** -0.5)
   x, gs = _rand(3, (sum(sizes), D), 1.0), jnp.asarray(sizes, jnp.int32)
   mlp = jax.jit(lambda x, gs, u, d: gm.grouped_mlp(x, gs, u, d, impl="pallas"))
@@ -34,6 +36,7 @@ def main(which: str):
 
 if __name__ == "__main__":
   which = sys.argv[1] if len(sys.argv) > 1 else "skewed"
-  if len(sys.argv) > 2 or which not in ("skewed", "balanced"):
-    sys.exit(f"usage: python3 benchmarks/ncu_kernel.py [skewed|balanced] (GPU only)\n{__doc__}")
+  if len(sys.argv) > 2 or which not in ROW_SETS:
+    sys.exit(f"usage: python3 benchmarks/ncu_kernel.py [{'|'.join(ROW_SETS)}] (GPU only)\n"
+             f"{__doc__}")
   main(which)
