@@ -5,6 +5,8 @@
 # rows: the GELU and SwiGLU expert MLPs on the seed step's own row sets (decode_parts.py);
 # warps: the same with 16 warps a program;
 # ncu: hardware counters of the GELU MLP's two kernels on three row sets (ncu_kernel.py);
+# power: the SwiGLU MLP's counters on near128 rows, then the seed's step with the GPU's
+#   clocks and power read each second beside it (nvidia-smi dmon);
 # kernel: the grouped kernel's sweep; 1: one GPU (profile, the seed, seed_swiglu);
 # 2: several (seed slices with and without the ring, EP2);
 # ab: one GPU's step with the kernel's default blocks and with SPEC, alternating, twice:
@@ -14,9 +16,9 @@
 # Each part fits one 10-minute call. Writes $OUT/results.tgz and $OUT/summary.txt.
 set -u
 PART=${1:-1}
-case $PART in parts|rows|warps|ncu|profile|kernel|1|2) ;;
+case $PART in parts|rows|warps|ncu|power|profile|kernel|1|2) ;;
   ab) [ -n "${3:-}" ] || { echo "ab needs SPEC, an --expert_blocks value" >&2; exit 2; } ;;
-  *) echo "unknown PART '$PART': use parts, rows, warps, ncu, profile, kernel, 1, 2 or ab" >&2; exit 2 ;;
+  *) echo "unknown PART '$PART': use parts, rows, warps, ncu, power, profile, kernel, 1, 2 or ab" >&2; exit 2 ;;
 esac
 export PYTHONPATH=. PYTHONUNBUFFERED=1 JAX_EP_COMMIT=${2:-unknown}
 R=$OUT/r; mkdir -p $R
@@ -49,6 +51,17 @@ for rows in balanced near128 seed_layer3; do
     --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section Occupancy \
     --section LaunchStats python3 benchmarks/ncu_kernel.py $rows
 done
+elif [ "$PART" = power ]; then
+step ncu_swiglu_near128 200 env CUDA_VISIBLE_DEVICES=0 ncu --clock-control none \
+  -k regex:grouped_matmul --launch-skip 2 --launch-count 2 --section SpeedOfLight \
+  --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+  --section LaunchStats python3 benchmarks/ncu_kernel.py near128 swiglu
+nvidia-smi dmon -s pucm -d 1 > $R/dmon_seed.txt 2>&1 &
+DMON=$!
+step seed_1gpu 150 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+  python3 -m jax_ep bench --config=seed --kinds=single --out_dir=$R/seed_1gpu
+kill $DMON
+nvidia-smi -q -d POWER,CLOCK,PERFORMANCE > $R/nvidia_smi_q.txt 2>&1
 elif [ "$PART" = profile ]; then
 step profile_1gpu 200 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 benchmarks/profile_decode.py --config=seed --deployment=single --batch=1024 \
