@@ -58,6 +58,9 @@ step ncu_swiglu_near128 200 env CUDA_VISIBLE_DEVICES=0 ncu --clock-control none 
   --section LaunchStats python3 benchmarks/ncu_kernel.py near128 swiglu
 nvidia-smi dmon -s pucm -d 1 > $R/dmon_seed.txt 2>&1 &
 DMON=$!
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,power.limit,temperature.gpu,utilization.gpu,clocks_event_reasons.active,clocks_event_reasons.sw_power_cap,clocks_event_reasons.hw_slowdown,clocks_event_reasons.sw_thermal_slowdown \
+  --format=csv -lms 500 > $R/clocks_seed.csv 2>&1 &
+DMON="$DMON $!"
 step seed_1gpu 150 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 -m jax_ep bench --config=seed --kinds=single --out_dir=$R/seed_1gpu
 kill $DMON
