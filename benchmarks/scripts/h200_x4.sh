@@ -5,6 +5,8 @@
 # rows: the GELU and SwiGLU expert MLPs on the seed step's own row sets (decode_parts.py);
 # warps: the same with 16 warps a program;
 # ncu: hardware counters of the GELU MLP's two kernels on three row sets (ncu_kernel.py);
+# xla: the seed's step and the share of seed_proposed with and without the XLA flags FLAGS,
+#   alternating, twice: bash benchmarks/scripts/h200_x4.sh xla COMMIT FLAGS;
 # power: the SwiGLU MLP's counters on near128 rows, then the seed's step with the GPU's
 #   clocks and power read each second beside it (nvidia-smi dmon);
 # kernel: the grouped kernel's sweep; 1: one GPU (profile, the seed, seed_swiglu);
@@ -18,7 +20,8 @@ set -u
 PART=${1:-1}
 case $PART in parts|rows|warps|ncu|power|profile|kernel|1|2) ;;
   ab) [ -n "${3:-}" ] || { echo "ab needs SPEC, an --expert_blocks value" >&2; exit 2; } ;;
-  *) echo "unknown PART '$PART': use parts, rows, warps, ncu, power, profile, kernel, 1, 2 or ab" >&2; exit 2 ;;
+  xla) [ -n "${3:-}" ] || { echo "xla needs FLAGS, XLA flags to add" >&2; exit 2; } ;;
+  *) echo "unknown PART '$PART': use parts, rows, warps, ncu, power, xla, profile, kernel, 1, 2 or ab" >&2; exit 2 ;;
 esac
 export PYTHONPATH=. PYTHONUNBUFFERED=1 JAX_EP_COMMIT=${2:-unknown}
 R=$OUT/r; mkdir -p $R
@@ -65,6 +68,15 @@ step seed_1gpu 150 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
   python3 -m jax_ep bench --config=seed --kinds=single --out_dir=$R/seed_1gpu
 kill $DMON
 nvidia-smi -q -d POWER,CLOCK,PERFORMANCE > $R/nvidia_smi_q.txt 2>&1
+elif [ "$PART" = xla ]; then
+for i in 1 2; do
+  for v in default changed; do
+    flags=""; [ $v = changed ] && flags=$3
+    step seed_${v}_$i 150 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+      XLA_FLAGS="$flags" python3 -m jax_ep bench --config=seed --kinds=single \
+      --share=seed_proposed/1 --out_dir=$R/seed_${v}_$i
+  done
+done
 elif [ "$PART" = profile ]; then
 step profile_1gpu 200 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 benchmarks/profile_decode.py --config=seed --deployment=single --batch=1024 \
