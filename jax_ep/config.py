@@ -115,7 +115,8 @@ class DeploymentConfig:
   # scheduling does. 1: a call per token.
   tokens_per_call: int = 1
   # Prompt positions per prefill chunk (each chunk runs that many tokens of every
-  # sequence); 0: the whole prompt at once. Bounds prefill's activation memory.
+  # sequence); 0: chosen so a chunk's expert buffer stays within
+  # decode.PREFILL_ROWS_PER_DEVICE rows a device. Bounds prefill's activation memory.
   prefill_chunk: int = 0
   # Send-buffer rows per destination relative to a balanced share, when not dropless.
   capacity_factor: float = 2.0
@@ -138,8 +139,8 @@ class DeploymentConfig:
       raise ConfigError(f"DeploymentConfig.decode_groups={self.decode_groups!r} must be 0 (as "
                         "many as stages) or a positive number of groups.")
     if not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 0:
-      raise ConfigError(f"DeploymentConfig.prefill_chunk={self.prefill_chunk!r} must be 0 (the "
-                        "whole prompt at once) or a positive number of prompt positions.")
+      raise ConfigError(f"DeploymentConfig.prefill_chunk={self.prefill_chunk!r} must be 0 (chunks "
+                        "sized to the expert buffer) or a positive number of prompt positions.")
     if self.kernels not in KERNELS:
       raise ConfigError(f"DeploymentConfig.kernels={self.kernels!r} is unknown; "
                         f"use one of {list(KERNELS)}.")

@@ -48,7 +48,8 @@ PER_CALL = flags.DEFINE_integer(
 PREFILL_CHUNK = flags.DEFINE_integer(
     "prefill_chunk", None,
     "Prompt positions per prefill chunk (each chunk runs that many tokens of every "
-    "sequence); 0: the whole prompt at once.")
+    "sequence); 0 (default): as many positions as keep a chunk within 32768 rows of the "
+    "expert kernel's buffer per device (decode.PREFILL_ROWS_PER_DEVICE).")
 KERNELS = flags.DEFINE_enum(
     "kernels", None, ["auto", "xla", "pallas", "interpret"],
     "The grouped expert matmul and decode attention: auto (the Pallas kernels on GPU, XLA "
