@@ -2,10 +2,15 @@
 the flags the command reads; a wrong command line is a usage error (exit 1) naming what to
 give, a flag the command does not read is reported; run as users run it (cli_runner.py)."""
 
+import os
+import subprocess
+import sys
+
 from cli_runner import run_cases
 
 from configs import model_names
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ("deployment", "simulate_devices", "batch", "prompt_len", "skip_unfit", "max_new_tokens",
          "output", "profile_dir", "seed", "config", "check_numerics", "check_memory",
          "device_kind", "devices", "compile", "checkpoint", "workdir", "steps", "save_every",
@@ -40,3 +45,17 @@ def test_help_and_usage_errors():
   assert blocks["rc"] == 1 and "'tail' is not a Blocks field" in blocks["stderr"]
   for r, flag in zip(required, ["workdir", "workdir", "dst"], strict=True):
     assert r["rc"] == 1 and f"--{flag} is required here." in r["stderr"], r
+
+
+def test_a_configs_package_in_the_working_directory_does_not_shadow_the_presets(tmp_path):
+  # `python -m jax_ep` puts the working directory first on sys.path; a project's own
+  # configs/ there would break every command with an ImportError.
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "__init__.py").write_text("NOT_JAX_EP = True\n")
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env["PYTHONPATH"] = ROOT  # jax_ep from this checkout; the cwd still comes first
+  proc = subprocess.run([sys.executable, "-m", "jax_ep", "plan", "--config=tiny"], cwd=tmp_path,
+                        capture_output=True, text=True, env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "model tiny: 4 layers" in proc.stdout
+  assert f"not the 'configs' package at {tmp_path / 'configs' / '__init__.py'}" in proc.stderr
