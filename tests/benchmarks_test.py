@@ -1,9 +1,11 @@
 """The GPU benchmark scripts' logic on the CPU: every kernel variant benchmarks/decode_parts.py
-names is a valid --expert_blocks spec for the seed's shapes, and a part runs end to end
-through the Pallas interpreter (--cpu_check: tiny shapes)."""
+names is a valid --expert_blocks spec for the seed's shapes, a part runs end to end
+through the Pallas interpreter (--cpu_check: tiny shapes), and h200_x4.sh runs every part
+its usage names and refuses others before writing anything."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -38,3 +40,18 @@ def test_the_swiglu_part_runs_through_the_interpreter(tmp_path):
   got = json.loads(out.read_text())["swiglu"]["seed_layer3"]
   assert sorted(got) == sorted(decode_parts.SWIGLU_UP_VARIANTS)
   assert all(v["max_abs_diff_vs_first"] < 1e-2 for v in got.values()), got
+
+
+def test_every_part_of_the_gpu_script_has_its_branch(tmp_path):
+  # benchmarks/scripts/h200_x4.sh: the parts its usage names are the parts it runs, and an
+  # unknown part is refused before anything runs (a lost device call otherwise).
+  script = os.path.join(ROOT, "benchmarks", "scripts", "h200_x4.sh")
+  text = open(script).read()
+  proc = subprocess.run(["bash", script, "bogus"], capture_output=True, text=True,
+                        env={**os.environ, "OUT": str(tmp_path)}, timeout=60)
+  assert proc.returncode == 2 and "unknown PART 'bogus'" in proc.stderr
+  named = proc.stderr.split("use ")[1].replace(" or ", ", ").strip().split(", ")
+  branches = re.findall(r'if \[ "\$PART" = (\w+) \]', text)
+  assert sorted(named) == sorted(branches) and len(named) >= 10, (named, branches)
+  assert not list(tmp_path.iterdir())  # refused before writing anything
+  assert subprocess.run(["bash", "-n", script]).returncode == 0
