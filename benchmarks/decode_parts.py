@@ -253,7 +253,7 @@ def _run_variants(fns, args, floor, log, label):
 
 
 def part_calls(hw, per_call, log):
-  from configs import load_model
+  from jax_ep.presets import load_model
 
   spec = plan.platform_defaults(
       plan.BenchSpec(config=MODEL, kinds=("single",), share="seed_proposed/1", steps=20,

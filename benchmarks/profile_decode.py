@@ -105,9 +105,9 @@ def main():
   import jax
   import numpy as np
 
-  from configs import deployments, load_model
   from jax_ep import decode
   from jax_ep.engine import Engine
+  from jax_ep.presets import deployments, load_model
 
   cfg = load_model(args.config)
   dep = deployments.resolve(args.deployment, len(jax.devices()))

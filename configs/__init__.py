@@ -15,4 +15,4 @@ def model_names() -> list[str]:
 def load_model(name: str) -> ModelConfig:
   if name not in model_names():
     raise ConfigError(f"--config={name!r} is not a preset; choose one of {model_names()}.")
-  return importlib.import_module(f"configs.{name}").get_config()
+  return importlib.import_module(f"{__name__}.{name}").get_config()

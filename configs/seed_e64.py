@@ -2,7 +2,7 @@
 
 import dataclasses
 
-from configs import seed
+from . import seed
 
 
 def get_config():

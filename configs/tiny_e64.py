@@ -2,7 +2,7 @@
 
 import dataclasses
 
-from configs import tiny
+from . import tiny
 
 
 def get_config():

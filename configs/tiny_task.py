@@ -7,7 +7,7 @@ vocabulary shards up to 16), float32 so every deployment generates the same toke
 
 import dataclasses
 
-from configs import tiny
+from . import tiny
 
 
 def get_config():

@@ -12,9 +12,9 @@ import sys
 
 from absl import app, flags
 
-from configs import deployments, model_names
 from jax_ep.kernels import groups
 from jax_ep.perf import hardware
+from jax_ep.presets import deployments, model_names
 
 # --- the model, the deployment and the run (generate, bench, plan) ------------------------
 CONFIG = flags.DEFINE_string("config", "tiny", "Model preset, a file in configs/: "

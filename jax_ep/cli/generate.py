@@ -20,8 +20,8 @@ def _say(message: str):
 
 def _checkpoint_model():
   """(config, trained task or None) for generate: the checkpoint's, or the --config preset."""
-  from configs import load_model
   from jax_ep import evaluate
+  from jax_ep.presets import load_model
 
   if not flags.CHECKPOINT.value:
     return load_model(flags.CONFIG.value), None

@@ -20,8 +20,8 @@ import sys
 from absl import app, logging
 from absl import flags as absl_flags
 
-from jax_ep import distributed, runtime
-from jax_ep.cli import DISPLACED_PRESETS, command_flags, flags, generate, hf, perf, plan, train
+from jax_ep import distributed, presets, runtime
+from jax_ep.cli import command_flags, flags, generate, hf, perf, plan, train
 
 # Each command, in the order the usage line lists them, and the function that runs it.
 COMMANDS = {"generate": generate.run, "bench": perf.bench, "predict": perf.predict,
@@ -106,10 +106,10 @@ def run():
   """Console-script entry point (and `python -m jax_ep`'s)."""
   from jax_ep.config import ConfigError
 
-  if DISPLACED_PRESETS:
-    print(f"jax-ep: --config and --deployment name jax-ep's presets "
-          f"({sys.modules['configs'].__file__}), not the 'configs' package at "
-          f"{DISPLACED_PRESETS} that comes first on the path.", file=sys.stderr)
+  if presets.DISPLACED:
+    print(f"jax-ep: --config and --deployment name jax-ep's presets ({presets.OWN_INIT}), "
+          f"not the 'configs' package at {presets.DISPLACED} that comes first on the path.",
+          file=sys.stderr)
   if any(a in HELP_FLAGS for a in sys.argv[1:]):
     commands = [a for a in sys.argv[1:] if a in COMMANDS]
     print_help(commands[0] if len(commands) == 1 else None)

@@ -4,16 +4,16 @@ deployment does not fit (after printing the whole plan), so scripts can test it.
 
 from __future__ import annotations
 
-from configs import deployments
 from jax_ep import runtime
 from jax_ep.cli import flags
+from jax_ep.presets import deployments
 
 
 def run():
   """`jax-ep plan`: the memory table and the device holdings, without a GPU; 1 when the
   deployment does not fit the device kind's memory, else 0."""
-  from configs import load_model
   from jax_ep import memory, memory_budget, memory_report
+  from jax_ep.presets import load_model
 
   cfg = load_model(flags.CONFIG.value)
   base = deployments.with_groups(flags.DEPLOYMENT.value)[0]

@@ -31,9 +31,9 @@ def run():
   """Trains (or resumes) the --config model in --workdir."""
   import jax
 
-  from configs import load_model
   from jax_ep import tasks, train
   from jax_ep.config import ConfigError
+  from jax_ep.presets import load_model
 
   flags.need(flags.WORKDIR)
   cfg = load_model(flags.CONFIG.value)

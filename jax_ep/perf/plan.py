@@ -8,9 +8,9 @@ import dataclasses
 
 import jax
 
-from configs import deployments, load_model
 from jax_ep.config import KINDS, ConfigError, DeploymentConfig, ModelConfig
 from jax_ep.perf.per_device import layout
+from jax_ep.presets import deployments, load_model
 
 SEED_PRESET = {"baseline": "seed_baseline", "proposed": "seed_proposed"}
 

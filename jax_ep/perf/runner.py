@@ -23,7 +23,6 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from configs import load_model
 from jax_ep import checkpoint, decode
 from jax_ep.config import ConfigError, ModelConfig
 from jax_ep.engine import Engine
@@ -43,6 +42,7 @@ from jax_ep.perf.plan import (
 )
 from jax_ep.perf.probes import measure_hardware
 from jax_ep.perf.report import calibration_summary
+from jax_ep.presets import load_model
 
 
 def _git_commit() -> str:

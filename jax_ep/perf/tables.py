@@ -46,7 +46,7 @@ def seed_rows(hw: Hardware = H100_SXM, batch: int = 1024, context_len: int = 128
   """Predictions for the seed's two deployments (and a few variants) of the seed model."""
   import dataclasses as dc
 
-  from configs import deployments, load_model
+  from jax_ep.presets import deployments, load_model
 
   cfg = load_model("seed")
   one = dict(decode_groups=1)
@@ -192,7 +192,7 @@ def report(hardware: str = "h100", batch: int = 1024, context_len: int = 128,
           "Predicted step, term by term (ms per decode step, per device):",
           format_breakdown(rows)]
   if plot:
-    from configs import load_model
+    from jax_ep.presets import load_model
 
     curves = scaling_curve(load_model("seed"), hw, batch, context_len, eff)
     out += ["", "Scaling (GPUs: TPS):"]

@@ -1,0 +1,52 @@
+"""The presets of configs/ (one model a file, deployments.py) as jax_ep imports them.
+
+jax_ep ships its presets as the top-level package `configs`, beside `jax_ep` (in a
+checkout, or in site-packages), and `configs` is a common name: a project of a user's
+own may have one first on sys.path (`python -m` puts the working directory there). Then
+the presets load from their own files under the private name `jax_ep_presets`, and the
+user's `configs` stays what it is. DISPLACED says whose `configs` came first (None when
+it is jax_ep's).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import pathlib
+import sys
+
+PRIVATE_NAME = "jax_ep_presets"
+OWN_INIT = pathlib.Path(__file__).resolve().parent.parent / "configs" / "__init__.py"
+
+
+def _same(path) -> bool:
+  return path is not None and pathlib.Path(path).resolve() == OWN_INIT
+
+
+def _load():
+  """(the presets package, the path of another `configs` that comes first, or None)."""
+  if not OWN_INIT.is_file():
+    raise ImportError(f"jax_ep's presets are missing: no {OWN_INIT}; reinstall jax_ep "
+                      "(pip install -e . in a checkout).")
+  loaded = sys.modules.get("configs")
+  if loaded is not None:
+    other = getattr(loaded, "__file__", None) or f"a namespace package {list(loaded.__path__)}"
+  else:
+    spec = importlib.util.find_spec("configs")
+    other = None if spec is None else (
+        spec.origin or f"a namespace package {list(spec.submodule_search_locations)}")
+  if _same(other):
+    return importlib.import_module("configs"), None
+  if PRIVATE_NAME not in sys.modules:
+    spec = importlib.util.spec_from_file_location(
+        PRIVATE_NAME, OWN_INIT, submodule_search_locations=[str(OWN_INIT.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PRIVATE_NAME] = module
+    spec.loader.exec_module(module)
+  return sys.modules[PRIVATE_NAME], other
+
+
+_PACKAGE, DISPLACED = _load()
+load_model = _PACKAGE.load_model
+model_names = _PACKAGE.model_names
+deployments = importlib.import_module(f"{_PACKAGE.__name__}.deployments")

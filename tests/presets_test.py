@@ -1,0 +1,35 @@
+"""Tests for jax_ep/presets.py: jax_ep's presets are `configs` in a checkout, and a
+`configs` package of a user's own, first on the path, neither hides them nor is replaced."""
+
+import os
+import subprocess
+import sys
+
+import configs
+from jax_ep import presets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_in_a_checkout_the_presets_are_configs():
+  assert presets.DISPLACED is None
+  assert presets.deployments is configs.deployments
+  assert presets.load_model("tiny") == configs.load_model("tiny")
+  assert presets.model_names() == configs.model_names()
+
+
+def test_a_users_own_configs_package_stays_theirs(tmp_path):
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "__init__.py").write_text("THEIRS = True\n")
+  script = ("import configs\n"
+            "from jax_ep.perf import plan\n"  # imports the presets
+            "from jax_ep import presets\n"
+            "assert configs.THEIRS and not hasattr(configs, 'load_model')\n"
+            "assert presets.load_model('seed_swiglu').num_layers == 4\n"  # from . import seed
+            "assert 'seed_proposed' in presets.deployments.PRESETS\n"
+            "print(presets.DISPLACED)\n")
+  env = {**os.environ, "PYTHONPATH": ROOT}  # jax_ep from this checkout; the cwd comes first
+  proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                        text=True, env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip() == str(tmp_path / "configs" / "__init__.py")
