@@ -28,10 +28,13 @@ def to_layout(canonical, stages: int, local_layers: int):
 
 
 def place(engine, params):
-  """Lays out parameters, canonical or from any deployment, on `engine`'s mesh.
+  """Lays out parameters, canonical (the model's nnx.State, or the pure dict of arrays
+  that checkpoint.restore_canonical returns) or from any deployment, on `engine`'s mesh.
 
   Raises ConfigError if they are not parameters of the engine's model.
   """
+  if isinstance(params, dict) and not isinstance(params.get("layers"), tuple):
+    params = _state_of_pure(engine, params)
   if isinstance(params, dict) and isinstance(params.get("layers"), tuple):
     if same_shapes(params, engine.abstract_params):
       return jax.device_put(params, engine.param_shardings)
@@ -40,19 +43,35 @@ def place(engine, params):
                         f"not divide this model's {engine.cfg.num_layers} layers.")
     params = jax.jit(to_canonical_fn(engine.cfg.num_layers),
                      out_shardings=canonical_shardings_of(params))(params)
-  cfg = engine.cfg
   if not same_shapes(params, engine.abstract_canonical):
-    raise ConfigError(
-        "params do not match this engine's model "
-        f"({cfg.num_layers} layers x {cfg.num_experts} {cfg.mlp_kind} experts, "
-        f"D={cfg.model_dim}, F={cfg.mlp_dim}, V={cfg.vocab_size}): "
-        f"{first_mismatch(params, engine.abstract_canonical)}. Load them into the model "
-        "config they were made for.")
+    raise _not_the_model(engine.cfg, first_mismatch(params, engine.abstract_canonical))
   # Canonical shards first (the stacked L axis splits over stages in the same blocks),
   # so each device receives only its share; the relayout is then local to each device.
   canonical_specs = sharding.param_specs(engine.abstract_canonical, engine.table)
   params = jax.device_put(params, sharding.named(engine.mesh, canonical_specs))
   return jax.jit(engine.to_layout, out_shardings=engine.param_shardings)(params)
+
+
+def _not_the_model(cfg, what: str) -> ConfigError:
+  return ConfigError(
+      f"params do not match this engine's model ({cfg.num_layers} layers x "
+      f"{cfg.num_experts} {cfg.mlp_kind} experts, D={cfg.model_dim}, F={cfg.mlp_dim}, "
+      f"V={cfg.vocab_size}): {what}. Load them into the model config they were made for.")
+
+
+def _state_of_pure(engine, pure: dict):
+  """A pure canonical dict (checkpoint.restore_canonical's) as the model's nnx.State;
+  ConfigError naming the first array it lacks or has beyond the model's."""
+  want = nnx.to_pure_dict(engine.abstract_canonical)
+  keys = lambda tree: {jax.tree_util.keystr(k) for k, _ in
+                       jax.tree_util.tree_flatten_with_path(tree)[0]}
+  missing, extra = sorted(keys(want) - keys(pure)), sorted(keys(pure) - keys(want))
+  if missing or extra:
+    raise _not_the_model(engine.cfg, f"{missing[0]} is missing" if missing
+                         else f"{extra[0]} is not in the model")
+  state = jax.tree.map(lambda a: a, engine.abstract_canonical)
+  nnx.replace_by_pure_dict(state, pure)
+  return state
 
 
 def to_canonical_fn(num_layers: int):

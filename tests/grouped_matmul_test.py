@@ -193,3 +193,25 @@ def test_mlp_blocks_take_the_defaults_and_the_changes():
     gm.mlp_blocks(8192, 32768, swiglu=True, spec="block_m=64,tail_m=0")  # SwiGLU up's last_m
   assert gm.mlp_supports(8192, 32768, swiglu=True, spec="up.tail_m=32") is None
   assert "multiples of block_k" in gm.mlp_supports(60, 128, spec="up.tail_m=32")
+
+
+def test_shapes_that_cannot_go_together_are_named():
+  x, up, down, _ = _weights()
+  gs = jnp.asarray(SIZES["random"], jnp.int32)
+  for impl in ("xla", "interpret"):
+    for args, message in (((x, up, gs[:3]), "group_sizes has 3 groups and w 4 matrices"),
+                          ((x[:, :32], up, gs), "x has K=32 columns and w K=64 rows"),
+                          ((x, up[0], gs), "x must be [M, K], w [G, K, N]")):
+      with pytest.raises(ValueError, match=re.escape(message)):
+        gm.grouped_matmul(*args, impl=impl)
+    with pytest.raises(ValueError, match=re.escape("w_down has shape (4, 64, 128)")):
+      gm.grouped_mlp(x, gs, up, jnp.swapaxes(down, 1, 2), impl=impl)
+
+
+def test_default_blocks_narrow_to_small_shapes():
+  # K 64 and N 128 are below DEFAULT_BLOCKS' block_k x block_n (64 x 256): narrowed.
+  x, up, _, _ = _weights()
+  gs = jnp.asarray(SIZES["skewed"], jnp.int32)
+  got = gm.grouped_matmul(x, up, gs, activation="gelu", impl="interpret")
+  want = gm.grouped_matmul(x, up, gs, activation="gelu", impl="xla")
+  assert_allclose(got[:sum(SIZES["skewed"])], want[:sum(SIZES["skewed"])], rtol=1e-5, atol=1e-5)

@@ -3,6 +3,7 @@ mismatch message, and placing parameters (canonical or another deployment's) on 
 through Engine.place_params (restoring checkpoints into deployments: checkpoint_test)."""
 
 import dataclasses
+import re
 
 import jax
 import numpy as np
@@ -74,3 +75,19 @@ def test_place_params_round_trip_and_wrong_model():
     Engine(other, PRESETS["proposed_8"]).place_params(placed)
   with pytest.raises(ConfigError, match="w_gate_ExDxF.*is missing"):
     Engine(load_model("tiny_swiglu"), PRESETS["single"]).place_params(canonical)
+
+
+def test_place_params_takes_a_pure_dict_and_names_what_it_lacks():
+  # checkpoint.restore_canonical returns a pure dict of arrays, not the model's State.
+  from flax import nnx
+
+  canonical = reference.of(load_model("tiny")).params
+  pure = nnx.to_pure_dict(canonical)
+  engine = Engine(load_model("tiny"), PRESETS["proposed_8"])
+  for a, b in zip(jax.tree.leaves(engine.place_params(pure)),
+                  jax.tree.leaves(engine.place_params(canonical)), strict=True):
+    assert_array_equal(a, b)
+  with pytest.raises(ConfigError, match=re.escape("['embed_VxD'] is missing")):
+    engine.place_params({k: v for k, v in pure.items() if k != "embed_VxD"})
+  with pytest.raises(ConfigError, match=re.escape("['extra'] is not in the model")):
+    engine.place_params({**pure, "extra": pure["embed_VxD"]})

@@ -283,9 +283,26 @@ def mlp_supports(d: int, f: int, swiglu: bool = False, spec: str = "") -> str | 
   return _supports(d, d, f, up) or _supports(f, f, d, down)
 
 
+def _check_operands(x_MxK, w_GxKxN, group_sizes_G, w_gate_GxKxN=None, what="grouped_matmul"):
+  """ValueError naming the operand whose shape cannot go with the others."""
+  if x_MxK.ndim != 2 or w_GxKxN.ndim != 3 or group_sizes_G.ndim != 1:
+    raise ValueError(f"{what}: x must be [M, K], w [G, K, N] and group_sizes [G]; got "
+                     f"{x_MxK.shape}, {w_GxKxN.shape} and {group_sizes_G.shape}")
+  g, k, _ = w_GxKxN.shape
+  if group_sizes_G.shape[0] != g:
+    raise ValueError(f"{what}: group_sizes has {group_sizes_G.shape[0]} groups and w "
+                     f"{g} matrices; give one size per matrix")
+  if x_MxK.shape[1] != k:
+    raise ValueError(f"{what}: x has K={x_MxK.shape[1]} columns and w K={k} rows; they "
+                     "must be equal")
+  if w_gate_GxKxN is not None and w_gate_GxKxN.shape != w_GxKxN.shape:
+    raise ValueError(f"{what}: w_gate has shape {w_gate_GxKxN.shape}, w {w_GxKxN.shape}; "
+                     "they must be equal")
+
+
 def grouped_matmul(x_MxK: jax.Array, w_GxKxN: jax.Array, group_sizes_G: jax.Array, *,
                    activation: str = "none", w_gate_GxKxN: jax.Array | None = None,
-                   impl: str = "xla", blocks: Blocks = DEFAULT_BLOCKS) -> jax.Array:
+                   impl: str = "xla", blocks: Blocks | None = None) -> jax.Array:
   """act(x[rows of g] @ w[g]) for each group g; rows past sum(group_sizes) come out zero
   ("xla") or unspecified (kernels: callers never read them).
 
@@ -296,6 +313,7 @@ def grouped_matmul(x_MxK: jax.Array, w_GxKxN: jax.Array, group_sizes_G: jax.Arra
     activation: "none", "gelu" (tanh form, as jax.nn.gelu), or "swiglu":
       silu(x @ w_gate) * (x @ w), fused so each row tile reads both.
     impl: "xla", "pallas" or "interpret" (module docstring).
+    blocks: the kernel's tiles; None: DEFAULT_BLOCKS narrowed to K and N (blocks_for).
   Returns:
     [M, N] in x's dtype, accumulated in float32.
   """
@@ -305,11 +323,15 @@ def grouped_matmul(x_MxK: jax.Array, w_GxKxN: jax.Array, group_sizes_G: jax.Arra
     raise ValueError(f"activation={activation!r}: use one of {ACTIVATIONS}")
   if (activation == "swiglu") != (w_gate_GxKxN is not None):
     raise ValueError("w_gate_GxKxN is given exactly when activation='swiglu'")
+  _check_operands(x_MxK, w_GxKxN, group_sizes_G, w_gate_GxKxN)
   if impl == "xla":
     return _xla(x_MxK, w_GxKxN, group_sizes_G, w_gate_GxKxN, activation)
+  if blocks is None:
+    blocks = blocks_for(*w_GxKxN.shape[1:])
   why = supports(x_MxK, w_GxKxN, blocks)
   if why:
-    raise ValueError(f"grouped_matmul impl={impl!r}: {why}; use impl='xla'.")
+    raise ValueError(f"grouped_matmul impl={impl!r}: {why}; give blocks that tile them "
+                     "(blocks_for(K, N) narrows a Blocks to K and N), or use impl='xla'.")
   m = x_MxK.shape[0]
   x_pad = jnp.pad(x_MxK, ((0, blocks.block_m), (0, 0)))
   return _pallas(x_pad, m, w_GxKxN, group_sizes_G, w_gate_GxKxN, activation, blocks,
@@ -330,6 +352,13 @@ def grouped_mlp(x_MxD: jax.Array, group_sizes_G: jax.Array, w_up_GxDxF: jax.Arra
   The kernels keep the hidden [M + pad, F] padded between the two products, so nothing
   is copied between them.
   """
+  if impl not in IMPLS:
+    raise ValueError(f"impl={impl!r}: use one of {IMPLS}")
+  _check_operands(x_MxD, w_up_GxDxF, group_sizes_G, w_gate_GxDxF, "grouped_mlp (up)")
+  d, f = w_up_GxDxF.shape[1:]
+  if w_down_GxFxD.shape != (w_up_GxDxF.shape[0], f, d):
+    raise ValueError(f"grouped_mlp: w_down has shape {w_down_GxFxD.shape}; with w_up of "
+                     f"{w_up_GxDxF.shape} it must be {(w_up_GxDxF.shape[0], f, d)} [G, F, D]")
   activation = "gelu" if w_gate_GxDxF is None else "swiglu"
   if blocks is None:
     up, down = mlp_blocks(*w_up_GxDxF.shape[1:], swiglu=w_gate_GxDxF is not None)
