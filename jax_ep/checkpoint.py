@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import jax_ep
+from jax_ep import params as param_layouts
 from jax_ep import sharding
 from jax_ep.config import ConfigError, ModelConfig
 from jax_ep.model import Transformer
@@ -324,10 +325,17 @@ def abstract_canonical(cfg: ModelConfig, engine=None) -> dict:
 
 
 def save(directory: str, engine, params, *, step: int = 0, extra: dict | None = None) -> None:
-  """Saves `params` in `engine`'s deployment layout as a canonical checkpoint (blocks
-  until written). Each shard is written from the devices that hold it."""
+  """Saves `params` of `engine`'s model (its deployment's layout, or canonical: nnx.State
+  or pure dict) as a canonical checkpoint (blocks until written). Each shard is written
+  from the devices that hold it. Params of another model are refused (ConfigError)
+  before anything is created."""
+  if param_layouts.is_layout(params) and param_layouts.same_shapes(params,
+                                                                   engine.abstract_params):
+    canonical = engine.canonical_params(params)
+  else:
+    canonical = param_layouts.canonical_of(engine, params)
   with Checkpointer(directory, create=True) as ckpt:
-    ckpt.save(step, engine.cfg, engine.canonical_params(params), extra=extra)
+    ckpt.save(step, engine.cfg, canonical, extra=extra)
     ckpt.wait()
 
 

@@ -33,11 +33,28 @@ def place(engine, params):
 
   Raises ConfigError if they are not parameters of the engine's model.
   """
-  if isinstance(params, dict) and not isinstance(params.get("layers"), tuple):
+  if is_layout(params) and same_shapes(params, engine.abstract_params):
+    return jax.device_put(params, engine.param_shardings)
+  params = canonical_of(engine, params)
+  # Canonical shards first (the stacked L axis splits over stages in the same blocks),
+  # so each device receives only its share; the relayout is then local to each device.
+  canonical_specs = sharding.param_specs(engine.abstract_canonical, engine.table)
+  params = jax.device_put(params, sharding.named(engine.mesh, canonical_specs))
+  return jax.jit(engine.to_layout, out_shardings=engine.param_shardings)(params)
+
+
+def is_layout(params) -> bool:
+  """Whether `params` are in a deployment's layout (layers a tuple of [stages, ...])."""
+  return isinstance(params, dict) and isinstance(params.get("layers"), tuple)
+
+
+def canonical_of(engine, params):
+  """`params` (canonical nnx.State, its pure dict, or any deployment's layout) as the
+  canonical nnx.State of `engine`'s model, each shard where it is; ConfigError naming the
+  first difference if they are another model's."""
+  if isinstance(params, dict) and not is_layout(params):
     params = _state_of_pure(engine, params)
-  if isinstance(params, dict) and isinstance(params.get("layers"), tuple):
-    if same_shapes(params, engine.abstract_params):
-      return jax.device_put(params, engine.param_shardings)
+  if is_layout(params):
     if engine.cfg.num_layers % len(params["layers"]):
       raise ConfigError(f"params hold {len(params['layers'])} layers per stage, which does "
                         f"not divide this model's {engine.cfg.num_layers} layers.")
@@ -45,11 +62,7 @@ def place(engine, params):
                      out_shardings=canonical_shardings_of(params))(params)
   if not same_shapes(params, engine.abstract_canonical):
     raise _not_the_model(engine.cfg, first_mismatch(params, engine.abstract_canonical))
-  # Canonical shards first (the stacked L axis splits over stages in the same blocks),
-  # so each device receives only its share; the relayout is then local to each device.
-  canonical_specs = sharding.param_specs(engine.abstract_canonical, engine.table)
-  params = jax.device_put(params, sharding.named(engine.mesh, canonical_specs))
-  return jax.jit(engine.to_layout, out_shardings=engine.param_shardings)(params)
+  return params
 
 
 def _not_the_model(cfg, what: str) -> ConfigError:

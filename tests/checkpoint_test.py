@@ -161,6 +161,20 @@ def test_damaged_checkpoint_is_a_clear_error(saved, tmp_path, damage, message):
     checkpoint.restore(directory, engine)
 
 
+def test_save_takes_canonical_params_and_refuses_another_models(saved, tmp_path):
+  directory, engine, params = saved
+  canonical = engine.canonical_params(params)
+  checkpoint.save(str(tmp_path / "canonical"), engine, canonical, step=7)
+  _, restored, _ = checkpoint.restore_canonical(str(tmp_path / "canonical"))
+  _, original, _ = checkpoint.restore_canonical(directory)
+  assert _equal(restored, original)
+  other = Engine(dataclasses.replace(engine.cfg, num_experts=8), PRESETS["proposed_8"])
+  for wrong in (params, canonical):  # a layout and canonical params of the 16-expert model
+    with pytest.raises(ConfigError, match="params do not match this engine's model"):
+      checkpoint.save(str(tmp_path / "other"), other, wrong)
+  assert not (tmp_path / "other").exists()  # refused before anything was created
+
+
 def test_missing_directory(tmp_path):
   with pytest.raises(ConfigError, match="no checkpoint directory"):
     checkpoint.read_meta(str(tmp_path / "nope"))
