@@ -41,6 +41,10 @@ class Engine:
                watch: numerics.LayerWatch | None = None):
     """`watch`: report every layer's non-finite outputs to it (--check_numerics; off the
     compiled programs when None)."""
+    if not isinstance(dep, DeploymentConfig):
+      raise TypeError(f"Engine takes a DeploymentConfig, not {type(dep).__name__} {dep!r}; "
+                      "a preset by name: jax_ep.presets.deployments.resolve(name, "
+                      "num_devices), e.g. resolve('proposed', 8).")
     dep.check_model(cfg)
     self.cfg, self.dep, self.watch = cfg, dep, watch
     self.mesh = make_mesh(dep) if mesh is None else mesh

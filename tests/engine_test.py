@@ -233,6 +233,11 @@ def test_mesh_that_does_not_match_the_deployment():
     Engine(load_model("tiny"), dep, mesh=make_mesh(DeploymentConfig(stages=2, expert=4)))
 
 
+def test_a_preset_name_is_not_a_deployment():
+  with pytest.raises(TypeError, match=r"resolve\(name, num_devices\)"):
+    Engine(load_model("tiny"), "proposed_8")
+
+
 def test_model_that_does_not_fit():
   with pytest.raises(ConfigError, match="num_experts=16"):
     Engine(load_model("tiny"), PRESETS["seed_proposed_e64"])

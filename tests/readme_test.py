@@ -1,0 +1,22 @@
+"""README.md's Python example runs as written (in a fresh process: it sets the device count
+before jax starts)."""
+
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_python_example_runs(tmp_path):
+  readme = open(os.path.join(ROOT, "README.md")).read()
+  blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+  assert len(blocks) == 1, "README.md has one Python example"
+  script = blocks[0] + "\nassert set(restored) == set(params)\nprint('ok')\n"
+  env = {**os.environ, "PYTHONPATH": ROOT}
+  env.pop("XLA_FLAGS", None)  # the example sets the device count itself
+  proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                        text=True, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip().endswith("ok") and (tmp_path / "ckpt").is_dir()
