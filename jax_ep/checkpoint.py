@@ -179,6 +179,9 @@ class Checkpointer:
     Asynchronous: returns once the arrays are copied off the devices; wait() or close()
     ends the write. A step that already exists is an error.
     """
+    if int(step) in self._manager.all_steps():
+      raise ConfigError(f"step {int(step)} already exists in {self.directory}; save under "
+                        "another step, or into another directory.")
     params = pure(params)
     items = {PARAMS: params} if opt_state is None else {PARAMS: params, OPT_STATE: opt_state}
     arrays = {name: describe(tree) for name, tree in items.items()}

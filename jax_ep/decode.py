@@ -85,10 +85,11 @@ def check_request(engine: Engine, prompts_BxT, max_new_tokens: int, temperature:
     raise ConfigError(f"temperature={temperature} must be >= 0 (0 is greedy).")
   prompts = np.asarray(prompts_BxT)
   if prompts.ndim == 2 and prompts.shape[1] + max_new_tokens - 1 > max_len:
+    bound = ("the model's max_seq_len; raise ModelConfig.max_seq_len (a preset's in configs/)"
+             if max_len == engine.cfg.max_seq_len else f"max_len={max_len}; raise max_len")
     raise ConfigError(
         f"prompt_len={prompts.shape[1]} + max_new_tokens={max_new_tokens} - 1 exceeds the KV "
-        f"cache length {max_len} (the model's max_seq_len); lower one of them, or raise "
-        "ModelConfig.max_seq_len (a preset's in configs/).")
+        f"cache length {max_len} ({bound}), or lower one of them.")
   return engine.check_tokens(prompts, 0, max_len)
 
 
@@ -120,6 +121,8 @@ def generate(engine: Engine, params, prompts_BxT, max_new_tokens: int, *,
   """Prefills `prompts_BxT` and generates `max_new_tokens` tokens per sequence.
 
   `params` must be in `engine`'s layout (Engine.init_params or Engine.place_params).
+  `max_len`: the KV cache's length, prompt and new tokens (ModelConfig.max_seq_len if
+  None; it may be longer or shorter than that).
   The first of the N - 1 decode steps also fills the ring; `synced_steps` of the next
   are timed one by one, the rest back to back (traced with jax.profiler into
   `profile_dir` if given).

@@ -37,8 +37,9 @@ def device_grid(dep: DeploymentConfig, devices) -> np.ndarray:
   if len(devices) < need:
     raise ConfigError(
         f"deployment {dep.describe()} needs {need} devices but {len(devices)} are available. "
-        f"Use --simulate_devices={need} on a CPU, or a smaller mesh "
-        "(--stages, --expert_axis, --tp).")
+        f"On a CPU, simulate them: jax_ep.runtime.simulate_devices({need}) before jax "
+        f"starts (--simulate_devices={need} on the command line); or use a smaller mesh "
+        "(DeploymentConfig stages, expert, tp: --stages, --expert_axis, --tp).")
   ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
   chosen = ordered[:need]
   idle = sorted({d.process_index for d in ordered} - {d.process_index for d in chosen})

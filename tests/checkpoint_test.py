@@ -225,3 +225,10 @@ def test_fingerprints_do_not_depend_on_sharding_or_host():
     y = x.astype(dtype)
     assert_array_equal(checkpoint.describe({"y": y})["y"]["fingerprint"],
                        checkpoint.describe({"y": jnp.asarray(y)})["y"]["fingerprint"])
+
+
+def test_saving_a_step_that_exists_is_refused(saved, tmp_path):
+  directory, engine, params = saved
+  copy = _copy(saved, tmp_path)
+  with pytest.raises(ConfigError, match="step 7 already exists in"):
+    checkpoint.save(copy, engine, params, step=7)
