@@ -39,7 +39,7 @@ def device_grid(dep: DeploymentConfig, devices) -> np.ndarray:
         f"deployment {dep.describe()} needs {need} devices but {len(devices)} are available. "
         f"On a CPU, simulate them: jax_ep.runtime.simulate_devices({need}) before jax "
         f"starts (--simulate_devices={need} on the command line); or use a smaller mesh "
-        "(DeploymentConfig stages, expert, tp: --stages, --expert_axis, --tp).")
+        "(fewer stages, expert or tp; --stages, --expert_axis, --tp on the command line).")
   ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
   chosen = ordered[:need]
   idle = sorted({d.process_index for d in ordered} - {d.process_index for d in chosen})
