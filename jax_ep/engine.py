@@ -197,10 +197,20 @@ class Engine:
     or without `sample` (cache, MoEStats): an early chunk of a chunked prefill.
 
     The next token is sampled at position pos + T (sampling.py: the same on every
-    deployment). The cache is donated.
+    deployment). The cache is donated. A cache of another batch than the tokens' is a
+    ConfigError when the program is traced (shapes are static).
     """
-    return jax.jit(self._shard_prefill("sample" if sample else "cache", temperature),
-                   donate_argnums=(1,))
+    program = self._shard_prefill("sample" if sample else "cache", temperature)
+
+    def prefill(params, cache, tokens_BxT, pos, key):
+      cache_batch = cache.k[0].shape[1]
+      if tokens_BxT.shape[0] != cache_batch:
+        raise ConfigError(f"the cache holds {cache_batch} sequences and tokens "
+                          f"{tokens_BxT.shape[0]}; make it with init_cache("
+                          f"{tokens_BxT.shape[0]}, max_len).")
+      return program(params, cache, tokens_BxT, pos, key)
+
+    return jax.jit(prefill, donate_argnums=(1,))
 
   def decode_state_specs(self) -> ring.DecodeState:
     """The decode state's PartitionSpecs: a DecodeState of them."""

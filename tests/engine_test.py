@@ -233,6 +233,14 @@ def test_mesh_that_does_not_match_the_deployment():
     Engine(load_model("tiny"), dep, mesh=make_mesh(DeploymentConfig(stages=2, expert=4)))
 
 
+def test_prefill_refuses_a_cache_of_another_batch():
+  engine = Engine(load_model("tiny"), deployments.SINGLE)
+  params, cache = engine.init_params(0), engine.init_cache(16, 16)
+  tokens = jnp.zeros((8, 4), jnp.int32)
+  with pytest.raises(ConfigError, match=r"the cache holds 16 sequences and tokens 8"):
+    engine.prefill_program()(params, cache, tokens, jnp.int32(0), jax.random.key(0))
+
+
 def test_a_preset_name_is_not_a_deployment():
   with pytest.raises(TypeError, match=r"resolve\(name, num_devices\)"):
     Engine(load_model("tiny"), "proposed_8")
