@@ -73,6 +73,9 @@ SWIGLU_SETS = {
               "tail32": "up.tail_m=32", "tail0_last_m0": "up.tail_m=0,up.last_m=0"},
     "warps": {"default": "", "up_w16": "up.num_warps=16", "w16": "num_warps=16",
               "default_again": ""},
+    # The CPU check's (tests/benchmarks_test.py): the default's tail and small-tile paths
+    # against neither.
+    "smoke": {"default": "", "tail0_last_m0": "up.tail_m=0,up.last_m=0"},
 }
 SWIGLU_UP_VARIANTS = SWIGLU_SETS["tails"]
 SKEWED = [265, 231, 204, 178, 161, 147, 139, 128, 117, 106, 98, 85, 72, 51, 36, 30]
