@@ -115,10 +115,9 @@ def main():
     from jax_ep.perf import plan
 
     full = deployments.resolve(args.share, len(jax.devices()))
-    cfg, args.batch = plan.share_config(
+    cfg, dep, args.batch = plan.share_config(
         cfg, dataclasses.replace(full, decode_groups=1, microbatches=1),
         args.batch // full.groups)
-    dep = deployments.SINGLE
   dep = dataclasses.replace(dep, tokens_per_call=args.tokens_per_call)
   engine = Engine(cfg, dep)
   params = engine.init_params(0)

@@ -129,12 +129,21 @@ class DeploymentConfig:
   # e.g. "up.tail_m=16,down.num_stages=3": `up.`/`down.` names one product, a bare field
   # both. "": the defaults. Only the Pallas kernels read it.
   expert_blocks: str = ""
+  # A one-device share of a larger deployment (perf --share) only: the devices of a stage
+  # whose rows its head scores. A stage gathers all its rows for the head, each device
+  # scoring them on its vocabulary columns; the share scores its own rows this many times
+  # instead (its head's work, without the gather). 1 everywhere else.
+  head_gather: int = 1
 
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ConfigError(
           f"DeploymentConfig.kind={self.kind!r} is unknown; use one of {list(KINDS)}.")
-    _positive(self, "stages", "expert", "tp", "microbatches", "tokens_per_call")
+    _positive(self, "stages", "expert", "tp", "microbatches", "tokens_per_call", "head_gather")
+    if self.head_gather > 1 and self.num_devices > 1:
+      raise ConfigError(f"DeploymentConfig.head_gather={self.head_gather} is for a one-device "
+                        f"share of a deployment (perf --share); a mesh of {self.num_devices} "
+                        "devices gathers its rows for the head itself: leave it 1.")
     if not isinstance(self.decode_groups, int) or self.decode_groups < 0:
       raise ConfigError(f"DeploymentConfig.decode_groups={self.decode_groups!r} must be 0 (as "
                         "many as stages) or a positive number of groups.")

@@ -34,11 +34,12 @@ class Parallel:
   dropless: bool = True
   kernels: str = "auto"
   expert_blocks: str = ""  # DeploymentConfig.expert_blocks
+  head_gather: int = 1  # DeploymentConfig.head_gather (a one-device share's head)
 
   @classmethod
   def of(cls, dep: DeploymentConfig) -> Parallel:
     return cls(dep.stages, dep.expert, dep.tp, dep.placement, dep.capacity_factor,
-               dep.dropless, dep.kernels, dep.expert_blocks)
+               dep.dropless, dep.kernels, dep.expert_blocks, dep.head_gather)
 
   def _live(self, *names):
     sizes = {STAGE: self.stage, EXPERT: self.expert, TP: self.tp}

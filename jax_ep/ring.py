@@ -66,6 +66,21 @@ def first_call_steps(groups: int, stages: int) -> int:
   return groups + stages - 1
 
 
+def _head_token(hg_, gids, pos, scale_D, unembed_DxV_, vocab0, temperature, key, norm_eps,
+                par: ep.Parallel):
+  """The next token of each gathered row, over this device's vocabulary columns and then
+  all shards'. On a one-device share (par.head_gather > 1) the rows are scored that many
+  times, the work of a device whose stage gathers that many devices' rows."""
+  c = par.head_gather
+  if c > 1:
+    hg_, gids, pos = jnp.tile(hg_, (c, 1, 1)), jnp.tile(gids, c), jnp.tile(pos, c)
+  logits_ = model.head(hg_, scale_D, unembed_DxV_, norm_eps)[:, 0]
+  score, vid = sampling.local_best(logits_, vocab0, temperature, key, gids, pos)
+  if c > 1:  # every copy picks the same token; the max keeps them all in the program
+    score, vid = score[:vid.shape[0] // c], vid.reshape(c, -1).max(axis=0)
+  return ep.best_over_vocab(score, vid, par)
+
+
 def run(layers_, params_, state_: DecodeState, key, *, steps: int, groups: int, batch: int,
         temperature: float, norm_eps: float, par: ep.Parallel):
   """`steps` micro-steps of the ring on this device (inside shard_map).
@@ -118,11 +133,10 @@ def run(layers_, params_, state_: DecodeState, key, *, steps: int, groups: int, 
     last_g = jnp.minimum(last_slot, groups - 1)
     with jax.named_scope("head"):
       hg_ = ep.gather_batch(h_, par)  # [Bg, 1, D], expert-major
-      logits_ = model.head(hg_, scale_D, unembed_DxV_, norm_eps)[:, 0]
       gids = group_ids(g, batch, groups, par.expert)
-      score, vid = sampling.local_best(logits_, vocab0, temperature, key, gids,
-                                       st.pos_B[gids] + 1)
-      token_Bg = ep.from_last_stage(ep.best_over_vocab(score, vid, par), par)
+      token_Bg = ep.from_last_stage(
+          _head_token(hg_, gids, st.pos_B[gids] + 1, scale_D, unembed_DxV_, vocab0,
+                      temperature, key, norm_eps, par), par)
     with jax.named_scope("to_next_stage"):
       inflight_ = ep.to_next_stage(h_[:, 0], par)[None].astype(st.inflight_NxBgxD.dtype)
     last_ids = group_ids(last_g, batch, groups, par.expert)

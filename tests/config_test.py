@@ -106,6 +106,14 @@ def test_decode_groups_prefill_chunk_and_kernels():
     DeploymentConfig(kernels="cuda")
 
 
+def test_head_gather_is_for_a_one_device_share_only():
+  assert DeploymentConfig(head_gather=16).head_gather == 16
+  with _raises("head_gather=0 must be a positive integer"):
+    DeploymentConfig(head_gather=0)
+  with _raises("mesh of 4 devices gathers its rows for the head itself"):
+    DeploymentConfig(kind="proposed", expert=4, head_gather=4)
+
+
 def test_expert_blocks_are_checked_at_construction_and_against_the_model():
   with _raises("expert_blocks='up.tail=16': 'up.tail=16': 'tail' is not a Blocks field"):
     DeploymentConfig(expert_blocks="up.tail=16")

@@ -45,8 +45,8 @@ def test_calibrate_one_gpu_runs():
   # runs fit one roofline factor and the fixed per-layer cost (which dominates the share).
 
   truth = hardware.Efficiency(memory=0.85, compute=0.85, layer_overhead_s=400e-6)
-  share, rows = plan.share_config(SEED, deployments.SEED_PROPOSED, 1024 // 4)
-  records = _records(truth, [(deployments.SINGLE, SEED, 1024), (deployments.SINGLE, share, rows)])
+  share, one, rows = plan.share_config(SEED, deployments.SEED_PROPOSED, 1024 // 4)
+  records = _records(truth, [(deployments.SINGLE, SEED, 1024), (one, share, rows)])
   eff = calibrate.calibrate(records)
   assert eff.memory == pytest.approx(0.85, rel=2e-3)
   assert eff.compute == eff.memory

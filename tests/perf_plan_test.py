@@ -7,14 +7,18 @@ import pytest
 
 from configs import deployments, load_model
 from jax_ep.config import ConfigError
-from jax_ep.perf import plan
+from jax_ep.perf import per_device, plan
 
 
 def test_share_of_seed_proposed_is_one_expert_one_layer():
   one_group = dataclasses.replace(deployments.SEED_PROPOSED, decode_groups=1)
-  share, rows = plan.share_config(load_model("seed"), one_group, 1024)
+  share, one, rows = plan.share_config(load_model("seed"), one_group, 1024)
   assert (share.num_layers, share.num_experts, share.top_k, rows) == (1, 1, 1, 64)
   assert share.model_dim == 8192 and share.mlp_dim == 32768
+  # Its head: its 2048 of the 32768 vocabulary columns, on the stage's 16 x 64 rows.
+  assert share.vocab_size == 2048 and one.num_devices == 1 and one.head_gather == 16
+  lay = per_device.layout(share, one, rows)
+  assert lay.group_rows == 1024 and lay.vocab_shards == 1
 
 
 def test_share_of_tp_deployment_is_refused():
@@ -63,7 +67,7 @@ def test_expert_blocks_reach_every_planned_deployment():
   assert {p.dep.expert_blocks for p in plans} == {"up.tail_m=16"}
   bad = dataclasses.replace(spec, expert_blocks="block_m=16,up.last_m=0,up.tail_m=16")
   plans, skipped = plan.plan(load_model("seed_swiglu"), bad, 64, lambda m: None)
-  assert [s["name"] for s in skipped] == ["single", "mesh:1x2x1"]
+  assert [s["name"] for s in skipped] == ["single", "mesh:1x2x1", "share:seed_proposed"]
   assert all("tail_m=16 must be 0 or a power of two below block_m=16" in s["reason"]
              for s in skipped)
 

@@ -171,3 +171,27 @@ def test_group_ids_cover_the_batch_once():
   assert sorted(ids.tolist()) == list(range(32))
   # Group 1 on expert device 1: that device's rows 4..7 of its 16, global 16 + 4...
   assert np.asarray(ring.group_ids(1, 32, 4, 2, xp=np)).tolist() == [4, 5, 6, 7, 20, 21, 22, 23]
+
+
+def test_a_share_head_scores_its_rows_head_gather_times_and_picks_the_same_tokens():
+  # A one-device share of a deployment whose stage gathers 4 devices' rows for the head
+  # (DeploymentConfig.head_gather): the same tokens, greedy and sampled, and a head
+  # whose unembedding multiplies 4 x the rows.
+  single, params = _single()
+  share = Engine(single.cfg, dataclasses.replace(deployments.SINGLE, head_gather=4))
+  batch = 4
+  for temperature in (0.0, 0.8):
+    want = decode.generate(single, params, _prompts(batch), NEW, temperature=temperature,
+                           seed=5, max_len=PROMPT + NEW)
+    got = decode.generate(share, share.place_params(params), _prompts(batch), NEW,
+                          temperature=temperature, seed=5, max_len=PROMPT + NEW)
+    assert_array_equal(got.tokens, want.tokens)
+
+  def head_rows(engine):
+    hlo = engine.decode_program(batch, 1).lower(
+        engine.place_params(params), engine.abstract_decode_state(batch, CACHE),
+        jax.random.key(0)).as_text()
+    d, v = single.cfg.model_dim, single.cfg.vocab_size
+    return re.findall(rf"dot_general .*: \(tensor<(\d+)x1x{d}x\w+>, tensor<{d}x{v}x", hlo)
+
+  assert head_rows(share) == [str(4 * batch)] and head_rows(single) == [str(batch)]

@@ -175,7 +175,8 @@ KINDS = flags.DEFINE_list(
     "sets its decode groups in flight.")
 SHARE = flags.DEFINE_string(
     "share", None, "bench: also run one device's share of this deployment on one device: "
-    "'proposed' (= seed_proposed: 1 layer, 1 expert, 64 sequences) or a tp=1 preset name.")
+    "'proposed' (= seed_proposed: 1 layer, 1 expert, 64 sequences, its 1/16 of the head on "
+    "its stage's 1024 rows) or a tp=1 preset name.")
 SYNCED = flags.DEFINE_integer("synced", 5, "bench: decode steps before the timed ones, each "
                               "timed with a sync (median and p10-p90).")
 WARMUP = flags.DEFINE_integer("warmup", 1, "bench: decode steps after the ring's fill, not "

@@ -27,7 +27,9 @@ class Layout:
   ep_size: int  # devices one layer's experts are spread over (the all_to_all group)
   send_rows: int  # W: send-buffer rows per destination
   vocab_shards: int  # expert x tp: the unembedding's columns are split this many ways
-  group_rows: int  # a group's rows over the stage (micro_rows x expert): the head's rows
+  # a group's rows over the stage (micro_rows x expert; x head_gather on a share): the
+  # head's rows
+  group_rows: int
 
   @property
   def micro_steps(self) -> int:
@@ -50,7 +52,8 @@ def layout(cfg: ModelConfig, dep: DeploymentConfig, batch: int) -> Layout:
       moe_tokens=moe_tokens, ep_size=dep.expert_shards,
       send_rows=rows_per_destination(moe_tokens, cfg.top_k, experts, dep.expert_shards,
                                      dep.capacity_factor, dep.dropless),
-      vocab_shards=dep.expert * dep.tp, group_rows=micro_rows * dep.expert)
+      vocab_shards=dep.expert * dep.tp,
+      group_rows=micro_rows * dep.expert * dep.head_gather)
 
 
 def micro_steps(dep: DeploymentConfig) -> int:

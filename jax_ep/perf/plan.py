@@ -99,10 +99,13 @@ def parse_mesh(kind: str) -> DeploymentConfig:
 
 
 def share_config(cfg: ModelConfig, dep: DeploymentConfig, batch: int):
-  """One device's share of `dep` as a one-device model: (ModelConfig, batch).
+  """One device's share of `dep` as a one-device model and deployment: (ModelConfig,
+  DeploymentConfig, batch).
 
   Its stage's layers, its experts of each (top-k capped at their number), the rows it
-  attends for; the embedding, unembedding and whole attention as the device holds them.
+  attends for, the whole attention and embedding as the device holds them, and its
+  vocabulary columns of the unembedding, which score every row of its stage (the
+  deployment gathers them; the share's own rows stand in: DeploymentConfig.head_gather).
   The share runs one group's rows once: the ring's micro-steps and the collectives are
   what the cost model (perf/cost.py) adds to turn it into the deployment's step. With
   top-k capped, the share's experts see fewer rows than the deployment's (64, not ~128,
@@ -114,8 +117,12 @@ def share_config(cfg: ModelConfig, dep: DeploymentConfig, batch: int):
                       "use a tp=1 deployment such as seed_proposed.")
   lay = layout(cfg, dep, batch)
   share = dataclasses.replace(cfg, num_layers=lay.layers, num_experts=lay.experts,
-                              top_k=min(cfg.top_k, lay.experts))
-  return share, lay.rows
+                              top_k=min(cfg.top_k, lay.experts),
+                              vocab_size=cfg.vocab_size // lay.vocab_shards)
+  one = dataclasses.replace(deployments.SINGLE, head_gather=lay.group_rows // lay.micro_rows,
+                            tokens_per_call=dep.tokens_per_call,
+                            expert_blocks=dep.expert_blocks)
+  return share, one, lay.rows
 
 
 def plan(cfg: ModelConfig, spec: BenchSpec, num_devices: int, log) -> tuple[list[Plan], list]:
@@ -166,17 +173,19 @@ def plan(cfg: ModelConfig, spec: BenchSpec, num_devices: int, log) -> tuple[list
     try:
       full = _resolve(name, num_devices, "--share")
       # One group on one device of `full` (the ring's micro-step on one device).
-      share_cfg, rows = share_config(cfg, dataclasses.replace(full, decode_groups=1,
-                                                              microbatches=1),
-                                     spec.batch // full.groups)
+      share_cfg, share_dep, rows = share_config(
+          cfg, dataclasses.replace(full, decode_groups=1, microbatches=1,
+                                   tokens_per_call=spec.tokens_per_call,
+                                   expert_blocks=spec.expert_blocks),
+          spec.batch // full.groups)
       plans.append(Plan(f"share:{name}", f"One GPU's share of {name}", share_cfg,
-                        dataclasses.replace(deployments.SINGLE,
-                                            tokens_per_call=spec.tokens_per_call,
-                                            expert_blocks=spec.expert_blocks), rows, name,
+                        share_dep, rows, name,
                         f"one device of {name} ({full.num_devices} GPUs) for one group of "
                         f"{spec.batch // full.groups}: {share_cfg.num_layers} layer(s) x "
                         f"{share_cfg.num_experts} expert(s), top-{share_cfg.top_k}, {rows} "
-                        "sequences", share_of=full, model_name=spec.config))
+                        f"sequences; its head: {share_cfg.vocab_size} of {cfg.vocab_size} "
+                        f"vocabulary columns on the stage's {rows * share_dep.head_gather} "
+                        "rows", share_of=full, model_name=spec.config))
     except ConfigError as e:
       skipped.append({"name": f"share:{name}", "reason": str(e)})
       if spec.skip_unfit:
@@ -186,8 +195,9 @@ def plan(cfg: ModelConfig, spec: BenchSpec, num_devices: int, log) -> tuple[list
 
 def slice_share(params, cfg: ModelConfig, share: ModelConfig):
   """The share's parameters cut from a deployment layout (engine.py): stage 0's first
-  `share.num_layers` local layers, experts 0..E_local-1. Slices only what the share
-  keeps, so the full model is never copied (it may fill the device)."""
+  `share.num_layers` local layers, experts 0..E_local-1, the first vocabulary shard.
+  Slices only what the share keeps, so the full model is never copied (it may fill the
+  device)."""
 
   def cut(path, leaf):
     name = next(n for n in reversed([str(getattr(k, "key", getattr(k, "name", k)))
@@ -200,7 +210,9 @@ def slice_share(params, cfg: ModelConfig, share: ModelConfig):
 
   layers = tuple(jax.tree_util.tree_map_with_path(cut, params["layers"][i])
                  for i in range(share.num_layers))
-  return {**params, "layers": layers}
+  v = share.vocab_size
+  return {**params, "layers": layers, "embed_VxD": params["embed_VxD"][:v],
+          "unembed_DxV": params["unembed_DxV"][:, :v]}
 
 
 
