@@ -178,13 +178,14 @@ def expert_impl(par: Parallel, d: int, f: int, swiglu: bool) -> str:
   return impl
 
 
-def combine(y_RxD_, slot_TxK, weights_TxK, par: Parallel, dtype):
-  """routing.combine, through the Pallas kernel where the kernels run and it tiles."""
+def combine(y_RxD_, slot_TxK, weights_TxK, par: Parallel, dtype, rows: int):
+  """routing.combine of y's first `rows` rows (slot == rows: nothing; y may hold padding
+  past them), through the Pallas kernel where the kernels run and it tiles."""
   impl = kernels(par)
   if impl != "xla" and combine_kernel.supports(slot_TxK.shape[0], y_RxD_.shape[1]):
-    return combine_kernel.combine(y_RxD_, slot_TxK, weights_TxK,
+    return combine_kernel.combine(y_RxD_, slot_TxK, weights_TxK, rows=rows,
                                   interpret=impl == "interpret").astype(dtype)
-  return routing.combine(y_RxD_, slot_TxK, weights_TxK).astype(dtype)
+  return routing.combine(y_RxD_[:rows], slot_TxK, weights_TxK).astype(dtype)
 
 
 def moe(x_TxD_, w_router_DxE, w_up_ExDxF_, w_down_ExFxD_, w_gate_ExDxF_, *, top_k: int,
@@ -242,18 +243,22 @@ def moe(x_TxD_, w_router_DxE, w_up_ExDxF_, w_down_ExFxD_, w_gate_ExDxF_, *, top_
       x_RxD_, group_sizes = recv_, recv_PxEl[0]
     # Balanced, a device receives as many rows as it sends picks (tokens x K).
     f, swiglu = w_up_ExDxF_.shape[2], w_gate_ExDxF_ is not None
+    # With no exchange back, the combine reads the kernels' padded output in place (no
+    # copy of a slice between the two kernels).
+    in_place = p == 1 and not par.ffn_over_tp
     y_RxD_ = grouped_matmul.grouped_mlp(
         x_RxD_, group_sizes, w_up_ExDxF_, w_down_ExFxD_, w_gate_ExDxF_,
         impl=expert_impl(par, dim, f, swiglu),
         blocks=grouped_matmul.mlp_blocks(dim, f, swiglu, par.expert_blocks),
-        expected_rows=tokens * top_k)
+        expected_rows=tokens * top_k, padded=in_place)
     if par.ffn_over_tp:
       y_RxD_ = jax.lax.psum(y_RxD_, TP)
     if p > 1:
       y_RxD_ = routing.take_rows(y_RxD_, comp.back_R)
   with jax.named_scope("combine"):
-    back_ = _exchange(y_RxD_.reshape(p, rows, dim), par).reshape(p * rows, dim)
-    y_TxD_ = combine(back_, pack.slot_TxK, weights_TxK, par, x_TxD_.dtype)
+    back_ = y_RxD_ if in_place else _exchange(y_RxD_.reshape(p, rows, dim), par).reshape(
+        p * rows, dim)
+    y_TxD_ = combine(back_, pack.slot_TxK, weights_TxK, par, x_TxD_.dtype, p * rows)
   if par.split_tokens_over_tp:
     y_TxD_ = jax.lax.all_gather(y_TxD_, TP, axis=0, tiled=True)[:total]
   return y_TxD_, MoEStats(pack.load_E, pack.dropped)

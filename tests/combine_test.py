@@ -24,6 +24,24 @@ def test_kernel_equals_the_reference(t, k, s, d):
   assert_allclose(got[0], 0.0)
 
 
+def test_padding_rows_past_rows_are_never_read():
+  # The grouped kernel's padded output, taken in place: rows past `rows` hold NaN here,
+  # and slot == rows (not len(y)) is the dropped pick.
+  rng = np.random.default_rng(0)
+  rows, pad, d = 12, 16, 64
+  y = rng.normal(size=(rows + pad, d)).astype(np.float32)
+  y[rows:] = np.nan
+  slot = rng.integers(0, rows + 1, (20, 2)).astype(np.int32)
+  slot[3] = rows
+  w = jnp.asarray(rng.random((20, 2)), jnp.float32)
+  want = routing.combine(jnp.asarray(y[:rows]), jnp.asarray(slot), w)
+  got = combine.combine(jnp.asarray(y), jnp.asarray(slot), w, rows=rows, interpret=True)
+  assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  assert_allclose(got[3], 0.0)
+  with pytest.raises(ValueError, match="rows=29 must be within y's 28 rows"):
+    combine.combine(jnp.asarray(y), jnp.asarray(slot), w, rows=29, interpret=True)
+
+
 def test_block_width_and_errors():
   assert combine.block_d(8192) == 512 and combine.block_d(48) == 16
   assert not combine.supports(4, 40)

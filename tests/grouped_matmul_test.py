@@ -54,6 +54,11 @@ def test_kernel_and_xla_equal_the_dense_reference(name, gated):
   assert_allclose(xla, want, rtol=1e-5, atol=1e-5)  # rows past the real ones are zero
   got = gm.grouped_mlp(x, gs, up, down, gate, impl="interpret", blocks=BLOCKS)
   assert_allclose(got[:real], want[:real], rtol=1e-5, atol=1e-5)
+  # padded: the kernels' own buffer, its first M rows the same; the XLA path's [M, D].
+  pad = gm.grouped_mlp(x, gs, up, down, gate, impl="interpret", blocks=BLOCKS, padded=True)
+  assert pad.shape == (M + BLOCKS.block_m, D)
+  assert_allclose(pad[:real], got[:real], rtol=0, atol=0)
+  assert gm.grouped_mlp(x, gs, up, down, gate, impl="xla", padded=True).shape == (M, D)
 
 
 # Last tiles of 9 and 8 rows around last_m=8 (25 = 16 + 9, then 8, then 7), beside SIZES.

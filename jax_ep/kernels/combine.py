@@ -1,7 +1,7 @@
 """The MoE combine as a Pallas Triton kernel: each token's weighted sum of its picks' rows.
 
 out[t] = sum_k weight[t, k] * y[slot[t, k]] (float32 sum, y's dtype out), where a slot
-equal to len(y) (a dropped pick, or no token) contributes nothing: routing.combine, the
+equal to y's real rows (a dropped pick, or no token) contributes nothing: routing.combine, the
 XLA reference and the CPU path. Each program gathers the K rows of a block of tokens,
 one column block at a time, with 16-byte loads along the row; XLA's fusion of the same
 gather ran at a twentieth of the memory bandwidth on the H200 (benchmarks/NOTES.md).
@@ -47,13 +47,20 @@ def _kernel(slot_ref, w_ref, y_ref, o_ref, *, picks: int, rows: int, bd: int):
 
 
 def combine(y_RxD: jax.Array, slot_TxK: jax.Array, weights_TxK: jax.Array, *,
-            interpret: bool = False) -> jax.Array:
-  """sum_k weights[t, k] * y[slot[t, k]] -> [T, D] in y's dtype (slot == R: nothing)."""
+            rows: int | None = None, interpret: bool = False) -> jax.Array:
+  """sum_k weights[t, k] * y[slot[t, k]] -> [T, D] in y's dtype (slot == rows: nothing).
+
+  rows: the real rows of y (default all R); y may carry padding rows past them, which
+  are never read (the grouped kernel's padded output, taken without a copy).
+  """
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as plgpu
 
   t, k = slot_TxK.shape
-  s, d = y_RxD.shape
+  r, d = y_RxD.shape
+  s = r if rows is None else rows
+  if not 0 <= s <= r:
+    raise ValueError(f"combine kernel: rows={rows} must be within y's {r} rows")
   bd = block_d(d)
   if bd is None:
     raise ValueError(f"combine kernel: D={d} must be a multiple of 16; use routing.combine")
@@ -65,7 +72,7 @@ def combine(y_RxD: jax.Array, slot_TxK: jax.Array, weights_TxK: jax.Array, *,
       functools.partial(_kernel, picks=k, rows=s, bd=bd),
       out_shape=jax.ShapeDtypeStruct((tp, d), y_RxD.dtype),
       grid=(tp // BLOCK_T, d // bd),
-      in_specs=[full((tp, k)), full((tp, k)), full((s, d))],
+      in_specs=[full((tp, k)), full((tp, k)), full((r, d))],
       out_specs=full((tp, d)),
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
       interpret=interpret,

@@ -341,10 +341,14 @@ def grouped_matmul(x_MxK: jax.Array, w_GxKxN: jax.Array, group_sizes_G: jax.Arra
 def grouped_mlp(x_MxD: jax.Array, group_sizes_G: jax.Array, w_up_GxDxF: jax.Array,
                 w_down_GxFxD: jax.Array, w_gate_GxDxF: jax.Array | None = None, *,
                 impl: str = "xla", blocks: Blocks | tuple[Blocks, Blocks] | None = None,
-                expected_rows: int | None = None) -> jax.Array:
+                expected_rows: int | None = None, padded: bool = False) -> jax.Array:
   """Each group's expert MLP on its rows: gelu(x W_up) W_down, or with w_gate the
   SwiGLU form (silu(x W_gate) * x W_up) W_down. Rows past sum(group_sizes) are zero
   ("xla") or unspecified (kernels).
+
+  padded: return the kernels' output as they write it, [M + pad, D] with the pad rows
+  unspecified, for a consumer that reads rows by index (the MoE combine): slicing it to
+  [M, D] would copy it. The XLA path returns [M, D] either way.
 
   `blocks` may be one Blocks or (up, down); None picks the measured defaults, narrowed
   to the shapes (mlp_blocks). `expected_rows` (the real rows of a typical call, M if
@@ -376,8 +380,9 @@ def grouped_mlp(x_MxD: jax.Array, group_sizes_G: jax.Array, w_up_GxDxF: jax.Arra
     x_pad = jnp.pad(x_MxD, ((0, max(up.block_m, down.block_m)), (0, 0)))
     h_pad = _pallas(x_pad, m, w_up_GxDxF, group_sizes_G, w_gate_GxDxF, activation, up,
                     interpret, split_for(rows, w_up_GxDxF.shape, up))
-    return _pallas(h_pad, m, w_down_GxFxD, group_sizes_G, None, "none", down, interpret,
-                   split_for(rows, w_down_GxFxD.shape, down))[:m]
+    y_pad = _pallas(h_pad, m, w_down_GxFxD, group_sizes_G, None, "none", down, interpret,
+                    split_for(rows, w_down_GxFxD.shape, down))
+    return y_pad if padded else y_pad[:m]
   h_MxF = grouped_matmul(x_MxD, w_up_GxDxF, group_sizes_G, activation=activation,
                          w_gate_GxKxN=w_gate_GxDxF, impl=impl)
   return grouped_matmul(h_MxF, w_down_GxFxD, group_sizes_G, impl=impl)
