@@ -254,4 +254,5 @@ class DeploymentConfig:
   def describe(self) -> str:
     return (f"{self.kind}: stage {self.stages} x expert {self.expert} x tp {self.tp} "
             f"({self.num_devices} devices), placement={self.placement}, "
-            f"microbatches={self.microbatches}, decode groups {self.groups}")
+            f"microbatches={self.microbatches}, decode groups {self.groups}"
+            + (f", head on {self.head_gather} devices' rows" if self.head_gather > 1 else ""))

@@ -10,6 +10,7 @@
 # power: the SwiGLU MLP's counters on near128 rows, then the seed's step with the GPU's
 #   clocks and power read each second beside it (nvidia-smi dmon);
 # kernel: the grouped kernel's sweep; 1: one GPU (profile, the seed, seed_swiglu);
+# share: the seed and the share of seed_proposed twice, then a profile of each;
 # 2: several (seed slices with and without the ring, EP2);
 # ab: one GPU's step with the kernel's default blocks and with SPEC, alternating, twice:
 #   bash benchmarks/scripts/h200_x4.sh ab COMMIT SPEC [CONFIGS [ROUNDS]]  (--expert_blocks
@@ -18,10 +19,10 @@
 # Each part fits one 10-minute call. Writes $OUT/results.tgz and $OUT/summary.txt.
 set -u
 PART=${1:-1}
-case $PART in parts|rows|warps|ncu|power|profile|kernel|1|2) ;;
+case $PART in parts|rows|warps|ncu|power|profile|kernel|share|1|2) ;;
   ab) [ -n "${3:-}" ] || { echo "ab needs SPEC, an --expert_blocks value" >&2; exit 2; } ;;
   xla) [ -n "${3:-}" ] || { echo "xla needs FLAGS, XLA flags to add" >&2; exit 2; } ;;
-  *) echo "unknown PART '$PART': use parts, rows, warps, ncu, power, xla, profile, kernel, 1, 2 or ab" >&2; exit 2 ;;
+  *) echo "unknown PART '$PART': use parts, rows, warps, ncu, power, xla, profile, kernel, share, 1, 2 or ab" >&2; exit 2 ;;
 esac
 export PYTHONPATH=. PYTHONUNBUFFERED=1 JAX_EP_COMMIT=${2:-unknown}
 R=$OUT/r; mkdir -p $R
@@ -82,6 +83,18 @@ step profile_1gpu 200 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=
   python3 benchmarks/profile_decode.py --config=seed --deployment=single --batch=1024 \
   --steps=12 --out=$R/profile_single.json
 cp $R/profile_single_hlo.txt.gz $OUT/ 2>/dev/null
+elif [ "$PART" = share ]; then
+for i in 1 2; do
+  step seed_share_$i 160 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+    python3 -m jax_ep bench --config=seed --kinds=single --share=seed_proposed/1 \
+    --out_dir=$R/seed_share_$i
+done
+step profile_share 100 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+  python3 benchmarks/profile_decode.py --config=seed --share=seed_proposed/1 --batch=1024 \
+  --steps=40 --out=$R/profile_share.json
+step profile_1gpu 150 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+  python3 benchmarks/profile_decode.py --config=seed --deployment=single --batch=1024 \
+  --steps=12 --out=$R/profile_single.json
 elif [ "$PART" = kernel ]; then
 step kernel 110 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/kernel_sweep.py --out=$R/kernel_sweep.json
 elif [ "$PART" = 1 ]; then
