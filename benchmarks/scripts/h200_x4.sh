@@ -11,6 +11,7 @@
 #   clocks and power read each second beside it (nvidia-smi dmon);
 # kernel: the grouped kernel's sweep; 1: one GPU (profile, the seed, seed_swiglu);
 # share: the seed and the share of seed_proposed twice, then a profile of each;
+# calls: the share with 1 and 4 tokens a decode call, alternating, twice; then seed_swiglu;
 # 2: several (seed slices with and without the ring, EP2);
 # ab: one GPU's step with the kernel's default blocks and with SPEC, alternating, twice:
 #   bash benchmarks/scripts/h200_x4.sh ab COMMIT SPEC [CONFIGS [ROUNDS]]  (--expert_blocks
@@ -19,10 +20,10 @@
 # Each part fits one 10-minute call. Writes $OUT/results.tgz and $OUT/summary.txt.
 set -u
 PART=${1:-1}
-case $PART in parts|rows|warps|ncu|power|profile|kernel|share|1|2) ;;
+case $PART in parts|rows|warps|ncu|power|profile|kernel|share|calls|1|2) ;;
   ab) [ -n "${3:-}" ] || { echo "ab needs SPEC, an --expert_blocks value" >&2; exit 2; } ;;
   xla) [ -n "${3:-}" ] || { echo "xla needs FLAGS, XLA flags to add" >&2; exit 2; } ;;
-  *) echo "unknown PART '$PART': use parts, rows, warps, ncu, power, xla, profile, kernel, share, 1, 2 or ab" >&2; exit 2 ;;
+  *) echo "unknown PART '$PART': use parts, rows, warps, ncu, power, xla, profile, kernel, share, calls, 1, 2 or ab" >&2; exit 2 ;;
 esac
 export PYTHONPATH=. PYTHONUNBUFFERED=1 JAX_EP_COMMIT=${2:-unknown}
 R=$OUT/r; mkdir -p $R
@@ -95,6 +96,17 @@ step profile_share 100 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION
 step profile_1gpu 150 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 benchmarks/profile_decode.py --config=seed --deployment=single --batch=1024 \
   --steps=12 --out=$R/profile_single.json
+elif [ "$PART" = calls ]; then
+for i in 1 2; do
+  for tpc in 1 4; do
+    step share_tpc${tpc}_$i 120 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+      python3 -m jax_ep bench --config=seed --kinds=single --share=seed_proposed/1 \
+      --tokens_per_call=$tpc --out_dir=$R/share_tpc${tpc}_$i
+  done
+done
+step swiglu_1gpu 200 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+  python3 -m jax_ep bench --config=seed_swiglu --kinds=single --prompt_len=128 \
+  --out_dir=$R/swiglu_1gpu
 elif [ "$PART" = kernel ]; then
 step kernel 110 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/kernel_sweep.py --out=$R/kernel_sweep.json
 elif [ "$PART" = 1 ]; then
