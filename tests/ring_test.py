@@ -175,17 +175,16 @@ def test_group_ids_cover_the_batch_once():
 
 def test_a_share_head_scores_its_rows_head_gather_times_and_picks_the_same_tokens():
   # A one-device share of a deployment whose stage gathers 4 devices' rows for the head
-  # (DeploymentConfig.head_gather): the same tokens, greedy and sampled, and a head
-  # whose unembedding multiplies 4 x the rows.
+  # (DeploymentConfig.head_gather): the same sampled tokens (each copy's noise is keyed by
+  # its sequence and position), and a head whose unembedding multiplies 4 x the rows.
   single, params = _single()
   share = Engine(single.cfg, dataclasses.replace(deployments.SINGLE, head_gather=4))
   batch = 4
-  for temperature in (0.0, 0.8):
-    want = decode.generate(single, params, _prompts(batch), NEW, temperature=temperature,
-                           seed=5, max_len=PROMPT + NEW)
-    got = decode.generate(share, share.place_params(params), _prompts(batch), NEW,
-                          temperature=temperature, seed=5, max_len=PROMPT + NEW)
-    assert_array_equal(got.tokens, want.tokens)
+  want = decode.generate(single, params, _prompts(batch), NEW, temperature=0.8, seed=5,
+                         max_len=PROMPT + NEW)
+  got = decode.generate(share, share.place_params(params), _prompts(batch), NEW,
+                        temperature=0.8, seed=5, max_len=PROMPT + NEW)
+  assert_array_equal(got.tokens, want.tokens)
 
   def head_rows(engine):
     hlo = engine.decode_program(batch, 1).lower(
