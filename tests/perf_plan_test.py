@@ -88,3 +88,22 @@ def test_a_bench_over_processes_runs_only_what_spans_them():
   assert "of 1 of the 2 processes" in skipped[0]["reason"]
   one = [_Device(0)] * 8
   assert len(plan.span_processes(plans, [], one, lambda m: None, False)) == 4
+
+
+def test_a_share_is_cut_from_the_source_weights_and_placed():
+  # The bench's path when the share sits beside the source's weights: slice_share, then
+  # the share's engine places them (Variable types kept, the first vocabulary shard).
+  import numpy as np
+
+  from jax_ep.engine import Engine
+
+  tiny = load_model("tiny")
+  source = Engine(tiny, deployments.SINGLE)
+  params = source.init_params(0)
+  share, one, rows = plan.share_config(tiny, deployments.PRESETS["proposed_8"], 16)
+  placed = Engine(share, one).place_params(plan.slice_share(params, tiny, share))
+  v = share.vocab_size
+  assert v == tiny.vocab_size // 2 and one.head_gather == 2
+  np.testing.assert_array_equal(placed["unembed_DxV"][...], params["unembed_DxV"][...][:, :v])
+  np.testing.assert_array_equal(placed["embed_VxD"][...], params["embed_VxD"][...][:v])
+  assert len(placed["layers"]) == share.num_layers

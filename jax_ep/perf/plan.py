@@ -210,9 +210,10 @@ def slice_share(params, cfg: ModelConfig, share: ModelConfig):
 
   layers = tuple(jax.tree_util.tree_map_with_path(cut, params["layers"][i])
                  for i in range(share.num_layers))
-  v = share.vocab_size
-  return {**params, "layers": layers, "embed_VxD": params["embed_VxD"][:v],
-          "unembed_DxV": params["unembed_DxV"][:, :v]}
+  v = share.vocab_size  # the first vocabulary shard (leaves keep their Variable types)
+  return {**params, "layers": layers,
+          "embed_VxD": jax.tree.map(lambda a: a[:v], params["embed_VxD"]),
+          "unembed_DxV": jax.tree.map(lambda a: a[:, :v], params["unembed_DxV"])}
 
 
 
