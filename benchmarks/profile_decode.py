@@ -114,7 +114,7 @@ def main():
   if args.share:
     from jax_ep.perf import plan
 
-    full = deployments.resolve(args.share, len(jax.devices()))
+    full = deployments.resolve(plan.share_preset(args.share), len(jax.devices()))
     cfg, dep, args.batch = plan.share_config(
         cfg, dataclasses.replace(full, decode_groups=1, microbatches=1),
         args.batch // full.groups)

@@ -29,10 +29,11 @@ def _proposed(stages, expert, tp=1):
                              microbatches=stages, placement="tp" if tp > 1 else "ep")
 
 
-# Seed slices: on the GPUs we have, each GPU does exactly the per-GPU work of
-# seed_proposed with one group of 1024 in flight per stage (one expert of 1.07 GB, one
-# layer's attention for 64 sequences, ~128 routed tokens, 2048 vocabulary columns), with
-# a ring of one group per stage. name -> (model preset in configs/, deployment).
+# Seed slices: on the GPUs we have, each GPU does the per-GPU work of seed_proposed with
+# one group of 1024 in flight per stage (one expert of 1.07 GB, one layer's attention for
+# 64 sequences, ~128 routed tokens, 2048 vocabulary columns), with a ring of one group per
+# stage; only the head's rows differ: a slice's stage gathers 64 x its experts rows, not
+# 1024. name -> (model preset in configs/, deployment).
 ROWS_PER_GPU = 64
 SLICES: dict[str, tuple[str, DeploymentConfig]] = {
     "slice_1x4": ("seed_slice_1x4", _proposed(1, 4)),

@@ -13,8 +13,8 @@ def get_config() -> ModelConfig:
 
 def slice_config(stages: int, experts: int):
   """One layer per stage and `experts` experts a layer, top-2, and 2048 vocabulary
-  columns a GPU: each GPU of the slice does what one GPU of seed_proposed does
-  (configs/deployments.py SLICES)."""
+  columns a GPU: each GPU of the slice does what one GPU of seed_proposed does, but for
+  the head's rows (its stage's 64 x `experts`, not 1024; configs/deployments.py SLICES)."""
   import dataclasses
 
   return dataclasses.replace(get_config(), num_layers=stages, num_experts=experts,

@@ -107,3 +107,20 @@ def test_a_share_is_cut_from_the_source_weights_and_placed():
   np.testing.assert_array_equal(placed["unembed_DxV"][...], params["unembed_DxV"][...][:, :v])
   np.testing.assert_array_equal(placed["embed_VxD"][...], params["embed_VxD"][...][:v])
   assert len(placed["layers"]) == share.num_layers
+
+
+def test_share_names_mean_the_seed_preset_whatever_the_devices():
+  assert plan.share_preset("proposed") == "seed_proposed"
+  assert plan.share_preset("proposed/1") == "seed_proposed/1"
+  assert plan.share_preset("proposed_8/2") == "proposed_8/2"
+  seed = load_model("seed")
+  spec = plan.BenchSpec(config="seed", kinds=(), share="proposed/1")
+  plans, skipped = plan.plan(seed, spec, 8, lambda m: None)
+  assert not skipped and [p.name for p in plans] == ["share:seed_proposed/1"]
+  assert plans[0].batch == 64 and plans[0].dep.head_gather == 16
+  # A tp > 1 preset: refused, naming what was typed and the presets that work.
+  spec = dataclasses.replace(spec, share="seed_proposed_tp2")
+  _, skipped = plan.plan(seed, spec, 8, lambda m: None)
+  reason = skipped[0]["reason"]
+  assert reason.startswith("--share=seed_proposed_tp2: a share of a tp=2 deployment")
+  assert "seed_proposed," in reason and "seed_baseline" not in reason

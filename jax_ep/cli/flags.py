@@ -174,9 +174,11 @@ KINDS = flags.DEFINE_list(
     "slices (slice_1x4, slice_2x2, slice_4x2: their own model and batch); '/G' after any "
     "sets its decode groups in flight.")
 SHARE = flags.DEFINE_string(
-    "share", None, "bench: also run one device's share of this deployment on one device: "
-    "'proposed' (= seed_proposed: 1 layer, 1 expert, 64 sequences, its 1/16 of the head on "
-    "its stage's 1024 rows) or a tp=1 preset name.")
+    "share", None, "bench: also run one device's share of one decode group of this "
+    "deployment, on one device: 'proposed/G' (= seed_proposed/G) or a tp=1 preset, /G "
+    "optional. seed_proposed/1 (one group of 1024): 1 layer, 1 expert, 64 sequences, and its "
+    "2048 of the 32768 vocabulary columns on its stage's 1024 rows; seed_proposed (its ring "
+    "of 4 groups of 256): 16 sequences, 256 rows.")
 SYNCED = flags.DEFINE_integer("synced", 5, "bench: decode steps before the timed ones, each "
                               "timed with a sync (median and p10-p90).")
 WARMUP = flags.DEFINE_integer("warmup", 1, "bench: decode steps after the ring's fill, not "

@@ -15,13 +15,26 @@ from jax_ep.presets import deployments, load_model
 SEED_PRESET = {"baseline": "seed_baseline", "proposed": "seed_proposed"}
 
 
+def share_preset(name: str) -> str:
+  """A --share value as a preset name: "proposed[/G]" is seed_proposed[/G], whatever the
+  devices present (a share runs on one device); other presets as given."""
+  base, groups = deployments.with_groups(name)
+  base = "seed_proposed" if base == "proposed" else base
+  return base if groups is None else f"{base}/{groups}"
+
+
+def share_presets() -> list[str]:
+  """The presets a share can be taken of: tp = 1 and more than one device."""
+  return sorted(n for n, d in deployments.PRESETS.items() if d.tp == 1 and d.num_devices > 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchSpec:
   """What to run. None means the platform's default (GPU: the seed; CPU: small)."""
 
   config: str | None = None  # model preset (configs/): GPU "seed", CPU "tiny"
   kinds: tuple[str, ...] = KINDS
-  share: str | None = None  # "proposed" (= seed_proposed) or a preset: one device's share
+  share: str | None = None  # "proposed[/G]" (= seed_proposed[/G]) or a preset: one device's share
   batch: int = 1024  # sequences in flight (slice presets set their own)
   prompt_len: int | None = None  # GPU 32, CPU 8
   steps: int | None = None  # decode steps timed back to back: GPU 20, CPU 4
@@ -74,7 +87,8 @@ def _preset_for(kind: str, num_devices: int) -> tuple[str, str]:
   name = f"{kind}_{fit[-1]}"
   if deployments.PRESETS[name].num_devices == 1:
     raise ConfigError(f"on 1 device the {kind} preset is the single-device run; "
-                      "--share=proposed runs one device's share of seed_proposed instead")
+                      "--share=seed_proposed/1 runs one device's share of seed_proposed "
+                      "instead")
   return name, (f"the seed's {kind} needs {need} GPUs, {num_devices} present: scaled preset "
                 f"{name} ({deployments.PRESETS[name].describe()})")
 
@@ -103,18 +117,20 @@ def share_config(cfg: ModelConfig, dep: DeploymentConfig, batch: int):
   DeploymentConfig, batch).
 
   Its stage's layers, its experts of each (top-k capped at their number), the rows it
-  attends for, the whole attention and embedding as the device holds them, and its
-  vocabulary columns of the unembedding, which score every row of its stage (the
-  deployment gathers them; the share's own rows stand in: DeploymentConfig.head_gather).
+  attends for, the whole attention as the device holds it, and its vocabulary columns of
+  the unembedding, which score every row of its stage (the deployment gathers them; the
+  share's own rows stand in: DeploymentConfig.head_gather). The model's vocabulary is
+  that shard's, so the embedding keeps only its rows (a lookup's cost does not depend on
+  the table's size; the deployment replicates it).
   The share runs one group's rows once: the ring's micro-steps and the collectives are
   what the cost model (perf/cost.py) adds to turn it into the deployment's step. With
   top-k capped, the share's experts see fewer rows than the deployment's (64, not ~128,
   for seed_proposed: the seed slices give the exact per-GPU work).
   """
   if dep.tp > 1:
-    raise ConfigError(f"a share of {dep.describe()} splits attention heads over tp={dep.tp}, "
-                      "which a ModelConfig cannot express (heads x head_dim = model_dim); "
-                      "use a tp=1 deployment such as seed_proposed.")
+    raise ConfigError(f"a share of a tp={dep.tp} deployment splits attention heads over tp, "
+                      "which a one-device model cannot express (heads x head_dim = model_dim); "
+                      f"take the share of a tp=1 preset: {', '.join(share_presets())}.")
   lay = layout(cfg, dep, batch)
   share = dataclasses.replace(cfg, num_layers=lay.layers, num_experts=lay.experts,
                               top_k=min(cfg.top_k, lay.experts),
@@ -169,15 +185,21 @@ def plan(cfg: ModelConfig, spec: BenchSpec, num_devices: int, log) -> tuple[list
       if spec.skip_unfit:  # else the error names them all
         log(f"skip {kind}: {e}")
   if spec.share:
-    name = SEED_PRESET.get(spec.share, spec.share)
+    name = share_preset(spec.share)
     try:
+      if deployments.with_groups(name)[0] not in deployments.PRESETS:
+        raise ConfigError(f"--share: {spec.share!r} is not a preset; use proposed/G "
+                          f"(= seed_proposed/G) or one of {share_presets()}.")
       full = _resolve(name, num_devices, "--share")
       # One group on one device of `full` (the ring's micro-step on one device).
-      share_cfg, share_dep, rows = share_config(
-          cfg, dataclasses.replace(full, decode_groups=1, microbatches=1,
-                                   tokens_per_call=spec.tokens_per_call,
-                                   expert_blocks=spec.expert_blocks),
-          spec.batch // full.groups)
+      try:
+        share_cfg, share_dep, rows = share_config(
+            cfg, dataclasses.replace(full, decode_groups=1, microbatches=1,
+                                     tokens_per_call=spec.tokens_per_call,
+                                     expert_blocks=spec.expert_blocks),
+            spec.batch // full.groups)
+      except ConfigError as e:
+        raise ConfigError(f"--share={spec.share}: {e}") from None
       plans.append(Plan(f"share:{name}", f"One GPU's share of {name}", share_cfg,
                         share_dep, rows, name,
                         f"one device of {name} ({full.num_devices} GPUs) for one group of "
