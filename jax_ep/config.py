@@ -195,7 +195,10 @@ class DeploymentConfig:
       raise ConfigError(
           f"num_experts={model.num_experts} is not divisible by the {axes} axes "
           f"({self.expert_shards} devices) that placement={self.placement!r} spreads them over; "
-          "change the mesh or the placement.")
+          f"choose DeploymentConfig.expert= (and DeploymentConfig.tp=) so that {axes} divides "
+          f"{model.num_experts}"
+          + (", or DeploymentConfig.placement=tp to split each expert's MLP over tp instead."
+             if self.placement == "ep" and self.tp > 1 else "."))
     if model.num_heads % self.tp:
       raise ConfigError(
           f"num_heads={model.num_heads} is not divisible by tp={self.tp}; "

@@ -156,6 +156,7 @@ def test_experts_not_divisible_by_expert_shards():
   with _raises("num_experts=16") as err:
     DeploymentConfig(kind="baseline", expert=3, tp=2).check_model(TINY)
   assert "(6 devices)" in str(err.value) and "expert x tp" in str(err.value)
+  assert "so that expert x tp divides 16, or DeploymentConfig.placement=tp" in str(err.value)
   # placement "tp" spreads them over expert only: 16 over 32.
   with _raises("num_experts=16") as err:
     DeploymentConfig(kind="proposed", expert=32, tp=2, placement="tp").check_model(TINY)

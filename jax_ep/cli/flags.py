@@ -212,7 +212,7 @@ FLAG_OF_FIELD = {"stages": "stages", "expert": "expert_axis", "tp": "tp",
 # Fields also rewritten where a message names them bare ("batch=6 is not divisible");
 # placement= and microbatches= also appear in DeploymentConfig.describe(), kept as is.
 _BARE_FIELDS = ("stages", "tp", "decode_groups", "prefill_chunk", "capacity_factor", "batch",
-                "max_new_tokens", "temperature", "prompt_len")
+                "max_new_tokens", "temperature", "prompt_len", "kernels")
 
 
 def flag_message(message: str, reads: frozenset[str] | None = None) -> str:
