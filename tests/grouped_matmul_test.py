@@ -220,3 +220,10 @@ def test_default_blocks_narrow_to_small_shapes():
   got = gm.grouped_matmul(x, up, gs, activation="gelu", impl="interpret")
   want = gm.grouped_matmul(x, up, gs, activation="gelu", impl="xla")
   assert_allclose(got[:sum(SIZES["skewed"])], want[:sum(SIZES["skewed"])], rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_over_shared_memory_are_refused_for_the_product_named():
+  with pytest.raises(ValueError, match=r"the up product's num_stages=6 x \(block_m=128 \+ 2 x "
+                     r"block_n=128\) x block_k=128 16-bit tiles take 576 KiB"):
+    gm.mlp_blocks(8192, 32768, swiglu=True, spec="up.block_k=128")
+  gm.mlp_blocks(8192, 32768, swiglu=False, spec="block_k=32,num_stages=6")  # 144 KiB: fits

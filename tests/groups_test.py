@@ -109,3 +109,12 @@ def test_with_blocks_checks_the_tiles():
                            ({"block_m": 64, "last_m": 64}, "below block_m=64")):
     with pytest.raises(ValueError, match=re.escape(message)):
       groups.with_blocks(groups.DEFAULT_BLOCKS, changes)
+
+
+def test_blocks_that_cannot_launch_or_fit_are_refused():
+  with pytest.raises(ValueError, match="num_warps=3 must be a power of two up to 16"):
+    groups.with_blocks(groups.DEFAULT_BLOCKS, {"num_warps": 3})
+  assert groups.smem_error(groups.DEFAULT_BLOCKS, weights=1) is None
+  assert groups.smem_error(groups.SWIGLU_UP_BLOCKS, weights=2) is None
+  why = groups.smem_error(groups.Blocks(block_k=128), weights=1)
+  assert "take 384 KiB of shared memory, over the 227 KiB" in why

@@ -30,6 +30,7 @@ from jax_ep.kernels.groups import (
   locate,
   parse_blocks,
   small_tiles_error,
+  smem_error,
   tile_table,
   with_blocks,
 )
@@ -270,7 +271,10 @@ def mlp_blocks(d: int, f: int, swiglu: bool = False, spec: str = "") -> tuple[Bl
   for name, default, k, n in (("up", SWIGLU_UP_BLOCKS if swiglu else DEFAULT_BLOCKS, d, f),
                               ("down", DEFAULT_BLOCKS, f, d)):
     try:
-      out.append(blocks_for(k, n, with_blocks(default, changes[name])))
+      b = blocks_for(k, n, with_blocks(default, changes[name]))
+      if why := smem_error(b, weights=2 if swiglu and name == "up" else 1):
+        raise ValueError(why)
+      out.append(b)
     except ValueError as e:
       raise ValueError(f"the {name} product's {e}") from None
   return tuple(out)

@@ -99,9 +99,26 @@ def with_blocks(blocks: Blocks, changes: dict[str, int]) -> Blocks:
     v = getattr(b, name)
     if v < 16 or v & (v - 1):
       raise ValueError(f"{name}={v} must be a power of two, at least 16")
+  if b.num_warps not in (1, 2, 4, 8, 16):
+    raise ValueError(f"num_warps={b.num_warps} must be a power of two up to 16 (Triton)")
   if why := small_tiles_error(b, defaults=[n for n in ("last_m", "tail_m") if n not in changes]):
     raise ValueError(why)
   return b
+
+
+SMEM_BYTES = 227 * 1024  # shared memory a block may take on an H100/H200 SM, the most here
+
+
+def smem_error(blocks: Blocks, weights: int) -> str | None:
+  """Why the pipeline's tiles cannot fit an SM's shared memory even in 16-bit types (the
+  least they take), or None."""
+  need = blocks.smem_bytes(weights, itemsize=2)
+  if need <= SMEM_BYTES:
+    return None
+  return (f"num_stages={blocks.num_stages} x (block_m={blocks.block_m} + "
+          f"{'2 x ' if weights == 2 else ''}block_n={blocks.block_n}) x block_k={blocks.block_k} "
+          f"16-bit tiles take {need // 1024} KiB of shared memory, over the "
+          f"{SMEM_BYTES // 1024} KiB of an H100/H200 SM; lower num_stages, block_k or block_n")
 
 
 def small_tiles_error(blocks: Blocks, defaults=()) -> str | None:
