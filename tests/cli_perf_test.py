@@ -23,8 +23,12 @@ def test_predict_bench_and_bench_refusals(tmp_path):
       ["predict", f"--calibration={tmp_path / 'not_bench.json'}"],
       ["predict", f"--plot={tmp_path / 'missing_dir' / 'x.png'}"],
       ["bench", "--simulate_devices=8", f"--out_dir={tmp_path / 'not_bench.json'}"],
+      ["predict", "--hardware=h200", f"--calibration={out_dir / 'seed_table.json'}"],
   ])
-  predict, bench, *refused = results
+  predict, bench, *refused, calibrated = results
+  # The CPU bench's result calibrates, with a warning that it says nothing about a GPU.
+  assert calibrated["rc"] == 0, calibrated["stderr"][-2000:]
+  assert "was measured on CPU devices" in calibrated["stderr"]
   assert predict["rc"] == 0 and tables.report("h200", 1024, 256) in predict["stdout"]
   assert bench["rc"] == 0, bench["stderr"][-2000:]
   result = json.loads((out_dir / "seed_table.json").read_text())

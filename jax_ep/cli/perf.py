@@ -4,6 +4,7 @@ side by side, and the seed's table predicted by the cost model (jax_ep/perf/).""
 from __future__ import annotations
 
 import os
+import sys
 
 from jax_ep.cli import flags
 
@@ -86,4 +87,10 @@ def _check_calibration(path: str | None) -> None:
   if not records:
     raise ConfigError(f"--calibration={path} holds no measured run (a \"runs\" list with "
                       "tpot_ms, as `jax-ep bench --output` writes).")
+  with open(path) as f:
+    result = json.load(f)
+  if isinstance(result, dict) and result.get("platform") == "cpu":
+    print(f"jax-ep: --calibration={path} was measured on CPU devices: its efficiencies say "
+          "nothing about a GPU, so the calibrated rows below only show the mechanics.",
+          file=sys.stderr, flush=True)
 
