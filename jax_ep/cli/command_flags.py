@@ -74,13 +74,29 @@ def _holder_objects():
   return [v for v in vars(flags).values() if isinstance(v, absl_flags.FlagHolder)]
 
 
-def help_text(fn, offline: bool = False) -> str:
-  """Each flag `fn` reads, as absl's --help writes it: name, help, default."""
+# Defaults a command takes itself where a flag is not given (absl's single default is
+# another command's, or None): what each command's --help shows.
+COMMAND_DEFAULTS = {
+    "bench": {"config": "seed on GPU, tiny on CPU", "prompt_len": "32 on GPU, 8 on CPU",
+              "steps": "20 on GPU, 4 on CPU", "max_new_tokens": "none: --steps sets the steps",
+              "batch": "1024"},
+    "generate": {"batch": "8, rounded up to a batch the deployment splits"},
+    "plan": {"batch": "8, rounded up to a batch the deployment splits"},
+    "train": {"batch": "32"},
+}
+
+
+def help_text(fn, offline: bool = False, command: str = "") -> str:
+  """Each flag `fn` reads, as absl's --help writes it: name, help, default (the command's
+  own where COMMAND_DEFAULTS has it; an unset default: "none", as the help says)."""
   lines = []
+  own = COMMAND_DEFAULTS.get(command, {})
   for name in sorted(reads(fn, offline)):
     flag = absl_flags.FLAGS[name]
     prefix = "--[no]" if flag.boolean else "--"
     body = textwrap.fill(f"{prefix}{name}: {flag.help}", width=88, initial_indent="  ",
                          subsequent_indent="    ")
-    lines.append(f"{body}\n    (default: {flag.default_as_str})")
+    default = own.get(name) or ("none (see above)" if flag.default is None
+                                else flag.default_as_str)
+    lines.append(f"{body}\n    (default: {default})")
   return "\n".join(lines)

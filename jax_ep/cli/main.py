@@ -99,7 +99,7 @@ def print_help(command: str | None = None) -> None:
     return
   line = next(ln for ln in __doc__.splitlines() if ln.strip().startswith(command + " "))
   print(f"jax-ep {command} [--flags]\n\n{line}\n\nFlags it reads:")
-  print(command_flags.help_text(COMMANDS[command], command in OFFLINE))
+  print(command_flags.help_text(COMMANDS[command], command in OFFLINE, command))
 
 
 def run():
