@@ -83,3 +83,16 @@ def test_deployments_that_do_not_fit_are_an_error_unless_skipped():
     runner.run(spec, log=lambda m: None)
   assert "baseline" in str(e.value) and "proposed" in str(e.value)
 
+
+
+def test_seed_sized_models_on_cpu_get_a_note():
+  seed = load_model("seed")
+  spec = plan.BenchSpec(config="seed", kinds=("slice_2x2",), share="proposed/1")
+  plans, skipped = plan.plan(seed, spec, 8, lambda m: None)
+  assert not skipped
+  note = runner.seed_on_cpu_note(plans, "cpu")
+  assert note.startswith("note: seed, seed_slice_2x2 on CPU devices") and "--config=tiny" in note
+  assert runner.seed_on_cpu_note(plans, "gpu") is None
+  tiny, _ = plan.plan(load_model("tiny"), plan.BenchSpec(config="tiny", kinds=("single",)), 8,
+                      lambda m: None)
+  assert runner.seed_on_cpu_note(tiny, "cpu") is None

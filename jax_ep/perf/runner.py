@@ -126,6 +126,16 @@ def _weights(engine: Engine, spec: BenchSpec, cfg: ModelConfig):
   return engine.init_params(spec.seed), "initialised"
 
 
+def seed_on_cpu_note(plans: list[Plan], platform: str) -> str | None:
+  """A warning where seed-sized models (the seed, its slices) would run on CPU devices."""
+  big = sorted({p.model_name for p in plans if p.model_name.startswith("seed")})
+  if platform != "cpu" or not big:
+    return None
+  return (f"note: {', '.join(big)} on CPU devices: the seed's shapes (GBs of weights, large "
+          "matmuls) take minutes here and time nothing a GPU would; --config=tiny checks the "
+          "mechanics in seconds.")
+
+
 def run(spec: BenchSpec = BenchSpec(), log: Callable[[str], None] = print) -> dict:  # noqa: B008
   """Runs every planned deployment in this process; the result dict (see write())."""
   devices = jax.devices()
@@ -146,6 +156,8 @@ def run(spec: BenchSpec = BenchSpec(), log: Callable[[str], None] = print) -> di
       f"{spec.tokens_per_call} token(s)"
       + (f"; expert blocks changed: {spec.expert_blocks}" if spec.expert_blocks else ""))
   plans, skipped = plan(cfg, spec, n, log)
+  if note := seed_on_cpu_note(plans, platform):
+    log(note)
   plans = span_processes(plans, skipped, devices, log, spec.skip_unfit)
   footprints = {}
   if spec.check_memory:
