@@ -17,3 +17,20 @@ def test_config_fields_are_written_as_the_flags_that_set_them():
           "ModelConfig.head_dim=3 must be even"]
   assert [flag_message(m) for m in kept] == kept
   assert all(name in flags.FLAGS for name in FLAG_OF_FIELD.values())  # each one a real flag
+
+
+def test_expert_blocks_that_no_kernel_reads_get_a_note(capsys):
+  from jax_ep.cli import flags as cli_flags
+  from jax_ep.config import DeploymentConfig
+
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["jax-ep", "--expert_blocks=up.tail_m=16"])
+  try:
+    cli_flags.note_unread_expert_blocks(DeploymentConfig(), "cpu")
+    assert "--expert_blocks=up.tail_m=16 is without effect" in capsys.readouterr().err
+    for dep, backend in ((DeploymentConfig(), "gpu"), (DeploymentConfig(kernels="interpret"),
+                                                        "cpu")):
+      cli_flags.note_unread_expert_blocks(dep, backend)
+      assert capsys.readouterr().err == ""
+  finally:
+    flags.FLAGS.unparse_flags()

@@ -231,6 +231,15 @@ def flag_message(message: str, reads: frozenset[str] | None = None) -> str:
   return re.sub(rf"(?<![\w.-])()({bare})=", sub, message)
 
 
+def note_unread_expert_blocks(dep, backend: str) -> None:
+  """On stderr: --expert_blocks given where the experts run XLA's path (no kernel reads it)."""
+  if EXPERT_BLOCKS.value and (dep.kernels == "xla" or (dep.kernels == "auto"
+                                                       and backend != "gpu")):
+    print(f"jax-ep: --expert_blocks={EXPERT_BLOCKS.value} is without effect: the experts run "
+          f"XLA's path here (--kernels={dep.kernels} on {backend}); only the Pallas kernels "
+          "read it (a GPU, or --kernels=interpret).", file=sys.stderr, flush=True)
+
+
 def need(*flag_holders):
   """A usage error naming the first of these flags that is not set."""
   for f in flag_holders:
