@@ -101,10 +101,10 @@ def _resolve(name: str, num_devices: int) -> DeploymentConfig:
     if key not in PRESETS:
       sizes = sorted(int(k.split("_")[1]) for k in PRESETS if k.startswith(name + "_")
                      and k.split("_")[1].isdigit())
+      fit = [n for n in sizes if n <= num_devices] or sizes[:1]
       raise ConfigError(f"no {name} preset for {num_devices} devices; presets exist for {sizes}: "
-                        "run on one of those device counts, or give the mesh yourself "
-                        "(DeploymentConfig.stages=, DeploymentConfig.expert= and "
-                        "DeploymentConfig.tp=).")
+                        "run on (or simulate) one of those device counts, or name a preset "
+                        f"that uses fewer, e.g. {name}_{fit[-1]}.")
     return PRESETS[key]
   if name not in PRESETS:
     raise ConfigError(f"--deployment={name!r} is unknown; use single, baseline, proposed or one "

@@ -129,7 +129,7 @@ class DeploymentConfig:
   # e.g. "up.tail_m=16,down.num_stages=3": `up.`/`down.` names one product, a bare field
   # both. "": the defaults. Only the Pallas kernels read it.
   expert_blocks: str = ""
-  # A one-device share of a larger deployment (perf --share) only: the devices of a stage
+  # A one-device share of a larger deployment (jax-ep bench --share) only: the devices of a stage
   # whose rows its head scores. A stage gathers all its rows for the head, each device
   # scoring them on its vocabulary columns; the share scores its own rows this many times
   # instead (its head's work, without the gather). 1 everywhere else.
@@ -142,8 +142,9 @@ class DeploymentConfig:
     _positive(self, "stages", "expert", "tp", "microbatches", "tokens_per_call", "head_gather")
     if self.head_gather > 1 and self.num_devices > 1:
       raise ConfigError(f"DeploymentConfig.head_gather={self.head_gather} is for a one-device "
-                        f"share of a deployment (perf --share); a mesh of {self.num_devices} "
-                        "devices gathers its rows for the head itself: leave it 1.")
+                        "share of a deployment (jax-ep bench --share); a mesh of "
+                        f"{self.num_devices} devices gathers its rows for the head itself: "
+                        "leave it 1.")
     if not isinstance(self.decode_groups, int) or self.decode_groups < 0:
       raise ConfigError(f"DeploymentConfig.decode_groups={self.decode_groups!r} must be 0 (as "
                         "many as stages) or a positive number of groups.")
@@ -195,10 +196,12 @@ class DeploymentConfig:
       raise ConfigError(
           f"num_experts={model.num_experts} is not divisible by the {axes} axes "
           f"({self.expert_shards} devices) that placement={self.placement!r} spreads them over; "
-          f"choose DeploymentConfig.expert= (and DeploymentConfig.tp=) so that {axes} divides "
-          f"{model.num_experts}"
+          f"choose DeploymentConfig.expert="
+          + (" (and DeploymentConfig.tp=)" if self.placement == "ep" else "")
+          + f" so that {axes} divides {model.num_experts}"
           + (", or DeploymentConfig.placement=tp to split each expert's MLP over tp instead."
-             if self.placement == "ep" and self.tp > 1 else "."))
+             if self.placement == "ep" and self.tp > 1 and model.num_experts % self.expert == 0
+             and model.mlp_dim % self.tp == 0 else "."))
     if model.num_heads % self.tp:
       raise ConfigError(
           f"num_heads={model.num_heads} is not divisible by tp={self.tp}; "

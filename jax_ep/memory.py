@@ -227,7 +227,7 @@ def working_set(cfg: ModelConfig, dep: DeploymentConfig, batch: int, prompt_len:
   carries = (2 * rows + mb) * chunk * cfg.model_dim * cfg.bytes_per_param
   pre = dataclasses.replace(pre, carries=pre.carries + carries)
   group = rows // dep.groups
-  dec = _phase(cfg, dep, group, 1, length, group * dep.expert, platform)
+  dec = _phase(cfg, dep, group, 1, length, group * dep.expert * dep.head_gather, platform)
   return max(pre, dec, key=lambda ws: ws.total)
 
 

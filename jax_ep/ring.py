@@ -76,7 +76,7 @@ def _head_token(hg_, gids, pos, scale_D, unembed_DxV_, vocab0, temperature, key,
     hg_, gids, pos = jnp.tile(hg_, (c, 1, 1)), jnp.tile(gids, c), jnp.tile(pos, c)
   logits_ = model.head(hg_, scale_D, unembed_DxV_, norm_eps)[:, 0]
   score, vid = sampling.local_best(logits_, vocab0, temperature, key, gids, pos)
-  if c > 1:  # every copy picks the same token; the max keeps them all in the program
+  if c > 1:  # every copy picks the same token; the max takes each copy's pick
     score, vid = score[:vid.shape[0] // c], vid.reshape(c, -1).max(axis=0)
   return ep.best_over_vocab(score, vid, par)
 

@@ -156,7 +156,11 @@ def test_experts_not_divisible_by_expert_shards():
   with _raises("num_experts=16") as err:
     DeploymentConfig(kind="baseline", expert=3, tp=2).check_model(TINY)
   assert "(6 devices)" in str(err.value) and "expert x tp" in str(err.value)
-  assert "so that expert x tp divides 16, or DeploymentConfig.placement=tp" in str(err.value)
+  # placement "tp" would spread them over expert=3 alone: no better, so not offered.
+  assert str(err.value).endswith("so that expert x tp divides 16.")
+  with _raises("expert x tp axes (32 devices)") as err:
+    DeploymentConfig(kind="proposed", expert=2, tp=16).check_model(TINY)
+  assert "or DeploymentConfig.placement=tp to split each expert's MLP over tp" in str(err.value)
   # placement "tp" spreads them over expert only: 16 over 32.
   with _raises("num_experts=16") as err:
     DeploymentConfig(kind="proposed", expert=32, tp=2, placement="tp").check_model(TINY)

@@ -124,3 +124,6 @@ def test_share_names_mean_the_seed_preset_whatever_the_devices():
   reason = skipped[0]["reason"]
   assert reason.startswith("--share=seed_proposed_tp2: a share of a tp=2 deployment")
   assert "seed_proposed," in reason and "seed_baseline" not in reason
+  # A malformed one is a skipped entry too (bench --skip_unfit runs the rest).
+  _, skipped = plan.plan(seed, dataclasses.replace(spec, share="proposed/x"), 8, lambda m: None)
+  assert skipped[0]["name"] == "share:proposed/x" and "after '/'" in skipped[0]["reason"]

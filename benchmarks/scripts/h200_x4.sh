@@ -99,12 +99,12 @@ step profile_1gpu 150 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=
 elif [ "$PART" = calls ]; then
 for i in 1 2; do
   for tpc in 1 4; do
-    step share_tpc${tpc}_$i 120 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+    step share_tpc${tpc}_$i 100 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
       python3 -m jax_ep bench --config=seed --kinds=single --share=seed_proposed/1 \
       --tokens_per_call=$tpc --out_dir=$R/share_tpc${tpc}_$i
   done
 done
-step swiglu_1gpu 200 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+step swiglu_1gpu 180 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 -m jax_ep bench --config=seed_swiglu --kinds=single --prompt_len=128 \
   --out_dir=$R/swiglu_1gpu
 elif [ "$PART" = kernel ]; then

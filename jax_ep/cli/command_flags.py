@@ -79,7 +79,8 @@ def _holder_objects():
 COMMAND_DEFAULTS = {
     "bench": {"config": "seed on GPU, tiny on CPU", "prompt_len": "32 on GPU, 8 on CPU",
               "steps": "20 on GPU, 4 on CPU", "max_new_tokens": "none: --steps sets the steps",
-              "batch": "1024"},
+              "batch": "1024", "tokens_per_call": "1"},
+    "predict": {"batch": "1024"},
     "generate": {"batch": "8, rounded up to a batch the deployment splits"},
     "plan": {"batch": "8, rounded up to a batch the deployment splits"},
     "train": {"batch": "32"},

@@ -185,8 +185,9 @@ def plan(cfg: ModelConfig, spec: BenchSpec, num_devices: int, log) -> tuple[list
       if spec.skip_unfit:  # else the error names them all
         log(f"skip {kind}: {e}")
   if spec.share:
-    name = share_preset(spec.share)
+    name = spec.share
     try:
+      name = share_preset(spec.share)
       if deployments.with_groups(name)[0] not in deployments.PRESETS:
         raise ConfigError(f"--share: {spec.share!r} is not a preset; use proposed/G "
                           f"(= seed_proposed/G) or one of {share_presets()}.")
