@@ -9,11 +9,10 @@ from cli_runner import run
 
 def test_train_then_generate_from_its_checkpoint(tmp_path):
   # Two steps: the mechanics (flags, progress, checkpoints, the report), not the learning
-  # (train_test.py). LLVM unoptimised, as in-process tests run: the compiles dominate.
-  fast = "--xla_backend_optimization_level=0"
+  # (train_test.py).
   workdir = tmp_path / "run"
   proc = run("train", "--config=tiny_task", f"--workdir={workdir}", "--steps=2",
-             "--save_every=1", "--task_digits=3", xla_flags=fast)
+             "--save_every=1", "--task_digits=3")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "[########################] 2/2 loss" in proc.stdout
   assert "held-out reverse of 3 digits: accuracy" in proc.stdout and "random router" in proc.stdout
@@ -21,7 +20,7 @@ def test_train_then_generate_from_its_checkpoint(tmp_path):
   assert "orbax" not in proc.stderr  # its INFO logs are dropped
   out = tmp_path / "gen.json"
   proc = run("generate", f"--checkpoint={workdir}", "--deployment=single",
-             f"--output={out}", xla_flags=fast)
+             f"--output={out}")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "checkpoint" in proc.stdout and "trained on reverse of 3 digits" in proc.stdout
   assert "task accuracy (exact match)" in proc.stdout and "(random router: " in proc.stdout
