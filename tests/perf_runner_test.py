@@ -1,6 +1,7 @@
 """jax_ep/perf/runner.py: the benchmark harness end to end on 8 of the fake CPU devices (not
 timed: fields only), with the report it writes (report.write)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -82,6 +83,18 @@ def test_deployments_that_do_not_fit_are_an_error_unless_skipped():
   with pytest.raises(ConfigError, match="--skip_unfit runs the rest") as e:
     runner.run(spec, log=lambda m: None)
   assert "baseline" in str(e.value) and "proposed" in str(e.value)
+
+
+def test_a_typo_is_not_told_to_skip_what_does_not_fit():
+  spec = plan.BenchSpec(config="tiny", kinds=("proposd", "mesh:2x2", "single/x"), batch=8,
+                         prompt_len=4, steps=1, synced=1, num_devices=8, probes=False)
+  with pytest.raises(ConfigError) as e:
+    runner.run(spec, log=lambda m: None)
+  assert "'proposd' is not a kind or preset" in str(e.value) and "mesh:SxExT" in str(e.value)
+  assert "after '/'" in str(e.value) and "--skip_unfit" not in str(e.value)
+  # With an entry that does not fit here beside the typo, --skip_unfit runs the rest.
+  with pytest.raises(ConfigError, match="--skip_unfit runs the rest"):
+    runner.run(dataclasses.replace(spec, kinds=("proposd", "proposed_16")), log=lambda m: None)
 
 
 

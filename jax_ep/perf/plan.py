@@ -15,10 +15,22 @@ from jax_ep.presets import deployments, load_model
 SEED_PRESET = {"baseline": "seed_baseline", "proposed": "seed_proposed"}
 
 
+class UnknownEntry(ConfigError):
+  """A --kinds or --share entry that names no deployment (a typo): --skip_unfit, which runs
+  what fits, is no fix for it."""
+
+
+def _with_groups(name: str) -> tuple[str, int | None]:
+  try:
+    return deployments.with_groups(name)
+  except ConfigError as e:
+    raise UnknownEntry(str(e)) from None
+
+
 def share_preset(name: str) -> str:
   """A --share value as a preset name: "proposed[/G]" is seed_proposed[/G], whatever the
   devices present (a share runs on one device); other presets as given."""
-  base, groups = deployments.with_groups(name)
+  base, groups = _with_groups(name)
   base = "seed_proposed" if base == "proposed" else base
   return base if groups is None else f"{base}/{groups}"
 
@@ -105,7 +117,7 @@ def parse_mesh(kind: str) -> DeploymentConfig:
     s, e, t = (int(v) for v in shape.split("x"))
     g = int(g) if g else 0
   except ValueError:
-    raise ConfigError(f"--kinds entry {kind!r}: write mesh:SxExT or mesh:SxExT/G, "
+    raise UnknownEntry(f"--kinds entry {kind!r}: write mesh:SxExT or mesh:SxExT/G, "
                       "e.g. mesh:1x2x1 for expert parallelism over 2 devices.") from None
   placement = "tp" if t > 1 and e > 1 else "ep"
   return DeploymentConfig(kind="proposed", stages=s, expert=e, tp=t, placement=placement,
@@ -152,7 +164,7 @@ def plan(cfg: ModelConfig, spec: BenchSpec, num_devices: int, log) -> tuple[list
   for kind in spec.kinds:
     try:
       note, model_cfg, model_name, batch = "", cfg, spec.config, spec.batch
-      base, groups = deployments.with_groups(kind)
+      base, groups = _with_groups(kind)
       if base in SEED_PRESET:
         name, note = _preset_for(base, num_devices)
         dep = deployments.PRESETS[name]
@@ -181,7 +193,7 @@ def plan(cfg: ModelConfig, spec: BenchSpec, num_devices: int, log) -> tuple[list
         label += f", {dep.groups} group{'s' if dep.groups > 1 else ''} in flight"
       plans.append(Plan(kind, label, model_cfg, dep, batch, name, note, model_name=model_name))
     except ConfigError as e:
-      skipped.append({"name": kind, "reason": str(e)})
+      skipped.append({"name": kind, "reason": str(e), "typo": isinstance(e, UnknownEntry)})
       if spec.skip_unfit:  # else the error names them all
         log(f"skip {kind}: {e}")
   if spec.share:
@@ -189,7 +201,7 @@ def plan(cfg: ModelConfig, spec: BenchSpec, num_devices: int, log) -> tuple[list
     try:
       name = share_preset(spec.share)
       if deployments.with_groups(name)[0] not in deployments.PRESETS:
-        raise ConfigError(f"--share: {spec.share!r} is not a preset; use proposed/G "
+        raise UnknownEntry(f"--share: {spec.share!r} is not a preset; use proposed/G "
                           f"(= seed_proposed/G) or one of {share_presets()}.")
       full = _resolve(name, num_devices, "--share")
       # One group on one device of `full` (the ring's micro-step on one device).
@@ -210,7 +222,8 @@ def plan(cfg: ModelConfig, spec: BenchSpec, num_devices: int, log) -> tuple[list
                         f"vocabulary columns on the stage's {rows * share_dep.head_gather} "
                         "rows", share_of=full, model_name=spec.config))
     except ConfigError as e:
-      skipped.append({"name": f"share:{name}", "reason": str(e)})
+      skipped.append({"name": f"share:{name}", "reason": str(e),
+                      "typo": isinstance(e, UnknownEntry)})
       if spec.skip_unfit:
         log(f"skip share {name}: {e}")
   return plans, skipped
@@ -284,7 +297,7 @@ def _resolve(name: str, num_devices: int, flag: str) -> DeploymentConfig:
   base = deployments.with_groups(name)[0]  # "preset/G" too
   if base not in deployments.PRESETS and base not in ("baseline", "proposed"):
     kinds = "single, baseline, proposed, mesh:SxExT[/G]" if flag == "--kinds" else "proposed"
-    raise ConfigError(f"{flag}: {name!r} is not a kind or preset; use {kinds} or one of "
+    raise UnknownEntry(f"{flag}: {name!r} is not a kind or preset; use {kinds} or one of "
                       f"{sorted(deployments.PRESETS)}.")
   return deployments.resolve(name, num_devices)
 

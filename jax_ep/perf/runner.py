@@ -163,8 +163,10 @@ def run(spec: BenchSpec = BenchSpec(), log: Callable[[str], None] = print) -> di
   if spec.check_memory:
     plans, footprints = fit_memory(plans, skipped, spec, devices, log)
   if skipped and not spec.skip_unfit:
+    # --skip_unfit runs what fits; an entry that names nothing (a typo) wants fixing instead.
+    rest = (" --skip_unfit runs the rest." if not all(s.get("typo") for s in skipped) else "")
     raise ConfigError("cannot run " + "; ".join(f"{s['name']}: {s['reason'].rstrip('.')}"
-                                                for s in skipped) + ". --skip_unfit runs the rest.")
+                                                for s in skipped) + "." + rest)
   if not plans:
     raise ConfigError("nothing to run: " + "; ".join(s["reason"] for s in skipped))
   if spec.probes:
