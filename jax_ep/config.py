@@ -134,6 +134,9 @@ class DeploymentConfig:
   # scoring them on its vocabulary columns; the share scores its own rows this many times
   # instead (its head's work, without the gather). 1 everywhere else.
   head_gather: int = 1
+  # How the user named it (a preset, and the command line's mesh overrides), for messages
+  # only: describe() shows it; equality and hashing ignore it.
+  name: str = dataclasses.field(default="", compare=False)
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -258,7 +261,8 @@ class DeploymentConfig:
             "least that every split of this deployment takes).")
 
   def describe(self) -> str:
-    return (f"{self.kind}: stage {self.stages} x expert {self.expert} x tp {self.tp} "
+    label = f"{self.name} ({self.kind})" if self.name and self.name != self.kind else self.kind
+    return (f"{label}: stage {self.stages} x expert {self.expert} x tp {self.tp} "
             f"({self.num_devices} devices), placement={self.placement}, "
             f"microbatches={self.microbatches}, decode groups {self.groups}"
             + (f", head on {self.head_gather} devices' rows" if self.head_gather > 1 else ""))

@@ -57,7 +57,9 @@ BAD = [
      "product's tail_m=16 must be 0 or a power of two below block_m=16"),
     (["--profile_dir=/proc/version"], "--profile_dir=/proc/version is a file, not a directory"),
     (["--config=nope"], "--config='nope' is not a preset"),
-    (["--deployment=seed_proposed"], "needs 64 devices but 8 are available"),
+    (["--deployment=seed_proposed"], "deployment seed_proposed (proposed): stage 4 x expert 16 "
+     "x tp 1 (64 devices), placement=ep, microbatches=4, decode groups 4 needs 64 devices but 8 "
+     "are available"),
     (["--deployment=proposed", "--tp=3"], "num_experts=16 is not divisible by the expert x tp"),
     (["--deployment=proposed", "--tp=3", "--placement=tp"], "num_heads=8 is not divisible by "
      "--tp=3"),

@@ -77,6 +77,11 @@ def test_configs_are_frozen_and_hashable():
   assert hash(TINY) == hash(tiny.get_config())  # usable as a static jit argument
   assert hash(deployments.SEED_PROPOSED) == hash(DeploymentConfig("proposed", 4, 16,
                                                                    microbatches=4))
+  # A name is for messages: the same layout under another name is the same deployment.
+  named = dataclasses.replace(deployments.SEED_PROPOSED, name="seed_proposed --tp=1")
+  assert named == deployments.SEED_PROPOSED and hash(named) == hash(deployments.SEED_PROPOSED)
+  assert named.describe().startswith("seed_proposed --tp=1 (proposed): stage 4 x expert 16")
+  assert deployments.SEED_PROPOSED.describe().startswith("proposed: stage 4")
 
 
 # --- DeploymentConfig ---------------------------------------------------------------------

@@ -258,6 +258,9 @@ def deployment_for(num_devices: int):
                "capacity_factor": CAPACITY.value,
                "dropless": DROPLESS.value}
   dep = dataclasses.replace(dep, **{k: v for k, v in overrides.items() if v is not None})
+  mesh_flags = (STAGES, EXPERT, TP, PLACEMENT, MICRO, GROUPS)
+  dep = dataclasses.replace(dep, name=" ".join(
+      [DEPLOYMENT.value] + [f"--{f.name}={f.value}" for f in mesh_flags if f.value is not None]))
   if CAPACITY.value is not None and dep.dropless:
     print(f"jax-ep: --capacity_factor={CAPACITY.value} is without effect: dropless buffers (the "
           "default) hold every pick; --nodropless sizes them by it.", file=sys.stderr, flush=True)
