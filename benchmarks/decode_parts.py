@@ -15,7 +15,13 @@ Parts (the seed's shapes: batch 1024, top-2, D 8192, 16 GELU experts of 32768):
   mgpu:    jax's Mosaic GPU grouped matmul (ragged_dot_mgpu) on the skewed rows, as they
     are and padded per group to its row blocks, beside jax_ep's kernel (GPU only);
   calls:   the seed model on one device, and one GPU's share of seed_proposed, with
-    1 and more tokens per decode call (DeploymentConfig.tokens_per_call).
+    1 and more tokens per decode call (DeploymentConfig.tokens_per_call);
+  attention: decode attention over a batch-1024 cache of 64 positions, --attention_lens
+    live, per variant of the Pallas kernel's blocks (kernels/decode_attention.py BLOCKS),
+    beside XLA's softmax over the whole cache;
+  attention_step: the seed model's decode step on one device (jax-ep bench's run) with
+    each --attention_steps variant of those blocks, in turn ("best": the attention part's
+    fastest variant of this run, on the mean over its lengths).
 Every variant is checked against the first one on random data (never zeros), and timed
 with time_call (jax_ep/perf/probes.py); the floor is its bytes over the best bandwidth
 probe of this run.
@@ -255,6 +261,85 @@ def _run_variants(fns, args, floor, log, label):
   return out
 
 
+# Variants of the decode attention kernel's blocks (changes to decode_attention.BLOCKS).
+ATTENTION_VARIANTS = {
+    "default": {}, "k32": {"block_k": 32}, "k16": {"block_k": 16},
+    "k16_s3": {"block_k": 16, "num_stages": 3}, "k16_s4": {"block_k": 16, "num_stages": 4},
+    "k16_w2": {"block_k": 16, "num_warps": 2}, "k16_w8": {"block_k": 16, "num_warps": 8},
+    "k32_s3": {"block_k": 32, "num_stages": 3},
+    "k32_split2": {"block_k": 32, "k_splits": 2}, "k16_split4": {"block_k": 16, "k_splits": 4},
+    "default_again": {},
+}
+
+
+def _xla_cache_attention(q, k, v, lengths, scale):
+  """The same attention through XLA: softmax over the whole cache, stale positions masked."""
+  s = jnp.einsum("bhk,bhsk->bhs", q, k, preferred_element_type=jnp.float32) * scale
+  live = jnp.arange(k.shape[2])[None, None, :] < lengths[:, None, None]
+  p = jax.nn.softmax(jnp.where(live, s, -jnp.inf), axis=-1)
+  return jnp.einsum("bhs,bhsk->bhk", p.astype(v.dtype), v)
+
+
+def part_attention(bw, log, lens):
+  from jax_ep.kernels import decode_attention
+
+  s = 64
+  q, k, v = _rand(10, (T, H, HK)), _rand(11, (T, H, s, HK)), _rand(12, (T, H, s, HK))
+  scale = HK ** -0.5
+  out = {}
+  for n in lens:
+    lengths = jnp.full((T,), n, jnp.int32)
+    fns = {name: functools.partial(
+        lambda q, k, v, l, blocks: decode_attention.cache_attention(
+            q, k, v, l, scale, INTERPRET, blocks=blocks)[0], blocks=blocks)
+           for name, blocks in ATTENTION_VARIANTS.items()}
+    fns["xla"] = lambda q, k, v, l: _xla_cache_attention(q, k, v, l, scale)
+    floor = 2 * T * H * n * HK * 2 / bw  # the live keys and values read
+    out[f"len{n}"] = _run_variants(fns, (q, k, v, lengths), floor, log, f"attention len {n}")
+  return out
+
+
+def fastest(attention: dict) -> str | None:
+  """The attention part's variant of least mean time over its lengths (not XLA's)."""
+  times = {}
+  for runs in attention.values():
+    for name, r in runs.items():
+      if name != "xla" and "ms" in r:
+        times.setdefault(name, []).append(r["ms"])
+  full = [n for n, t in times.items() if len(t) == len(attention)]
+  return min(full, key=lambda n: sum(times[n]), default=None)
+
+
+def part_attention_step(hw, variants, log):
+  """The seed step with each variant of decode attention's blocks, in turn (each traces
+  and compiles its own step); the weights made once."""
+  from jax_ep.engine import Engine
+  from jax_ep.kernels import decode_attention
+  from jax_ep.presets import load_model
+
+  spec = plan.platform_defaults(plan.BenchSpec(config=MODEL, kinds=("single",), batch=T,
+                                               probes=not INTERPRET),
+                                "cpu" if INTERPRET else "gpu")
+  cfg = load_model(MODEL)
+  (p,), _ = plan.plan(cfg, spec, 1, log)
+  params = Engine(cfg, p.dep).init_params(0)
+  prompts = np.random.RandomState(0).randint(0, cfg.vocab_size, (spec.batch, spec.prompt_len))
+  default, out = dict(decode_attention.BLOCKS), {}
+  try:
+    for name in variants:
+      decode_attention.BLOCKS = {**default, **ATTENTION_VARIANTS[name]}
+      rec, _ = runner.run_one(p, params, spec, prompts, hw, log)
+      out[name] = {k: rec[k] for k in ("tpot_ms", "tpot_synced_ms", "floor_ms",
+                                       "achieved_floor_fraction", "floor_ops_ms",
+                                       "imbalance", "context_len")}
+      log(f"attention_step {name}: TPOT {rec['tpot_ms']:.3f} ms (synced "
+          f"{rec['tpot_synced_ms']:.3f}), floor {rec['floor_ms']:.3f}, "
+          f"{rec['achieved_floor_fraction']:.3f} of floor")
+  finally:
+    decode_attention.BLOCKS = default
+  return out
+
+
 def part_calls(hw, per_call, log):
   from jax_ep.presets import load_model
 
@@ -297,6 +382,10 @@ def main():
   ap.add_argument("--cpu_check", action="store_true", help="tiny shapes, interpreted kernels")
   ap.add_argument("--kernel_set", default="tiles", choices=sorted(KERNEL_SETS))
   ap.add_argument("--swiglu_set", default="tails", choices=sorted(SWIGLU_SETS))
+  ap.add_argument("--attention_lens", default="48,58",
+                  help="live cache positions of the attention part (the bench's range)")
+  ap.add_argument("--attention_steps", default="default,k16,default_again",
+                  help=f"variants of the attention_step part, from {sorted(ATTENTION_VARIANTS)}")
   ap.add_argument("--row_sets", default=",".join(ROWS),
                   help=f"row sets of the kernel and swiglu parts, from {sorted(ROW_SETS)}")
   args = ap.parse_args()
@@ -305,6 +394,11 @@ def main():
   ROWS = tuple(args.row_sets.split(","))
   if bad := [r for r in ROWS if r not in ROW_SETS]:
     ap.error(f"--row_sets: unknown {bad}; choose from {sorted(ROW_SETS)}")
+  steps = args.attention_steps.split(",")
+  if "best" in steps and "attention" not in args.parts.split(","):
+    ap.error("--attention_steps=best needs the attention part before attention_step")
+  if bad := [v for v in steps if v not in ATTENTION_VARIANTS and v != "best"]:
+    ap.error(f"--attention_steps: unknown {bad}; choose from {sorted(ATTENTION_VARIANTS)}")
   if args.cpu_check:
     global T, D, E, F, H, HK, INTERPRET, MODEL
     T, D, E, F, H, HK, INTERPRET, MODEL = 16, 64, 4, 128, 8, 8, True, "tiny"
@@ -321,6 +415,11 @@ def main():
     if part == "calls":
       per_call = [int(n) for n in args.tokens_per_call.split(",")]
       result[part] = part_calls(hw, per_call, log)
+    elif part == "attention":
+      result[part] = part_attention(bw, log, [int(n) for n in args.attention_lens.split(",")])
+    elif part == "attention_step":
+      best = fastest(result.get("attention", {}))
+      result[part] = part_attention_step(hw, [best if v == "best" else v for v in steps], log)
     else:
       result[part] = {"combine": part_combine, "cache": part_cache,
                       "kernel": part_kernel, "swiglu": part_swiglu,

@@ -28,6 +28,35 @@ def test_every_variant_tiles_the_seed(swiglu, variants):
       assert (up, down) != gm.mlp_blocks(decode_parts.D, decode_parts.F, swiglu), name
 
 
+def test_attention_variants_change_the_kernels_blocks_for_the_step_and_restore_them(
+    monkeypatch):
+  from jax_ep.kernels import decode_attention
+
+  for name, change in decode_parts.ATTENTION_VARIANTS.items():
+    assert set(change) <= set(decode_attention.BLOCKS), name
+    s = 64 // change.get("k_splits", 1)  # the part's cache of 64 positions, per split
+    assert s >= 16 and s % change.get("block_k", 16) == 0, name
+  # The step part runs each variant with its blocks in force, and the defaults after.
+  default, seen = dict(decode_attention.BLOCKS), []
+  record = {k: 1.0 for k in ("tpot_ms", "tpot_synced_ms", "floor_ms", "achieved_floor_fraction",
+                             "floor_ops_ms", "imbalance", "context_len")}
+  monkeypatch.setattr(decode_parts, "MODEL", "tiny")
+  monkeypatch.setattr(decode_parts, "INTERPRET", True)
+  monkeypatch.setattr(decode_parts, "T", 16)
+  monkeypatch.setattr(decode_parts.runner, "run_one",
+                      lambda *a: seen.append(dict(decode_attention.BLOCKS)) or (record, None))
+  out = decode_parts.part_attention_step(None, ["k16_s3", "default"], lambda m: None)
+  assert list(out) == ["k16_s3", "default"]
+  assert seen == [{**default, "block_k": 16, "num_stages": 3}, default]
+  assert decode_attention.BLOCKS == default
+  # "best": the attention part's variant of least mean time over its lengths.
+  runs = {"len48": {"default": {"ms": 2.0}, "k16": {"ms": 1.0}, "xla": {"ms": 0.1},
+                    "k32": {"error": "x"}},
+          "len58": {"default": {"ms": 2.0}, "k16": {"ms": 1.5}, "xla": {"ms": 0.1},
+                    "k32": {"ms": 0.5}}}
+  assert decode_parts.fastest(runs) == "k16" and decode_parts.fastest({}) is None
+
+
 def test_the_swiglu_part_runs_through_the_interpreter(tmp_path):
   out = tmp_path / "parts.json"
   env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_backend_optimization_level=0"}

@@ -28,6 +28,22 @@ def test_attend_decode_equals_softmax_over_live_positions_and_the_new_token():
     assert_allclose(out[i], jnp.einsum("hs,hsk->hk", p, vals), rtol=1e-5, atol=1e-5)
 
 
+def test_every_block_choice_gives_the_same_attention():
+  # The blocks benchmarks/decode_parts.py --parts=attention compares: each reads the live
+  # positions of its own blocks (a length of 40 ends inside a block of 16, 32 and 64).
+  rng = np.random.default_rng(1)
+  b, h, s, k = 2, 2, 64, 16
+  f = lambda *sh: jnp.asarray(rng.normal(size=sh), jnp.float32)
+  q, kc, vc = f(b, h, k), f(b, h, s, k), f(b, h, s, k)
+  pos = jnp.array([40, 9], jnp.int32)
+  ref = decode_attention.cache_attention(q, kc, vc, pos, 0.25, interpret=True)
+  for blocks in ({"block_k": 16, "num_stages": 3}, {"block_k": 32, "k_splits": 2},
+                 {"block_k": 16, "k_splits": 4, "num_warps": 8}):
+    got = decode_attention.cache_attention(q, kc, vc, pos, 0.25, interpret=True, blocks=blocks)
+    for g, r in zip(got, ref, strict=True):
+      assert_allclose(g, r, rtol=1e-5, atol=1e-5, err_msg=str(blocks))
+
+
 def test_supports_multiples_of_16():
   assert decode_attention.supports(64) and decode_attention.supports(48)
   assert not decode_attention.supports(40)

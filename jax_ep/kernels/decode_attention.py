@@ -18,6 +18,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
+# The kernel's blocks (decode_attn_unbatched's arguments); block_k None: the largest of 128,
+# 64, 32, 16 that divides the cache length. benchmarks/decode_parts.py --parts=attention
+# measures others, and its attention_step part runs the model with them (set here before
+# the step is traced).
+BLOCKS = {"block_k": None, "k_splits": 1, "num_warps": 4, "num_stages": 2}
+
 
 def _block_k(s: int) -> int | None:
   return next((b for b in (128, 64, 32, 16) if s % b == 0), None)
@@ -28,19 +34,21 @@ def supports(cache_len: int) -> bool:
   return _block_k(cache_len) is not None
 
 
-def cache_attention(q_BxHxDh, k_BxHxSxDh, v_BxHxSxDh, lengths_B, scale: float, interpret: bool):
+def cache_attention(q_BxHxDh, k_BxHxSxDh, v_BxHxSxDh, lengths_B, scale: float, interpret: bool,
+                    blocks: dict | None = None):
   """Softmax attention of each query over its sequence's cache positions < lengths_B[b].
 
   Returns o [B, H, Dh] (normalised, q's dtype) and the softmax's running max m and sum l
-  [B, H] float32 (l = sum over positions of exp(score - m)).
+  [B, H] float32 (l = sum over positions of exp(score - m)). `blocks`: changes to BLOCKS.
   """
   from jax.experimental.pallas.ops.gpu import decode_attention as da
 
   b, h, s, k = k_BxHxSxDh.shape
+  kw = {**BLOCKS, **(blocks or {})}
+  kw["block_k"] = kw["block_k"] or _block_k(s)
   inner = functools.partial(
-      da.decode_attn_unbatched, sm_scale=scale, block_h=16, block_k=_block_k(s), k_splits=1,
-      num_warps=4, num_stages=2, grid=None, interpret=interpret, debug=False,
-      return_residuals=True, normalize_output=True)
+      da.decode_attn_unbatched, sm_scale=scale, block_h=16, grid=None, interpret=interpret,
+      debug=False, return_residuals=True, normalize_output=True, **kw)
   lengths_BxH = jnp.broadcast_to(lengths_B[:, None], (b, h)).astype(jnp.int32)
   o, (l, m) = jax.vmap(jax.vmap(inner))(q_BxHxDh[:, :, None, :], k_BxHxSxDh, v_BxHxSxDh,
                                         None, lengths_BxH)
