@@ -16,11 +16,11 @@ Parts (the seed's shapes: batch 1024, top-2, D 8192, 16 GELU experts of 32768):
     are and padded per group to its row blocks, beside jax_ep's kernel (GPU only);
   calls:   the seed model on one device, and one GPU's share of seed_proposed, with
     1 and more tokens per decode call (DeploymentConfig.tokens_per_call);
-  attention: decode attention over a batch-1024 cache of 64 positions, --attention_lens
-    live, per variant of the Pallas kernel's blocks (kernels/decode_attention.py BLOCKS),
-    beside XLA's softmax over the whole cache;
-  attention_step: the seed model's decode step on one device (jax-ep bench's run) with
-    each --attention_steps variant of those blocks, in turn ("best": the attention part's
+  attention: decode attention over a batch-1024 cache of --attention_cache positions,
+    --attention_lens live, per variant of the Pallas kernel's blocks
+    (kernels/decode_attention.py BLOCKS), beside XLA's softmax over the whole cache;
+  attention_step: each --attention_configs decode step on one device (jax-ep bench's run)
+    with each --attention_steps variant of those blocks, in turn ("best": the attention part's
     fastest variant of this run, on the mean over its lengths).
 Every variant is checked against the first one on random data (never zeros), and timed
 with time_call (jax_ep/perf/probes.py); the floor is its bytes over the best bandwidth
@@ -261,13 +261,16 @@ def _run_variants(fns, args, floor, log, label):
   return out
 
 
-# Variants of the decode attention kernel's blocks (changes to decode_attention.BLOCKS).
+# Variants of the decode attention kernel's blocks (changes to decode_attention.BLOCKS: 16
+# positions a block, 2 warps, 2 stages; "old_default": the largest block of 128, 64, 32,
+# 16 dividing the cache, 4 warps, as before e80d25b's measurements).
 ATTENTION_VARIANTS = {
-    "default": {}, "k32": {"block_k": 32}, "k16": {"block_k": 16},
-    "k16_s3": {"block_k": 16, "num_stages": 3}, "k16_s4": {"block_k": 16, "num_stages": 4},
-    "k16_w2": {"block_k": 16, "num_warps": 2}, "k16_w8": {"block_k": 16, "num_warps": 8},
-    "k32_s3": {"block_k": 32, "num_stages": 3},
-    "k32_split2": {"block_k": 32, "k_splits": 2}, "k16_split4": {"block_k": 16, "k_splits": 4},
+    "default": {}, "old_default": {"block_k": None, "num_warps": 4},
+    "k16_w1": {"num_warps": 1}, "k16_w4": {"num_warps": 4}, "k16_s3": {"num_stages": 3},
+    "k32": {"block_k": 32}, "k32_w4": {"block_k": 32, "num_warps": 4},
+    "k64_w4": {"block_k": 64, "num_warps": 4},
+    "k64_w4_s3": {"block_k": 64, "num_warps": 4, "num_stages": 3},
+    "k128_w4": {"block_k": 128, "num_warps": 4}, "k16_split4": {"k_splits": 4},
     "default_again": {},
 }
 
@@ -280,10 +283,9 @@ def _xla_cache_attention(q, k, v, lengths, scale):
   return jnp.einsum("bhs,bhsk->bhk", p.astype(v.dtype), v)
 
 
-def part_attention(bw, log, lens):
+def part_attention(bw, log, lens, s=64):
   from jax_ep.kernels import decode_attention
 
-  s = 64
   q, k, v = _rand(10, (T, H, HK)), _rand(11, (T, H, s, HK)), _rand(12, (T, H, s, HK))
   scale = HK ** -0.5
   out = {}
@@ -310,31 +312,45 @@ def fastest(attention: dict) -> str | None:
   return min(full, key=lambda n: sum(times[n]), default=None)
 
 
-def part_attention_step(hw, variants, log):
-  """The seed step with each variant of decode attention's blocks, in turn (each traces
-  and compiles its own step); the weights made once."""
+def part_attention_step(hw, variants, log, configs=("seed",)):
+  """Each config's decode step with each variant of decode attention's blocks, in turn
+  (each traces and compiles its own step), its weights made once. A config: a model
+  preset (seed_swiglu at prompt 128, as the issue's target; others at the bench's 32),
+  or "share" (one GPU's share of seed_proposed/1 of MODEL)."""
   from jax_ep.engine import Engine
   from jax_ep.kernels import decode_attention
   from jax_ep.presets import load_model
 
-  spec = plan.platform_defaults(plan.BenchSpec(config=MODEL, kinds=("single",), batch=T,
-                                               probes=not INTERPRET),
-                                "cpu" if INTERPRET else "gpu")
-  cfg = load_model(MODEL)
-  (p,), _ = plan.plan(cfg, spec, 1, log)
-  params = Engine(cfg, p.dep).init_params(0)
-  prompts = np.random.RandomState(0).randint(0, cfg.vocab_size, (spec.batch, spec.prompt_len))
   default, out = dict(decode_attention.BLOCKS), {}
   try:
-    for name in variants:
-      decode_attention.BLOCKS = {**default, **ATTENTION_VARIANTS[name]}
-      rec, _ = runner.run_one(p, params, spec, prompts, hw, log)
-      out[name] = {k: rec[k] for k in ("tpot_ms", "tpot_synced_ms", "floor_ms",
-                                       "achieved_floor_fraction", "floor_ops_ms",
-                                       "imbalance", "context_len")}
-      log(f"attention_step {name}: TPOT {rec['tpot_ms']:.3f} ms (synced "
-          f"{rec['tpot_synced_ms']:.3f}), floor {rec['floor_ms']:.3f}, "
-          f"{rec['achieved_floor_fraction']:.3f} of floor")
+    for config in configs:
+      model = MODEL if config == "share" else config
+      spec = plan.platform_defaults(plan.BenchSpec(
+          config=model, kinds=() if config == "share" else ("single",), batch=T,
+          share="seed_proposed/1" if config == "share" else None,
+          prompt_len=128 if config == "seed_swiglu" else None, probes=not INTERPRET),
+          "cpu" if INTERPRET else "gpu")
+      cfg = load_model(model)
+      (p,), _ = plan.plan(cfg, spec, 1, log)
+      params = Engine(p.cfg, p.dep).init_params(0)
+      prompts = np.random.RandomState(0).randint(0, p.cfg.vocab_size,
+                                                 (p.batch, spec.prompt_len))
+      for name in variants:
+        decode_attention.BLOCKS = {**default, **ATTENTION_VARIANTS[name]}
+        rec, _ = runner.run_one(p, params, spec, prompts, hw, log)
+        key = n = f"{config} {name}"
+        for i in range(2, len(variants) + 1):  # a variant run again keeps both records
+          if key not in out:
+            break
+          key = f"{n} ({i})"
+        out[key] = {k: rec[k] for k in ("tpot_ms", "tpot_synced_ms", "floor_ms",
+                                        "achieved_floor_fraction", "floor_ops_ms",
+                                        "imbalance", "context_len")}
+        log(f"attention_step {key}: TPOT {rec['tpot_ms']:.3f} ms (synced "
+            f"{rec['tpot_synced_ms']:.3f}), floor {rec['floor_ms']:.3f}, "
+            f"{rec['achieved_floor_fraction']:.3f} of floor")
+      del params
+      gc.collect()
   finally:
     decode_attention.BLOCKS = default
   return out
@@ -386,6 +402,11 @@ def main():
                   help="live cache positions of the attention part (the bench's range)")
   ap.add_argument("--attention_steps", default="default,k16,default_again",
                   help=f"variants of the attention_step part, from {sorted(ATTENTION_VARIANTS)}")
+  ap.add_argument("--attention_configs", default="seed",
+                  help="the attention_step part's runs: model presets, or share (one GPU's "
+                       "share of seed_proposed/1)")
+  ap.add_argument("--attention_cache", type=int, default=64,
+                  help="cache positions of the attention part")
   ap.add_argument("--row_sets", default=",".join(ROWS),
                   help=f"row sets of the kernel and swiglu parts, from {sorted(ROW_SETS)}")
   args = ap.parse_args()
@@ -416,10 +437,12 @@ def main():
       per_call = [int(n) for n in args.tokens_per_call.split(",")]
       result[part] = part_calls(hw, per_call, log)
     elif part == "attention":
-      result[part] = part_attention(bw, log, [int(n) for n in args.attention_lens.split(",")])
+      result[part] = part_attention(bw, log, [int(n) for n in args.attention_lens.split(",")],
+                                    args.attention_cache)
     elif part == "attention_step":
       best = fastest(result.get("attention", {}))
-      result[part] = part_attention_step(hw, [best if v == "best" else v for v in steps], log)
+      result[part] = part_attention_step(hw, [best if v == "best" else v for v in steps], log,
+                                         args.attention_configs.split(","))
     else:
       result[part] = {"combine": part_combine, "cache": part_cache,
                       "kernel": part_kernel, "swiglu": part_swiglu,

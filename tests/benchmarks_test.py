@@ -35,7 +35,7 @@ def test_attention_variants_change_the_kernels_blocks_for_the_step_and_restore_t
   for name, change in decode_parts.ATTENTION_VARIANTS.items():
     assert set(change) <= set(decode_attention.BLOCKS), name
     s = 64 // change.get("k_splits", 1)  # the part's cache of 64 positions, per split
-    assert s >= 16 and s % change.get("block_k", 16) == 0, name
+    assert s >= 16 and s % min(change.get("block_k") or 16, s) == 0, name
   # The step part runs each variant with its blocks in force, and the defaults after.
   default, seen = dict(decode_attention.BLOCKS), []
   record = {k: 1.0 for k in ("tpot_ms", "tpot_synced_ms", "floor_ms", "achieved_floor_fraction",
@@ -45,9 +45,11 @@ def test_attention_variants_change_the_kernels_blocks_for_the_step_and_restore_t
   monkeypatch.setattr(decode_parts, "T", 16)
   monkeypatch.setattr(decode_parts.runner, "run_one",
                       lambda *a: seen.append(dict(decode_attention.BLOCKS)) or (record, None))
-  out = decode_parts.part_attention_step(None, ["k16_s3", "default"], lambda m: None)
-  assert list(out) == ["k16_s3", "default"]
-  assert seen == [{**default, "block_k": 16, "num_stages": 3}, default]
+  out = decode_parts.part_attention_step(None, ["k16_s3", "default", "k16_s3"],
+                                         lambda m: None, ("tiny", "share"))
+  assert list(out) == ["tiny k16_s3", "tiny default", "tiny k16_s3 (2)", "share k16_s3",
+                       "share default", "share k16_s3 (2)"]
+  assert seen == [{**default, "num_stages": 3}, default, {**default, "num_stages": 3}] * 2
   assert decode_attention.BLOCKS == default
   # "best": the attention part's variant of least mean time over its lengths.
   runs = {"len48": {"default": {"ms": 2.0}, "k16": {"ms": 1.0}, "xla": {"ms": 0.1},

@@ -12,8 +12,10 @@
 # kernel: the grouped kernel's sweep; 1: one GPU (profile, the seed, seed_swiglu);
 # share: the seed and the share of seed_proposed twice, then a profile of each;
 # calls: the share with 1 and 4 tokens a decode call, alternating, twice; then seed_swiglu;
-# attention: decode attention's kernel blocks on the seed's cache, then the seed's step with
-#   the default blocks and the fastest, alternating, twice (decode_parts.py);
+# attention: decode attention's kernel blocks on the seed's cache (64 positions) and on one
+#   of 1024, then the seed's step and the share of seed_proposed with the blocks before
+#   e80d25b and the default, alternating, twice (decode_parts.py); attention_swiglu: the
+#   same steps of seed_swiglu (prompt 128);
 # 2: several (seed slices with and without the ring, EP2);
 # ab: one GPU's step with the kernel's default blocks and with SPEC, alternating, twice:
 #   bash benchmarks/scripts/h200_x4.sh ab COMMIT SPEC [CONFIGS [ROUNDS]]  (--expert_blocks
@@ -22,10 +24,10 @@
 # Each part fits one 10-minute call. Writes $OUT/results.tgz and $OUT/summary.txt.
 set -u
 PART=${1:-1}
-case $PART in parts|rows|warps|ncu|power|profile|kernel|share|calls|attention|1|2) ;;
+case $PART in parts|rows|warps|ncu|power|profile|kernel|share|calls|attention|attention_swiglu|1|2) ;;
   ab) [ -n "${3:-}" ] || { echo "ab needs SPEC, an --expert_blocks value" >&2; exit 2; } ;;
   xla) [ -n "${3:-}" ] || { echo "xla needs FLAGS, XLA flags to add" >&2; exit 2; } ;;
-  *) echo "unknown PART '$PART': use parts, rows, warps, ncu, power, xla, profile, kernel, share, calls, attention, 1, 2 or ab" >&2; exit 2 ;;
+  *) echo "unknown PART '$PART': use parts, rows, warps, ncu, power, xla, profile, kernel, share, calls, attention, attention_swiglu, 1, 2 or ab" >&2; exit 2 ;;
 esac
 export PYTHONPATH=. PYTHONUNBUFFERED=1 JAX_EP_COMMIT=${2:-unknown}
 R=$OUT/r; mkdir -p $R
@@ -110,9 +112,18 @@ step swiglu_1gpu 180 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0
   python3 -m jax_ep bench --config=seed_swiglu --kinds=single --prompt_len=128 \
   --out_dir=$R/swiglu_1gpu
 elif [ "$PART" = attention ]; then
-step attention 540 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+step attention_long 150 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+  python3 benchmarks/decode_parts.py --parts=attention --attention_cache=1024 \
+  --attention_lens=520,1000 --out=$R/decode_parts_attention_long.json
+step attention 400 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 benchmarks/decode_parts.py --parts=attention,attention_step \
-  --attention_steps=default,best,default_again,best --out=$R/decode_parts_attention.json
+  --attention_steps=old_default,default,old_default,default --attention_configs=seed,share \
+  --out=$R/decode_parts_attention.json
+elif [ "$PART" = attention_swiglu ]; then
+step attention_swiglu 540 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+  python3 benchmarks/decode_parts.py --parts=attention_step \
+  --attention_steps=old_default,default,old_default,default --attention_configs=seed_swiglu \
+  --out=$R/decode_parts_attention_swiglu.json
 elif [ "$PART" = kernel ]; then
 step kernel 110 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/kernel_sweep.py --out=$R/kernel_sweep.json
 elif [ "$PART" = 1 ]; then
