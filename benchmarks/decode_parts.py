@@ -400,7 +400,7 @@ def main():
   ap.add_argument("--swiglu_set", default="tails", choices=sorted(SWIGLU_SETS))
   ap.add_argument("--attention_lens", default="48,58",
                   help="live cache positions of the attention part (the bench's range)")
-  ap.add_argument("--attention_steps", default="default,k16,default_again",
+  ap.add_argument("--attention_steps", default="old_default,default,old_default,default",
                   help=f"variants of the attention_step part, from {sorted(ATTENTION_VARIANTS)}")
   ap.add_argument("--attention_configs", default="seed",
                   help="the attention_step part's runs: model presets, or share (one GPU's "
@@ -416,10 +416,11 @@ def main():
   if bad := [r for r in ROWS if r not in ROW_SETS]:
     ap.error(f"--row_sets: unknown {bad}; choose from {sorted(ROW_SETS)}")
   steps = args.attention_steps.split(",")
-  if "best" in steps and "attention" not in args.parts.split(","):
-    ap.error("--attention_steps=best needs the attention part before attention_step")
-  if bad := [v for v in steps if v not in ATTENTION_VARIANTS and v != "best"]:
-    ap.error(f"--attention_steps: unknown {bad}; choose from {sorted(ATTENTION_VARIANTS)}")
+  if "attention_step" in args.parts.split(","):
+    if "best" in steps and "attention" not in args.parts.split(","):
+      ap.error("--attention_steps=best needs the attention part before attention_step")
+    if bad := [v for v in steps if v not in ATTENTION_VARIANTS and v != "best"]:
+      ap.error(f"--attention_steps: unknown {bad}; choose from {sorted(ATTENTION_VARIANTS)}")
   if args.cpu_check:
     global T, D, E, F, H, HK, INTERPRET, MODEL
     T, D, E, F, H, HK, INTERPRET, MODEL = 16, 64, 4, 128, 8, 8, True, "tiny"
