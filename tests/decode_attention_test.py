@@ -44,6 +44,14 @@ def test_every_block_choice_gives_the_same_attention():
       assert_allclose(g, r, rtol=1e-5, atol=1e-5, err_msg=str(blocks))
 
 
-def test_supports_multiples_of_16():
-  assert decode_attention.supports(64) and decode_attention.supports(48)
-  assert not decode_attention.supports(40)
+def test_supports_whole_blocks_within_shared_memory():
+  assert decode_attention.supports(64, 512) and decode_attention.supports(48, 512)
+  assert not decode_attention.supports(40, 512)  # not whole blocks of 16
+  # The requests the H200 refused (NOTES section 13), at the seed's head_dim.
+  old = {"block_k": None, "num_warps": 4}
+  assert decode_attention.smem_bytes(1024, 512, old) == 282624
+  assert decode_attention.smem_bytes(64, 512, {"block_k": 64, "num_stages": 3}) == 280576
+  assert not decode_attention.supports(1024, 512, old)  # blocks of 128: XLA's attention
+  assert decode_attention.supports(64, 512, old)  # blocks of 64 ran
+  assert decode_attention.supports(4096, 512)  # the default's blocks of 16
+  assert not decode_attention.supports(64, 8192)  # a head too wide for any block

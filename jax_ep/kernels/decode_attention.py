@@ -27,13 +27,38 @@ import jax.numpy as jnp
 BLOCKS = {"block_k": 16, "k_splits": 1, "num_warps": 2, "num_stages": 2}
 
 
+# Shared memory a thread block may use on an H100/H200 SM (227 KiB).
+SMEM_LIMIT = 232448
+
+
 def _block_k(s: int) -> int | None:
   return next((b for b in (128, 64, 32, 16) if s % b == 0), None)
 
 
-def supports(cache_len: int) -> bool:
-  """The kernel needs the cache length to be a multiple of 16."""
-  return _block_k(cache_len) is not None
+def _blocks(cache_len: int, blocks: dict | None) -> dict:
+  kw = {**BLOCKS, **(blocks or {})}
+  kw["block_k"] = kw["block_k"] or _block_k(cache_len)
+  return kw
+
+
+def smem_bytes(cache_len: int, head_dim: int, blocks: dict | None = None) -> int:
+  """Shared memory the kernel asks for: a key and a value block in each of num_stages - 1
+  buffers, the query padded to 16 rows, the block's scores. The sizes the GPU refused at
+  head_dim 512 are this exactly (NOTES section 13: 282624 bytes for 128-position blocks
+  in 2 stages, 280576 for 64 in 3)."""
+  kw = _blocks(cache_len, blocks)
+  k = min(kw["block_k"], cache_len // kw["k_splits"])
+  return (max(kw["num_stages"] - 1, 1) * k * head_dim * 2 * 2 + 16 * head_dim * 2 + k * 32)
+
+
+def supports(cache_len: int, head_dim: int, blocks: dict | None = None) -> bool:
+  """Whether the kernel runs on this cache: whole blocks of at least 16 positions in each
+  split, within an SM's shared memory (else the model takes XLA's attention)."""
+  kw = _blocks(cache_len, blocks)
+  split = cache_len // kw["k_splits"]
+  return (bool(kw["block_k"]) and cache_len % kw["k_splits"] == 0 and split >= 16
+          and split % min(kw["block_k"], split) == 0
+          and smem_bytes(cache_len, head_dim, blocks) <= SMEM_LIMIT)
 
 
 def cache_attention(q_BxHxDh, k_BxHxSxDh, v_BxHxSxDh, lengths_B, scale: float, interpret: bool,
@@ -46,8 +71,7 @@ def cache_attention(q_BxHxDh, k_BxHxSxDh, v_BxHxSxDh, lengths_B, scale: float, i
   from jax.experimental.pallas.ops.gpu import decode_attention as da
 
   b, h, s, k = k_BxHxSxDh.shape
-  kw = {**BLOCKS, **(blocks or {})}
-  kw["block_k"] = kw["block_k"] or _block_k(s)
+  kw = _blocks(s, blocks)
   inner = functools.partial(
       da.decode_attn_unbatched, sm_scale=scale, block_h=16, grid=None, interpret=interpret,
       debug=False, return_residuals=True, normalize_output=True, **kw)
