@@ -21,7 +21,7 @@ def test_time_call_runs_warm_up_then_calls_times_trials():
 def test_probes_and_measured_hardware():
   devices = jax.devices()[:2]
   bandwidth = probes.probe_bandwidth(devices[0], 1 << 20)
-  assert set(bandwidth) == {"scale", "negate", "weights_64_rows"}
+  assert set(bandwidth) == {"scale", "negate", "read", "weights_64_rows"}
   assert min(bandwidth.values()) > 0
   assert set(probes.probe_matmul(devices[0], (64,), jnp.float32)) == {"square_64"}
   assert probes.probe_all_to_all(devices, 1 << 16) > 0

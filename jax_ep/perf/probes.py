@@ -30,17 +30,22 @@ def time_call(fn, *args, calls: int = 5, trials: int = 5) -> float:
 
 
 def probe_bandwidth(device, nbytes: int) -> dict[str, float]:
-  """Device memory bandwidth by three methods, bytes per second (best is the ceiling).
+  """Device memory bandwidth by four methods, bytes per second (best is the ceiling).
 
   "scale" (x * 1.0001) and "negate" count read + write bytes of `nbytes` of random fp16;
-  "weights_64_rows" streams an [8192, N] weight of `nbytes` through a 64-row matmul (the
-  way decode reads weights) and counts the weight's bytes. Random data, never zeros
-  (shared/GPU.md).
+  "read" takes the max of each 4096-element row of them (reads only, as a decode step's
+  weights and KV cache are: HBM reads alone run faster than a copy's reads and writes,
+  NOTES section 13); "weights_64_rows" streams an [8192, N] weight of `nbytes` through a
+  64-row matmul (the way decode reads weights) and counts the weight's bytes. Random
+  data, never zeros (shared/GPU.md).
   """
   n = nbytes // 2
   x = jax.device_put(jax.random.normal(jax.random.key(1), (n,), jnp.float16), device)
+  row = 4096 if n % 4096 == 0 else 1
   out = {"scale": 2 * 2 * n / time_call(jax.jit(lambda a: a * jnp.float16(1.0001)), x),
-         "negate": 2 * 2 * n / time_call(jax.jit(jnp.negative), x)}
+         "negate": 2 * 2 * n / time_call(jax.jit(jnp.negative), x),
+         "read": (2 * n + 2 * n // row) / time_call(
+             jax.jit(lambda a: a.reshape(-1, row).max(axis=1)), x)}
   del x
   k = 8192 if nbytes >= (1 << 30) else 256
   w = jax.device_put(jax.random.normal(jax.random.key(4), (k, n // k), jnp.float16), device)
