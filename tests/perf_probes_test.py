@@ -18,10 +18,16 @@ def test_time_call_runs_warm_up_then_calls_times_trials():
   assert len(calls) == 1 + 3 * 2
 
 
+def test_the_pallas_read_probe_reads_every_row():
+  x = jax.random.normal(jax.random.key(0), (2 * probes.READ_BLOCK_ROWS, probes.READ_ROW))
+  got = probes._read_rows_max(x, interpret=True)
+  assert (got == x.max(axis=1)).all()
+
+
 def test_probes_and_measured_hardware():
   devices = jax.devices()[:2]
   bandwidth = probes.probe_bandwidth(devices[0], 1 << 20)
-  assert set(bandwidth) == {"scale", "negate", "read", "weights_64_rows"}
+  assert set(bandwidth) == {"scale", "negate", "read", "read_pallas", "weights_64_rows"}
   assert min(bandwidth.values()) > 0
   assert set(probes.probe_matmul(devices[0], (64,), jnp.float32)) == {"square_64"}
   assert probes.probe_all_to_all(devices, 1 << 16) > 0

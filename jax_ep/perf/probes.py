@@ -3,6 +3,7 @@ process, and time_call."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import time
 
@@ -29,23 +30,47 @@ def time_call(fn, *args, calls: int = 5, trials: int = 5) -> float:
   return float(np.median(times))
 
 
-def probe_bandwidth(device, nbytes: int) -> dict[str, float]:
-  """Device memory bandwidth by four methods, bytes per second (best is the ceiling).
+READ_ROW, READ_BLOCK_ROWS = 1024, 32  # the Pallas read probe's [32, 1024] block a program
+
+
+def _read_rows_max(x_NxR, interpret: bool):
+  """Each row's max by a Pallas kernel: one [32, 1024] block a program, read once."""
+  from jax.experimental import pallas as pl
+
+  def kernel(x_ref, o_ref):
+    o_ref[...] = jnp.max(x_ref[...], axis=1)
+
+  n = x_NxR.shape[0]
+  return pl.pallas_call(
+      kernel, grid=(n // READ_BLOCK_ROWS,),
+      in_specs=[pl.BlockSpec((READ_BLOCK_ROWS, READ_ROW), lambda i: (i, 0))],
+      out_specs=pl.BlockSpec((READ_BLOCK_ROWS,), lambda i: (i,)),
+      out_shape=jax.ShapeDtypeStruct((n,), x_NxR.dtype), interpret=interpret)(x_NxR)
+
+
+def probe_bandwidth(device, nbytes: int, pallas: bool = True) -> dict[str, float]:
+  """Device memory bandwidth by five methods, bytes per second (best is the ceiling).
 
   "scale" (x * 1.0001) and "negate" count read + write bytes of `nbytes` of random fp16;
-  "read" takes the max of each 4096-element row of them (reads only, as a decode step's
-  weights and KV cache are: HBM reads alone run faster than a copy's reads and writes,
-  NOTES section 13); "weights_64_rows" streams an [8192, N] weight of `nbytes` through a
-  64-row matmul (the way decode reads weights) and counts the weight's bytes. Random
-  data, never zeros (shared/GPU.md).
+  "read" (XLA) and "read_pallas" (a Pallas kernel, if `pallas`; the interpreter on a CPU)
+  take the max of each row of them and count what they read and write: a decode step's
+  weights and KV cache are reads, which run faster than a copy's reads and writes (NOTES
+  section 13); "weights_64_rows" streams an [8192, N] weight of `nbytes` through a 64-row matmul
+  (the way decode reads weights) and counts the weight's bytes. Random data, never zeros
+  (shared/GPU.md).
   """
   n = nbytes // 2
   x = jax.device_put(jax.random.normal(jax.random.key(1), (n,), jnp.float16), device)
-  row = 4096 if n % 4096 == 0 else 1
   out = {"scale": 2 * 2 * n / time_call(jax.jit(lambda a: a * jnp.float16(1.0001)), x),
-         "negate": 2 * 2 * n / time_call(jax.jit(jnp.negative), x),
-         "read": (2 * n + 2 * n // row) / time_call(
-             jax.jit(lambda a: a.reshape(-1, row).max(axis=1)), x)}
+         "negate": 2 * 2 * n / time_call(jax.jit(jnp.negative), x)}
+  if n % (READ_ROW * READ_BLOCK_ROWS) == 0:
+    rows = x.reshape(-1, READ_ROW)
+    read = 2 * n + 2 * rows.shape[0]  # the rows, and one max each
+    out["read"] = read / time_call(jax.jit(lambda a: a.max(axis=1)), rows)
+    if pallas:
+      out["read_pallas"] = read / time_call(jax.jit(functools.partial(
+          _read_rows_max, interpret=device.platform == "cpu")), rows)
+    del rows
   del x
   k = 8192 if nbytes >= (1 << 30) else 256
   w = jax.device_put(jax.random.normal(jax.random.key(4), (k, n // k), jnp.float16), device)
@@ -93,7 +118,7 @@ def measure_hardware(devices, dtype, gpu: bool, log,
   a2a_small = min(64 << 10, a2a_big // 4)
   raw = {"copy_bytes": copy_bytes, "matmul_sizes": list(sizes),
          "matmul_dtype": jnp.dtype(dtype).name}
-  raw["bandwidth_methods"] = probe_bandwidth(devices[0], copy_bytes)
+  raw["bandwidth_methods"] = probe_bandwidth(devices[0], copy_bytes, pallas=gpu)
   raw["hbm_bytes_per_s"] = max(raw["bandwidth_methods"].values())
   for name, v in raw["bandwidth_methods"].items():
     log(f"probe: bandwidth {name} {copy_bytes / 2**20:.0f} MiB: {v / 1e12:.3f} TB/s")
