@@ -30,30 +30,41 @@ def time_call(fn, *args, calls: int = 5, trials: int = 5) -> float:
   return float(np.median(times))
 
 
-READ_ROW, READ_BLOCK_ROWS = 1024, 32  # the Pallas read probe's [32, 1024] block a program
+READ_ROW, READ_CHUNK, READ_STEP = 512, 256, 16  # the Pallas read probe's blocks
 
 
 def _read_rows_max(x_NxR, interpret: bool):
-  """Each row's max by a Pallas kernel: one [32, 1024] block a program, read once."""
+  """The max of each column of each chunk of READ_CHUNK rows by a Pallas kernel: a program
+  a chunk, read READ_STEP rows at a time in a pipelined loop (the way the decode
+  attention kernel, which reads fastest of our kernels, reads its cache)."""
   from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as plgpu
 
   def kernel(x_ref, o_ref):
-    o_ref[...] = jnp.max(x_ref[...], axis=1)
+    def body(i, acc):
+      return jnp.maximum(acc, x_ref[pl.ds(i * READ_STEP, READ_STEP), :].astype(jnp.float32))
 
-  n = x_NxR.shape[0]
+    acc = jax.lax.fori_loop(0, READ_CHUNK // READ_STEP, body,
+                            jnp.full((READ_STEP, READ_ROW), -jnp.inf, jnp.float32))
+    o_ref[...] = acc.max(axis=0).astype(o_ref.dtype)
+
+  chunks = x_NxR.shape[0] // READ_CHUNK
   return pl.pallas_call(
-      kernel, grid=(n // READ_BLOCK_ROWS,),
-      in_specs=[pl.BlockSpec((READ_BLOCK_ROWS, READ_ROW), lambda i: (i, 0))],
-      out_specs=pl.BlockSpec((READ_BLOCK_ROWS,), lambda i: (i,)),
-      out_shape=jax.ShapeDtypeStruct((n,), x_NxR.dtype), interpret=interpret)(x_NxR)
+      kernel, grid=(chunks,),
+      in_specs=[pl.BlockSpec((READ_CHUNK, READ_ROW), lambda i: (i, 0))],
+      out_specs=pl.BlockSpec((None, READ_ROW), lambda i: (i, 0)),
+      out_shape=jax.ShapeDtypeStruct((chunks, READ_ROW), x_NxR.dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=2, num_stages=2),
+      interpret=interpret)(x_NxR)
 
 
 def probe_bandwidth(device, nbytes: int, pallas: bool = True) -> dict[str, float]:
   """Device memory bandwidth by five methods, bytes per second (best is the ceiling).
 
   "scale" (x * 1.0001) and "negate" count read + write bytes of `nbytes` of random fp16;
-  "read" (XLA) and "read_pallas" (a Pallas kernel, if `pallas`; the interpreter on a CPU)
-  take the max of each row of them and count what they read and write: a decode step's
+  "read" (XLA: the max of each row of 512) and "read_pallas" (a Pallas kernel, if
+  `pallas`; the interpreter on a CPU: the max of each column of 256 such rows) count
+  what they read and write: a decode step's
   weights and KV cache are reads, which run faster than a copy's reads and writes (NOTES
   section 13); "weights_64_rows" streams an [8192, N] weight of `nbytes` through a 64-row matmul
   (the way decode reads weights) and counts the weight's bytes. Random data, never zeros
@@ -63,13 +74,13 @@ def probe_bandwidth(device, nbytes: int, pallas: bool = True) -> dict[str, float
   x = jax.device_put(jax.random.normal(jax.random.key(1), (n,), jnp.float16), device)
   out = {"scale": 2 * 2 * n / time_call(jax.jit(lambda a: a * jnp.float16(1.0001)), x),
          "negate": 2 * 2 * n / time_call(jax.jit(jnp.negative), x)}
-  if n % (READ_ROW * READ_BLOCK_ROWS) == 0:
+  if n % (READ_ROW * READ_CHUNK) == 0:
     rows = x.reshape(-1, READ_ROW)
-    read = 2 * n + 2 * rows.shape[0]  # the rows, and one max each
-    out["read"] = read / time_call(jax.jit(lambda a: a.max(axis=1)), rows)
-    if pallas:
-      out["read_pallas"] = read / time_call(jax.jit(functools.partial(
-          _read_rows_max, interpret=device.platform == "cpu")), rows)
+    out["read"] = (2 * n + 2 * rows.shape[0]) / time_call(  # the rows, and a max each
+        jax.jit(lambda a: a.max(axis=1)), rows)
+    if pallas:  # the rows, and a max of each column of each chunk
+      out["read_pallas"] = (2 * n + 2 * n // READ_CHUNK) / time_call(jax.jit(
+          functools.partial(_read_rows_max, interpret=device.platform == "cpu")), rows)
     del rows
   del x
   k = 8192 if nbytes >= (1 << 30) else 256
