@@ -18,16 +18,22 @@ def test_time_call_runs_warm_up_then_calls_times_trials():
   assert len(calls) == 1 + 3 * 2
 
 
-def test_the_pallas_read_probe_reads_every_row():
-  x = jax.random.normal(jax.random.key(0), (2 * probes.READ_CHUNK, probes.READ_ROW))
-  got = probes._read_rows_max(x, interpret=True)
-  assert (got == x.reshape(2, probes.READ_CHUNK, -1).max(axis=1)).all()
+def test_the_attention_read_probe_attends_over_every_position():
+  n = 2 * 16 * 32 * probes.READ_ROW  # keys and values of 16 heads and 32 positions
+  x = jax.random.normal(jax.random.key(0), (n,))
+  assert probes._attention_positions(n) == 32
+  assert probes._attention_positions(1 << 31) == 256  # 4 GiB of fp16: 512 sequences
+  got = probes._attention_read(x, interpret=True)  # [B, H, Dh]
+  k, v = x.reshape(2, 1, 16, 32, probes.READ_ROW)
+  q = k[:, :, 0]
+  p = jax.nn.softmax(jnp.einsum("bhk,bhsk->bhs", q, k) * probes.READ_ROW**-0.5, axis=-1)
+  assert jnp.allclose(got, jnp.einsum("bhs,bhsk->bhk", p, v), atol=1e-4)
 
 
 def test_probes_and_measured_hardware():
   devices = jax.devices()[:2]
   bandwidth = probes.probe_bandwidth(devices[0], 1 << 20)
-  assert set(bandwidth) == {"scale", "negate", "read", "read_pallas", "weights_64_rows"}
+  assert set(bandwidth) == {"scale", "negate", "read", "read_attention", "weights_64_rows"}
   assert min(bandwidth.values()) > 0
   assert set(probes.probe_matmul(devices[0], (64,), jnp.float32)) == {"square_64"}
   assert probes.probe_all_to_all(devices, 1 << 16) > 0

@@ -30,40 +30,33 @@ def time_call(fn, *args, calls: int = 5, trials: int = 5) -> float:
   return float(np.median(times))
 
 
-READ_ROW, READ_CHUNK, READ_STEP = 512, 256, 16  # the Pallas read probe's blocks
+READ_ROW = 512  # the read probes' rows: the seed's head_dim
 
 
-def _read_rows_max(x_NxR, interpret: bool):
-  """The max of each column of each chunk of READ_CHUNK rows by a Pallas kernel: a program
-  a chunk, read READ_STEP rows at a time in a pipelined loop (the way the decode
-  attention kernel, which reads fastest of our kernels, reads its cache)."""
-  from jax.experimental import pallas as pl
-  from jax.experimental.pallas import triton as plgpu
+def _attention_positions(n: int) -> int:
+  """Cache positions of the attention read probe over n elements (two halves, 16 heads)."""
+  return min(256, n // (2 * 16 * READ_ROW))
 
-  def kernel(x_ref, o_ref):
-    def body(i, acc):
-      return jnp.maximum(acc, x_ref[pl.ds(i * READ_STEP, READ_STEP), :].astype(jnp.float32))
 
-    acc = jax.lax.fori_loop(0, READ_CHUNK // READ_STEP, body,
-                            jnp.full((READ_STEP, READ_ROW), -jnp.inf, jnp.float32))
-    o_ref[...] = acc.max(axis=0).astype(o_ref.dtype)
+def _attention_read(x, interpret: bool):
+  """jax_ep's decode attention kernel (kernels/decode_attention.py, its default blocks)
+  over a [B, 16, S, 512] cache made of x's two halves, every position live: it reads the
+  cache once, as a decode step reads its KV cache."""
+  from jax_ep.kernels import decode_attention
 
-  chunks = x_NxR.shape[0] // READ_CHUNK
-  return pl.pallas_call(
-      kernel, grid=(chunks,),
-      in_specs=[pl.BlockSpec((READ_CHUNK, READ_ROW), lambda i: (i, 0))],
-      out_specs=pl.BlockSpec((None, READ_ROW), lambda i: (i, 0)),
-      out_shape=jax.ShapeDtypeStruct((chunks, READ_ROW), x_NxR.dtype),
-      compiler_params=plgpu.CompilerParams(num_warps=2, num_stages=2),
-      interpret=interpret)(x_NxR)
+  half, s = x.shape[0] // 2, _attention_positions(x.shape[0])
+  k, v = (x[i * half:(i + 1) * half].reshape(-1, 16, s, READ_ROW) for i in (0, 1))
+  q = k[:, :, 0]  # a query per sequence and head (its values do not change what is read)
+  lengths = jnp.full((k.shape[0],), s, jnp.int32)
+  return decode_attention.cache_attention(q, k, v, lengths, READ_ROW**-0.5, interpret)[0]
 
 
 def probe_bandwidth(device, nbytes: int, pallas: bool = True) -> dict[str, float]:
   """Device memory bandwidth by five methods, bytes per second (best is the ceiling).
 
   "scale" (x * 1.0001) and "negate" count read + write bytes of `nbytes` of random fp16;
-  "read" (XLA: the max of each row of 512) and "read_pallas" (a Pallas kernel, if
-  `pallas`; the interpreter on a CPU: the max of each column of 256 such rows) count
+  "read" (XLA: the max of each row of 512) and "read_attention" (if `pallas`: jax_ep's
+  decode attention kernel over a cache made of them; the interpreter on a CPU) count
   what they read and write: a decode step's
   weights and KV cache are reads, which run faster than a copy's reads and writes (NOTES
   section 13); "weights_64_rows" streams an [8192, N] weight of `nbytes` through a 64-row matmul
@@ -74,14 +67,15 @@ def probe_bandwidth(device, nbytes: int, pallas: bool = True) -> dict[str, float
   x = jax.device_put(jax.random.normal(jax.random.key(1), (n,), jnp.float16), device)
   out = {"scale": 2 * 2 * n / time_call(jax.jit(lambda a: a * jnp.float16(1.0001)), x),
          "negate": 2 * 2 * n / time_call(jax.jit(jnp.negative), x)}
-  if n % (READ_ROW * READ_CHUNK) == 0:
+  if n % (2 * 16 * 16 * READ_ROW) == 0:  # two halves of whole [16 heads, 16+ positions]
     rows = x.reshape(-1, READ_ROW)
     out["read"] = (2 * n + 2 * rows.shape[0]) / time_call(  # the rows, and a max each
         jax.jit(lambda a: a.max(axis=1)), rows)
-    if pallas:  # the rows, and a max of each column of each chunk
-      out["read_pallas"] = (2 * n + 2 * n // READ_CHUNK) / time_call(jax.jit(
-          functools.partial(_read_rows_max, interpret=device.platform == "cpu")), rows)
     del rows
+    if pallas:  # the cache, and an output row per sequence and head
+      written = n // 2 // _attention_positions(n)
+      out["read_attention"] = 2 * (n + written) / time_call(
+          jax.jit(functools.partial(_attention_read, interpret=device.platform == "cpu")), x)
   del x
   k = 8192 if nbytes >= (1 << 30) else 256
   w = jax.device_put(jax.random.normal(jax.random.key(4), (k, n // k), jnp.float16), device)
