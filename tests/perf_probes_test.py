@@ -23,8 +23,8 @@ def test_the_attention_read_probe_attends_over_every_position():
   x = jax.random.normal(jax.random.key(0), (n,))
   assert probes._attention_positions(n) == 32
   assert probes._attention_positions(1 << 31) == 256  # 4 GiB of fp16: 512 sequences
-  got = probes._attention_read(x, interpret=True)  # [B, H, Dh]
   k, v = x.reshape(2, 1, 16, 32, probes.READ_ROW)
+  got = probes._attention_read(k, v, interpret=True)  # [B, H, Dh]
   q = k[:, :, 0]
   p = jax.nn.softmax(jnp.einsum("bhk,bhsk->bhs", q, k) * probes.READ_ROW**-0.5, axis=-1)
   assert jnp.allclose(got, jnp.einsum("bhs,bhsk->bhk", p, v), atol=1e-4)

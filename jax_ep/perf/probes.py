@@ -34,21 +34,20 @@ READ_ROW = 512  # the read probes' rows: the seed's head_dim
 
 
 def _attention_positions(n: int) -> int:
-  """Cache positions of the attention read probe over n elements (two halves, 16 heads)."""
+  """Cache positions of the attention read probe over n elements of keys and values."""
   return min(256, n // (2 * 16 * READ_ROW))
 
 
-def _attention_read(x, interpret: bool):
+def _attention_read(k_BxHxSxDh, v_BxHxSxDh, interpret: bool):
   """jax_ep's decode attention kernel (kernels/decode_attention.py, its default blocks)
-  over a [B, 16, S, 512] cache made of x's two halves, every position live: it reads the
-  cache once, as a decode step reads its KV cache."""
+  over the cache, every position live: it reads the cache once, as a decode step reads
+  its KV cache."""
   from jax_ep.kernels import decode_attention
 
-  half, s = x.shape[0] // 2, _attention_positions(x.shape[0])
-  k, v = (x[i * half:(i + 1) * half].reshape(-1, 16, s, READ_ROW) for i in (0, 1))
-  q = k[:, :, 0]  # a query per sequence and head (its values do not change what is read)
-  lengths = jnp.full((k.shape[0],), s, jnp.int32)
-  return decode_attention.cache_attention(q, k, v, lengths, READ_ROW**-0.5, interpret)[0]
+  q = k_BxHxSxDh[:, :, 0]  # a query per sequence and head (its values change no read)
+  lengths = jnp.full((k_BxHxSxDh.shape[0],), k_BxHxSxDh.shape[2], jnp.int32)
+  return decode_attention.cache_attention(q, k_BxHxSxDh, v_BxHxSxDh, lengths,
+                                          READ_ROW**-0.5, interpret)[0]
 
 
 def probe_bandwidth(device, nbytes: int, pallas: bool = True) -> dict[str, float]:
@@ -67,16 +66,21 @@ def probe_bandwidth(device, nbytes: int, pallas: bool = True) -> dict[str, float
   x = jax.device_put(jax.random.normal(jax.random.key(1), (n,), jnp.float16), device)
   out = {"scale": 2 * 2 * n / time_call(jax.jit(lambda a: a * jnp.float16(1.0001)), x),
          "negate": 2 * 2 * n / time_call(jax.jit(jnp.negative), x)}
-  if n % (2 * 16 * 16 * READ_ROW) == 0:  # two halves of whole [16 heads, 16+ positions]
+  whole = n % (2 * 16 * 16 * READ_ROW) == 0  # halves of whole [16 heads, 16+ positions]
+  if whole:
     rows = x.reshape(-1, READ_ROW)
     out["read"] = (2 * n + 2 * rows.shape[0]) / time_call(  # the rows, and a max each
         jax.jit(lambda a: a.max(axis=1)), rows)
     del rows
-    if pallas:  # the cache, and an output row per sequence and head
-      written = n // 2 // _attention_positions(n)
-      out["read_attention"] = 2 * (n + written) / time_call(
-          jax.jit(functools.partial(_attention_read, interpret=device.platform == "cpu")), x)
   del x
+  if whole and pallas:  # keys and values of `nbytes` together, and an output row a query
+    s = _attention_positions(n)
+    shape = (n // (2 * 16 * s * READ_ROW), 16, s, READ_ROW)
+    kv = [jax.device_put(jax.random.normal(jax.random.key(6 + i), shape, jnp.float16), device)
+          for i in (0, 1)]
+    out["read_attention"] = 2 * (n + n // (2 * s)) / time_call(jax.jit(functools.partial(
+        _attention_read, interpret=device.platform == "cpu")), *kv)
+    del kv
   k = 8192 if nbytes >= (1 << 30) else 256
   w = jax.device_put(jax.random.normal(jax.random.key(4), (k, n // k), jnp.float16), device)
   rows = jax.device_put(jax.random.normal(jax.random.key(5), (64, k), jnp.float16), device)
