@@ -335,14 +335,22 @@ def part_attention_step(hw, variants, log, configs=("seed",)):
       params = Engine(p.cfg, p.dep).init_params(0)
       prompts = np.random.RandomState(0).randint(0, p.cfg.vocab_size,
                                                  (p.batch, spec.prompt_len))
+      cache = -(-(spec.prompt_len + plan.new_tokens(spec) - 1) // 16) * 16  # decode.py's
       for name in variants:
-        decode_attention.BLOCKS = {**default, **ATTENTION_VARIANTS[name]}
-        rec, _ = runner.run_one(p, params, spec, prompts, hw, log)
         key = n = f"{config} {name}"
         for i in range(2, len(variants) + 1):  # a variant run again keeps both records
           if key not in out:
             break
           key = f"{n} ({i})"
+        change = ATTENTION_VARIANTS[name]
+        if not decode_attention.supports(cache, p.cfg.head_dim, {**default, **change},
+                                         jnp.dtype(p.cfg.dtype).itemsize):
+          out[key] = {"error": f"blocks {change} do not fit a {cache}-position cache: the "
+                               "step would run XLA's attention"}
+          log(f"attention_step {key}: skipped, {out[key]['error']}")
+          continue
+        decode_attention.BLOCKS = {**default, **change}
+        rec, _ = runner.run_one(p, params, spec, prompts, hw, log)
         out[key] = {k: rec[k] for k in ("tpot_ms", "tpot_synced_ms", "floor_ms",
                                         "achieved_floor_fraction", "floor_ops_ms",
                                         "imbalance", "context_len")}
@@ -401,7 +409,8 @@ def main():
   ap.add_argument("--attention_lens", default="48,58",
                   help="live cache positions of the attention part (the bench's range)")
   ap.add_argument("--attention_steps", default="old_default,default,old_default,default",
-                  help=f"variants of the attention_step part, from {sorted(ATTENTION_VARIANTS)}")
+                  help=f"variants of the attention_step part, from {sorted(ATTENTION_VARIANTS)}, "
+                       "or best (the attention part's fastest; that part runs first)")
   ap.add_argument("--attention_configs", default="seed",
                   help="the attention_step part's runs: model presets, or share (one GPU's "
                        "share of seed_proposed/1)")
@@ -416,11 +425,14 @@ def main():
   if bad := [r for r in ROWS if r not in ROW_SETS]:
     ap.error(f"--row_sets: unknown {bad}; choose from {sorted(ROW_SETS)}")
   steps = args.attention_steps.split(",")
-  if "attention_step" in args.parts.split(","):
-    if "best" in steps and "attention" not in args.parts.split(","):
+  order = args.parts.split(",")
+  if "attention_step" in order:
+    if "best" in steps and ("attention" not in order
+                            or order.index("attention") > order.index("attention_step")):
       ap.error("--attention_steps=best needs the attention part before attention_step")
     if bad := [v for v in steps if v not in ATTENTION_VARIANTS and v != "best"]:
-      ap.error(f"--attention_steps: unknown {bad}; choose from {sorted(ATTENTION_VARIANTS)}")
+      ap.error(f"--attention_steps: unknown {bad}; choose from {sorted(ATTENTION_VARIANTS)} "
+               "or best")
   if args.cpu_check:
     global T, D, E, F, H, HK, INTERPRET, MODEL
     T, D, E, F, H, HK, INTERPRET, MODEL = 16, 64, 4, 128, 8, 8, True, "tiny"
@@ -442,6 +454,9 @@ def main():
                                     args.attention_cache)
     elif part == "attention_step":
       best = fastest(result.get("attention", {}))
+      if best is None and "best" in steps:
+        log("attention_step: no variant of the attention part ran at every length; no best")
+        steps = [v for v in steps if v != "best"]
       result[part] = part_attention_step(hw, [best if v == "best" else v for v in steps], log,
                                          args.attention_configs.split(","))
     else:

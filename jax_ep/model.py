@@ -97,7 +97,8 @@ class Attention(nnx.Module):
     k, v = k.astype(k_BxHxSxDh.dtype), v.astype(v_BxHxSxDh.dtype)
     scale = q.shape[-1] ** -0.5
     kernel = ep.kernels(par)
-    if t == 1 and kernel != "xla" and decode_attention.supports(s, q.shape[-1]):
+    if t == 1 and kernel != "xla" and decode_attention.supports(
+        s, q.shape[-1], itemsize=k_BxHxSxDh.dtype.itemsize):
       o_BxHxDh = decode_attention.attend_decode(q[:, 0], k_BxHxSxDh, v_BxHxSxDh, pos_B, k[:, 0],
                                                v[:, 0], scale, interpret=kernel == "interpret")
       o_BxTxHxDh = o_BxHxDh[:, None].astype(v.dtype)

@@ -50,6 +50,11 @@ def test_attention_variants_change_the_kernels_blocks_for_the_step_and_restore_t
   assert list(out) == ["tiny k16_s3", "tiny default", "tiny k16_s3 (2)", "share k16_s3",
                        "share default", "share k16_s3 (2)"]
   assert seen == [{**default, "num_stages": 3}, default, {**default, "num_stages": 3}] * 2
+  # Blocks the step's cache cannot take are not run under their name (XLA would run).
+  seen.clear()
+  monkeypatch.setattr(decode_attention, "supports", lambda *a: False)
+  out = decode_parts.part_attention_step(None, ["k64_w4_s3"], lambda m: None, ("tiny",))
+  assert not seen and "do not fit" in out["tiny k64_w4_s3"]["error"]
   assert decode_attention.BLOCKS == default
   # "best": the attention part's variant of least mean time over its lengths.
   runs = {"len48": {"default": {"ms": 2.0}, "k16": {"ms": 1.0}, "xla": {"ms": 0.1},

@@ -4,6 +4,7 @@ interpreter) over the live cache, merged with the new token, against plain softm
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from numpy.testing import assert_allclose
 
 from jax_ep.kernels import decode_attention
@@ -55,3 +56,10 @@ def test_supports_whole_blocks_within_shared_memory():
   assert decode_attention.supports(64, 512, old)  # blocks of 64 ran
   assert decode_attention.supports(4096, 512)  # the default's blocks of 16
   assert not decode_attention.supports(64, 8192)  # a head too wide for any block
+  # float32 caches take twice the bytes a block: blocks of 64 at head_dim 512 no longer fit.
+  assert decode_attention.supports(64, 256, old, itemsize=4)
+  assert not decode_attention.supports(64, 512, old, itemsize=4)
+  assert not decode_attention.supports(64, 512, {"block_k": 8})  # the kernel's least is 16
+  assert not decode_attention.supports(40, 512, {"block_k": None})
+  with pytest.raises(ValueError, match="divides the cache length 40"):
+    decode_attention.smem_bytes(40, 512, {"block_k": None})

@@ -30,6 +30,24 @@ def test_the_attention_read_probe_attends_over_every_position():
   assert jnp.allclose(got, jnp.einsum("bhs,bhsk->bhk", p, v), atol=1e-4)
 
 
+def test_each_bandwidth_method_counts_the_bytes_it_moves(monkeypatch):
+  # 12 MiB: the attention probe's cache (whole sequences of 256 positions) is 8 MiB of it.
+  moved = []
+
+  def fake_time(fn, *args, **kw):
+    out = fn(*args)
+    moved.append((sum(a.nbytes for a in args), out.nbytes, args[-1].nbytes))
+    return 1.0
+
+  monkeypatch.setattr(probes, "time_call", fake_time)
+  got = probes.probe_bandwidth(jax.devices()[0], 12 << 20)
+  assert list(got) == ["scale", "negate", "read", "read_attention", "weights_64_rows"]
+  for name, (args, out, _) in zip(list(got)[:4], moved, strict=False):
+    assert got[name] == args + out, name  # what it reads and what it writes
+  assert moved[3][0] == 8 << 20
+  assert got["weights_64_rows"] == moved[4][2] == 12 << 20  # the weight only
+
+
 def test_probes_and_measured_hardware():
   devices = jax.devices()[:2]
   bandwidth = probes.probe_bandwidth(devices[0], 1 << 20)

@@ -41,24 +41,32 @@ def _blocks(cache_len: int, blocks: dict | None) -> dict:
   return kw
 
 
-def smem_bytes(cache_len: int, head_dim: int, blocks: dict | None = None) -> int:
-  """Shared memory the kernel asks for: a key and a value block in each of num_stages - 1
-  buffers, the query padded to 16 rows, the block's scores. The sizes the GPU refused at
-  head_dim 512 are this exactly (NOTES section 13: 282624 bytes for 128-position blocks
-  in 2 stages, 280576 for 64 in 3)."""
+def smem_bytes(cache_len: int, head_dim: int, blocks: dict | None = None,
+               itemsize: int = 2) -> int:
+  """Shared memory the kernel asks for, for a cache of `itemsize`-byte elements: a key and
+  a value block in each of num_stages - 1 buffers, the query padded to 16 rows, the
+  block's scores. Fitted to the two requests the GPU refused at head_dim 512 in fp16
+  (NOTES section 13: 282624 bytes for 128-position blocks in 2 stages, 280576 for 64 in
+  3); other element sizes scale the key, value and query terms (not measured)."""
   kw = _blocks(cache_len, blocks)
+  if not kw["block_k"]:
+    raise ValueError(f"no block of 128, 64, 32 or 16 positions divides the cache length "
+                     f"{cache_len}")
   k = min(kw["block_k"], cache_len // kw["k_splits"])
-  return (max(kw["num_stages"] - 1, 1) * k * head_dim * 2 * 2 + 16 * head_dim * 2 + k * 32)
+  return (max(kw["num_stages"] - 1, 1) * k * head_dim * itemsize * 2
+          + 16 * head_dim * itemsize + k * 32)
 
 
-def supports(cache_len: int, head_dim: int, blocks: dict | None = None) -> bool:
-  """Whether the kernel runs on this cache: whole blocks of at least 16 positions in each
-  split, within an SM's shared memory (else the model takes XLA's attention)."""
+def supports(cache_len: int, head_dim: int, blocks: dict | None = None,
+             itemsize: int = 2) -> bool:
+  """Whether the kernel runs on this cache: blocks of at least 16 positions that tile each
+  split of it, within an SM's shared memory (else the model takes XLA's attention)."""
   kw = _blocks(cache_len, blocks)
+  if not kw["block_k"] or kw["block_k"] < 16 or cache_len % kw["k_splits"]:
+    return False
   split = cache_len // kw["k_splits"]
-  return (bool(kw["block_k"]) and cache_len % kw["k_splits"] == 0 and split >= 16
-          and split % min(kw["block_k"], split) == 0
-          and smem_bytes(cache_len, head_dim, blocks) <= SMEM_LIMIT)
+  return (split >= 16 and split % min(kw["block_k"], split) == 0
+          and smem_bytes(cache_len, head_dim, blocks, itemsize) <= SMEM_LIMIT)
 
 
 def cache_attention(q_BxHxDh, k_BxHxSxDh, v_BxHxSxDh, lengths_B, scale: float, interpret: bool,

@@ -73,13 +73,15 @@ def probe_bandwidth(device, nbytes: int, pallas: bool = True) -> dict[str, float
         jax.jit(lambda a: a.max(axis=1)), rows)
     del rows
   del x
-  if whole and pallas:  # keys and values of `nbytes` together, and an output row a query
+  if whole and pallas:  # keys and values of up to `nbytes` together, an output row a query
     s = _attention_positions(n)
     shape = (n // (2 * 16 * s * READ_ROW), 16, s, READ_ROW)
     kv = [jax.device_put(jax.random.normal(jax.random.key(6 + i), shape, jnp.float16), device)
           for i in (0, 1)]
-    out["read_attention"] = 2 * (n + n // (2 * s)) / time_call(jax.jit(functools.partial(
-        _attention_read, interpret=device.platform == "cpu")), *kv)
+    fn = jax.jit(functools.partial(_attention_read, interpret=device.platform == "cpu"))
+    o = jax.eval_shape(fn, *kv)
+    read = sum(a.nbytes for a in kv) + o.size * o.dtype.itemsize  # the cache, the output
+    out["read_attention"] = read / time_call(fn, *kv)
     del kv
   k = 8192 if nbytes >= (1 << 30) else 256
   w = jax.device_put(jax.random.normal(jax.random.key(4), (k, n // k), jnp.float16), device)
