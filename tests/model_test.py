@@ -134,6 +134,45 @@ def test_decode_kernels_equal_full_forward():
     assert_allclose(logits[:, 0], full[:, pos], rtol=1e-4, atol=1e-4)
 
 
+def _attention_kernels(jaxpr, out):
+  """The compiler params of every decode attention kernel (pallas_call mha_forward) in
+  `jaxpr` and the jaxprs it nests."""
+  for e in jaxpr.eqns:
+    if e.primitive.name == "pallas_call" and e.params["name"] == "mha_forward":
+      out.append(e.params["compiler_params"])
+    for v in e.params.values():
+      for w in v if isinstance(v, tuple | list) else (v,):
+        inner = getattr(w, "jaxpr", w)
+        if hasattr(inner, "eqns"):
+          _attention_kernels(inner, out)
+  return out
+
+
+def test_the_decode_step_takes_the_attention_kernels_blocks_when_traced(monkeypatch):
+  # What benchmarks/decode_parts.py's attention_step part relies on: a new engine's step
+  # traces the kernel with decode_attention.BLOCKS as they are then; blocks the cache
+  # cannot take send every layer to XLA's attention.
+  from jax_ep.config import DeploymentConfig
+  from jax_ep.engine import Engine
+  from jax_ep.kernels import decode_attention
+
+  cfg = dataclasses.replace(TINY, max_seq_len=16)
+
+  def traced():
+    engine = Engine(cfg, DeploymentConfig(kernels="interpret"))
+    params = jax.eval_shape(lambda: engine.init_params(0))
+    jaxpr = jax.make_jaxpr(engine.decode_program(B, 1))(
+        params, engine.abstract_decode_state(B, 16), jax.random.key(0))
+    return [(p.num_warps, p.num_stages) for p in _attention_kernels(jaxpr.jaxpr, [])]
+
+  assert traced() == [(2, 2)] * cfg.num_layers
+  monkeypatch.setitem(decode_attention.BLOCKS, "num_warps", 4)
+  monkeypatch.setitem(decode_attention.BLOCKS, "num_stages", 3)
+  assert traced() == [(4, 3)] * cfg.num_layers
+  monkeypatch.setitem(decode_attention.BLOCKS, "block_k", 8)  # under the kernel's least
+  assert traced() == []
+
+
 def test_sequences_at_different_positions(model, tokens):
   """pos_B per sequence: sequence 1 decodes a position behind sequence 0, in one call."""
   full, _, _ = model.full(tokens)
