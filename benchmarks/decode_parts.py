@@ -12,6 +12,8 @@ Parts (the seed's shapes: batch 1024, top-2, D 8192, 16 GELU experts of 32768):
     (kernels/grouped_matmul.py Blocks; --kernel_set);
   swiglu:  the SwiGLU expert MLP (seed_swiglu's) on the same row sets, per variant of its
     fused up product's blocks (--swiglu_set; the down product at its default);
+  layout:  the expert MLP (GELU and SwiGLU) with its weights as stored and tiled as the
+    kernel reads them (grouped_matmul.tile_weights), on each --row_sets row set;
   mgpu:    jax's Mosaic GPU grouped matmul (ragged_dot_mgpu) on the skewed rows, as they
     are and padded per group to its row blocks, beside jax_ep's kernel (GPU only);
   calls:   the seed model on one device, and one GPU's share of seed_proposed, with
@@ -188,6 +190,43 @@ def part_swiglu(bw, log):
     floor = 3 * E * D * F * 2 / bw
     out[sizes_name] = _run_variants(fns, (x, gs, w_up, w_down, w_gate), floor, log,
                                     f"swiglu {sizes_name}")
+  return out
+
+
+def part_layout(bw, log):
+  """The expert MLP with its weights as they are ([G, K, N]) and tiled as the kernel reads
+  them (grouped_matmul.tile_weights: each K step's tile contiguous), GELU and SwiGLU, on
+  each --row_sets row set. Every variant takes the same arguments (weights are never
+  closed over), so each uses the layouts it names."""
+  out = {}
+  for swiglu in (False, True):
+    up, down = gm.mlp_blocks(D, F, swiglu)
+    w = {"up": _rand(6, (E, D, F), scale=D ** -0.5), "down": _rand(7, (E, F, D), scale=F ** -0.5)}
+    if swiglu:
+      w["gate"] = _rand(9, (E, D, F), scale=D ** -0.5)
+    tiled = {n: gm.tile_weights(a, down if n == "down" else up) for n, a in w.items()}
+    names = sorted(w)
+    x = _rand(8, (T * K, D))
+
+    def mlp(x, gs, *ws, which, real, names=tuple(names), blocks=(up, down)):
+      half = len(names)
+      pick = {n: ws[i + half] if n in which else ws[i] for i, n in enumerate(names)}
+      return _mlp(x, gs, pick["up"], pick["down"], pick.get("gate"), blocks=blocks, real=real)
+
+    variants = {"plain": (), "tiled": tuple(names), "tiled_up": tuple(n for n in names
+                                                                      if n != "down"),
+                "tiled_down": ("down",), "plain_again": ()}
+    label = "swiglu" if swiglu else "gelu"
+    for sizes_name, sizes in _row_sets():
+      gs = jnp.asarray(sizes, jnp.int32)
+      fns = {v: functools.partial(mlp, which=which, real=sum(sizes))
+             for v, which in variants.items()}
+      floor = len(names) * E * D * F * 2 / bw
+      args = (x, gs, *[w[n] for n in names], *[tiled[n] for n in names])
+      out[f"{label}_{sizes_name}"] = _run_variants(fns, args, floor, log,
+                                                   f"layout {label} {sizes_name}")
+    del w, tiled, x
+    gc.collect()
   return out
 
 
@@ -462,7 +501,7 @@ def main():
     else:
       result[part] = {"combine": part_combine, "cache": part_cache,
                       "kernel": part_kernel, "swiglu": part_swiglu,
-                      "mgpu": part_mgpu}[part](bw, log)
+                      "mgpu": part_mgpu, "layout": part_layout}[part](bw, log)
     gc.collect()
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)
