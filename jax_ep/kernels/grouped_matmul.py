@@ -78,8 +78,7 @@ def _kernel(table_ref, x_ref, w_ref, *rest, blocks: Blocks, k_steps: int, n_tile
         new = []
         for j, ref in enumerate(w_refs):
           if len(ws) == j:  # each weight tile loaded once a step, for every part
-            # A tiled weight (tile_weights) holds this (K step, column tile) contiguously.
-            ws.append(ref[g, n, k0 + k] if len(ref.shape) == 5 else ref[g, ks, cols])
+            ws.append(ref[g, ks, cols])
           new.append(acc[j] + dot(x, ws[j]))
         out.append(tuple(new))
       return tuple(out)
@@ -118,7 +117,7 @@ def _pallas(x_pad, m, w_GxKxN, group_sizes_G, wg_GxKxN, activation, blocks: Bloc
   from jax.experimental.pallas import triton as plgpu
 
   k = x_pad.shape[1]
-  g, _, n = _check_tiles(w_GxKxN, blocks)
+  g, _, n = w_GxKxN.shape
   bm, bn, bk = blocks.block_m, blocks.block_n, blocks.block_k
   n_tiles = n // bn
   if split_k > 1:
@@ -156,41 +155,6 @@ def kernel_table(group_sizes_G: jax.Array, blocks: Blocks) -> jax.Array:
   return tile_table(group_sizes_G, bm, blocks.tail_m if 0 < blocks.tail_m < bm else 0)
 
 
-def tile_weights(w_GxKxN: jax.Array, blocks: Blocks) -> jax.Array:
-  """w [G, K, N] laid out as the kernel reads it: [G, N / block_n, K / block_k, block_k,
-  block_n], each (column tile, K step) tile contiguous, a column tile's K steps in turn.
-  The kernels take either layout (weight_shape) and compute the same function."""
-  g, k, n = w_GxKxN.shape
-  bk, bn = blocks.block_k, blocks.block_n
-  if k % bk or n % bn:
-    raise ValueError(f"tile_weights: K={k} and N={n} must be multiples of block_k={bk} and "
-                     f"block_n={bn}")
-  return w_GxKxN.reshape(g, k // bk, bk, n // bn, bn).transpose(0, 3, 1, 2, 4)
-
-
-def untile_weights(w_tiled: jax.Array) -> jax.Array:
-  """tile_weights' inverse: [G, K, N]."""
-  g, nt, kt, bk, bn = w_tiled.shape
-  return w_tiled.transpose(0, 2, 3, 1, 4).reshape(g, kt * bk, nt * bn)
-
-
-def weight_shape(w) -> tuple[int, int, int]:
-  """(G, K, N) of a weight in either layout: [G, K, N], or tile_weights' 5-D one."""
-  if len(w.shape) == 5:
-    g, nt, kt, bk, bn = w.shape
-    return g, kt * bk, nt * bn
-  return tuple(w.shape)
-
-
-def _check_tiles(w, blocks: Blocks) -> tuple[int, int, int]:
-  """weight_shape(w), after checking that a tiled weight's tiles are the blocks'."""
-  if len(w.shape) == 5 and w.shape[3:] != (blocks.block_k, blocks.block_n):
-    raise ValueError(f"weights tiled as block_k x block_n = {w.shape[3]} x {w.shape[4]} "
-                     f"cannot run blocks of {blocks.block_k} x {blocks.block_n}; tile them "
-                     "with the blocks the product runs (tile_weights)")
-  return weight_shape(w)
-
-
 def _pallas_partial(x_pad, m, w_GxKxN, group_sizes_G, blocks: Blocks, interpret: bool,
                     split_k: int):
   """split_k float32 partial products [split_k, R, N], summed: x @ w in float32."""
@@ -198,7 +162,7 @@ def _pallas_partial(x_pad, m, w_GxKxN, group_sizes_G, blocks: Blocks, interpret:
   from jax.experimental.pallas import triton as plgpu
 
   k = x_pad.shape[1]
-  g, _, n = _check_tiles(w_GxKxN, blocks)
+  g, _, n = w_GxKxN.shape
   bm, bn, bk = blocks.block_m, blocks.block_n, blocks.block_k
   if k % (bk * split_k):
     raise ValueError(f"K={k} does not split into {split_k} slices of block_k={bk} steps")
@@ -286,8 +250,7 @@ def _xla(x_MxK, w_GxKxN, group_sizes_G, wg_GxKxN, activation):
 
 def supports(x_MxK, w_GxKxN, blocks: Blocks = DEFAULT_BLOCKS) -> str | None:
   """Why the Pallas kernel cannot take these shapes, or None if it can."""
-  _, k, n = weight_shape(w_GxKxN)
-  return _supports(x_MxK.shape[1], k, n, blocks)
+  return _supports(x_MxK.shape[1], w_GxKxN.shape[1], w_GxKxN.shape[2], blocks)
 
 
 def _supports(k: int, k2: int, n: int, blocks: Blocks) -> str | None:
@@ -326,11 +289,10 @@ def mlp_supports(d: int, f: int, swiglu: bool = False, spec: str = "") -> str | 
 
 def _check_operands(x_MxK, w_GxKxN, group_sizes_G, w_gate_GxKxN=None, what="grouped_matmul"):
   """ValueError naming the operand whose shape cannot go with the others."""
-  if x_MxK.ndim != 2 or w_GxKxN.ndim not in (3, 5) or group_sizes_G.ndim != 1:
-    raise ValueError(f"{what}: x must be [M, K], w [G, K, N] (or tiled: tile_weights) and "
-                     f"group_sizes [G]; got {x_MxK.shape}, {w_GxKxN.shape} and "
-                     f"{group_sizes_G.shape}")
-  g, k, _ = weight_shape(w_GxKxN)
+  if x_MxK.ndim != 2 or w_GxKxN.ndim != 3 or group_sizes_G.ndim != 1:
+    raise ValueError(f"{what}: x must be [M, K], w [G, K, N] and group_sizes [G]; got "
+                     f"{x_MxK.shape}, {w_GxKxN.shape} and {group_sizes_G.shape}")
+  g, k, _ = w_GxKxN.shape
   if group_sizes_G.shape[0] != g:
     raise ValueError(f"{what}: group_sizes has {group_sizes_G.shape[0]} groups and w "
                      f"{g} matrices; give one size per matrix")
@@ -367,10 +329,9 @@ def grouped_matmul(x_MxK: jax.Array, w_GxKxN: jax.Array, group_sizes_G: jax.Arra
     raise ValueError("w_gate_GxKxN is given exactly when activation='swiglu'")
   _check_operands(x_MxK, w_GxKxN, group_sizes_G, w_gate_GxKxN)
   if impl == "xla":
-    plain = lambda w: untile_weights(w) if w is not None and w.ndim == 5 else w
-    return _xla(x_MxK, plain(w_GxKxN), group_sizes_G, plain(w_gate_GxKxN), activation)
+    return _xla(x_MxK, w_GxKxN, group_sizes_G, w_gate_GxKxN, activation)
   if blocks is None:
-    blocks = blocks_for(*weight_shape(w_GxKxN)[1:])
+    blocks = blocks_for(*w_GxKxN.shape[1:])
   why = supports(x_MxK, w_GxKxN, blocks)
   if why:
     raise ValueError(f"grouped_matmul impl={impl!r}: {why}; give blocks that tile them "
@@ -402,32 +363,30 @@ def grouped_mlp(x_MxD: jax.Array, group_sizes_G: jax.Array, w_up_GxDxF: jax.Arra
   if impl not in IMPLS:
     raise ValueError(f"impl={impl!r}: use one of {IMPLS}")
   _check_operands(x_MxD, w_up_GxDxF, group_sizes_G, w_gate_GxDxF, "grouped_mlp (up)")
-  up_shape, down_shape = weight_shape(w_up_GxDxF), weight_shape(w_down_GxFxD)
-  g, d, f = up_shape
-  if down_shape != (g, f, d):
+  d, f = w_up_GxDxF.shape[1:]
+  if w_down_GxFxD.shape != (w_up_GxDxF.shape[0], f, d):
     raise ValueError(f"grouped_mlp: w_down has shape {w_down_GxFxD.shape}; with w_up of "
-                     f"{w_up_GxDxF.shape} it must be {(g, f, d)} [G, F, D]")
+                     f"{w_up_GxDxF.shape} it must be {(w_up_GxDxF.shape[0], f, d)} [G, F, D]")
   activation = "gelu" if w_gate_GxDxF is None else "swiglu"
   if blocks is None:
-    up, down = mlp_blocks(d, f, swiglu=w_gate_GxDxF is not None)
+    up, down = mlp_blocks(*w_up_GxDxF.shape[1:], swiglu=w_gate_GxDxF is not None)
   else:
     up, down = blocks if isinstance(blocks, tuple) else (blocks, blocks)
   if impl in ("pallas", "interpret"):
     m = x_MxD.shape[0]
-    bad = _supports(d, d, f, up) or _supports(f, f, d, down)
+    d, f = w_up_GxDxF.shape[1:]
+    bad = _supports(d, d, f, up) or _supports(f, w_down_GxFxD.shape[1], d, down)
     if bad:
       raise ValueError(f"grouped_mlp impl={impl!r}: {bad}; use impl='xla'.")
     interpret = impl == "interpret"
     rows = expected_rows or m
-    up, down = narrow_for(rows, up_shape, up), narrow_for(rows, down_shape, down)
+    up, down = narrow_for(rows, w_up_GxDxF.shape, up), narrow_for(rows, w_down_GxFxD.shape, down)
     x_pad = jnp.pad(x_MxD, ((0, max(up.block_m, down.block_m)), (0, 0)))
     h_pad = _pallas(x_pad, m, w_up_GxDxF, group_sizes_G, w_gate_GxDxF, activation, up,
-                    interpret, split_for(rows, up_shape, up))
+                    interpret, split_for(rows, w_up_GxDxF.shape, up))
     y_pad = _pallas(h_pad, m, w_down_GxFxD, group_sizes_G, None, "none", down, interpret,
-                    split_for(rows, down_shape, down))
+                    split_for(rows, w_down_GxFxD.shape, down))
     return y_pad if padded else y_pad[:m]
-  plain = lambda w: untile_weights(w) if w is not None and w.ndim == 5 else w
-  w_up_GxDxF, w_gate_GxDxF, w_down_GxFxD = map(plain, (w_up_GxDxF, w_gate_GxDxF, w_down_GxFxD))
   h_MxF = grouped_matmul(x_MxD, w_up_GxDxF, group_sizes_G, activation=activation,
                          w_gate_GxKxN=w_gate_GxDxF, impl=impl)
   return grouped_matmul(h_MxF, w_down_GxFxD, group_sizes_G, impl=impl)
