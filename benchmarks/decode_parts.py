@@ -12,8 +12,6 @@ Parts (the seed's shapes: batch 1024, top-2, D 8192, 16 GELU experts of 32768):
     (kernels/grouped_matmul.py Blocks; --kernel_set);
   swiglu:  the SwiGLU expert MLP (seed_swiglu's) on the same row sets, per variant of its
     fused up product's blocks (--swiglu_set; the down product at its default);
-  layout:  the expert MLP (GELU and SwiGLU) with its weights as stored and tiled as the
-    kernel reads them (grouped_matmul.tile_weights), on each --row_sets row set;
   mgpu:    jax's Mosaic GPU grouped matmul (ragged_dot_mgpu) on the skewed rows, as they
     are and padded per group to its row blocks, beside jax_ep's kernel (GPU only);
   calls:   the seed model on one device, and one GPU's share of seed_proposed, with
@@ -23,7 +21,10 @@ Parts (the seed's shapes: batch 1024, top-2, D 8192, 16 GELU experts of 32768):
     (kernels/decode_attention.py BLOCKS), beside XLA's softmax over the whole cache;
   attention_step: each --attention_configs decode step on one device (jax-ep bench's run)
     with each --attention_steps variant of those blocks, in turn ("best": the attention part's
-    fastest variant of this run, on the mean over its lengths).
+    fastest variant of this run, on the mean over its lengths);
+  router_step: each --router_configs decode step with the model's router and with a
+    diagnostic one that gives every expert the mean rows (--router_steps), in turn: the
+    bound on what removing the routing skew's cost could give.
 Every variant is checked against the first one on random data (never zeros), and timed
 with time_call (jax_ep/perf/probes.py); the floor is its bytes over the best bandwidth
 probe of this run.
@@ -193,43 +194,6 @@ def part_swiglu(bw, log):
   return out
 
 
-def part_layout(bw, log):
-  """The expert MLP with its weights as they are ([G, K, N]) and tiled as the kernel reads
-  them (grouped_matmul.tile_weights: each K step's tile contiguous), GELU and SwiGLU, on
-  each --row_sets row set. Every variant takes the same arguments (weights are never
-  closed over), so each uses the layouts it names."""
-  out = {}
-  for swiglu in (False, True):
-    up, down = gm.mlp_blocks(D, F, swiglu)
-    w = {"up": _rand(6, (E, D, F), scale=D ** -0.5), "down": _rand(7, (E, F, D), scale=F ** -0.5)}
-    if swiglu:
-      w["gate"] = _rand(9, (E, D, F), scale=D ** -0.5)
-    tiled = {n: gm.tile_weights(a, down if n == "down" else up) for n, a in w.items()}
-    names = sorted(w)
-    x = _rand(8, (T * K, D))
-
-    def mlp(x, gs, *ws, which, real, names=tuple(names), blocks=(up, down)):
-      half = len(names)
-      pick = {n: ws[i + half] if n in which else ws[i] for i, n in enumerate(names)}
-      return _mlp(x, gs, pick["up"], pick["down"], pick.get("gate"), blocks=blocks, real=real)
-
-    variants = {"plain": (), "tiled": tuple(names), "tiled_up": tuple(n for n in names
-                                                                      if n != "down"),
-                "tiled_down": ("down",), "plain_again": ()}
-    label = "swiglu" if swiglu else "gelu"
-    for sizes_name, sizes in _row_sets():
-      gs = jnp.asarray(sizes, jnp.int32)
-      fns = {v: functools.partial(mlp, which=which, real=sum(sizes))
-             for v, which in variants.items()}
-      floor = len(names) * E * D * F * 2 / bw
-      args = (x, gs, *[w[n] for n in names], *[tiled[n] for n in names])
-      out[f"{label}_{sizes_name}"] = _run_variants(fns, args, floor, log,
-                                                   f"layout {label} {sizes_name}")
-    del w, tiled, x
-    gc.collect()
-  return out
-
-
 def _row_sets():
   """(name, group sizes) of --row_sets."""
   return [(n, (TINY_ROW_SETS if INTERPRET else ROW_SETS)[n]) for n in ROWS]
@@ -356,31 +320,15 @@ def part_attention_step(hw, variants, log, configs=("seed",)):
   (each traces and compiles its own step), its weights made once. A config: a model
   preset (seed_swiglu at prompt 128, as the issue's target; others at the bench's 32),
   or "share" (one GPU's share of seed_proposed/1 of MODEL)."""
-  from jax_ep.engine import Engine
   from jax_ep.kernels import decode_attention
-  from jax_ep.presets import load_model
 
   default, out = dict(decode_attention.BLOCKS), {}
   try:
     for config in configs:
-      model = MODEL if config == "share" else config
-      spec = plan.platform_defaults(plan.BenchSpec(
-          config=model, kinds=() if config == "share" else ("single",), batch=T,
-          share="seed_proposed/1" if config == "share" else None,
-          prompt_len=128 if config == "seed_swiglu" else None, probes=not INTERPRET),
-          "cpu" if INTERPRET else "gpu")
-      cfg = load_model(model)
-      (p,), _ = plan.plan(cfg, spec, 1, log)
-      params = Engine(p.cfg, p.dep).init_params(0)
-      prompts = np.random.RandomState(0).randint(0, p.cfg.vocab_size,
-                                                 (p.batch, spec.prompt_len))
+      p, spec, params, prompts = _step_setup(config, log)
       cache = -(-(spec.prompt_len + plan.new_tokens(spec) - 1) // 16) * 16  # decode.py's
       for name in variants:
-        key = n = f"{config} {name}"
-        for i in range(2, len(variants) + 1):  # a variant run again keeps both records
-          if key not in out:
-            break
-          key = f"{n} ({i})"
+        key = _record_key(out, f"{config} {name}")
         change = ATTENTION_VARIANTS[name]
         if not decode_attention.supports(cache, p.cfg.head_dim, {**default, **change},
                                          jnp.dtype(p.cfg.dtype).itemsize):
@@ -389,17 +337,82 @@ def part_attention_step(hw, variants, log, configs=("seed",)):
           log(f"attention_step {key}: skipped, {out[key]['error']}")
           continue
         decode_attention.BLOCKS = {**default, **change}
-        rec, _ = runner.run_one(p, params, spec, prompts, hw, log)
-        out[key] = {k: rec[k] for k in ("tpot_ms", "tpot_synced_ms", "floor_ms",
-                                        "achieved_floor_fraction", "floor_ops_ms",
-                                        "imbalance", "context_len")}
-        log(f"attention_step {key}: TPOT {rec['tpot_ms']:.3f} ms (synced "
-            f"{rec['tpot_synced_ms']:.3f}), floor {rec['floor_ms']:.3f}, "
-            f"{rec['achieved_floor_fraction']:.3f} of floor")
+        out[key] = _run_step(p, params, spec, prompts, hw, log, f"attention_step {key}")
       del params
       gc.collect()
   finally:
     decode_attention.BLOCKS = default
+  return out
+
+
+def _step_setup(config, log):
+  """(planned run, spec, weights, prompts) of the bench's step for a config: a model
+  preset (seed_swiglu at prompt 128, as the issue's target; others at the bench's 32),
+  or "share" (one GPU's share of seed_proposed/1 of MODEL)."""
+  from jax_ep.engine import Engine
+  from jax_ep.presets import load_model
+
+  model = MODEL if config == "share" else config
+  spec = plan.platform_defaults(plan.BenchSpec(
+      config=model, kinds=() if config == "share" else ("single",), batch=T,
+      share="seed_proposed/1" if config == "share" else None,
+      prompt_len=128 if config == "seed_swiglu" else None, probes=not INTERPRET),
+      "cpu" if INTERPRET else "gpu")
+  (p,), _ = plan.plan(load_model(model), spec, 1, log)
+  params = Engine(p.cfg, p.dep).init_params(0)
+  prompts = np.random.RandomState(0).randint(0, p.cfg.vocab_size, (p.batch, spec.prompt_len))
+  return p, spec, params, prompts
+
+
+def _record_key(out, name):
+  """`name`, or `name (i)` where a variant runs again, so each run keeps its record."""
+  key, i = name, 2
+  while key in out:
+    key, i = f"{name} ({i})", i + 1
+  return key
+
+
+def _run_step(p, params, spec, prompts, hw, log, label):
+  """The bench's run (runner.run_one) of the step as traced now; its figures."""
+  rec, _ = runner.run_one(p, params, spec, prompts, hw, log)
+  log(f"{label}: TPOT {rec['tpot_ms']:.3f} ms (synced {rec['tpot_synced_ms']:.3f}), floor "
+      f"{rec['floor_ms']:.3f}, {rec['achieved_floor_fraction']:.3f} of floor, imbalance "
+      f"{rec['imbalance']:.2f}")
+  return {k: rec[k] for k in ("tpot_ms", "tpot_synced_ms", "floor_ms",
+                              "achieved_floor_fraction", "floor_ops_ms", "imbalance",
+                              "context_len")}
+
+
+def balanced_top_k_gate(logits_TxE, k):
+  """A diagnostic router, not a model's: token t picks experts t, t + E/k, ... (mod E),
+  so every expert gets exactly T k / E rows (E a multiple of k, T of E); the weights are
+  the softmax of the picked logits, as routing.top_k_gate's."""
+  t, e = logits_TxE.shape
+  experts_TxK = (jnp.arange(t, dtype=jnp.int32)[:, None]
+                 + (e // k) * jnp.arange(k, dtype=jnp.int32)[None, :]) % e
+  picked = jnp.take_along_axis(logits_TxE.astype(jnp.float32), experts_TxK, axis=1)
+  return jax.nn.softmax(picked, axis=-1), experts_TxK
+
+
+ROUTERS = {"default": routing.top_k_gate, "balanced": balanced_top_k_gate}
+
+
+def part_router_step(hw, variants, log, configs=("seed",)):
+  """Each config's decode step with the model's router and with balanced_top_k_gate, in
+  turn: what the step would take if every expert got the mean rows, the bound on what
+  removing the routing skew's cost could give (not a model's function: a diagnostic)."""
+  out = {}
+  try:
+    for config in configs:
+      p, spec, params, prompts = _step_setup(config, log)
+      for name in variants:
+        routing.top_k_gate = ROUTERS[name]
+        key = _record_key(out, f"{config} {name}")
+        out[key] = _run_step(p, params, spec, prompts, hw, log, f"router_step {key}")
+      del params
+      gc.collect()
+  finally:
+    routing.top_k_gate = ROUTERS["default"]
   return out
 
 
@@ -453,6 +466,10 @@ def main():
   ap.add_argument("--attention_configs", default="seed",
                   help="the attention_step part's runs: model presets, or share (one GPU's "
                        "share of seed_proposed/1)")
+  ap.add_argument("--router_steps", default="default,balanced,default,balanced",
+                  help=f"routers of the router_step part, in turn, from {sorted(ROUTERS)}")
+  ap.add_argument("--router_configs", default="seed",
+                  help="the router_step part's runs: model presets, or share")
   ap.add_argument("--attention_cache", type=int, default=64,
                   help="cache positions of the attention part")
   ap.add_argument("--row_sets", default=",".join(ROWS),
@@ -463,6 +480,8 @@ def main():
   ROWS = tuple(args.row_sets.split(","))
   if bad := [r for r in ROWS if r not in ROW_SETS]:
     ap.error(f"--row_sets: unknown {bad}; choose from {sorted(ROW_SETS)}")
+  if bad := [r for r in args.router_steps.split(",") if r not in ROUTERS]:
+    ap.error(f"--router_steps: unknown {bad}; choose from {sorted(ROUTERS)}")
   steps = args.attention_steps.split(",")
   order = args.parts.split(",")
   if "attention_step" in order:
@@ -488,6 +507,9 @@ def main():
     if part == "calls":
       per_call = [int(n) for n in args.tokens_per_call.split(",")]
       result[part] = part_calls(hw, per_call, log)
+    elif part == "router_step":
+      result[part] = part_router_step(hw, args.router_steps.split(","), log,
+                                      args.router_configs.split(","))
     elif part == "attention":
       result[part] = part_attention(bw, log, [int(n) for n in args.attention_lens.split(",")],
                                     args.attention_cache)
@@ -501,7 +523,7 @@ def main():
     else:
       result[part] = {"combine": part_combine, "cache": part_cache,
                       "kernel": part_kernel, "swiglu": part_swiglu,
-                      "mgpu": part_mgpu, "layout": part_layout}[part](bw, log)
+                      "mgpu": part_mgpu}[part](bw, log)
     gc.collect()
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)

@@ -64,6 +64,44 @@ def test_attention_variants_change_the_kernels_blocks_for_the_step_and_restore_t
   assert decode_parts.fastest(runs) == "k16" and decode_parts.fastest({}) is None
 
 
+@pytest.mark.parametrize("t,e,k", [(16, 4, 2), (1024, 16, 2), (64, 16, 4)])
+def test_the_balanced_router_gives_every_expert_the_mean_rows(t, e, k):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  logits = jax.random.normal(jax.random.key(0), (t, e))
+  weights, experts = decode_parts.balanced_top_k_gate(logits, k)
+  experts = np.asarray(experts)
+  assert np.bincount(experts.ravel(), minlength=e).tolist() == [t * k // e] * e
+  assert all(len(set(row)) == k for row in experts.tolist())  # k distinct experts a token
+  picked = np.take_along_axis(np.asarray(logits), experts, axis=1)
+  np.testing.assert_allclose(weights, jax.nn.softmax(jnp.asarray(picked), axis=-1), rtol=1e-6)
+
+
+def test_the_router_part_traces_each_router_and_restores_the_models(monkeypatch):
+  from jax_ep import routing
+
+  model_router, seen = routing.top_k_gate, []
+  record = {k: 1.0 for k in ("tpot_ms", "tpot_synced_ms", "floor_ms", "achieved_floor_fraction",
+                             "floor_ops_ms", "imbalance", "context_len")}
+  monkeypatch.setattr(decode_parts, "MODEL", "tiny")
+  monkeypatch.setattr(decode_parts, "INTERPRET", True)
+  monkeypatch.setattr(decode_parts, "T", 16)
+  monkeypatch.setattr(decode_parts.runner, "run_one",
+                      lambda *a: seen.append(routing.top_k_gate) or (record, None))
+  out = decode_parts.part_router_step(None, ["default", "balanced", "default"],
+                                      lambda m: None, ("tiny",))
+  assert list(out) == ["tiny default", "tiny balanced", "tiny default (2)"]
+  assert seen == [model_router, decode_parts.balanced_top_k_gate, model_router]
+  assert routing.top_k_gate is model_router
+  # Restored even when a run fails.
+  monkeypatch.setattr(decode_parts.runner, "run_one", lambda *a: 1 / 0)
+  with pytest.raises(ZeroDivisionError):
+    decode_parts.part_router_step(None, ["balanced"], lambda m: None, ("tiny",))
+  assert routing.top_k_gate is model_router
+
+
 def test_the_swiglu_part_runs_through_the_interpreter(tmp_path):
   out = tmp_path / "parts.json"
   env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_backend_optimization_level=0"}

@@ -4,8 +4,8 @@
 # PART parts: a decode step's parts A/B (decode_parts.py), with and without command buffers;
 # rows: the GELU and SwiGLU expert MLPs on the seed step's own row sets (decode_parts.py);
 # warps: the same with 16 warps a program;
-# layout: the GELU and SwiGLU MLPs with their weights as stored and tiled as the kernel
-#   reads them (grouped_matmul.tile_weights), on the same row sets;
+# router: the seed's and seed_swiglu's steps with the model's router and with a diagnostic
+#   one that gives every expert the mean rows, alternating, twice (decode_parts.py);
 # ncu: hardware counters of the GELU MLP's two kernels on three row sets (ncu_kernel.py);
 # xla: the seed's step and the share of seed_proposed with and without the XLA flags FLAGS,
 #   alternating, twice: bash benchmarks/scripts/h200_x4.sh xla COMMIT FLAGS;
@@ -26,10 +26,10 @@
 # Each part fits one 10-minute call. Writes $OUT/results.tgz and $OUT/summary.txt.
 set -u
 PART=${1:-1}
-case $PART in parts|rows|warps|layout|ncu|power|profile|kernel|share|calls|attention|attention_swiglu|1|2) ;;
+case $PART in parts|rows|warps|router|ncu|power|profile|kernel|share|calls|attention|attention_swiglu|1|2) ;;
   ab) [ -n "${3:-}" ] || { echo "ab needs SPEC, an --expert_blocks value" >&2; exit 2; } ;;
   xla) [ -n "${3:-}" ] || { echo "xla needs FLAGS, XLA flags to add" >&2; exit 2; } ;;
-  *) echo "unknown PART '$PART': use parts, rows, warps, layout, ncu, power, xla, profile, kernel, share, calls, attention, attention_swiglu, 1, 2 or ab" >&2; exit 2 ;;
+  *) echo "unknown PART '$PART': use parts, rows, warps, router, ncu, power, xla, profile, kernel, share, calls, attention, attention_swiglu, 1, 2 or ab" >&2; exit 2 ;;
 esac
 export PYTHONPATH=. PYTHONUNBUFFERED=1 JAX_EP_COMMIT=${2:-unknown}
 R=$OUT/r; mkdir -p $R
@@ -37,7 +37,7 @@ step() {  # name timeout_s command...
   local name=$1 t=$2; shift 2
   echo "== $name" | tee -a $OUT/summary.txt
   timeout $t "$@" > $R/$name.log 2>&1; echo "rc=$?" >> $R/$name.log
-  grep -E "^\| (Single|One|Prop|Base|slice|mesh|share)|TPOT|rc=|Error|error|ms_per_step|^    |^(combine|cache|kernel|swiglu|layout|calls|attention|attention_step|probe) " \
+  grep -E "^\| (Single|One|Prop|Base|slice|mesh|share)|TPOT|rc=|Error|error|ms_per_step|^    |^(combine|cache|kernel|swiglu|calls|attention|attention_step|router_step|probe) " \
     $R/$name.log | tail -30 >> $OUT/summary.txt
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv > $R/nvidia_smi.txt
@@ -55,10 +55,10 @@ elif [ "$PART" = warps ]; then
 step rows 420 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 benchmarks/decode_parts.py --parts=kernel,swiglu --kernel_set=warps \
   --swiglu_set=warps --row_sets=seed_layer3,near128,balanced --out=$R/decode_parts_warps.json
-elif [ "$PART" = layout ]; then
-step layout 540 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
-  python3 benchmarks/decode_parts.py --parts=layout \
-  --row_sets=seed_layer3,near128,balanced --out=$R/decode_parts_layout.json
+elif [ "$PART" = router ]; then
+step router 560 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+  python3 benchmarks/decode_parts.py --parts=router_step --router_configs=seed,seed_swiglu \
+  --out=$R/decode_parts_router.json
 elif [ "$PART" = ncu ]; then
 for rows in balanced near128 seed_layer3; do
   step ncu_$rows 180 env CUDA_VISIBLE_DEVICES=0 ncu --clock-control none -k regex:grouped_matmul \
