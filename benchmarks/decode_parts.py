@@ -24,7 +24,8 @@ Parts (the seed's shapes: batch 1024, top-2, D 8192, 16 GELU experts of 32768):
     fastest variant of this run, on the mean over its lengths);
   router_step: each --router_configs decode step with the model's router and with a
     diagnostic one that gives every expert the mean rows (--router_steps), in turn: the
-    bound on what removing the routing skew's cost could give.
+    bound on what removing the routing skew's cost could give; balanced_einsum: that
+    router with the experts through XLA's batched einsum (the dense alternative).
 Every variant is checked against the first one on random data (never zeros), and timed
 with time_call (jax_ep/perf/probes.py); the floor is its bytes over the best bandwidth
 probe of this run.
@@ -394,25 +395,52 @@ def balanced_top_k_gate(logits_TxE, k):
   return jax.nn.softmax(picked, axis=-1), experts_TxK
 
 
-ROUTERS = {"default": routing.top_k_gate, "balanced": balanced_top_k_gate}
+def balanced_einsum_mlp(x_MxD, group_sizes_G, w_up_GxDxF, w_down_GxFxD, w_gate_GxDxF=None,
+                        *, padded=False, **_):
+  """grouped_matmul.grouped_mlp for rows that are exactly M / G a group, in order (what
+  balanced_top_k_gate gives): XLA's batched einsum over [G, M / G, D], the dense
+  alternative a user has on balanced loads (cuBLAS on the GPU). Other loads it computes
+  wrongly: a diagnostic only."""
+  del group_sizes_G
+  g, d, _ = w_up_GxDxF.shape
+  x_GxCxD = x_MxD.reshape(g, -1, d)
+  h = jnp.einsum("gcd,gdf->gcf", x_GxCxD, w_up_GxDxF, preferred_element_type=jnp.float32)
+  if w_gate_GxDxF is None:
+    h = jax.nn.gelu(h)
+  else:
+    h = jax.nn.silu(jnp.einsum("gcd,gdf->gcf", x_GxCxD, w_gate_GxDxF,
+                               preferred_element_type=jnp.float32)) * h
+  y = jnp.einsum("gcf,gfd->gcd", h.astype(x_MxD.dtype), w_down_GxFxD,
+                 preferred_element_type=jnp.float32).astype(x_MxD.dtype).reshape(-1, d)
+  return jnp.pad(y, ((0, 128), (0, 0))) if padded else y
+
+
+ROUTERS = {"default": routing.top_k_gate, "balanced": balanced_top_k_gate,
+           "balanced_einsum": balanced_top_k_gate}
+EXPERTS = {"balanced_einsum": balanced_einsum_mlp}  # the expert MLP, where not the kernels'
 
 
 def part_router_step(hw, variants, log, configs=("seed",)):
   """Each config's decode step with the model's router and with balanced_top_k_gate, in
   turn: what the step would take if every expert got the mean rows, the bound on what
   removing the routing skew's cost could give (not a model's function: a diagnostic)."""
-  out = {}
+  out, kernels_mlp = {}, gm.grouped_mlp
   try:
     for config in configs:
       p, spec, params, prompts = _step_setup(config, log)
       for name in variants:
         routing.top_k_gate = ROUTERS[name]
+        gm.grouped_mlp = EXPERTS.get(name, kernels_mlp)
         key = _record_key(out, f"{config} {name}")
-        out[key] = _run_step(p, params, spec, prompts, hw, log, f"router_step {key}")
+        try:
+          out[key] = _run_step(p, params, spec, prompts, hw, log, f"router_step {key}")
+        except Exception as e:  # e.g. the einsum's float32 hidden out of memory: reported
+          out[key] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+          log(f"router_step {key}: FAILED {out[key]['error'][:300]}")
       del params
       gc.collect()
   finally:
-    routing.top_k_gate = ROUTERS["default"]
+    routing.top_k_gate, gm.grouped_mlp = ROUTERS["default"], kernels_mlp
   return out
 
 

@@ -88,18 +88,47 @@ def test_the_router_part_traces_each_router_and_restores_the_models(monkeypatch)
   monkeypatch.setattr(decode_parts, "MODEL", "tiny")
   monkeypatch.setattr(decode_parts, "INTERPRET", True)
   monkeypatch.setattr(decode_parts, "T", 16)
-  monkeypatch.setattr(decode_parts.runner, "run_one",
-                      lambda *a: seen.append(routing.top_k_gate) or (record, None))
-  out = decode_parts.part_router_step(None, ["default", "balanced", "default"],
+  kernels_mlp = gm.grouped_mlp
+  traced = lambda *a: seen.append((routing.top_k_gate, gm.grouped_mlp)) or (record, None)
+  monkeypatch.setattr(decode_parts.runner, "run_one", traced)
+  out = decode_parts.part_router_step(None, ["default", "balanced", "balanced_einsum", "default"],
                                       lambda m: None, ("tiny",))
-  assert list(out) == ["tiny default", "tiny balanced", "tiny default (2)"]
-  assert seen == [model_router, decode_parts.balanced_top_k_gate, model_router]
-  assert routing.top_k_gate is model_router
-  # Restored even when a run fails.
+  assert list(out) == ["tiny default", "tiny balanced", "tiny balanced_einsum",
+                       "tiny default (2)"]
+  balanced = decode_parts.balanced_top_k_gate
+  assert seen == [(model_router, kernels_mlp), (balanced, kernels_mlp),
+                  (balanced, decode_parts.balanced_einsum_mlp), (model_router, kernels_mlp)]
+  assert routing.top_k_gate is model_router and gm.grouped_mlp is kernels_mlp
+  # A run that fails is reported and the rest run; the model's router is restored.
   monkeypatch.setattr(decode_parts.runner, "run_one", lambda *a: 1 / 0)
+  out = decode_parts.part_router_step(None, ["balanced_einsum", "default"], lambda m: None,
+                                      ("tiny",))
+  assert all("ZeroDivisionError" in r["error"] for r in out.values()) and len(out) == 2
+  assert routing.top_k_gate is model_router and gm.grouped_mlp is kernels_mlp
+  monkeypatch.setattr(decode_parts, "_step_setup", lambda *a: 1 / 0)
   with pytest.raises(ZeroDivisionError):
     decode_parts.part_router_step(None, ["balanced"], lambda m: None, ("tiny",))
-  assert routing.top_k_gate is model_router
+  assert routing.top_k_gate is model_router and gm.grouped_mlp is kernels_mlp
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_the_einsum_mlp_is_the_grouped_mlp_on_balanced_rows(swiglu):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  g, c, d, f = 4, 8, 16, 32
+  keys = jax.random.split(jax.random.key(1), 4)
+  x = jax.random.normal(keys[0], (g * c, d))
+  w_up, w_gate = (jax.random.normal(k, (g, d, f)) * d ** -0.5 for k in keys[1:3])
+  w_down = jax.random.normal(keys[3], (g, f, d)) * f ** -0.5
+  gate = w_gate if swiglu else None
+  sizes = jnp.full((g,), c, jnp.int32)
+  want = gm.grouped_mlp(x, sizes, w_up, w_down, gate, impl="xla")
+  got = decode_parts.balanced_einsum_mlp(x, sizes, w_up, w_down, gate)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  padded = decode_parts.balanced_einsum_mlp(x, sizes, w_up, w_down, gate, padded=True)
+  np.testing.assert_array_equal(padded[:g * c], got)
 
 
 def test_the_swiglu_part_runs_through_the_interpreter(tmp_path):

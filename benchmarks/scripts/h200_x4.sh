@@ -5,7 +5,9 @@
 # rows: the GELU and SwiGLU expert MLPs on the seed step's own row sets (decode_parts.py);
 # warps: the same with 16 warps a program;
 # router: the seed's and seed_swiglu's steps with the model's router and with a diagnostic
-#   one that gives every expert the mean rows, alternating, twice (decode_parts.py);
+#   one that gives every expert the mean rows, alternating, twice (decode_parts.py):
+#   bash benchmarks/scripts/h200_x4.sh router COMMIT [STEPS [CONFIGS]] (--router_steps,
+#   --router_configs);
 # ncu: hardware counters of the GELU MLP's two kernels on three row sets (ncu_kernel.py);
 # xla: the seed's step and the share of seed_proposed with and without the XLA flags FLAGS,
 #   alternating, twice: bash benchmarks/scripts/h200_x4.sh xla COMMIT FLAGS;
@@ -57,8 +59,9 @@ step rows 420 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   --swiglu_set=warps --row_sets=seed_layer3,near128,balanced --out=$R/decode_parts_warps.json
 elif [ "$PART" = router ]; then
 step router 560 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
-  python3 benchmarks/decode_parts.py --parts=router_step --router_configs=seed,seed_swiglu \
-  --out=$R/decode_parts_router.json
+  python3 benchmarks/decode_parts.py --parts=router_step \
+  --router_steps=${3:-default,balanced,default,balanced} \
+  --router_configs=${4:-seed,seed_swiglu} --out=$R/decode_parts_router.json
 elif [ "$PART" = ncu ]; then
 for rows in balanced near128 seed_layer3; do
   step ncu_$rows 180 env CUDA_VISIBLE_DEVICES=0 ncu --clock-control none -k regex:grouped_matmul \
