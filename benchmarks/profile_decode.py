@@ -99,8 +99,16 @@ def main():
                   help="profile one device's share of this deployment (as jax-ep bench "
                   "--share: its layers and experts as a one-device model, one group's "
                   "rows) instead of --deployment at --batch")
+  ap.add_argument("--router", default="model", choices=("model", "balanced"),
+                  help="balanced: every expert gets the mean rows each step "
+                  "(decode_parts.balanced_top_k_gate; a diagnostic, not the model's function)")
   ap.add_argument("--out", default="profile.json")
   args = ap.parse_args()
+  if args.router == "balanced":
+    from benchmarks.decode_parts import balanced_top_k_gate
+    from jax_ep import routing
+
+    routing.top_k_gate = balanced_top_k_gate
 
   import jax
   import numpy as np
@@ -131,7 +139,8 @@ def main():
   fn = engine.decode_program(args.batch, dep.ring_period * dep.tokens_per_call)
   state = engine.abstract_decode_state(args.batch, decode.cache_len(args.prompt_len + new))
   hlo = fn.lower(params, state, jax.random.key(0)).compile().as_text()
-  out = {"config": args.config, "share": args.share, "deployment": dep.describe(),
+  out = {"config": args.config, "share": args.share, "router": args.router,
+         "deployment": dep.describe(),
          "batch": args.batch,
          "tpot_ms": gen.tpot_ms, "tpot_synced_ms": gen.tpot_synced_ms,
          "imbalance": gen.imbalance, **summarize(trace_dir, gen.decode_steps, scopes_of(hlo))}

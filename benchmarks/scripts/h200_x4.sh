@@ -14,6 +14,8 @@
 # power: the SwiGLU MLP's counters on near128 rows, then the seed's step with the GPU's
 #   clocks and power read each second beside it (nvidia-smi dmon);
 # kernel: the grouped kernel's sweep; 1: one GPU (profile, the seed, seed_swiglu);
+# profile: a 12-step trace of the seed step (profile_decode.py); profile_router: that trace
+#   with the diagnostic balanced router, then with the model's;
 # share: the seed and the share of seed_proposed twice, then a profile of each;
 # calls: the share with 1 and 4 tokens a decode call, alternating, twice; then seed_swiglu;
 # attention: decode attention's kernel blocks on the seed's cache (64 positions) and on one
@@ -28,10 +30,10 @@
 # Each part fits one 10-minute call. Writes $OUT/results.tgz and $OUT/summary.txt.
 set -u
 PART=${1:-1}
-case $PART in parts|rows|warps|router|ncu|power|profile|kernel|share|calls|attention|attention_swiglu|1|2) ;;
+case $PART in parts|rows|warps|router|ncu|power|profile|profile_router|kernel|share|calls|attention|attention_swiglu|1|2) ;;
   ab) [ -n "${3:-}" ] || { echo "ab needs SPEC, an --expert_blocks value" >&2; exit 2; } ;;
   xla) [ -n "${3:-}" ] || { echo "xla needs FLAGS, XLA flags to add" >&2; exit 2; } ;;
-  *) echo "unknown PART '$PART': use parts, rows, warps, router, ncu, power, xla, profile, kernel, share, calls, attention, attention_swiglu, 1, 2 or ab" >&2; exit 2 ;;
+  *) echo "unknown PART '$PART': use parts, rows, warps, router, ncu, power, xla, profile, profile_router, kernel, share, calls, attention, attention_swiglu, 1, 2 or ab" >&2; exit 2 ;;
 esac
 export PYTHONPATH=. PYTHONUNBUFFERED=1 JAX_EP_COMMIT=${2:-unknown}
 R=$OUT/r; mkdir -p $R
@@ -97,6 +99,12 @@ step profile_1gpu 200 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=
   python3 benchmarks/profile_decode.py --config=seed --deployment=single --batch=1024 \
   --steps=12 --out=$R/profile_single.json
 cp $R/profile_single_hlo.txt.gz $OUT/ 2>/dev/null
+elif [ "$PART" = profile_router ]; then
+for router in balanced model; do
+  step profile_${router}_router 200 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+    python3 benchmarks/profile_decode.py --config=seed --deployment=single --batch=1024 \
+    --steps=12 --router=$router --out=$R/profile_${router}_router.json
+done
 elif [ "$PART" = share ]; then
 for i in 1 2; do
   step seed_share_$i 160 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
