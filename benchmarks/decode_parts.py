@@ -389,6 +389,9 @@ def balanced_top_k_gate(logits_TxE, k):
   so every expert gets exactly T k / E rows (E a multiple of k, T of E); the weights are
   the softmax of the picked logits, as routing.top_k_gate's."""
   t, e = logits_TxE.shape
+  if e % k or t % e:
+    raise ValueError(f"balanced_top_k_gate: {t} tokens over {e} experts, {k} a token, cannot "
+                     "give every expert the same rows: it needs E a multiple of k and T of E")
   experts_TxK = (jnp.arange(t, dtype=jnp.int32)[:, None]
                  + (e // k) * jnp.arange(k, dtype=jnp.int32)[None, :]) % e
   picked = jnp.take_along_axis(logits_TxE.astype(jnp.float32), experts_TxK, axis=1)

@@ -79,6 +79,14 @@ def test_the_balanced_router_gives_every_expert_the_mean_rows(t, e, k):
   np.testing.assert_allclose(weights, jax.nn.softmax(jnp.asarray(picked), axis=-1), rtol=1e-6)
 
 
+@pytest.mark.parametrize("t,e,k", [(16, 6, 4), (20, 16, 2)])
+def test_the_balanced_router_refuses_shapes_it_cannot_balance(t, e, k):
+  import jax.numpy as jnp
+
+  with pytest.raises(ValueError, match="multiple"):
+    decode_parts.balanced_top_k_gate(jnp.zeros((t, e)), k)
+
+
 def test_the_router_part_traces_each_router_and_restores_the_models(monkeypatch):
   from jax_ep import routing
 
@@ -109,6 +117,21 @@ def test_the_router_part_traces_each_router_and_restores_the_models(monkeypatch)
   with pytest.raises(ZeroDivisionError):
     decode_parts.part_router_step(None, ["balanced"], lambda m: None, ("tiny",))
   assert routing.top_k_gate is model_router and gm.grouped_mlp is kernels_mlp
+
+
+def test_the_router_part_runs_each_router_in_its_own_compiled_step(monkeypatch):
+  # The bench's real run (no stub): the balanced router's step gives every expert the
+  # same rows and the model's does not, so neither reuses the other's traced step.
+  from jax_ep.perf.hardware import Hardware
+
+  hw = Hardware("cpu", 1e11, 1e11, 1e10, 1e9, 1, 1e-6)
+  monkeypatch.setattr(decode_parts, "MODEL", "tiny")
+  monkeypatch.setattr(decode_parts, "INTERPRET", True)
+  monkeypatch.setattr(decode_parts, "T", 16)
+  out = decode_parts.part_router_step(hw, ["default", "balanced"], lambda m: None, ("tiny",))
+  assert out["tiny balanced"]["imbalance"] == pytest.approx(1.0)
+  assert out["tiny default"]["imbalance"] > 1.2
+  assert out["tiny default"]["floor_ms"] == out["tiny balanced"]["floor_ms"]
 
 
 @pytest.mark.parametrize("swiglu", [False, True])
