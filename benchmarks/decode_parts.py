@@ -407,9 +407,9 @@ def balanced_top_k_gate(logits_TxE, k):
 def balanced_einsum_mlp(x_MxD, group_sizes_G, w_up_GxDxF, w_down_GxFxD, w_gate_GxDxF=None,
                         *, padded=False, **_):
   """grouped_matmul.grouped_mlp for rows that are exactly M / G a group, in order (what
-  balanced_top_k_gate gives): XLA's batched einsum over [G, M / G, D], the dense
-  alternative a user has on balanced loads (cuBLAS on the GPU). Other loads it computes
-  wrongly: a diagnostic only."""
+  balanced_top_k_gate gives): XLA's batched einsum over [G, M / G, D] (its hidden in
+  float32), a dense alternative a user has on balanced loads, run by whichever GEMM XLA
+  picks. Other loads it computes wrongly: a diagnostic only."""
   del group_sizes_G
   g, d, _ = w_up_GxDxF.shape
   x_GxCxD = x_MxD.reshape(g, -1, d)
