@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from jax_ep.config import ConfigError, ModelConfig
+from jax_ep.config import ConfigError, ModelConfig, did_you_mean
 
 
 def model_names() -> list[str]:
@@ -14,5 +14,6 @@ def model_names() -> list[str]:
 
 def load_model(name: str) -> ModelConfig:
   if name not in model_names():
-    raise ConfigError(f"--config={name!r} is not a preset; choose one of {model_names()}.")
+    raise ConfigError(f"--config={name!r} is not a preset; choose one of {model_names()}."
+                      + did_you_mean(name, model_names()))
   return importlib.import_module(f"{__name__}.{name}").get_config()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jax_ep.config import ConfigError, DeploymentConfig
+from jax_ep.config import ConfigError, DeploymentConfig, did_you_mean, natural_sort
 
 SINGLE = DeploymentConfig()
 
@@ -107,6 +107,7 @@ def _resolve(name: str, num_devices: int) -> DeploymentConfig:
                         f"that uses fewer, e.g. {name}_{fit[-1]}.")
     return PRESETS[key]
   if name not in PRESETS:
-    raise ConfigError(f"--deployment={name!r} is unknown; use single, baseline, proposed or one "
-                      f"of {sorted(PRESETS)}.")
+    raise ConfigError(f"--deployment={name!r} is unknown; use baseline, proposed (sized to the "
+                      f"devices) or a preset: {natural_sort(PRESETS)}."
+                      + did_you_mean(name, ["baseline", "proposed", *PRESETS]))
   return PRESETS[name]

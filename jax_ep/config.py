@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import jax.numpy as jnp
 
@@ -18,6 +19,20 @@ KERNELS = ("auto", "xla", "pallas", "interpret")
 
 class ConfigError(ValueError):
   """A configuration, mesh or input that cannot work; the message says what to change."""
+
+
+def did_you_mean(name: str, choices) -> str:
+  """" Did you mean 'x'?" for the choice nearest a mistyped name, or "" if none is near."""
+  import difflib
+
+  near = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.75)
+  return f" Did you mean {near[0]!r}?" if near else ""
+
+
+def natural_sort(names) -> list[str]:
+  """Names in the order a reader expects: baseline_2 before baseline_16."""
+  return sorted(names, key=lambda n: [int(t) if t.isdigit() else t
+                                      for t in re.split(r"(\d+)", str(n))])
 
 
 def _positive(obj, *names):

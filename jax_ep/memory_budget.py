@@ -171,10 +171,23 @@ def smallest_fitting(cfg, batch, prompt_len, max_len, budget, platform, candidat
   return None
 
 
+def plan_kind(device) -> str | None:
+  """The `jax-ep plan --device_kind` of a jax device ("cpu", "h200", ...), or None where
+  DEVICE_MEMORY_MIB has no such kind."""
+  if device.platform == "cpu":
+    return "cpu"
+  kind = str(getattr(device, "device_kind", "")).lower()
+  if "a100" in kind:  # "NVIDIA A100-SXM4-40GB", "NVIDIA A100 80GB PCIe"
+    return "a100_40" if "40gb" in kind.replace(" ", "") else "a100_80"
+  return next((k for k in ("h100", "h200") if k in kind), None)
+
+
 def check(fp: Footprint, budget: Budget, *, candidates=None, platform: str = "gpu",
-          what: str = "") -> None:
+          what: str = "", plan_command: str = "") -> None:
   """Raises ConfigError if `fp` does not fit `budget`, naming the smallest deployment
-  (among `candidates`, name -> DeploymentConfig) and the largest batch that fit."""
+  (among `candidates`, name -> DeploymentConfig) and the largest batch that fit.
+  `plan_command`: the `jax-ep plan` command line that plans this same run, for the
+  message (else it says `jax-ep plan` in general)."""
   if fits(fp, budget):
     return
   cfg, dep = fp.cfg, fp.dep
@@ -196,7 +209,8 @@ def check(fp: Footprint, budget: Budget, *, candidates=None, platform: str = "gp
   if len(lines) == 1:
     lines.append("Neither a smaller batch nor another deployment fits: use a smaller model "
                  "(--config) or devices with more memory"
-                 + ("." if planning else "; `jax-ep plan` prints the table."))
+                 + ("." if planning else
+                    f"; `{plan_command or 'jax-ep plan'}` prints the table."))
   if not planning:
     lines.append("(--nocheck_memory runs it anyway.)")
   raise ConfigError(" ".join(lines))

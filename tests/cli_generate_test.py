@@ -57,6 +57,10 @@ BAD = [
      "product's tail_m=16 must be 0 or a power of two below block_m=16"),
     (["--profile_dir=/proc/version"], "--profile_dir=/proc/version is a file, not a directory"),
     (["--config=nope"], "--config='nope' is not a preset"),
+    (["--config=tinny"], "Did you mean 'tiny'?"),
+    (["--deployment=propsed"], "--deployment='propsed' is unknown; use baseline, proposed (sized "
+     "to the devices) or a preset: ['baseline_1', 'baseline_2', 'baseline_4'"),
+    (["--deployment=propsed"], "Did you mean 'proposed'?"),
     (["--deployment=seed_proposed"], "deployment seed_proposed (proposed): stage 4 x expert 16 "
      "x tp 1 (64 devices), placement=ep, microbatches=4, decode groups 4 needs 64 devices but 8 "
      "are available"),
@@ -97,9 +101,16 @@ def test_bad_input_fails_before_compiling_and_writes_nothing(tmp_path):
 def test_dry_run_of_a_model_this_host_cannot_hold_prints_the_layout():
   # The seed model (69 GB of fp16 experts) does not fit this host: a dry run allocates
   # nothing, so the memory check that refuses `generate` without it is skipped.
-  dry, real = run_cases([["generate", "--config=seed", "--deployment=single", "--dry_run"],
-                         ["generate", "--config=seed", "--deployment=single"]])
+  plan = ["plan", "--config=seed", "--deployment=single", "--batch=8", "--prompt_len=16",
+          "--max_new_tokens=16", "--device_kind=cpu"]
+  dry, real, planned = run_cases([
+      ["generate", "--config=seed", "--deployment=single", "--dry_run"],
+      ["generate", "--config=seed", "--deployment=single"], plan])
   assert dry["rc"] == 0, dry["stderr"][-2000:]
   assert "layers/4  experts/16" in dry["stdout"] and "compiling" not in dry["stdout"]
   assert real["rc"] == 2 and "does not fit" in real["stderr"]
+  # The refusal names the plan of this same run, and that plan finds the same bytes.
+  assert f"`jax-ep {' '.join(plan)}` prints the table" in real["stderr"], real["stderr"]
+  need = real["stderr"].split(" needs ")[1].split(" GiB")[0]
+  assert planned["rc"] == 1 and f"needs {need} GiB" in planned["stdout"], planned["stdout"]
 

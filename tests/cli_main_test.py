@@ -19,8 +19,8 @@ FLAGS = ("deployment", "simulate_devices", "batch", "prompt_len", "skip_unfit", 
 
 
 def test_help_and_usage_errors():
-  help_, command_help, train_help, usage, dry_run, unread, blocks, *required = run_cases([
-      ["--help"], ["generate", "--help"], ["train", "-h"], ["frobnicate"],
+  help_, command_help, train_help, usage, typo, dry_run, unread, blocks, *required = run_cases([
+      ["--help"], ["generate", "--help"], ["train", "-h"], ["frobnicate"], ["genrate"],
       ["plan", "--dry_run"], ["plan", "--steps=3", "--kinds=single"],
       ["bench", "--expert_blocks=up.tail=16"],
       ["train"], ["import-hf", "--src=x"], ["export-hf", "--checkpoint=x"]])
@@ -40,7 +40,8 @@ def test_help_and_usage_errors():
   assert all(name in config_help for name in model_names())
   assert usage["rc"] == 1
   assert "usage: jax-ep {generate,bench,predict,plan,train,import-hf,export-hf}" in usage["stderr"]
-  assert "unknown command 'frobnicate'" in usage["stderr"]
+  assert "unknown command 'frobnicate'" in usage["stderr"] and "Did you mean" not in usage["stderr"]
+  assert typo["rc"] == 1 and "unknown command 'genrate'. Did you mean 'generate'?" in typo["stderr"]
   assert dry_run["rc"] == 1 and "--dry_run is for generate" in dry_run["stderr"]
   assert blocks["rc"] == 1 and "'tail' is not a Blocks field" in blocks["stderr"]
   for r, flag in zip(required, ["workdir", "workdir", "dst"], strict=True):

@@ -289,3 +289,12 @@ def test_seed_presets_fit_the_seed_models():
   deployments.SEED_PROPOSED_E64.check_model(tiny_e64.get_config())
   with _raises("num_experts=16"):  # 16 experts cannot give each of 64 devices one
     deployments.SEED_PROPOSED_E64.check_model(TINY)
+
+
+def test_did_you_mean_names_the_nearest_choice_only_when_one_is_near():
+  from jax_ep.config import did_you_mean, natural_sort
+
+  assert did_you_mean("propsed", ["single", "proposed", "baseline"]) == " Did you mean 'proposed'?"
+  assert did_you_mean("nothing_like_it", ["single", "proposed"]) == ""
+  assert natural_sort(["baseline_16", "baseline_2", "single", "baseline_1"]) == [
+      "baseline_1", "baseline_2", "baseline_16", "single"]

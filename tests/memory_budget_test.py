@@ -49,3 +49,26 @@ def test_cpu_devices_share_the_host():
   assert not memory_budget.fits(fp, budget, held=3)  # 8 x 13 > 100
   with pytest.raises(ConfigError, match="--device_kind='tpu9'"):
     memory_budget.budget_for_kind("tpu9", 1)
+
+
+def test_a_refusal_that_nothing_fixes_names_the_plan_command_it_is_given():
+  seed = load_model("seed")
+  fp = memory.footprint(seed, PRESETS["single"], 8, 16, 32, platform="cpu")
+  budget = memory_budget.Budget(1 << 30, "a small host", shared=True, name="cpu")
+  with pytest.raises(ConfigError, match="`jax-ep plan` prints the table"):
+    memory_budget.check(fp, budget)
+  with pytest.raises(ConfigError, match="`jax-ep plan --config=seed --device_kind=cpu` prints"):
+    memory_budget.check(fp, budget, plan_command="jax-ep plan --config=seed --device_kind=cpu")
+  with pytest.raises(ConfigError) as e:  # plan itself prints the table: no hint
+    memory_budget.check(fp, budget, what="plan", plan_command="jax-ep plan --config=seed")
+  assert "prints the table" not in str(e.value)
+
+
+@pytest.mark.parametrize("platform,kind,want", [
+    ("cpu", "cpu", "cpu"), ("gpu", "NVIDIA H200", "h200"), ("gpu", "NVIDIA H100 80GB HBM3", "h100"),
+    ("gpu", "NVIDIA A100-SXM4-40GB", "a100_40"), ("gpu", "NVIDIA A100 80GB PCIe", "a100_80"),
+    ("gpu", "Tesla T4", None)])
+def test_plan_kind_names_the_device_kind_plan_knows(platform, kind, want):
+  device = type("Device", (), {"platform": platform, "device_kind": kind})()
+  assert memory_budget.plan_kind(device) == want
+  assert want is None or want == "cpu" or want in memory_budget.DEVICE_MEMORY_MIB

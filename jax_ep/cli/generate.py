@@ -80,7 +80,8 @@ def _generate(profile_dir):
     fp = memory.footprint(cfg, dep, len(prompts), prompts.shape[1], max_len, platform)
     memory_budget.check(fp, memory_budget.budget_for_devices(jax.devices()[:dep.num_devices]),
                         candidates=flags.memory_candidates(), platform=platform,
-                        what=f"generate --config={name}")
+                        what=f"generate --config={name}",
+                        plan_command=_plan_command(dep, len(prompts), prompts.shape[1], new))
   distributed.check_same("run", distributed.fields(model=cfg, deployment=dep, prompts=prompts),
                          flags.DIST_TIMEOUT.value)
   if flags.DRY_RUN.value:
@@ -141,6 +142,21 @@ def _report(cfg, dep, gen, extra):
         "dropped": gen.dropped, "groups": gen.groups, "load_max_mean": imbalance,
         **extra})
     print(f"  wrote {flags.OUTPUT.value}")
+
+
+def _plan_command(dep, batch: int, prompt_len: int, new: int) -> str:
+  """The `jax-ep plan` command line that plans this generate run on these devices, or ""
+  where plan cannot (a checkpoint's model, a device kind it does not know)."""
+  import jax
+
+  from jax_ep import memory_budget
+
+  kind = memory_budget.plan_kind(jax.devices()[0])
+  if flags.CHECKPOINT.value or kind is None:
+    return ""
+  return (f"jax-ep plan --config={flags.CONFIG.value} --deployment={dep.name or dep.kind} "
+          f"--batch={batch} --prompt_len={prompt_len} --max_new_tokens={new} "
+          f"--device_kind={kind}")
 
 
 def run():

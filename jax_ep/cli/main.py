@@ -22,6 +22,7 @@ from absl import flags as absl_flags
 
 from jax_ep import distributed, presets, runtime
 from jax_ep.cli import command_flags, flags, generate, hf, perf, plan, train
+from jax_ep.config import did_you_mean
 
 # Each command, in the order the usage line lists them, and the function that runs it.
 COMMANDS = {"generate": generate.run, "bench": perf.bench, "predict": perf.predict,
@@ -66,7 +67,8 @@ def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     got = ("no command" if len(argv) < 2 else f"more than one command: {argv[1:]}"
            if len(argv) > 2 else f"unknown command {argv[1]!r}")
-    raise app.UsageError(f"{got}. usage: jax-ep {{{','.join(COMMANDS)}}} [--flags]; see "
+    hint = did_you_mean(argv[1], COMMANDS) if len(argv) == 2 else ""
+    raise app.UsageError(f"{got}.{hint} usage: jax-ep {{{','.join(COMMANDS)}}} [--flags]; see "
                          "--help.")
   if flags.DRY_RUN.value and argv[1] != "generate":
     raise app.UsageError("--dry_run is for generate (jax-ep generate --dry_run).")
