@@ -225,7 +225,7 @@ def run(spec: BenchSpec = BenchSpec(), log: Callable[[str], None] = print) -> di
       records[p.name] = rec
       log(f"  {p.name}: TPOT {rec['tpot_ms']:.3f} ms back to back (synced median "
           f"{rec['tpot_synced_ms']:.3f}), TPS {rec['tps']:,.0f}, floor {rec['floor_ms']:.3f} ms "
-          f"({100 * rec['achieved_floor_fraction']:.0f}% of floor), model {rec['model_ms']:.3f}"
+          f"(achieved/floor {rec['achieved_floor_fraction']:.2f}), model {rec['model_ms']:.3f}"
           f" ms, compile {rec['compile_s']:.1f} s")
       _free(engine_params, keep=params)  # place_params may hand back the source's arrays
       del engine_params
