@@ -19,8 +19,10 @@ FLAGS = ("deployment", "simulate_devices", "batch", "prompt_len", "skip_unfit", 
 
 
 def test_help_and_usage_errors():
-  help_, command_help, train_help, usage, typo, dry_run, unread, blocks, *required = run_cases([
+  (help_, command_help, train_help, usage, typo, bad_value, dry_run, unread, blocks,
+   *required) = run_cases([
       ["--help"], ["generate", "--help"], ["train", "-h"], ["frobnicate"], ["genrate"],
+      ["generate", "--batch=abc"],
       ["plan", "--dry_run"], ["plan", "--steps=3", "--kinds=single"],
       ["bench", "--expert_blocks=up.tail=16"],
       ["train"], ["import-hf", "--src=x"], ["export-hf", "--checkpoint=x"]])
@@ -42,10 +44,18 @@ def test_help_and_usage_errors():
   assert "usage: jax-ep {generate,bench,predict,plan,train,import-hf,export-hf}" in usage["stderr"]
   assert "unknown command 'frobnicate'" in usage["stderr"] and "Did you mean" not in usage["stderr"]
   assert typo["rc"] == 1 and "unknown command 'genrate'. Did you mean 'generate'?" in typo["stderr"]
+  assert bad_value["rc"] == 1 and bad_value["stderr"].startswith(
+      "jax-ep: error: flag --batch=abc: invalid literal"), bad_value["stderr"]
+  assert "(`jax-ep generate --help` lists its flags.)" in bad_value["stderr"]
   assert dry_run["rc"] == 1 and "--dry_run is for generate" in dry_run["stderr"]
   assert blocks["rc"] == 1 and "'tail' is not a Blocks field" in blocks["stderr"]
-  for r, flag in zip(required, ["workdir", "workdir", "dst"], strict=True):
-    assert r["rc"] == 1 and f"--{flag} is required here." in r["stderr"], r
+  for r, flag, command, every in zip(required, ["workdir", "workdir", "dst"],
+                                     ["train", "import-hf", "export-hf"],
+                                     ["--workdir", "--src and --workdir", "--checkpoint and --dst"],
+                                     strict=True):
+    assert r["rc"] == 1 and (f"--{flag} is required here: jax-ep {command} needs {every}. "
+                             f"(`jax-ep {command} --help` lists its flags.)") in r["stderr"], r
+    assert "python -m jax_ep" not in r["stderr"] and "--helpshort" not in r["stderr"], r
 
 
 def test_a_configs_package_in_the_working_directory_does_not_shadow_the_presets(tmp_path):

@@ -240,11 +240,14 @@ def note_unread_expert_blocks(dep, backend: str) -> None:
           "read it (a GPU, or --kernels=interpret).", file=sys.stderr, flush=True)
 
 
-def need(*flag_holders):
-  """A usage error naming the first of these flags that is not set."""
-  for f in flag_holders:
-    if not f.value:
-      raise app.UsageError(f"--{f.name} is required here.")
+def need(command: str, *flag_holders):
+  """A usage error naming the flags of these that are not set, and all that `command`
+  needs."""
+  missing = [f"--{f.name}" for f in flag_holders if not f.value]
+  if missing:
+    every = " and ".join(f"--{f.name}" for f in flag_holders)
+    raise app.UsageError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                         f"required here: jax-ep {command} needs {every}.")
 
 
 def deployment_for(num_devices: int):

@@ -10,7 +10,7 @@ def import_hf():
   """--src (a Hugging Face Mixtral directory) -> the checkpoint --workdir."""
   from jax_ep import hf
 
-  flags.need(flags.SRC, flags.WORKDIR)
+  flags.need("import-hf", flags.SRC, flags.WORKDIR)
   cfg = hf.import_hf(flags.SRC.value, flags.WORKDIR.value)
   print(f"imported {flags.SRC.value}: {cfg.num_layers} layers x {cfg.num_experts} experts "
         f"(top-{cfg.top_k}), D={cfg.model_dim}, F={cfg.mlp_dim}, V={cfg.vocab_size}, "
@@ -22,6 +22,6 @@ def export_hf():
   """The checkpoint --checkpoint -> --dst, in Mixtral's format."""
   from jax_ep import hf
 
-  flags.need(flags.CHECKPOINT, flags.DST)
+  flags.need("export-hf", flags.CHECKPOINT, flags.DST)
   for path in hf.export_hf(flags.CHECKPOINT.value, flags.DST.value):
     print(f"wrote {path}")

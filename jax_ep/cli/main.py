@@ -68,8 +68,7 @@ def main(argv):
     got = ("no command" if len(argv) < 2 else f"more than one command: {argv[1:]}"
            if len(argv) > 2 else f"unknown command {argv[1]!r}")
     hint = did_you_mean(argv[1], COMMANDS) if len(argv) == 2 else ""
-    raise app.UsageError(f"{got}.{hint} usage: jax-ep {{{','.join(COMMANDS)}}} [--flags]; see "
-                         "--help.")
+    raise app.UsageError(f"{got}.{hint} usage: jax-ep {{{','.join(COMMANDS)}}} [--flags]")
   if flags.DRY_RUN.value and argv[1] != "generate":
     raise app.UsageError("--dry_run is for generate (jax-ep generate --dry_run).")
   _check_flags()
@@ -104,6 +103,30 @@ def print_help(command: str | None = None) -> None:
   print(command_flags.help_text(COMMANDS[command], command in OFFLINE, command))
 
 
+def _usage_error(message: str):
+  """A usage error as jax-ep's other errors read (absl's own prints the entry module's
+  docstring first, and points at flags that list nothing here); exit 1."""
+  command = next((a for a in sys.argv[1:] if a in COMMANDS), None)
+  where = f"`jax-ep {command} --help` lists its flags" if command else (
+      "`jax-ep --help` lists the commands and flags")
+  print(f"jax-ep: error: {message} ({where}.)", file=sys.stderr)
+  sys.exit(1)
+
+
+def _parse_flags(argv):
+  try:
+    return absl_flags.FLAGS(argv)
+  except absl_flags.Error as e:
+    _usage_error(str(e))
+
+
+def _main(argv):
+  try:
+    return main(argv)
+  except app.UsageError as e:
+    _usage_error(str(e))
+
+
 def run():
   """Console-script entry point (and `python -m jax_ep`'s)."""
   from jax_ep.config import ConfigError
@@ -117,7 +140,7 @@ def run():
     print_help(commands[0] if len(commands) == 1 else None)
     sys.exit(0)
   try:
-    app.run(main)
+    app.run(_main, flags_parser=_parse_flags)
   except ConfigError as e:
     command = next((a for a in sys.argv[1:] if a in COMMANDS), None)
     reads = command_flags.reads(COMMANDS[command], command in OFFLINE) if command else None

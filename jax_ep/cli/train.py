@@ -35,7 +35,7 @@ def run():
   from jax_ep.config import ConfigError
   from jax_ep.presets import load_model
 
-  flags.need(flags.WORKDIR)
+  flags.need("train", flags.WORKDIR)
   cfg = load_model(flags.CONFIG.value)
   tc = train.TrainConfig(steps=flags.STEPS.value,
                          batch=flags.BATCH.value or train.TrainConfig.batch,
