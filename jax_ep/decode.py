@@ -85,11 +85,17 @@ def check_request(engine: Engine, prompts_BxT, max_new_tokens: int, temperature:
     raise ConfigError(f"temperature={temperature} must be >= 0 (0 is greedy).")
   prompts = np.asarray(prompts_BxT)
   if prompts.ndim == 2 and prompts.shape[1] + max_new_tokens - 1 > max_len:
-    bound = ("the model's max_seq_len; raise ModelConfig.max_seq_len (a preset's in configs/)"
-             if max_len == engine.cfg.max_seq_len else f"max_len={max_len}; raise max_len")
+    room, fits = max_len + 1 - prompts.shape[1], max_len + 1 - max_new_tokens
+    lower = " or ".join([f"max_new_tokens={room}"] * (room >= 1)
+                        + [f"prompt_len={fits}"] * (fits >= 1))
+    lower = (f"use {lower} (or less)" if lower else
+             f"lower both so that prompt_len + max_new_tokens <= {max_len + 1}")
+    model_cap = max_len == engine.cfg.max_seq_len
+    what, raise_ = (("the model's max_seq_len", "raise max_seq_len in the model's ModelConfig "
+                     "(a preset's in configs/)") if model_cap else ("max_len", "raise max_len"))
     raise ConfigError(
         f"prompt_len={prompts.shape[1]} + max_new_tokens={max_new_tokens} - 1 exceeds the KV "
-        f"cache length {max_len} ({bound}), or lower one of them.")
+        f"cache length {max_len} ({what}): {lower}, or {raise_}.")
   return engine.check_tokens(prompts, 0, max_len)
 
 

@@ -51,7 +51,11 @@ BAD = [
     (["--temperature=-1"], "--temperature=-1.0 must be >= 0"),
     (["--batch=6"], "--batch=6 is not divisible"),
     (["--prompt_len=60", "--max_new_tokens=10"], "--prompt_len=60 + --max_new_tokens=10 - 1 "
-     "exceeds the KV cache length 64"),
+     "exceeds the KV cache length 64 (the model's max_seq_len): use --max_new_tokens=5 or "
+     "--prompt_len=55 (or less), or raise max_seq_len in the model's ModelConfig (a preset's in "
+     "configs/)."),
+    (["--prompt_len=5000", "--max_new_tokens=100"], "lower both so that prompt_len + "
+     "max_new_tokens <= 65"),
     (["--tokens_per_call=0"], "--tokens_per_call=0 must be a positive integer"),
     (["--expert_blocks=block_m=16,tail_m=16"], "--expert_blocks='block_m=16,tail_m=16': the up "
      "product's tail_m=16 must be 0 or a power of two below block_m=16"),

@@ -132,7 +132,8 @@ def _programs_built() -> int:
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(max_new_tokens=NEW + 1), "prompt_len=4 \\+ max_new_tokens=6 - 1 exceeds the KV cache "
-                                   "length 8 \\(max_len=8; raise max_len\\)"),
+                                   "length 8 \\(max_len\\): use max_new_tokens=5 or "
+                                   "prompt_len=3 \\(or less\\), or raise max_len."),
     (dict(max_new_tokens=0), "max_new_tokens=0"),
     (dict(temperature=-1.0), "temperature=-1.0"),
     (dict(prompts=np.full((B, PROMPT), CFG.vocab_size)), "token id 256"),
