@@ -287,7 +287,7 @@ def check_model(saved: dict, cfg: ModelConfig, where: str, advice: str | None = 
   """Raises ConfigError naming each ModelConfig field in which `saved` differs from cfg,
   then `advice` (what to change; by default, the restore's)."""
   want = dataclasses.asdict(cfg)
-  diff = [f"{k}={saved.get(k)!r} (this model: {v!r})" for k, v in want.items()
+  diff = [f"{k}={saved.get(k)!r} (the model asked for: {v!r})" for k, v in want.items()
           if k not in FREE_FIELDS and saved.get(k) != v]
   diff += [f"{k}={saved[k]!r} (unknown to this jax_ep)" for k in saved if k not in want]
   if diff:

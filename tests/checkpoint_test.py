@@ -91,9 +91,9 @@ def test_meta_holds_config_version_step_and_extras(saved):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"num_layers": 2}, "num_layers=4 (this model: 2)"),
-    ({"mlp_dim": 64, "dtype": "bfloat16"}, "mlp_dim=128 (this model: 64), dtype='float32' "
-                                           "(this model: 'bfloat16')"),
+    ({"num_layers": 2}, "num_layers=4 (the model asked for: 2)"),
+    ({"mlp_dim": 64, "dtype": "bfloat16"}, "mlp_dim=128 (the model asked for: 64), "
+                                           "dtype='float32' (the model asked for: 'bfloat16')"),
 ])
 def test_another_model_names_the_fields(saved, change, message):
   other = dataclasses.replace(load_model("tiny"), **change)

@@ -149,7 +149,7 @@ def test_trained_generations_are_the_same_on_every_deployment(trained):
 
 def test_open_model_checks_a_named_config(trained):
   with pytest.raises(ConfigError,
-                     match="num_experts=4 .this model: 16.*--config names another") as e:
+                     match="num_experts=4 .the model asked for: 16.*--config names another") as e:
     evaluate.open_model(trained[0], load_model("tiny"))
   assert "Restore it" not in str(e.value)  # one piece of advice, the one for this reader
 
