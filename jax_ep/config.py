@@ -278,6 +278,7 @@ class DeploymentConfig:
   def describe(self) -> str:
     label = f"{self.name} ({self.kind})" if self.name and self.name != self.kind else self.kind
     return (f"{label}: stage {self.stages} x expert {self.expert} x tp {self.tp} "
-            f"({self.num_devices} devices), placement={self.placement}, "
+            f"({self.num_devices} device{'s' * (self.num_devices != 1)}), "
+            f"placement={self.placement}, "
             f"microbatches={self.microbatches}, decode groups {self.groups}"
             + (f", head on {self.head_gather} devices' rows" if self.head_gather > 1 else ""))
