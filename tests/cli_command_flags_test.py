@@ -41,7 +41,7 @@ def test_every_flag_is_read_by_some_command():
 def test_help_text_lists_each_flag_with_its_default():
   text = command_flags.help_text(main.COMMANDS["import-hf"])
   assert "  --src: import-hf: a Hugging Face Mixtral directory" in text
-  assert "(default: none (see above))" in text and "--steps" not in text
+  assert "(default: unset)" in text and "--steps" not in text
   # bench's own defaults, not train's --steps or absl's None.
   bench = command_flags.help_text(main.COMMANDS["bench"], command="bench")
   assert "(default: 20 on GPU, 4 on CPU)" in bench and "(default: '200')" not in bench

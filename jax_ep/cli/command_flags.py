@@ -89,7 +89,7 @@ COMMAND_DEFAULTS = {
 
 def help_text(fn, offline: bool = False, command: str = "") -> str:
   """Each flag `fn` reads, as absl's --help writes it: name, help, default (the command's
-  own where COMMAND_DEFAULTS has it; an unset default: "none", as the help says)."""
+  own where COMMAND_DEFAULTS has it; "unset" where the flag has no default)."""
   lines = []
   own = COMMAND_DEFAULTS.get(command, {})
   for name in sorted(reads(fn, offline)):
@@ -97,7 +97,7 @@ def help_text(fn, offline: bool = False, command: str = "") -> str:
     prefix = "--[no]" if flag.boolean else "--"
     body = textwrap.fill(f"{prefix}{name}: {flag.help}", width=88, initial_indent="  ",
                          subsequent_indent="    ")
-    default = own.get(name) or ("none (see above)" if flag.default is None
+    default = own.get(name) or ("unset" if flag.default is None
                                 else flag.default_as_str)
     lines.append(f"{body}\n    (default: {default})")
   return "\n".join(lines)
