@@ -82,8 +82,9 @@ DROPLESS = flags.DEFINE_bool(
     "capacity_factor-sized buffers, overflow dropped and counted.")
 SEED = flags.DEFINE_integer("seed", 0, "Seed for weights, prompts and sampling.")
 BATCH = flags.DEFINE_integer(
-    "batch", None, "Sequences decoded together (default: generate and plan 8, rounded up to "
-    "a batch the deployment splits; bench 1024, the seed's tokens per forward pass; train 32).")
+    "batch", None, "Sequences decoded together; train: sequences a training step (default: "
+    "generate and plan 8, rounded up to a batch the deployment splits; bench and predict 1024, "
+    "the seed's tokens per forward pass; train 32).")
 PROMPT_LEN = flags.DEFINE_integer("prompt_len", 16, "Tokens in each (random) prompt (bench, when "
                                   "not given: 32 on GPU, 8 on CPU).")
 NEW = flags.DEFINE_integer("max_new_tokens", 16, "Tokens generated per sequence (bench: sets "
