@@ -12,6 +12,9 @@ Parts (the seed's shapes: batch 1024, top-2, D 8192, 16 GELU experts of 32768):
     (kernels/grouped_matmul.py Blocks; --kernel_set);
   swiglu:  the SwiGLU expert MLP (seed_swiglu's) on the same row sets, per variant of its
     fused up product's blocks (--swiglu_set; the down product at its default);
+  pairs:   the SwiGLU expert MLP with its up product fused over two weights (the
+    default) and over one weight of interleaved up and gate columns (one MMA a K step;
+    groups.interleave_pairs), on the same row sets;
   mgpu:    jax's Mosaic GPU grouped matmul (ragged_dot_mgpu) on the skewed rows, as they
     are and padded per group to its row blocks, beside jax_ep's kernel (GPU only);
   calls:   the seed model on one device, and one GPU's share of seed_proposed, with
@@ -48,6 +51,7 @@ import numpy as np
 from jax_ep import routing
 from jax_ep.kernels import combine as combine_kernel
 from jax_ep.kernels import grouped_matmul as gm
+from jax_ep.kernels import groups
 from jax_ep.kv_cache import write_rows
 from jax_ep.perf import plan, runner
 from jax_ep.perf.probes import measure_hardware, time_call
@@ -201,6 +205,35 @@ def part_swiglu(bw, log):
   return out
 
 
+# SwiGLU's up product as one interleaved weight (groups.interleave_pairs: one MMA a K step,
+# GELU's blocks) against the fused product of two weights: (pairs?, --expert_blocks spec).
+PAIRS_VARIANTS = {"fused": (False, ""), "pairs": (True, ""),
+                  "pairs_k32_s6": (True, "up.block_k=32,up.num_stages=6"),
+                  "pairs_tail0": (True, "up.tail_m=0"), "pairs_n128": (True, "up.block_n=128"),
+                  "fused_again": (False, "")}
+
+
+def part_pairs(bw, log):
+  w_up = _rand(6, (E, D, F), scale=D ** -0.5)
+  w_gate = _rand(9, (E, D, F), scale=D ** -0.5)
+  w_down = _rand(7, (E, F, D), scale=F ** -0.5)
+  w_pairs = groups.interleave_pairs(w_up, w_gate)
+  x = _rand(8, (T * K, D))
+  out = {}
+  for sizes_name, sizes in _row_sets():
+    gs = jnp.asarray(sizes, jnp.int32)
+    fns = {}
+    for name, (pairs, spec) in PAIRS_VARIANTS.items():
+      mlp = functools.partial(_mlp, blocks=gm.mlp_blocks(D, F, not pairs, spec, pairs=pairs),
+                              real=sum(sizes), pairs=pairs)
+      fns[name] = ((lambda x, gs, wu, wd, wg, wp, mlp=mlp: mlp(x, gs, wp, wd)) if pairs else
+                   (lambda x, gs, wu, wd, wg, wp, mlp=mlp: mlp(x, gs, wu, wd, wg)))
+    floor = 3 * E * D * F * 2 / bw
+    out[sizes_name] = _run_variants(fns, (x, gs, w_up, w_down, w_gate, w_pairs), floor, log,
+                                    f"pairs {sizes_name}")
+  return out
+
+
 def _row_sets():
   """(name, group sizes) of --row_sets."""
   return [(n, (TINY_ROW_SETS if INTERPRET else ROW_SETS)[n]) for n in ROWS]
@@ -242,11 +275,11 @@ def part_mgpu(bw, log):
   return out
 
 
-def _mlp(x, gs, w_up, w_down, w_gate=None, *, blocks, real):
+def _mlp(x, gs, w_up, w_down, w_gate=None, *, blocks, real, pairs=False):
   """The real rows only: the kernel leaves the buffer's other rows unset. Weights are
   arguments, never closed over (a closed-over array is compiled in as a constant)."""
-  return gm.grouped_mlp(x, gs, w_up, w_down, w_gate,
-                        impl="interpret" if INTERPRET else "pallas", blocks=blocks)[:real]
+  return gm.grouped_mlp(x, gs, w_up, w_down, w_gate, impl="interpret" if INTERPRET else "pallas",
+                        blocks=blocks, pairs=pairs)[:real]
 
 
 def _now():
@@ -560,7 +593,7 @@ def main():
     else:
       result[part] = {"combine": part_combine, "cache": part_cache,
                       "kernel": part_kernel, "swiglu": part_swiglu,
-                      "mgpu": part_mgpu}[part](bw, log)
+                      "mgpu": part_mgpu, "pairs": part_pairs}[part](bw, log)
     gc.collect()
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)

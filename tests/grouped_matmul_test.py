@@ -13,6 +13,7 @@ from numpy.testing import assert_allclose
 
 from jax_ep.experts import expert_mlp
 from jax_ep.kernels import grouped_matmul as gm
+from jax_ep.kernels import groups
 
 G, M, D, F = 4, 40, 64, 128
 BLOCKS = gm.Blocks(block_m=16, block_n=32, block_k=32)
@@ -153,6 +154,41 @@ def test_split_k_sums_to_the_same(split_k):
     y = gm._pallas(h, M, down, gs, None, "none", BLOCKS, True, split_k=split_k)[:M]
     want = _dense(x, sizes, up, down, g)
     assert_allclose(y[:sum(sizes)], want[:sum(sizes)], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["random", "skewed", "buffer_tail", "empty"])
+def test_interleaved_pairs_equal_the_dense_swiglu(name):
+  # SwiGLU's up and gate as one [G, D, 2F] weight (one MMA a K step): the kernel (plain,
+  # with a tail, split-K) and the XLA path against each expert's own SwiGLU MLP.
+  x, up, down, gate = _weights(5)
+  sizes = SIZES[name]
+  gs = jnp.asarray(sizes, jnp.int32)
+  w = groups.interleave_pairs(up, gate)
+  assert w.shape == (G, D, 2 * F)
+  np.testing.assert_array_equal(w[:, :, 0::2], up)
+  np.testing.assert_array_equal(w[:, :, 1::2], gate)
+  want = _dense(x, sizes, up, down, gate)[:sum(sizes)]
+  xla = gm.grouped_mlp(x, gs, w, down, impl="xla", pairs=True)
+  assert xla.shape == (M, D)
+  assert_allclose(xla[:sum(sizes)], want, rtol=1e-5, atol=1e-5)
+  for blocks in (BLOCKS, gm.Blocks(block_m=16, block_n=32, block_k=32, tail_m=8)):
+    got = gm.grouped_mlp(x, gs, w, down, impl="interpret", blocks=blocks, pairs=True)
+    assert_allclose(got[:sum(sizes)], want, rtol=1e-5, atol=1e-5, err_msg=str(blocks))
+  pad = jnp.pad(x, ((0, BLOCKS.block_m), (0, 0)))
+  h = gm._pallas(pad, M, w, gs, None, "swiglu_pairs", BLOCKS, True, split_k=2)
+  assert h.shape == (M + BLOCKS.block_m, F)
+  y = gm._pallas(h, M, down, gs, None, "none", BLOCKS, True)[:M]
+  assert_allclose(y[:sum(sizes)], want, rtol=1e-5, atol=1e-5)
+
+
+def test_interleaved_pairs_are_checked():
+  x, up, down, gate = _weights()
+  gs = jnp.asarray(SIZES["random"], jnp.int32)
+  with pytest.raises(ValueError, match="no w_gate"):
+    gm.grouped_mlp(x, gs, groups.interleave_pairs(up, gate), down, gate, pairs=True)
+  with pytest.raises(ValueError, match=r"\(pairs\) it must be"):
+    gm.grouped_mlp(x, gs, up, down, pairs=True)  # [G, D, F]: not interleaved pairs
+  assert gm.mlp_blocks(8192, 32768, pairs=True)[0] == gm.DEFAULT_BLOCKS
 
 
 def test_split_and_narrow_for_few_row_tiles():

@@ -4,6 +4,9 @@
 # PART parts: a decode step's parts A/B (decode_parts.py), with and without command buffers;
 # rows: the GELU and SwiGLU expert MLPs on the seed step's own row sets (decode_parts.py);
 # warps: the same with 16 warps a program;
+# pairs: the SwiGLU MLP with its up product over two weights and over one interleaved
+#   weight (decode_parts.py --parts=pairs), then the MMA waits in each kernel's PTX
+#   (ptx_waits.py);
 # router: the seed's and seed_swiglu's steps with the model's router and with a diagnostic
 #   one that gives every expert the mean rows, alternating, twice (decode_parts.py):
 #   bash benchmarks/scripts/h200_x4.sh router COMMIT [STEPS [CONFIGS]] (--router_steps,
@@ -30,10 +33,10 @@
 # Each part fits one 10-minute call. Writes $OUT/results.tgz and $OUT/summary.txt.
 set -u
 PART=${1:-1}
-case $PART in parts|rows|warps|router|ncu|power|profile|profile_router|kernel|share|calls|attention|attention_swiglu|1|2) ;;
+case $PART in parts|rows|warps|pairs|router|ncu|power|profile|profile_router|kernel|share|calls|attention|attention_swiglu|1|2) ;;
   ab) [ -n "${3:-}" ] || { echo "ab needs SPEC, an --expert_blocks value" >&2; exit 2; } ;;
   xla) [ -n "${3:-}" ] || { echo "xla needs FLAGS, XLA flags to add" >&2; exit 2; } ;;
-  *) echo "unknown PART '$PART': use parts, rows, warps, router, ncu, power, xla, profile, profile_router, kernel, share, calls, attention, attention_swiglu, 1, 2 or ab" >&2; exit 2 ;;
+  *) echo "unknown PART '$PART': use parts, rows, warps, pairs, router, ncu, power, xla, profile, profile_router, kernel, share, calls, attention, attention_swiglu, 1, 2 or ab" >&2; exit 2 ;;
 esac
 export PYTHONPATH=. PYTHONUNBUFFERED=1 JAX_EP_COMMIT=${2:-unknown}
 R=$OUT/r; mkdir -p $R
@@ -41,7 +44,7 @@ step() {  # name timeout_s command...
   local name=$1 t=$2; shift 2
   echo "== $name" | tee -a $OUT/summary.txt
   timeout $t "$@" > $R/$name.log 2>&1; echo "rc=$?" >> $R/$name.log
-  grep -E "^\| (Single|One|Prop|Base|slice|mesh|share)|TPOT|rc=|Error|error|ms_per_step|^    |^(combine|cache|kernel|swiglu|calls|attention|attention_step|router_step|probe) " \
+  grep -E "^\| (Single|One|Prop|Base|slice|mesh|share)|TPOT|rc=|Error|error|ms_per_step|^    |^(combine|cache|kernel|swiglu|pairs|calls|attention|attention_step|router_step|probe) " \
     $R/$name.log | tail -30 >> $OUT/summary.txt
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv > $R/nvidia_smi.txt
@@ -59,6 +62,12 @@ elif [ "$PART" = warps ]; then
 step rows 420 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 benchmarks/decode_parts.py --parts=kernel,swiglu --kernel_set=warps \
   --swiglu_set=warps --row_sets=seed_layer3,near128,balanced --out=$R/decode_parts_warps.json
+elif [ "$PART" = pairs ]; then
+step pairs 420 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+  python3 benchmarks/decode_parts.py --parts=pairs --row_sets=near128,seed_layer3,balanced \
+  --out=$R/decode_parts_pairs.json
+step ptx_waits 150 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/ptx_waits.py --out=$R/ptx_waits.json
+grep -E "^(gelu|swiglu)" $R/ptx_waits.log >> $OUT/summary.txt
 elif [ "$PART" = router ]; then
 step router 560 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 benchmarks/decode_parts.py --parts=router_step \

@@ -36,7 +36,9 @@ from jax_ep.kernels.groups import (
 )
 
 IMPLS = ("xla", "pallas", "interpret")
-ACTIVATIONS = ("none", "gelu", "swiglu")
+# "swiglu_pairs": SwiGLU from one weight whose columns interleave up and gate
+# (interleave_pairs): one MMA a K step in place of two, half as many output columns.
+ACTIVATIONS = ("none", "gelu", "swiglu", "swiglu_pairs")
 
 
 def _kernel(table_ref, x_ref, w_ref, *rest, blocks: Blocks, k_steps: int, n_tiles: int,
@@ -55,6 +57,8 @@ def _kernel(table_ref, x_ref, w_ref, *rest, blocks: Blocks, k_steps: int, n_tile
   live, g, n, row0, rows_left = locate(table_ref, pl.program_id(0), bm, n_tiles)
   cols = pl.ds(pl.multiple_of(n * bn, bn), bn)
   gated = activation == "swiglu"
+  pairs = activation == "swiglu_pairs"
+  out_cols = pl.ds(pl.multiple_of(n * (bn // 2), bn // 2), bn // 2) if pairs else cols
 
   def dot(a, b):
     # float32 models (the agreement tests) multiply in full float32, not TF32.
@@ -91,7 +95,7 @@ def _kernel(table_ref, x_ref, w_ref, *rest, blocks: Blocks, k_steps: int, n_tile
         plgpu.store(o_ref.at[rows, cols], acc[0], mask=mask)
       else:
         y = activate(acc[0], acc[-1], activation)
-        plgpu.store(o_ref.at[rows, cols], y.astype(o_ref.dtype), mask=mask)
+        plgpu.store(o_ref.at[rows, out_cols], y.astype(o_ref.dtype), mask=mask)
 
   rest = live
   if 0 < blocks.tail_m < bm and split_k == 1:
@@ -130,6 +134,7 @@ def _pallas(x_pad, m, w_GxKxN, group_sizes_G, wg_GxKxN, activation, blocks: Bloc
   # At most cdiv(M, bm) + G - 1 row tiles hold a real row (each group adds at most one
   # partial tile); the rest of the grid exits at once.
   programs = (pl.cdiv(m, bm) + g) * n_tiles
+  n_out = n // 2 if activation == "swiglu_pairs" else n
   table = kernel_table(group_sizes_G, blocks)
   weights = (w_GxKxN,) if wg_GxKxN is None else (w_GxKxN, wg_GxKxN)
   full = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
@@ -137,10 +142,10 @@ def _pallas(x_pad, m, w_GxKxN, group_sizes_G, wg_GxKxN, activation, blocks: Bloc
   return pl.pallas_call(
       functools.partial(_kernel, blocks=blocks, k_steps=k // bk, n_tiles=n_tiles,
                         activation=activation, split_k=1),
-      out_shape=jax.ShapeDtypeStruct((rows, n), x_pad.dtype),
+      out_shape=jax.ShapeDtypeStruct((rows, n_out), x_pad.dtype),
       grid=(programs,),
       in_specs=[full(table.shape), full(x_pad.shape)] + [full(w.shape) for w in weights],
-      out_specs=full((rows, n)),
+      out_specs=full((rows, n_out)),
       compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps,
                                            num_stages=blocks.num_stages),
       interpret=interpret,
@@ -196,6 +201,8 @@ def _reduce_kernel(table_ref, *refs, blocks: Blocks, n_tiles: int, split_k: int,
   live, _, n, row0, rows_left = locate(table_ref, pl.program_id(0), bm, n_tiles)
   mask_M1 = (jnp.arange(bm, dtype=jnp.int32) < rows_left)[:, None]
   rows, cols = pl.ds(row0, bm), pl.ds(pl.multiple_of(n * bn, bn), bn)
+  out_cols = (pl.ds(pl.multiple_of(n * (bn // 2), bn // 2), bn // 2)
+              if activation == "swiglu_pairs" else cols)
 
   @pl.when(live)
   def _():
@@ -207,7 +214,7 @@ def _reduce_kernel(table_ref, *refs, blocks: Blocks, n_tiles: int, split_k: int,
                           other=0.0)[0]
       sums.append(acc)
     y = activate(sums[0], sums[-1], activation)
-    plgpu.store(o_ref.at[rows, cols], y.astype(o_ref.dtype), mask=mask_M1)
+    plgpu.store(o_ref.at[rows, out_cols], y.astype(o_ref.dtype), mask=mask_M1)
 
 
 def _reduce_partials(parts, m, group_sizes_G, activation, blocks: Blocks, interpret: bool,
@@ -223,13 +230,14 @@ def _reduce_partials(parts, m, group_sizes_G, activation, blocks: Blocks, interp
   n_tiles = n // bn
   table = tile_table(group_sizes_G, bm)
   full = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+  n_out = n // 2 if activation == "swiglu_pairs" else n
   return pl.pallas_call(
       functools.partial(_reduce_kernel, blocks=blocks, n_tiles=n_tiles, split_k=split_k,
                         activation=activation),
-      out_shape=jax.ShapeDtypeStruct((rows, n), dtype),
+      out_shape=jax.ShapeDtypeStruct((rows, n_out), dtype),
       grid=((pl.cdiv(m, bm) + g) * n_tiles,),
       in_specs=[full(table.shape)] + [full(p.shape) for p in parts],
-      out_specs=full((rows, n)),
+      out_specs=full((rows, n_out)),
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
       interpret=interpret,
       name=f"grouped_matmul_reduce_{activation}",
@@ -262,13 +270,16 @@ def _supports(k: int, k2: int, n: int, blocks: Blocks) -> str | None:
   return small_tiles_error(blocks)
 
 
-def mlp_blocks(d: int, f: int, swiglu: bool = False, spec: str = "") -> tuple[Blocks, Blocks]:
+def mlp_blocks(d: int, f: int, swiglu: bool = False, spec: str = "",
+               pairs: bool = False) -> tuple[Blocks, Blocks]:
   """(up, down) Blocks of a D x F expert MLP: the measured defaults (SWIGLU_UP_BLOCKS for
-  SwiGLU's fused up product), changed as `spec` says (groups.parse_blocks, e.g.
-  "up.tail_m=16"), then narrowed to the shapes (blocks_for). ValueError for a bad spec."""
+  SwiGLU's fused up product; with pairs, its one interleaved [D, 2F] weight takes
+  DEFAULT_BLOCKS), changed as `spec` says (groups.parse_blocks, e.g. "up.tail_m=16"),
+  then narrowed to the shapes (blocks_for). ValueError for a bad spec."""
   changes = parse_blocks(spec)
   out = []
-  for name, default, k, n in (("up", SWIGLU_UP_BLOCKS if swiglu else DEFAULT_BLOCKS, d, f),
+  up_default = SWIGLU_UP_BLOCKS if swiglu else DEFAULT_BLOCKS
+  for name, default, k, n in (("up", up_default, d, 2 * f if pairs else f),
                               ("down", DEFAULT_BLOCKS, f, d)):
     try:
       b = blocks_for(k, n, with_blocks(default, changes[name]))
@@ -315,7 +326,8 @@ def grouped_matmul(x_MxK: jax.Array, w_GxKxN: jax.Array, group_sizes_G: jax.Arra
     w_GxKxN: one matrix per group.
     group_sizes_G: int32, rows of each group, in order; sum <= M.
     activation: "none", "gelu" (tanh form, as jax.nn.gelu), or "swiglu":
-      silu(x @ w_gate) * (x @ w), fused so each row tile reads both.
+      silu(x @ w_gate) * (x @ w), fused so each row tile reads both; or "swiglu_pairs":
+      the same from one w of interleaved columns (groups.interleave_pairs), [M, N / 2].
     impl: "xla", "pallas" or "interpret" (module docstring).
     blocks: the kernel's tiles; None: DEFAULT_BLOCKS narrowed to K and N (blocks_for).
   Returns:
@@ -345,10 +357,14 @@ def grouped_matmul(x_MxK: jax.Array, w_GxKxN: jax.Array, group_sizes_G: jax.Arra
 def grouped_mlp(x_MxD: jax.Array, group_sizes_G: jax.Array, w_up_GxDxF: jax.Array,
                 w_down_GxFxD: jax.Array, w_gate_GxDxF: jax.Array | None = None, *,
                 impl: str = "xla", blocks: Blocks | tuple[Blocks, Blocks] | None = None,
-                expected_rows: int | None = None, padded: bool = False) -> jax.Array:
+                expected_rows: int | None = None, padded: bool = False,
+                pairs: bool = False) -> jax.Array:
   """Each group's expert MLP on its rows: gelu(x W_up) W_down, or with w_gate the
   SwiGLU form (silu(x W_gate) * x W_up) W_down. Rows past sum(group_sizes) are zero
   ("xla") or unspecified (kernels).
+
+  pairs: w_up_GxDxF is SwiGLU's up and gate weights interleaved, [G, D, 2F]
+  (groups.interleave_pairs), and w_gate_GxDxF is None: one MMA a K step.
 
   padded: return the kernels' output as they write it, [M + pad, D] with the pad rows
   unspecified, for a consumer that reads rows by index (the MoE combine): slicing it to
@@ -362,20 +378,24 @@ def grouped_mlp(x_MxD: jax.Array, group_sizes_G: jax.Array, w_up_GxDxF: jax.Arra
   """
   if impl not in IMPLS:
     raise ValueError(f"impl={impl!r}: use one of {IMPLS}")
+  if pairs and w_gate_GxDxF is not None:
+    raise ValueError("grouped_mlp: with pairs=True, w_up holds the gate too; pass no w_gate")
   _check_operands(x_MxD, w_up_GxDxF, group_sizes_G, w_gate_GxDxF, "grouped_mlp (up)")
   d, f = w_up_GxDxF.shape[1:]
+  f //= 2 if pairs else 1
   if w_down_GxFxD.shape != (w_up_GxDxF.shape[0], f, d):
     raise ValueError(f"grouped_mlp: w_down has shape {w_down_GxFxD.shape}; with w_up of "
-                     f"{w_up_GxDxF.shape} it must be {(w_up_GxDxF.shape[0], f, d)} [G, F, D]")
-  activation = "gelu" if w_gate_GxDxF is None else "swiglu"
+                     f"{w_up_GxDxF.shape}{' (pairs)' if pairs else ''} it must be "
+                     f"{(w_up_GxDxF.shape[0], f, d)} [G, F, D]")
+  activation = "swiglu_pairs" if pairs else "gelu" if w_gate_GxDxF is None else "swiglu"
   if blocks is None:
-    up, down = mlp_blocks(*w_up_GxDxF.shape[1:], swiglu=w_gate_GxDxF is not None)
+    up, down = mlp_blocks(d, f, swiglu=w_gate_GxDxF is not None, pairs=pairs)
   else:
     up, down = blocks if isinstance(blocks, tuple) else (blocks, blocks)
   if impl in ("pallas", "interpret"):
     m = x_MxD.shape[0]
-    d, f = w_up_GxDxF.shape[1:]
-    bad = _supports(d, d, f, up) or _supports(f, w_down_GxFxD.shape[1], d, down)
+    bad = (_supports(d, d, w_up_GxDxF.shape[2], up)
+           or _supports(f, w_down_GxFxD.shape[1], d, down))
     if bad:
       raise ValueError(f"grouped_mlp impl={impl!r}: {bad}; use impl='xla'.")
     interpret = impl == "interpret"

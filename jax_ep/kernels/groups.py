@@ -145,11 +145,25 @@ def silu(x):
 
 
 def activate(acc, gate, activation: str):
+  """The activation of a product's float32 accumulator `acc` ([..., N]); for "swiglu",
+  `gate` is the gate product's; for "swiglu_pairs", acc's columns interleave up and gate
+  (interleave_pairs) and the result has N / 2 columns."""
+  if activation == "swiglu_pairs":
+    up, gate = jax.lax.unstack(acc.reshape(*acc.shape[:-1], acc.shape[-1] // 2, 2), axis=-1)
+    return silu(gate) * up
   if activation == "gelu":
     return gelu_tanh(acc)
   if activation == "swiglu":
     return silu(gate) * acc
   return acc
+
+
+def interleave_pairs(w_up_GxKxF: jax.Array, w_gate_GxKxF: jax.Array) -> jax.Array:
+  """[G, K, 2F] whose column 2j is w_up's column j and 2j + 1 w_gate's: SwiGLU's two up
+  weights as one, so a column tile holds both halves of its outputs
+  (activation "swiglu_pairs")."""
+  g, k, f = w_up_GxKxF.shape
+  return jnp.stack([w_up_GxKxF, w_gate_GxKxF], axis=-1).reshape(g, k, 2 * f)
 
 
 def _next_pow2(n: int) -> int:
