@@ -193,22 +193,3 @@ def test_the_pairs_variants_tile_the_seed():
   # every variant but the repeated first is a different kernel
   assert len(seen) == len(decode_parts.PAIRS_VARIANTS) - 1
 
-
-def test_ptx_waits_counts_each_entrys_mmas_and_waits():
-  from benchmarks import ptx_waits
-
-  ptx = """
-.visible .entry grouped_matmul_gelu(
-  wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {...};
-  wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {...};
-  wgmma.wait_group.sync.aligned 1;
-  wgmma.wait_group.sync.aligned 0;
-}
-.visible .entry fusion_3(
-  mma.sync.aligned.m16n8k16 {...};
-}
-"""
-  got = {k: ptx_waits.count(v) for k, v in ptx_waits.entries(ptx).items()}
-  assert got == {"grouped_matmul_gelu": {"wgmma": 2, "waits_by_depth": {"0": 1, "1": 1},
-                                         "mma_sync": 0},
-                 "fusion_3": {"wgmma": 0, "waits_by_depth": {}, "mma_sync": 1}}

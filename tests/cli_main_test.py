@@ -19,14 +19,22 @@ FLAGS = ("deployment", "simulate_devices", "batch", "prompt_len", "skip_unfit", 
 
 
 def test_help_and_usage_errors():
-  (help_, command_help, train_help, usage, typo, bad_value, dry_run, unread, blocks,
+  (version, help_, command_help, train_help, usage, typo, bad_value, dry_run, unread, blocks,
    *required) = run_cases([
-      ["--help"], ["generate", "--help"], ["train", "-h"], ["frobnicate"], ["genrate"],
+      ["--version"], ["--help"], ["generate", "--help"], ["train", "-h"], ["frobnicate"],
+      ["genrate"],
       ["generate", "--batch=abc"],
       ["plan", "--dry_run"], ["plan", "--steps=3", "--kinds=single"],
       ["bench", "--expert_blocks=up.tail=16"],
       ["train"], ["import-hf", "--src=x"], ["export-hf", "--checkpoint=x"]])
+  import jax
+
+  import jax_ep
+  assert version["rc"] == 0, version
+  assert version["stdout"].startswith(f"jax-ep {jax_ep.__version__} (jax {jax.__version__}, ")
+  assert "flax " in version["stdout"] and "orbax-checkpoint " in version["stdout"]
   assert help_["rc"] == 0 and "generate   prefill prompts" in help_["stdout"]
+  assert "`jax-ep --version`" in help_["stdout"]
   gen = command_help["stdout"]
   assert command_help["rc"] == 0 and gen.startswith("jax-ep generate [--flags]")
   assert "--batch:" in gen and "--[no]dry_run:" in gen and "--simulate_devices:" in gen

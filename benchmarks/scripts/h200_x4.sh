@@ -5,8 +5,7 @@
 # rows: the GELU and SwiGLU expert MLPs on the seed step's own row sets (decode_parts.py);
 # warps: the same with 16 warps a program;
 # pairs: the SwiGLU MLP with its up product over two weights and over one interleaved
-#   weight (decode_parts.py --parts=pairs), then the MMA waits in each kernel's PTX
-#   (ptx_waits.py);
+#   weight (decode_parts.py --parts=pairs);
 # router: the seed's and seed_swiglu's steps with the model's router and with a diagnostic
 #   one that gives every expert the mean rows, alternating, twice (decode_parts.py):
 #   bash benchmarks/scripts/h200_x4.sh router COMMIT [STEPS [CONFIGS]] (--router_steps,
@@ -66,8 +65,6 @@ elif [ "$PART" = pairs ]; then
 step pairs 420 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 benchmarks/decode_parts.py --parts=pairs --row_sets=near128,seed_layer3,balanced \
   --out=$R/decode_parts_pairs.json
-step ptx_waits 150 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/ptx_waits.py --out=$R/ptx_waits.json
-grep -E "^(gelu|swiglu)" $R/ptx_waits.log >> $OUT/summary.txt
 elif [ "$PART" = router ]; then
 step router 560 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 benchmarks/decode_parts.py --parts=router_step \

@@ -10,6 +10,7 @@
   import-hf  Mixtral-format weights (config.json + *.safetensors) -> a checkpoint
   export-hf  a checkpoint -> Mixtral-format weights
 
+`jax-ep --version` prints jax-ep's version and those of jax, flax, optax and orbax.
 A thin shell: flags become configs once, here; the work is library calls.
 """
 
@@ -127,6 +128,24 @@ def _main(argv):
     _usage_error(str(e))
 
 
+def version_line() -> str:
+  """jax_ep's version and the versions of what it runs on, from the installed packages
+  (nothing is imported: jax does not start a backend for this)."""
+  from importlib import metadata
+
+  import jax_ep
+
+  def installed(name):
+    try:
+      return metadata.version(name)
+    except metadata.PackageNotFoundError:
+      return "not installed"
+
+  deps = ", ".join(f"{n} {installed(n)}" for n in ("jax", "jaxlib", "flax", "optax",
+                                                     "orbax-checkpoint"))
+  return f"jax-ep {jax_ep.__version__} ({deps})"
+
+
 def run():
   """Console-script entry point (and `python -m jax_ep`'s)."""
   from jax_ep.config import ConfigError
@@ -135,6 +154,9 @@ def run():
     print(f"jax-ep: --config and --deployment name jax-ep's presets ({presets.OWN_INIT}), "
           f"not the 'configs' package at {presets.DISPLACED} that comes first on the path.",
           file=sys.stderr)
+  if sys.argv[1:] in (["--version"], ["-V"]):
+    print(version_line())
+    sys.exit(0)
   if any(a in HELP_FLAGS for a in sys.argv[1:]):
     commands = [a for a in sys.argv[1:] if a in COMMANDS]
     print_help(commands[0] if len(commands) == 1 else None)
