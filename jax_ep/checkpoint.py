@@ -31,6 +31,7 @@ import jax_ep
 from jax_ep import params as param_layouts
 from jax_ep import sharding
 from jax_ep.config import ConfigError, ModelConfig
+from jax_ep.kernels import groups
 from jax_ep.model import Transformer
 
 FORMAT = 1
@@ -38,6 +39,9 @@ FORMAT = 1
 # a checkpoint that holds the old names is read under them and renamed.
 RENAMED = {"wq_DxHxK": "wq_DxHxDh", "wk_DxHxK": "wk_DxHxDh", "wv_DxHxK": "wv_DxHxDh",
            "wo_HxKxD": "wo_HxDhxD"}
+# SwiGLU's up and gate weights, saved apart before they were stored interleaved as one
+# (kernels/groups.interleave_pairs): read apart and interleaved where the target lies.
+PAIRED = {"w_up_gate_ExDx2F": ("w_up_ExDxF", "w_gate_ExDxF")}
 PARAMS, OPT_STATE, META = "params", "opt_state", "meta"
 # Fields that may differ between the saved model and the one restoring it: the KV
 # cache's length is the server's choice, not the weights'.
@@ -246,8 +250,9 @@ class Checkpointer:
     old_names = {new: old for old, new in RENAMED.items()}
     renamed = {name for name in targets if name in meta["arrays"] and any(
         key.rsplit("/", 1)[-1] in RENAMED for key in meta["arrays"][name])}
-    targets = {name: _rename(t, old_names) if name in renamed else t
-               for name, t in targets.items()}
+    wanted = targets
+    targets = {name: _unpair(_rename(t, old_names) if name in renamed else t,
+                             set(meta["arrays"].get(name, ()))) for name, t in targets.items()}
     for name, target in targets.items():
       if name not in meta["arrays"]:
         raise ConfigError(f"{where} holds no {name!r} item (it has "
@@ -267,7 +272,7 @@ class Checkpointer:
         raise ConfigError(f"{where} is corrupt: {name} array(s) {', '.join(bad[:4])}"
                           f"{' ...' if len(bad) > 4 else ''} do not hold what was saved "
                           "(fingerprint mismatch).")
-    return {name: _rename(tree, RENAMED) if name in renamed else tree
+    return {name: _pair(_rename(tree, RENAMED) if name in renamed else tree, wanted[name])
             for name, tree in restored.items()}
 
 
@@ -276,6 +281,39 @@ def _rename(tree, names: dict[str, str]):
   if isinstance(tree, dict):
     return {names.get(k, k): _rename(v, names) for k, v in tree.items()}
   return tree
+
+
+def _unpair(target, saved: set[str], prefix: str = ""):
+  """`target` with each PAIRED leaf that the checkpoint (array keys `saved`) holds as its
+  two halves replaced by them: [..., F] each, sharded as the leaf."""
+  if not isinstance(target, dict):
+    return target
+  out = {}
+  for k, t in target.items():
+    olds = PAIRED.get(k, ())
+    if olds and prefix + k not in saved and all(prefix + old in saved for old in olds):
+      half = jax.ShapeDtypeStruct((*t.shape[:-1], t.shape[-1] // 2), t.dtype,
+                                  sharding=getattr(t, "sharding", None))
+      out.update(dict.fromkeys(olds, half))
+    else:
+      out[k] = _unpair(t, saved, f"{prefix}{k}/")
+  return out
+
+
+def _pair(tree, target):
+  """_unpair's inverse on what was restored: each pair interleaved into `target`'s leaf,
+  on the devices of its sharding (each holds the columns of its F slice: a local op)."""
+  if not isinstance(target, dict):
+    return tree
+  out = {}
+  for k, t in target.items():
+    if k in PAIRED and k not in tree:
+      up, gate = (tree[old] for old in PAIRED[k])
+      out[k] = jax.jit(groups.interleave_pairs,
+                       out_shardings=getattr(t, "sharding", None))(up, gate)
+    else:
+      out[k] = _pair(tree[k], t)
+  return out
 
 
 def _short(e: Exception) -> str:

@@ -228,8 +228,8 @@ class DeploymentConfig:
       raise ConfigError(f"mlp_dim={model.mlp_dim} is not divisible by tp={self.tp}.")
     f = model.mlp_dim // self.tp if self.placement == "tp" else model.mlp_dim
     try:
-      grouped_matmul.mlp_blocks(model.model_dim, f, model.mlp_kind == "swiglu",
-                                self.expert_blocks)
+      swiglu = model.mlp_kind == "swiglu"
+      grouped_matmul.mlp_blocks(model.model_dim, f, swiglu, self.expert_blocks, pairs=swiglu)
     except ValueError as e:
       raise ConfigError(f"DeploymentConfig.expert_blocks={self.expert_blocks!r}: {e}.") from None
     shards = self.expert * self.tp

@@ -168,12 +168,12 @@ def kernels(par: Parallel) -> str:
   return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
-def expert_impl(par: Parallel, d: int, f: int, swiglu: bool) -> str:
+def expert_impl(par: Parallel, d: int, f: int, swiglu: bool, pairs: bool = False) -> str:
   """kernels(par) for the expert MLP, falling back to XLA under "auto" when the kernel
   cannot tile D x F (grouped_matmul.mlp_supports); an explicit choice is kept."""
   impl = kernels(par)
   if par.kernels == "auto" and impl == "pallas" and grouped_matmul.mlp_supports(
-      d, f, swiglu, par.expert_blocks):
+      d, f, swiglu, par.expert_blocks, pairs):
     return "xla"
   return impl
 
@@ -188,8 +188,8 @@ def combine(y_RxD_, slot_TxK, weights_TxK, par: Parallel, dtype, rows: int):
   return routing.combine(y_RxD_[:rows], slot_TxK, weights_TxK).astype(dtype)
 
 
-def moe(x_TxD_, w_router_DxE, w_up_ExDxF_, w_down_ExFxD_, w_gate_ExDxF_, *, top_k: int,
-        par: Parallel, active=True) -> tuple[jax.Array, MoEStats]:
+def moe(x_TxD_, w_router_DxE, w_in_ExDxN_, w_down_ExFxD_, *, top_k: int, par: Parallel,
+        pairs: bool = False, active=True) -> tuple[jax.Array, MoEStats]:
   """Routes this device's tokens to their experts wherever they live, and back.
 
   gate -> pack a static [P, W, D] buffer by destination device (routing.py) ->
@@ -205,7 +205,9 @@ def moe(x_TxD_, w_router_DxE, w_up_ExDxF_, w_down_ExFxD_, w_gate_ExDxF_, *, top_
   Args:
     x_TxD_: this device's tokens (replicated over tp).
     w_router_DxE: the whole router (every device routes its own tokens).
-    w_*_Ex.._: this device's experts; with `ffn_over_tp`, F is this device's slice.
+    w_in_ExDxN_, w_down_ExFxD_: this device's experts; with `ffn_over_tp`, F is this
+      device's slice. w_in is the GELU MLP's up weight [El, D, F] or, with `pairs`,
+      SwiGLU's up and gate weights interleaved [El, D, 2F] (groups.interleave_pairs).
     active: False in a pipeline bubble: the tokens are stand-ins; they take no rows,
       so the expert kernel skips them, and count no load.
   """
@@ -242,15 +244,15 @@ def moe(x_TxD_, w_router_DxE, w_up_ExDxF_, w_down_ExFxD_, w_gate_ExDxF_, *, top_
     else:  # the buffer is already one run per expert, nothing after the runs
       x_RxD_, group_sizes = recv_, recv_PxEl[0]
     # Balanced, a device receives as many rows as it sends picks (tokens x K).
-    f, swiglu = w_up_ExDxF_.shape[2], w_gate_ExDxF_ is not None
+    f = w_down_ExFxD_.shape[1]
     # With no exchange back, the combine reads the kernels' padded output in place (no
     # copy of a slice between the two kernels).
     in_place = p == 1 and not par.ffn_over_tp
     y_RxD_ = grouped_matmul.grouped_mlp(
-        x_RxD_, group_sizes, w_up_ExDxF_, w_down_ExFxD_, w_gate_ExDxF_,
-        impl=expert_impl(par, dim, f, swiglu),
-        blocks=grouped_matmul.mlp_blocks(dim, f, swiglu, par.expert_blocks),
-        expected_rows=tokens * top_k, padded=in_place)
+        x_RxD_, group_sizes, w_in_ExDxN_, w_down_ExFxD_,
+        impl=expert_impl(par, dim, f, pairs, pairs),
+        blocks=grouped_matmul.mlp_blocks(dim, f, pairs, par.expert_blocks, pairs=pairs),
+        expected_rows=tokens * top_k, padded=in_place, pairs=pairs)
     if par.ffn_over_tp:
       y_RxD_ = jax.lax.psum(y_RxD_, TP)
     if p > 1:

@@ -25,6 +25,7 @@ from safetensors.numpy import save_file
 
 from jax_ep import checkpoint
 from jax_ep.config import ConfigError, ModelConfig
+from jax_ep.kernels import groups
 
 # transformers' MixtralConfig defaults: what a config.json that leaves a field out means.
 DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
@@ -37,9 +38,12 @@ TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float1
 # Tensors in some checkpoints that are recomputed, not weights.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
-# HF tensor name -> (canonical path, how the HF matrix maps to the jax_ep array).
+# HF tensor name -> (canonical path, how the HF matrix maps to the jax_ep array[, its
+# columns of the leaf]).
 #   "same": identical; "t": transposed; "in": [H*Dh, D] <-> [D, H, Dh]; "out": [D, H*Dh]
 #   <-> [H, Dh, D]. {i}: layer (the canonical leaf's L axis), {j}: expert (its E axis).
+#   The experts' w1 (gate) and w3 (up) are the odd and even columns of one interleaved
+#   [D, 2F] weight (kernels/groups.interleave_pairs).
 _LAYER = "model.layers.{i}."
 _EXPERT = _LAYER + "block_sparse_moe.experts.{j}."
 MAPPING = (
@@ -53,8 +57,8 @@ MAPPING = (
     (_LAYER + "self_attn.o_proj.weight", "layers/attn/wo_HxDhxD", "out"),
     (_LAYER + "post_attention_layernorm.weight", "layers/moe_norm/scale_D", "same"),
     (_LAYER + "block_sparse_moe.gate.weight", "layers/moe/w_router_DxE", "t"),
-    (_EXPERT + "w1.weight", "layers/moe/w_gate_ExDxF", "t"),
-    (_EXPERT + "w3.weight", "layers/moe/w_up_ExDxF", "t"),
+    (_EXPERT + "w1.weight", "layers/moe/w_up_gate_ExDx2F", "t", groups.GATE_COLUMNS),
+    (_EXPERT + "w3.weight", "layers/moe/w_up_gate_ExDx2F", "t", groups.UP_COLUMNS),
     (_EXPERT + "w2.weight", "layers/moe/w_down_ExFxD", "t"),
 )
 
@@ -131,11 +135,11 @@ def config_to_hf(cfg: ModelConfig, base: dict | None = None) -> dict:
 
 def _names(cfg: ModelConfig):
   """(HF name, canonical path, transform, index into the canonical leaf) for every tensor."""
-  for name, path, how in MAPPING:
+  for name, path, how, *columns in MAPPING:
     if "{j}" in name:
       for i in range(cfg.num_layers):
         for j in range(cfg.num_experts):
-          yield name.format(i=i, j=j), path, how, (i, j)
+          yield name.format(i=i, j=j), path, how, (i, j, ..., *columns)
     elif "{i}" in name:
       for i in range(cfg.num_layers):
         yield name.format(i=i), path, how, (i,)
@@ -227,7 +231,7 @@ def load(src: str) -> tuple[ModelConfig, dict, dict]:
     for name, path, how, index in wanted:
       w = handles[files[name]].get_tensor(name)
       dest = leaves[path]
-      shape = dest.shape[len(index):]
+      shape = dest[index].shape
       if tuple(w.shape) != _hf_shape(shape, how):
         raise ConfigError(f"{src}: {name} is {list(w.shape)}, the config implies "
                           f"{list(_hf_shape(shape, how))}.")

@@ -111,6 +111,12 @@ def _span(index: tuple[slice, ...], dim: int, size: int) -> range:
   return range(*index[dim].indices(size)[:2])
 
 
+def _mlp_span(index: tuple[slice, ...], size: int, pairs: bool) -> range:
+  """The MLP features F a device's up weight holds (with pairs, 2F columns: 2 a feature)."""
+  span = _span(index, 3, size)
+  return range(span.start // 2, span.stop // 2) if pairs else span
+
+
 def _leaf(params, *path):
   node = params
   for key in path:
@@ -125,7 +131,9 @@ def device_shares(engine: Engine, params) -> list[DeviceShare]:
   `params` are in the engine's layout (Engine.init_params or Engine.place_params).
   """
   coords = {d.id: tuple(int(i) for i in idx) for idx, d in np.ndenumerate(engine.mesh.devices)}
-  up = _leaf(params, "layers", 0, "moe", "w_up_ExDxF")  # [stages, E, D, F]
+  moe = params["layers"][0]["moe"]
+  pairs = "w_up_gate_ExDx2F" in moe  # SwiGLU: [stages, E, D, 2F], F's pairs interleaved
+  up = _leaf(moe, "w_up_gate_ExDx2F" if pairs else "w_up_ExDxF")  # [stages, E, D, F]
   wq = _leaf(params, "layers", 0, "attn", "wq_DxHxDh")  # [stages, D, H, Dh]
   unembed = _leaf(params, "unembed_DxV")
   nbytes = bytes_per_device(params)
@@ -138,7 +146,7 @@ def device_shares(engine: Engine, params) -> list[DeviceShare]:
     rows.append(DeviceShare(
         device=device.id, stage=coords[device.id][0], expert=coords[device.id][1],
         tp=coords[device.id][2], layers=tuple(range(stage * local, (stage + 1) * local)),
-        experts=_span(up_i, 1, up.shape[1]), mlp=_span(up_i, 3, up.shape[3]),
+        experts=_span(up_i, 1, up.shape[1]), mlp=_mlp_span(up_i, up.shape[3], pairs),
         heads=_span(wq_i, 2, wq.shape[2]), vocab=_span(un_i, 1, unembed.shape[1]),
         param_bytes=nbytes.get(device.id, 0)))
   return rows

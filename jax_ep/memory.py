@@ -155,7 +155,8 @@ class WorkingSet:
 def _kernel_impl(dep: DeploymentConfig, platform: str, d: int, f: int, swiglu: bool) -> str:
   if dep.kernels != "auto":
     return dep.kernels
-  if platform == "cpu" or grouped_matmul.mlp_supports(d, f, swiglu, dep.expert_blocks):
+  if platform == "cpu" or grouped_matmul.mlp_supports(d, f, swiglu, dep.expert_blocks,
+                                                      pairs=swiglu):
     return "xla"
   return "pallas"
 
@@ -188,16 +189,16 @@ def _phase(cfg: ModelConfig, dep: DeploymentConfig, rows: int, positions: int, l
   exchange = 5 * r * d * b + picks * d * 4  # send, recv, compacted, out, back; picks f32
   swiglu = cfg.mlp_kind == "swiglu"
   impl = _kernel_impl(dep, platform, d, f, swiglu)
-  gates = 2 if swiglu else 1
+  gates = 2 if swiglu else 1  # SwiGLU's up weight is [D, 2F]: up and gate interleaved
   if impl == "xla":
     # ragged_dot: XLA expands it to a masked dense product over the local experts
     # (float32 [El, R, F] before the masked sum; kernels/grouped_matmul.py), then the
     # activation in float32 and the cast; the down product likewise over [El, R, D].
-    kernel = e_local * r * (f + d) * 4 + r * f * (gates * 4 + 4 + b)
+    kernel = e_local * r * (gates * f + d) * 4 + r * f * (gates * 4 + 4 + b)
   else:  # the hidden stays padded between the two products; split-K partials in float32
-    up, down = grouped_matmul.mlp_blocks(d, f, swiglu, dep.expert_blocks)
+    up, down = grouped_matmul.mlp_blocks(d, f, swiglu, dep.expert_blocks, pairs=swiglu)
     pad = r + max(up.block_m, down.block_m)
-    split_up = grouped_matmul.split_for(picks, (e_local, d, f), up)
+    split_up = grouped_matmul.split_for(picks, (e_local, d, gates * f), up)
     split_down = grouped_matmul.split_for(picks, (e_local, f, d), down)
     kernel = pad * f * b + (split_up * pad * f * 4 * gates if split_up > 1 else 0) + (
         split_down * pad * d * 4 if split_down > 1 else 0) + pad * d * b

@@ -119,21 +119,26 @@ class Attention(nnx.Module):
 
 
 class MoEBlock(nnx.Module):
-  """Router (float32), top-k gate and experts stored stacked as [E, D, F] / [E, F, D]."""
+  """Router (float32), top-k gate and experts stored stacked: GELU's up weight as
+  [E, D, F], SwiGLU's up and gate weights as one [E, D, 2F] whose column 2j is up's column
+  j and 2j + 1 gate's (groups.interleave_pairs: the expert kernel's one MMA a K step);
+  the down weight [E, F, D]."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     d, f, e, dt = cfg.model_dim, cfg.mlp_dim, cfg.num_experts, cfg.jnp_dtype
     self.w_router_DxE = nnx.Param(_normal(rngs, (d, e), d, jnp.float32))
-    self.w_up_ExDxF = nnx.Param(_normal(rngs, (e, d, f), d, dt))
-    self.w_down_ExFxD = nnx.Param(_normal(rngs, (e, f, d), f, dt))
     if cfg.mlp_kind == "swiglu":
-      self.w_gate_ExDxF = nnx.Param(_normal(rngs, (e, d, f), d, dt))
+      self.w_up_gate_ExDx2F = nnx.Param(_normal(rngs, (e, d, 2 * f), d, dt))
+    else:
+      self.w_up_ExDxF = nnx.Param(_normal(rngs, (e, d, f), d, dt))
+    self.w_down_ExFxD = nnx.Param(_normal(rngs, (e, f, d), f, dt))
     self.top_k = cfg.top_k
 
   def __call__(self, x_TxD, par: ep.Parallel, active=True):
-    gate = getattr(self, "w_gate_ExDxF", None)
-    return ep.moe(x_TxD, self.w_router_DxE[...], self.w_up_ExDxF[...], self.w_down_ExFxD[...],
-                  None if gate is None else gate[...], top_k=self.top_k, par=par, active=active)
+    pairs = hasattr(self, "w_up_gate_ExDx2F")
+    w_in = self.w_up_gate_ExDx2F if pairs else self.w_up_ExDxF
+    return ep.moe(x_TxD, self.w_router_DxE[...], w_in[...], self.w_down_ExFxD[...],
+                  top_k=self.top_k, par=par, pairs=pairs, active=active)
 
 
 class DecoderLayer(nnx.Module):

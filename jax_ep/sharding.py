@@ -29,7 +29,7 @@ class ShardingTable:
   attn_in_LxDxHxDh: P  # wq, wk, wv
   attn_out_LxHxDhxD: P  # wo
   router_LxDxE: P
-  expert_in_LxExDxF: P  # w_up, w_gate
+  expert_in_LxExDxF: P  # w_up (GELU) or w_up_gate (SwiGLU, [L, E, D, 2F])
   expert_out_LxExFxD: P  # w_down
   # activations and state
   tokens_BxT: P
@@ -72,7 +72,7 @@ _PARAM_FIELD = {
     "wo_HxDhxD": "attn_out_LxHxDhxD",
     "w_router_DxE": "router_LxDxE",
     "w_up_ExDxF": "expert_in_LxExDxF",
-    "w_gate_ExDxF": "expert_in_LxExDxF",
+    "w_up_gate_ExDx2F": "expert_in_LxExDxF",  # F's slice over tp: its pairs, whole
     "w_down_ExFxD": "expert_out_LxExFxD",
 }
 

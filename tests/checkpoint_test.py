@@ -115,6 +115,26 @@ def test_checkpoint_with_the_old_head_dim_names_is_read_and_renamed(tmp_path):
   assert not any(k.rsplit("/", 1)[-1] in checkpoint.RENAMED for k in checkpoint.describe(got))
 
 
+def test_swiglu_checkpoint_with_up_and_gate_apart_is_read_interleaved(tmp_path):
+  # Written before SwiGLU's up and gate became one interleaved weight: w_up and w_gate.
+  cfg = dataclasses.replace(load_model("tiny"), mlp_kind="swiglu")
+  _, params, _ = checkpoint.restore_canonical(_saved_canonical(cfg, tmp_path / "new"))
+  old = checkpoint.as_numpy(params)
+  moe = old["layers"]["moe"]
+  w = moe.pop("w_up_gate_ExDx2F")
+  moe["w_up_ExDxF"], moe["w_gate_ExDxF"] = w[..., 0::2], w[..., 1::2]
+  checkpoint.save_canonical(str(tmp_path / "old"), cfg, old)
+  _, got, _ = checkpoint.restore_canonical(str(tmp_path / "old"))
+  assert _equal(got, params)
+  # Into the shards of a deployment that splits each expert's F over tp: the same.
+  engine = Engine(cfg, TP2)
+  placed = checkpoint.restore(str(tmp_path / "old"), engine)
+  assert _equal(placed, engine.place_params(checkpoint.to_state(cfg, params)))
+  for leaf, want in zip(jax.tree.leaves(placed), jax.tree.leaves(engine.param_shardings),
+                        strict=True):
+    assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
+
+
 def _saved_canonical(cfg, path):
   engine = Engine(cfg, PRESETS["single"])
   checkpoint.save(str(path), engine, engine.init_params(5))

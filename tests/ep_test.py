@@ -12,6 +12,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 from jax_ep import ep, experts, routing, sampling
 from jax_ep.config import DeploymentConfig
+from jax_ep.kernels import groups
 from jax_ep.mesh import make_mesh
 
 T, E, K, D, F = 24, 8, 2, 16, 32
@@ -33,8 +34,15 @@ def _reference(x, router, up, down, gate):
 
 
 @functools.cache
-def _moe_one_device(par: ep.Parallel, active=True):
-  return jax.jit(functools.partial(ep.moe, top_k=K, par=par, active=active))
+def _moe_one_device(par: ep.Parallel, active=True, pairs=False):
+  return jax.jit(functools.partial(ep.moe, top_k=K, par=par, pairs=pairs, active=active))
+
+
+def _moe(par, x, router, up, down, gate, active=True):
+  """ep.moe on one device; SwiGLU's up and gate go in interleaved, as the model holds them."""
+  pairs = gate is not None
+  w_in = groups.interleave_pairs(up, gate) if pairs else up
+  return _moe_one_device(par, active, pairs)(x, router, w_in, down)
 
 
 def _np_load(x, router):
@@ -48,7 +56,7 @@ def _np_load(x, router):
 @pytest.mark.parametrize("kernels", ["xla", "interpret"])
 def test_moe_one_device_equals_dense_reference(mlp_kind, kernels):
   x, router, up, down, gate = _weights(mlp_kind)
-  y, stats = _moe_one_device(ep.Parallel(kernels=kernels))(x, router, up, down, gate)
+  y, stats = _moe(ep.Parallel(kernels=kernels), x, router, up, down, gate)
   assert y.shape == (T, D) and y.dtype == x.dtype
   assert_allclose(y, _reference(x, router, up, down, gate), rtol=1e-5, atol=1e-5)
   assert_array_equal(stats.load_E, _np_load(x, router))
@@ -59,7 +67,7 @@ def test_dropless_whatever_the_skew():
   # All-zero router: every token picks experts 0 and 1. Dropless still serves every pick.
   x, router, up, down, _ = _weights(zero_router=True)
   for kernels in ("xla", "interpret"):
-    y, stats = _moe_one_device(ep.Parallel(kernels=kernels))(x, router, up, down, None)
+    y, stats = _moe(ep.Parallel(kernels=kernels), x, router, up, down, None)
     assert_allclose(y, _reference(x, router, up, down, None), rtol=1e-5, atol=1e-5)
     assert_array_equal(stats.load_E, [T, T, 0, 0, 0, 0, 0, 0])
     assert int(stats.dropped) == 0
@@ -71,7 +79,7 @@ def test_dropping_hand_counted():
   x, router, up, down, _ = _weights(zero_router=True)
   par = ep.Parallel(capacity_factor=0.25, dropless=False)
   assert routing.rows_per_destination(T, K, E, 1, 0.25, False) == 12
-  y, stats = _moe_one_device(par)(x, router, up, down, None)
+  y, stats = _moe(par, x, router, up, down, None)
   assert int(stats.dropped) == 2 * T - 12
   assert_array_equal(stats.load_E, [T, T, 0, 0, 0, 0, 0, 0])
   full = _reference(x, router, up, down, None)
@@ -89,8 +97,7 @@ def test_expert_blocks_reach_the_kernel_and_keep_the_function(monkeypatch, mlp_k
                       lambda *a, **k: seen.append(a[6]) or pallas(*a, **k))
   x, router, up, down, gate = _weights(mlp_kind, zero_router=True)
   spec = "block_m=16,block_n=16,block_k=16,up.tail_m=8,up.last_m=0,down.tail_m=0,down.last_m=8"
-  y, _ = _moe_one_device(ep.Parallel(kernels="interpret", expert_blocks=spec))(
-      x, router, up, down, gate)
+  y, _ = _moe(ep.Parallel(kernels="interpret", expert_blocks=spec), x, router, up, down, gate)
   assert_allclose(y, _reference(x, router, up, down, gate), rtol=1e-5, atol=1e-5)
   assert [(b.block_m, b.block_n, b.tail_m, b.last_m) for b in seen] == [(16, 16, 8, 0),
                                                                         (16, 16, 0, 8)]
@@ -98,15 +105,14 @@ def test_expert_blocks_reach_the_kernel_and_keep_the_function(monkeypatch, mlp_k
 
 def test_inactive_tokens_are_not_counted_and_get_nothing():
   x, router, up, down, _ = _weights()
-  y, stats = _moe_one_device(ep.Parallel(kernels="interpret"), active=False)(
-      x, router, up, down, None)
+  y, stats = _moe(ep.Parallel(kernels="interpret"), x, router, up, down, None, active=False)
   assert int(stats.load_E.sum()) == 0 and int(stats.dropped) == 0
   assert_allclose(y, 0.0)  # a bubble's tokens take no rows: the experts skip them
 
 
 def test_compiled_moe_has_no_conditional_or_loop():
   x, router, up, down, _ = _weights()
-  hlo = _moe_one_device(ep.Parallel()).lower(x, router, up, down, None).compile().as_text()
+  hlo = _moe_one_device(ep.Parallel()).lower(x, router, up, down).compile().as_text()
   assert " conditional(" not in hlo and " while(" not in hlo
 
 
@@ -114,7 +120,7 @@ def test_compiled_moe_has_no_conditional_or_loop():
 
 
 @functools.cache
-def _moe_sharded(dep: DeploymentConfig):
+def _moe_sharded(dep: DeploymentConfig, pairs=False):
   """ep.moe in shard_map: tokens split over expert (replicated over tp), experts sharded."""
   par = ep.Parallel.of(dep)
   mesh = make_mesh(dep)
@@ -124,7 +130,7 @@ def _moe_sharded(dep: DeploymentConfig):
     w_in, w_out = P("expert", None, "tp"), P("expert", "tp", None)
 
   def f(x_, router, up_, down_):
-    y_, stats = ep.moe(x_, router, up_, down_, None, top_k=K, par=par)
+    y_, stats = ep.moe(x_, router, up_, down_, top_k=K, par=par, pairs=pairs)
     return y_, ep.psum_batch(stats.load_E, par), ep.psum_batch(stats.dropped, par)
 
   return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("expert"), P(), w_in, w_out),
@@ -142,6 +148,17 @@ def test_moe_sharded_equals_dense_reference(placement, per_device):
   assert_allclose(y, _reference(x, router, up, down, None), rtol=1e-5, atol=1e-5)
   assert_array_equal(load, _np_load(x, router))  # every pick counted once
   assert int(dropped) == 0
+
+
+@pytest.mark.parametrize("placement", ["ep", "tp"])
+def test_moe_sharded_swiglu_pairs_equal_dense_reference(placement):
+  # placement "tp": each tp rank holds the 2F / 2 interleaved columns of its F / 2 pairs.
+  dep = DeploymentConfig(kind="proposed", expert=4, tp=2, placement=placement,
+                         kernels="interpret")
+  x, router, up, down, gate = _weights("swiglu", tokens=16, seed=5)
+  y, load, _ = _moe_sharded(dep, pairs=True)(x, router, groups.interleave_pairs(up, gate), down)
+  assert_allclose(y, _reference(x, router, up, down, gate), rtol=1e-5, atol=1e-5)
+  assert_array_equal(load, _np_load(x, router))
 
 
 def test_moe_sharded_all_to_one_is_dropless_and_the_kernel_agrees():
@@ -224,4 +241,5 @@ def test_auto_kernels_fall_back_to_xla_for_shapes_the_kernel_cannot_tile(monkeyp
   for swiglu in (False, True):
     assert ep.expert_impl(auto, 8192, 32768, swiglu) == "pallas"
     assert ep.expert_impl(auto, 60, 128, swiglu) == "xla"  # D = 60: no block_k divides it
+    assert ep.expert_impl(auto, 8192, 32768, swiglu, pairs=swiglu) == "pallas"
   assert ep.expert_impl(ep.Parallel(kernels="pallas"), 60, 128, False) == "pallas"  # asked for

@@ -167,6 +167,8 @@ def test_interleaved_pairs_equal_the_dense_swiglu(name):
   assert w.shape == (G, D, 2 * F)
   np.testing.assert_array_equal(w[:, :, 0::2], up)
   np.testing.assert_array_equal(w[:, :, 1::2], gate)
+  for a, b in zip(groups.split_pairs(w), (up, gate), strict=True):
+    np.testing.assert_array_equal(a, b)
   want = _dense(x, sizes, up, down, gate)[:sum(sizes)]
   xla = gm.grouped_mlp(x, gs, w, down, impl="xla", pairs=True)
   assert xla.shape == (M, D)

@@ -118,3 +118,18 @@ def test_blocks_that_cannot_launch_or_fit_are_refused():
   assert groups.smem_error(groups.SWIGLU_UP_BLOCKS, weights=2) is None
   why = groups.smem_error(groups.Blocks(block_k=128), weights=1)
   assert "take 384 KiB of shared memory, over the 227 KiB" in why
+
+
+def test_pairs_interleave_any_leading_axes_and_slice_over_tp_whole():
+  up, gate = (jax.random.normal(jax.random.PRNGKey(i), (2, 3, 4, 6)) for i in (0, 1))
+  w = groups.interleave_pairs(up, gate)  # the model's [L, E, D, 2F]
+  assert w.shape == (2, 3, 4, 12)
+  np.testing.assert_array_equal(w[..., 4], up[..., 2])
+  np.testing.assert_array_equal(w[..., 5], gate[..., 2])
+  for a, b in zip(groups.split_pairs(w), (up, gate), strict=True):
+    np.testing.assert_array_equal(a, b)
+  # tp rank r of 2 holds columns r*6:(r+1)*6 of 2F: the pairs of F's slice r*3:(r+1)*3.
+  for r in range(2):
+    np.testing.assert_array_equal(
+        w[..., r * 6:(r + 1) * 6],
+        groups.interleave_pairs(up[..., r * 3:(r + 1) * 3], gate[..., r * 3:(r + 1) * 3]))

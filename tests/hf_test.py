@@ -170,7 +170,7 @@ def test_bfloat16_weights_keep_their_bits_and_the_router_is_float32(tmp_path):
   assert cfg.dtype == "bfloat16"
   _, params, _ = checkpoint.restore_canonical(str(tmp_path / "ckpt"))
   assert params["layers"]["moe"]["w_router_DxE"].dtype == jnp.float32
-  assert params["layers"]["moe"]["w_up_ExDxF"].dtype == jnp.bfloat16
+  assert params["layers"]["moe"]["w_up_gate_ExDx2F"].dtype == jnp.bfloat16
   hf.export_hf(str(tmp_path / "ckpt"), str(tmp_path / "out"))
   exported = _read(str(tmp_path / "out"))
   for name, t in tensors.items():

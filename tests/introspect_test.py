@@ -1,6 +1,7 @@
 """Tests for jax_ep/introspect.py: collectives read from HLO text, what each device holds."""
 
 import collections
+import dataclasses
 import functools
 import math
 
@@ -78,6 +79,16 @@ def test_device_shares_cover_the_model_once_per_replica(name):
     for shard in leaf.addressable_shards:
       want[shard.device.id] += 4 * math.prod(shard.data.shape)
   assert {s.device: s.param_bytes for s in shares} == want
+
+
+def test_swiglu_shares_split_the_mlp_features_over_tp():
+  # SwiGLU's up weight holds F's (up, gate) pairs as 2F columns: a tp rank holds F / tp.
+  cfg = dataclasses.replace(CFG, mlp_kind="swiglu")
+  dep = dataclasses.replace(deployments.PRESETS["proposed_4"], tp=2, placement="tp")
+  engine = Engine(cfg, dep)
+  shares = introspect.device_shares(engine, engine.init_params(0))
+  half = cfg.mlp_dim // 2
+  assert {(s.tp, s.mlp) for s in shares} == {(0, range(0, half)), (1, range(half, 2 * half))}
 
 
 def test_format_shares_one_row_per_device():

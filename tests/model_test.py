@@ -13,9 +13,10 @@ from flax import nnx
 from numpy.testing import assert_allclose, assert_array_equal
 
 from configs import seed, seed_e64, tiny
-from jax_ep import ep
+from jax_ep import ep, experts
+from jax_ep.kernels import groups
 from jax_ep.kv_cache import KVCache
-from jax_ep.model import Transformer, rope
+from jax_ep.model import MoEBlock, Transformer, rope
 from tests import reference
 
 TINY = tiny.get_config()
@@ -66,10 +67,12 @@ def test_seed_e64_model_bytes():
   assert nbytes == 278_107_668_480  # experts alone: 4 x 64 x 2 x 8192 x 32768 x 2 = 274.9 GB
 
 
-def test_swiglu_adds_a_gate_matrix():
+def test_swiglu_stores_up_and_gate_as_one_interleaved_weight():
   params = _abstract_params(dataclasses.replace(seed.get_config(), mlp_kind="swiglu"))
-  assert params["['layers']['moe']['w_gate_ExDxF'].value"].shape == (4, 16, 8192, 32768)
-  assert "['layers']['moe']['w_gate_ExDxF'].value" not in _abstract_params(seed.get_config())
+  assert params["['layers']['moe']['w_up_gate_ExDx2F'].value"].shape == (4, 16, 8192, 65536)
+  assert not any("w_up_ExDxF" in k or "w_gate" in k for k in params)
+  assert "['layers']['moe']['w_up_gate_ExDx2F'].value" not in _abstract_params(
+      seed.get_config())
 
 
 # --- the tiny model, on one device ----------------------------------------------------------
@@ -210,9 +213,23 @@ def test_swiglu_gate_is_used(tokens):
   m = _model("swiglu")
   base, _, _ = m.full(tokens)
   doubled = jax.tree_util.tree_map_with_path(
-      lambda path, a: 2 * a if "w_gate" in jax.tree_util.keystr(path) else a, m.params)
+      lambda path, a: a.at[..., 1::2].multiply(2) if "w_up_gate" in jax.tree_util.keystr(path)
+      else a, m.params)  # the gate's columns only
   logits, _, _ = m.call(doubled, tokens, KVCache.zeros(m.cfg, B, L), jnp.int32(0))
   assert not np.allclose(logits, base, atol=1e-4)
+
+
+def test_swiglu_block_reads_even_columns_as_up_and_odd_as_gate():
+  cfg = dataclasses.replace(TINY, mlp_kind="swiglu")
+  block = MoEBlock(cfg, nnx.Rngs(3))
+  x = jax.random.normal(jax.random.PRNGKey(4), (6, cfg.model_dim))
+  y, _ = block(x, ep.Parallel())
+  up, gate = groups.split_pairs(block.w_up_gate_ExDx2F[...])
+  args = x, block.w_router_DxE[...]
+  want = experts.dense_moe_reference(*args, up, block.w_down_ExFxD[...], cfg.top_k, gate)
+  assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  swapped = experts.dense_moe_reference(*args, gate, block.w_down_ExFxD[...], cfg.top_k, up)
+  assert not np.allclose(y, swapped, atol=1e-3)
 
 
 # --- rotary positions -----------------------------------------------------------------------

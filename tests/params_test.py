@@ -73,7 +73,7 @@ def test_place_params_round_trip_and_wrong_model():
   with pytest.raises(ConfigError, match=r"w_down_ExFxD.*float32\[4, 16, 128, 64\].*needs "
                                         r"float32\[4, 8, 128, 64\]"):
     Engine(other, PRESETS["proposed_8"]).place_params(placed)
-  with pytest.raises(ConfigError, match="w_gate_ExDxF.*is missing"):
+  with pytest.raises(ConfigError, match="w_up_gate_ExDx2F.*is missing"):
     Engine(load_model("tiny_swiglu"), PRESETS["single"]).place_params(canonical)
 
 

@@ -29,13 +29,18 @@
 #   bash benchmarks/scripts/h200_x4.sh ab COMMIT SPEC [CONFIGS [ROUNDS]]  (--expert_blocks
 #   SPEC; CONFIGS comma-separated, default seed_swiglu; seed_swiglu at prompt 128, others
 #   32; ROUNDS of the pair per config, default 2).
+# tree: one GPU's step with this tree and with the older tree in OLD (a directory holding
+#   its jax_ep/ and configs/, e.g. from git archive, and its commit in OLD/COMMIT),
+#   alternating, as processes in turn:
+#   bash benchmarks/scripts/h200_x4.sh tree COMMIT OLD [CONFIGS [ROUNDS]] (as ab).
 # Each part fits one 10-minute call. Writes $OUT/results.tgz and $OUT/summary.txt.
 set -u
 PART=${1:-1}
 case $PART in parts|rows|warps|pairs|router|ncu|power|profile|profile_router|kernel|share|calls|attention|attention_swiglu|1|2) ;;
   ab) [ -n "${3:-}" ] || { echo "ab needs SPEC, an --expert_blocks value" >&2; exit 2; } ;;
   xla) [ -n "${3:-}" ] || { echo "xla needs FLAGS, XLA flags to add" >&2; exit 2; } ;;
-  *) echo "unknown PART '$PART': use parts, rows, warps, pairs, router, ncu, power, xla, profile, profile_router, kernel, share, calls, attention, attention_swiglu, 1, 2 or ab" >&2; exit 2 ;;
+  tree) [ -d "${3:-}/jax_ep" ] || { echo "tree needs OLD, a directory with jax_ep/" >&2; exit 2; } ;;
+  *) echo "unknown PART '$PART': use parts, rows, warps, pairs, router, ncu, power, xla, profile, profile_router, kernel, share, calls, attention, attention_swiglu, 1, 2, ab or tree" >&2; exit 2 ;;
 esac
 export PYTHONPATH=. PYTHONUNBUFFERED=1 JAX_EP_COMMIT=${2:-unknown}
 R=$OUT/r; mkdir -p $R
@@ -167,6 +172,19 @@ for cfg in $(echo "${4:-seed_swiglu}" | tr , ' '); do
       step ${cfg}_${v}_$i 140 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
         python3 -m jax_ep bench --config=$cfg --kinds=single --prompt_len=$prompt \
         --expert_blocks="$blocks" --out_dir=$R/${cfg}_${v}_$i
+    done
+  done
+done
+elif [ "$PART" = tree ]; then
+for cfg in $(echo "${4:-seed_swiglu}" | tr , ' '); do
+  prompt=32; [ "$cfg" = seed_swiglu ] && prompt=128
+  for i in $(seq 1 ${5:-2}); do
+    for v in this old; do
+      dir=.; commit=$JAX_EP_COMMIT
+      [ $v = old ] && dir=$3 && commit=$(cat "$3/COMMIT" 2>/dev/null || echo unknown)
+      step ${cfg}_${v}_$i 140 env -C "$dir" PYTHONPATH=. JAX_EP_COMMIT=$commit CUDA_VISIBLE_DEVICES=0 \
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python3 -m jax_ep bench --config=$cfg \
+        --kinds=single --prompt_len=$prompt --out_dir=$R/${cfg}_${v}_$i
     done
   done
 done

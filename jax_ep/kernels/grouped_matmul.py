@@ -273,17 +273,18 @@ def _supports(k: int, k2: int, n: int, blocks: Blocks) -> str | None:
 def mlp_blocks(d: int, f: int, swiglu: bool = False, spec: str = "",
                pairs: bool = False) -> tuple[Blocks, Blocks]:
   """(up, down) Blocks of a D x F expert MLP: the measured defaults (SWIGLU_UP_BLOCKS for
-  SwiGLU's fused up product; with pairs, its one interleaved [D, 2F] weight takes
-  DEFAULT_BLOCKS), changed as `spec` says (groups.parse_blocks, e.g. "up.tail_m=16"),
+  SwiGLU's fused up product of two weights; with pairs, SwiGLU's one interleaved [D, 2F]
+  weight takes DEFAULT_BLOCKS), changed as `spec` says (groups.parse_blocks, e.g. "up.tail_m=16"),
   then narrowed to the shapes (blocks_for). ValueError for a bad spec."""
   changes = parse_blocks(spec)
   out = []
-  up_default = SWIGLU_UP_BLOCKS if swiglu else DEFAULT_BLOCKS
+  fused = swiglu and not pairs  # two up weights, two MMAs a K step
+  up_default = SWIGLU_UP_BLOCKS if fused else DEFAULT_BLOCKS
   for name, default, k, n in (("up", up_default, d, 2 * f if pairs else f),
                               ("down", DEFAULT_BLOCKS, f, d)):
     try:
       b = blocks_for(k, n, with_blocks(default, changes[name]))
-      if why := smem_error(b, weights=2 if swiglu and name == "up" else 1):
+      if why := smem_error(b, weights=2 if fused and name == "up" else 1):
         raise ValueError(why)
       out.append(b)
     except ValueError as e:
@@ -291,11 +292,12 @@ def mlp_blocks(d: int, f: int, swiglu: bool = False, spec: str = "",
   return tuple(out)
 
 
-def mlp_supports(d: int, f: int, swiglu: bool = False, spec: str = "") -> str | None:
+def mlp_supports(d: int, f: int, swiglu: bool = False, spec: str = "",
+                 pairs: bool = False) -> str | None:
   """Why grouped_mlp's kernels cannot take a D x F expert MLP with these blocks
-  (mlp_blocks), or None if they can."""
-  up, down = mlp_blocks(d, f, swiglu, spec)
-  return _supports(d, d, f, up) or _supports(f, f, d, down)
+  (mlp_blocks; pairs: SwiGLU's interleaved [D, 2F] up weight), or None if they can."""
+  up, down = mlp_blocks(d, f, swiglu, spec, pairs)
+  return _supports(d, d, 2 * f if pairs else f, up) or _supports(f, f, d, down)
 
 
 def _check_operands(x_MxK, w_GxKxN, group_sizes_G, w_gate_GxKxN=None, what="grouped_matmul"):

@@ -158,12 +158,21 @@ def activate(acc, gate, activation: str):
   return acc
 
 
-def interleave_pairs(w_up_GxKxF: jax.Array, w_gate_GxKxF: jax.Array) -> jax.Array:
-  """[G, K, 2F] whose column 2j is w_up's column j and 2j + 1 w_gate's: SwiGLU's two up
-  weights as one, so a column tile holds both halves of its outputs
-  (activation "swiglu_pairs")."""
-  g, k, f = w_up_GxKxF.shape
-  return jnp.stack([w_up_GxKxF, w_gate_GxKxF], axis=-1).reshape(g, k, 2 * f)
+def interleave_pairs(w_up_xF: jax.Array, w_gate_xF: jax.Array) -> jax.Array:
+  """[..., 2F] whose column 2j is w_up's column j and 2j + 1 w_gate's: SwiGLU's two up
+  weights as one, so a column tile holds both halves of its outputs (activation
+  "swiglu_pairs"). Any leading axes ([G, K, F], the model's [L, E, D, F]); a slice of F
+  over tp is the slice of 2F over tp, pairs kept whole."""
+  return jnp.stack([w_up_xF, w_gate_xF], axis=-1).reshape(*w_up_xF.shape[:-1], -1)
+
+
+# Where interleave_pairs puts each weight's columns.
+UP_COLUMNS, GATE_COLUMNS = slice(0, None, 2), slice(1, None, 2)
+
+
+def split_pairs(w_up_gate_x2F: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """interleave_pairs' inverse: (w_up, w_gate), each [..., F]."""
+  return w_up_gate_x2F[..., UP_COLUMNS], w_up_gate_x2F[..., GATE_COLUMNS]
 
 
 def _next_pow2(n: int) -> int:
