@@ -276,18 +276,28 @@ class Checkpointer:
             for name, tree in restored.items()}
 
 
+def _map_children(tree, fn):
+  """A namedtuple, tuple or list (an optax state) with fn(key, child) for each child, the
+  key as _key names it (a field name or an index); any other leaf as it is."""
+  if hasattr(tree, "_fields"):
+    return type(tree)(*(fn(k, v) for k, v in zip(tree._fields, tree, strict=True)))
+  if isinstance(tree, (tuple, list)):
+    return type(tree)(fn(i, v) for i, v in enumerate(tree))
+  return tree
+
+
 def _rename(tree, names: dict[str, str]):
-  """`tree` (nested dicts) with each dict key in `names` replaced by its value."""
+  """`tree` with each dict key in `names` replaced by its value, at any depth."""
   if isinstance(tree, dict):
     return {names.get(k, k): _rename(v, names) for k, v in tree.items()}
-  return tree
+  return _map_children(tree, lambda _, v: _rename(v, names))
 
 
 def _unpair(target, saved: set[str], prefix: str = ""):
   """`target` with each PAIRED leaf that the checkpoint (array keys `saved`) holds as its
   two halves replaced by them: [..., F] each, sharded as the leaf."""
   if not isinstance(target, dict):
-    return target
+    return _map_children(target, lambda k, v: _unpair(v, saved, f"{prefix}{k}/"))
   out = {}
   for k, t in target.items():
     olds = PAIRED.get(k, ())
@@ -304,7 +314,8 @@ def _pair(tree, target):
   """_unpair's inverse on what was restored: each pair interleaved into `target`'s leaf,
   on the devices of its sharding (each holds the columns of its F slice: a local op)."""
   if not isinstance(target, dict):
-    return tree
+    return _map_children(tree, lambda k, v: _pair(
+        v, getattr(target, k) if isinstance(k, str) else target[k]))
   out = {}
   for k, t in target.items():
     if k in PAIRED and k not in tree:

@@ -133,7 +133,7 @@ def device_shares(engine: Engine, params) -> list[DeviceShare]:
   coords = {d.id: tuple(int(i) for i in idx) for idx, d in np.ndenumerate(engine.mesh.devices)}
   moe = params["layers"][0]["moe"]
   pairs = "w_up_gate_ExDx2F" in moe  # SwiGLU: [stages, E, D, 2F], F's pairs interleaved
-  up = _leaf(moe, "w_up_gate_ExDx2F" if pairs else "w_up_ExDxF")  # [stages, E, D, F]
+  up = _leaf(moe, "w_up_gate_ExDx2F" if pairs else "w_up_ExDxF")  # [stages, E, D, F or 2F]
   wq = _leaf(params, "layers", 0, "attn", "wq_DxHxDh")  # [stages, D, H, Dh]
   unembed = _leaf(params, "unembed_DxV")
   nbytes = bytes_per_device(params)

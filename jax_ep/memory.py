@@ -78,7 +78,7 @@ def abstract_params(cfg: ModelConfig):
 
 
 def _group(name: str) -> str:
-  if name.startswith(("w_up", "w_down", "w_gate")):
+  if name.startswith(("w_up", "w_down")):  # w_up_ExDxF, w_up_gate_ExDx2F, w_down_ExFxD
     return "experts"
   if name.startswith("w_router"):
     return "router"

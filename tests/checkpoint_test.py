@@ -13,6 +13,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
@@ -115,14 +116,20 @@ def test_checkpoint_with_the_old_head_dim_names_is_read_and_renamed(tmp_path):
   assert not any(k.rsplit("/", 1)[-1] in checkpoint.RENAMED for k in checkpoint.describe(got))
 
 
-def test_swiglu_checkpoint_with_up_and_gate_apart_is_read_interleaved(tmp_path):
-  # Written before SwiGLU's up and gate became one interleaved weight: w_up and w_gate.
-  cfg = dataclasses.replace(load_model("tiny"), mlp_kind="swiglu")
-  _, params, _ = checkpoint.restore_canonical(_saved_canonical(cfg, tmp_path / "new"))
+def _apart(params):
+  """SwiGLU canonical params as numpy, with up and gate apart, as saved before 1a38e56."""
   old = checkpoint.as_numpy(params)
   moe = old["layers"]["moe"]
   w = moe.pop("w_up_gate_ExDx2F")
   moe["w_up_ExDxF"], moe["w_gate_ExDxF"] = w[..., 0::2], w[..., 1::2]
+  return old
+
+
+def test_swiglu_checkpoint_with_up_and_gate_apart_is_read_interleaved(tmp_path):
+  # Written before SwiGLU's up and gate became one interleaved weight: w_up and w_gate.
+  cfg = dataclasses.replace(load_model("tiny"), mlp_kind="swiglu")
+  _, params, _ = checkpoint.restore_canonical(_saved_canonical(cfg, tmp_path / "new"))
+  old = _apart(params)
   checkpoint.save_canonical(str(tmp_path / "old"), cfg, old)
   _, got, _ = checkpoint.restore_canonical(str(tmp_path / "old"))
   assert _equal(got, params)
@@ -133,6 +140,31 @@ def test_swiglu_checkpoint_with_up_and_gate_apart_is_read_interleaved(tmp_path):
   for leaf, want in zip(jax.tree.leaves(placed), jax.tree.leaves(engine.param_shardings),
                         strict=True):
     assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
+
+
+def test_training_state_with_up_and_gate_apart_resumes_interleaved(tmp_path):
+  # An old SwiGLU run's optimizer state (optax: tuples of namedtuples of dicts) holds Adam's
+  # moments under w_up_ExDxF and w_gate_ExDxF too. Adam is elementwise, so the moments of
+  # the interleaved weight are the old moments interleaved.
+  cfg = dataclasses.replace(load_model("tiny"), mlp_kind="swiglu")
+  _, params, _ = checkpoint.restore_canonical(_saved_canonical(cfg, tmp_path / "new"))
+  old = _apart(params)
+  tx = optax.adam(1e-2)
+
+  def moments(p):
+    p = jax.tree.map(jnp.asarray, p)
+    return tx.update(p, tx.init(p), p)[1]  # nonzero mu and nu
+
+  with checkpoint.Checkpointer(str(tmp_path / "old"), create=True) as ckpt:
+    ckpt.save(0, cfg, old, opt_state=moments(old))
+    ckpt.wait()
+  want = {checkpoint.PARAMS: params, checkpoint.OPT_STATE: moments(params)}
+  targets = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                         want)
+  with checkpoint.Checkpointer(str(tmp_path / "old")) as ckpt:
+    got = ckpt.restore(0, cfg, targets)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  assert _equal(got, want)
 
 
 def _saved_canonical(cfg, path):

@@ -49,6 +49,11 @@ CASES = {
     "proposed_8_kernels": ("tiny", dataclasses.replace(PRESETS["proposed_8"],
                                                        kernels="interpret"), 8),
     "baseline_8_swiglu": ("tiny_swiglu", PRESETS["baseline_8"], 8),  # gated experts
+    # Each tp rank holds the interleaved up-and-gate columns of its half of F, through the
+    # grouped kernel (interpreter).
+    "proposed_tp2_swiglu": ("tiny_swiglu", DeploymentConfig(
+        kind="proposed", stages=2, expert=4, tp=2, placement="tp", microbatches=2,
+        kernels="interpret"), 8),
     # Experts over expert x tp while the batch is split over expert and the tokens over tp.
     "expert_x_tp": ("tiny", DeploymentConfig(kind="proposed", stages=2, expert=2, tp=2,
                                              placement="ep", microbatches=2), 8),

@@ -242,4 +242,5 @@ def test_auto_kernels_fall_back_to_xla_for_shapes_the_kernel_cannot_tile(monkeyp
     assert ep.expert_impl(auto, 8192, 32768, swiglu) == "pallas"
     assert ep.expert_impl(auto, 60, 128, swiglu) == "xla"  # D = 60: no block_k divides it
     assert ep.expert_impl(auto, 8192, 32768, swiglu, pairs=swiglu) == "pallas"
+    assert ep.expert_impl(auto, 60, 128, swiglu, pairs=swiglu) == "xla"
   assert ep.expert_impl(ep.Parallel(kernels="pallas"), 60, 128, False) == "pallas"  # asked for

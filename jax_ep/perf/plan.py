@@ -238,7 +238,7 @@ def slice_share(params, cfg: ModelConfig, share: ModelConfig):
   def cut(path, leaf):
     name = next(n for n in reversed([str(getattr(k, "key", getattr(k, "name", k)))
                                      for k in path]) if n != "value")
-    if name.startswith(("w_up_", "w_gate_", "w_down_")):  # [N, E, ...]
+    if name.startswith(("w_up_", "w_down_")):  # [N, E, ...]
       return leaf[:1, :share.num_experts]
     if name == "w_router_DxE":  # [N, D, E]
       return leaf[:1, :, :share.num_experts]
