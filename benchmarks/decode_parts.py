@@ -80,10 +80,6 @@ KERNEL_SETS = {
             "m64_w4_k32_s4_t32": "block_m=64,num_warps=4,block_k=32,num_stages=4,tail_m=32",
             "m64_w4_k32_s4_t0": "block_m=64,num_warps=4,block_k=32,num_stages=4,tail_m=0",
             "default_again": ""},
-    # Tails on the MMA's N side in the least of 3 or 2 widths (Blocks.tail_swap: 16, 32, 64
-    # or 32, 64 rows) against the default's 64-row tail MMA (NOTES 17).
-    "swap": {"default": "", "swap3": "tail_swap=3", "swap2": "tail_swap=2",
-             "up_swap3": "up.tail_swap=3", "default_again": ""},
     # More warps a program: the tile's MMA split over four warpgroups (NOTES 11).
     "warps": {"default": "", "w16": "num_warps=16", "up_w16": "up.num_warps=16",
               "m256_n128_w16": "block_m=256,block_n=128,num_warps=16",
@@ -211,16 +207,10 @@ def part_swiglu(bw, log):
 
 # SwiGLU's up product as one interleaved weight (groups.interleave_pairs: one MMA a K step,
 # GELU's blocks) against the fused product of two weights: (pairs?, --expert_blocks spec).
-PAIRS_SETS = {
-    "blocks": {"fused": (False, ""), "pairs": (True, ""),
-               "pairs_k32_s6": (True, "up.block_k=32,up.num_stages=6"),
-               "pairs_tail0": (True, "up.tail_m=0"), "pairs_n128": (True, "up.block_n=128"),
-               "fused_again": (False, "")},
-    # The interleaved kernel's tails on the MMA's N side (Blocks.tail_swap, NOTES 17).
-    "swap": {"pairs": (True, ""), "pairs_swap3": (True, "tail_swap=3"),
-             "pairs_swap2": (True, "tail_swap=2"), "pairs_again": (True, "")},
-}
-PAIRS_VARIANTS = PAIRS_SETS["blocks"]
+PAIRS_VARIANTS = {"fused": (False, ""), "pairs": (True, ""),
+                  "pairs_k32_s6": (True, "up.block_k=32,up.num_stages=6"),
+                  "pairs_tail0": (True, "up.tail_m=0"), "pairs_n128": (True, "up.block_n=128"),
+                  "fused_again": (False, "")}
 
 
 def part_pairs(bw, log):
@@ -530,7 +520,7 @@ def part_calls(hw, per_call, log):
 
 
 def main():
-  global KERNEL_VARIANTS, SWIGLU_UP_VARIANTS, PAIRS_VARIANTS, ROWS
+  global KERNEL_VARIANTS, SWIGLU_UP_VARIANTS, ROWS
   ap = argparse.ArgumentParser()
   ap.add_argument("--parts", default="combine,cache,kernel,calls")
   ap.add_argument("--tokens_per_call", default="1,4")
@@ -538,7 +528,6 @@ def main():
   ap.add_argument("--cpu_check", action="store_true", help="tiny shapes, interpreted kernels")
   ap.add_argument("--kernel_set", default="tiles", choices=sorted(KERNEL_SETS))
   ap.add_argument("--swiglu_set", default="tails", choices=sorted(SWIGLU_SETS))
-  ap.add_argument("--pairs_set", default="blocks", choices=sorted(PAIRS_SETS))
   ap.add_argument("--attention_lens", default="48,58",
                   help="live cache positions of the attention part (the bench's range)")
   ap.add_argument("--attention_steps", default="old_default,default,old_default,default",
@@ -558,7 +547,6 @@ def main():
   args = ap.parse_args()
   KERNEL_VARIANTS = KERNEL_SETS[args.kernel_set]
   SWIGLU_UP_VARIANTS = SWIGLU_SETS[args.swiglu_set]
-  PAIRS_VARIANTS = PAIRS_SETS[args.pairs_set]
   ROWS = tuple(args.row_sets.split(","))
   if bad := [r for r in ROWS if r not in ROW_SETS]:
     ap.error(f"--row_sets: unknown {bad}; choose from {sorted(ROW_SETS)}")

@@ -103,14 +103,10 @@ def test_parse_blocks_says_what_is_wrong(spec, message):
 def test_with_blocks_checks_the_tiles():
   b = groups.with_blocks(groups.DEFAULT_BLOCKS, {"tail_m": 32, "block_n": 128})
   assert (b.tail_m, b.block_n, b.block_m) == (32, 128, 128)
-  assert groups.with_blocks(groups.DEFAULT_BLOCKS, {"tail_swap": 3}).tail_widths() == (16, 32, 64)
-  assert groups.DEFAULT_BLOCKS.tail_widths() == ()
   for changes, message in (({"block_n": 96}, "block_n=96 must be a power of two"),
                            ({"block_k": 8}, "block_k=8 must be a power of two, at least 16"),
                            ({"tail_m": 24}, "tail_m=24 must be 0 or a power of two"),
-                           ({"block_m": 64, "last_m": 64}, "below block_m=64"),
-                           ({"tail_swap": 8}, "tail_swap=8 needs tail_m >= 2^(tail_swap - 1)"),
-                           ({"tail_m": 0, "tail_swap": 1}, "tail_swap=1 needs tail_m")):
+                           ({"block_m": 64, "last_m": 64}, "below block_m=64")):
     with pytest.raises(ValueError, match=re.escape(message)):
       groups.with_blocks(groups.DEFAULT_BLOCKS, changes)
 

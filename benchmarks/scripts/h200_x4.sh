@@ -6,8 +6,6 @@
 # warps: the same with 16 warps a program;
 # pairs: the SwiGLU MLP with its up product over two weights and over one interleaved
 #   weight (decode_parts.py --parts=pairs);
-# swap: the GELU and interleaved SwiGLU MLPs with tails on the MMA's N side
-#   (Blocks.tail_swap) against the default, on three row sets (decode_parts.py);
 # router: the seed's and seed_swiglu's steps with the model's router and with a diagnostic
 #   one that gives every expert the mean rows, alternating, twice (decode_parts.py):
 #   bash benchmarks/scripts/h200_x4.sh router COMMIT [STEPS [CONFIGS]] (--router_steps,
@@ -38,11 +36,11 @@
 # Each part fits one 10-minute call. Writes $OUT/results.tgz and $OUT/summary.txt.
 set -u
 PART=${1:-1}
-case $PART in parts|rows|warps|pairs|swap|router|ncu|power|profile|profile_router|kernel|share|calls|attention|attention_swiglu|1|2) ;;
+case $PART in parts|rows|warps|pairs|router|ncu|power|profile|profile_router|kernel|share|calls|attention|attention_swiglu|1|2) ;;
   ab) [ -n "${3:-}" ] || { echo "ab needs SPEC, an --expert_blocks value" >&2; exit 2; } ;;
   xla) [ -n "${3:-}" ] || { echo "xla needs FLAGS, XLA flags to add" >&2; exit 2; } ;;
   tree) [ -d "${3:-}/jax_ep" ] || { echo "tree needs OLD, a directory with jax_ep/" >&2; exit 2; } ;;
-  *) echo "unknown PART '$PART': use parts, rows, warps, pairs, swap, router, ncu, power, xla, profile, profile_router, kernel, share, calls, attention, attention_swiglu, 1, 2, ab or tree" >&2; exit 2 ;;
+  *) echo "unknown PART '$PART': use parts, rows, warps, pairs, router, ncu, power, xla, profile, profile_router, kernel, share, calls, attention, attention_swiglu, 1, 2, ab or tree" >&2; exit 2 ;;
 esac
 export PYTHONPATH=. PYTHONUNBUFFERED=1 JAX_EP_COMMIT=${2:-unknown}
 R=$OUT/r; mkdir -p $R
@@ -72,10 +70,6 @@ elif [ "$PART" = pairs ]; then
 step pairs 420 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 benchmarks/decode_parts.py --parts=pairs --row_sets=near128,seed_layer3,balanced \
   --out=$R/decode_parts_pairs.json
-elif [ "$PART" = swap ]; then
-step swap 420 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
-  python3 benchmarks/decode_parts.py --parts=kernel,pairs --kernel_set=swap --pairs_set=swap \
-  --row_sets=${3:-near128,seed_layer3,balanced} --out=$R/decode_parts_swap.json
 elif [ "$PART" = router ]; then
 step router 560 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 benchmarks/decode_parts.py --parts=router_step \

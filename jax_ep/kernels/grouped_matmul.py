@@ -66,34 +66,30 @@ def _kernel(table_ref, x_ref, w_ref, *rest, blocks: Blocks, k_steps: int, n_tile
     return jnp.dot(a, b, preferred_element_type=jnp.float32,
                    precision=jax.lax.Precision.HIGHEST if exact else None)
 
-  def tile(height, tail=0, swap=False):
-    # (rows, mask) of the tile's `height` rows, then of its group's last `tail` rows;
-    # with `swap` the tail's product is taken transposed, w^T x^T: [bn, tail].
+  def tile(height, tail=0):
+    # (rows, mask) of the tile's `height` rows, then of its group's last `tail` rows.
     parts = [(pl.ds(row0, height), (jnp.arange(height, dtype=jnp.int32) < rows_left)[:, None])]
     if tail:
       parts.append((pl.ds(row0 + height, tail),
                     (jnp.arange(tail, dtype=jnp.int32) < rows_left - height)[:, None]))
-    swapped = [False, swap][:len(parts)]
     w_refs = (w_ref, wg_ref) if gated else (w_ref,)
 
     def step(k, accs):
       ks = pl.ds(pl.multiple_of((k0 + k) * bk, bk), bk)
       ws, out = [], []
-      for (rows, mask), acc, t in zip(parts, accs, swapped, strict=True):
+      for (rows, mask), acc in zip(parts, accs, strict=True):
         x = plgpu.load(x_ref.at[rows, ks], mask=mask, other=0.0)
         new = []
         for j, ref in enumerate(w_refs):
           if len(ws) == j:  # each weight tile loaded once a step, for every part
             ws.append(ref[g, ks, cols])
-          new.append(acc[j] + (dot(ws[j].T, x.T) if t else dot(x, ws[j])))
+          new.append(acc[j] + dot(x, ws[j]))
         out.append(tuple(new))
       return tuple(out)
 
-    init = tuple((jnp.zeros((bn, h) if t else (h, bn), jnp.float32),) * len(w_refs)
-                 for h, t in zip([height] + ([tail] if tail else []), swapped, strict=True))
+    init = tuple((jnp.zeros((h, bn), jnp.float32),) * len(w_refs)
+                 for h in [height] + ([tail] if tail else []))
     accs = jax.lax.fori_loop(0, k_steps, step, init)
-    accs = [tuple(a.T for a in acc) if t else acc
-            for acc, t in zip(accs, swapped, strict=True)]
     for (rows, mask), acc in zip(parts, accs, strict=True):
       if split_k > 1:
         plgpu.store(o_ref.at[rows, cols], acc[0], mask=mask)
@@ -105,14 +101,7 @@ def _kernel(table_ref, x_ref, w_ref, *rest, blocks: Blocks, k_steps: int, n_tile
   if 0 < blocks.tail_m < bm and split_k == 1:
     # The tile before a group's last few rows computes them too (tile_table's tail_m).
     tail = (rows_left > bm) & (rows_left <= bm + blocks.tail_m)
-    if blocks.tail_swap:  # the least width that holds them
-      lo = 0
-      for w in blocks.tail_widths():
-        fits = (rows_left > bm + lo) & (rows_left <= bm + w)
-        pl.when(live & fits)(functools.partial(tile, bm, w, True))
-        lo = w
-    else:
-      pl.when(live & tail)(lambda: tile(bm, blocks.tail_m))
+    pl.when(live & tail)(lambda: tile(bm, blocks.tail_m))
     rest = live & ~tail
   if 0 < blocks.last_m < bm:
     # A group's nearly empty last tile: fewer MMA rows, the same weight tile loads.

@@ -37,15 +37,6 @@ class Blocks:
   # tile loads, one program fewer (0: off; without split-K only). A power of two below
   # block_m, at least 16 on the GPU.
   tail_m: int = 0
-  # Tails on the MMA's N side: the tile's weight tile (transposed) times the tail's rows
-  # (transposed), a [block_n, w] accumulator, w the least of tail_swap widths tail_m,
-  # tail_m / 2, ... that holds the group's last rows; so the tail's MMA follows its rows
-  # in steps of the least width, not tail_m (0: off; the least width at least 16 on the GPU).
-  tail_swap: int = 0
-
-  def tail_widths(self) -> tuple[int, ...]:
-    """The swapped tails' widths, least first (empty without tail_swap)."""
-    return tuple(self.tail_m >> i for i in reversed(range(self.tail_swap)))
 
   def smem_bytes(self, weights: int = 1, itemsize: int = 2) -> int:
     """Shared memory of the software pipeline: x and weight tiles per stage."""
@@ -93,9 +84,9 @@ def parse_blocks(spec: str) -> dict[str, dict[str, int]]:
       v = int(value)
     except ValueError:
       raise ValueError(f"{item!r}: {value.strip()!r} is not an integer") from None
-    optional = name in ("last_m", "tail_m", "tail_swap")
-    if v < (0 if optional else 1):
-      raise ValueError(f"{item!r}: {name} must be {'>= 0' if optional else '>= 1'}")
+    if v < (0 if name in ("last_m", "tail_m") else 1):
+      raise ValueError(f"{item!r}: {name} must be "
+                       f"{'>= 0' if name in ('last_m', 'tail_m') else '>= 1'}")
     for p in (product,) if dot else PRODUCTS:
       out[p][name] = v
   return out
@@ -139,9 +130,6 @@ def small_tiles_error(blocks: Blocks, defaults=()) -> str | None:
       given = " (its default)" if name in defaults else ""
       return (f"{name}={v}{given} must be 0 or a power of two below block_m={blocks.block_m} "
               "(a tile's height)")
-  if blocks.tail_swap and (not blocks.tail_m or blocks.tail_m >> (blocks.tail_swap - 1) < 1):
-    return (f"tail_swap={blocks.tail_swap} needs tail_m >= 2^(tail_swap - 1) "
-            f"(tail_m={blocks.tail_m}): the widths tail_m, tail_m / 2, ... must be whole rows")
   return None
 
 
