@@ -33,14 +33,17 @@
 #   its jax_ep/ and configs/, e.g. from git archive, and its commit in OLD/COMMIT),
 #   alternating, as processes in turn:
 #   bash benchmarks/scripts/h200_x4.sh tree COMMIT OLD [CONFIGS [ROUNDS]] (as ab).
+# clocks: as tree, one round, with 80 synced and 60 back-to-back steps and the GPU's SM
+#   clock and power read every 100 ms beside each (clock_windows.py splits them by phase):
+#   bash benchmarks/scripts/h200_x4.sh clocks COMMIT OLD [CONFIG].
 # Each part fits one 10-minute call. Writes $OUT/results.tgz and $OUT/summary.txt.
 set -u
 PART=${1:-1}
 case $PART in parts|rows|warps|pairs|router|ncu|power|profile|profile_router|kernel|share|calls|attention|attention_swiglu|1|2) ;;
   ab) [ -n "${3:-}" ] || { echo "ab needs SPEC, an --expert_blocks value" >&2; exit 2; } ;;
   xla) [ -n "${3:-}" ] || { echo "xla needs FLAGS, XLA flags to add" >&2; exit 2; } ;;
-  tree) [ -d "${3:-}/jax_ep" ] || { echo "tree needs OLD, a directory with jax_ep/" >&2; exit 2; } ;;
-  *) echo "unknown PART '$PART': use parts, rows, warps, pairs, router, ncu, power, xla, profile, profile_router, kernel, share, calls, attention, attention_swiglu, 1, 2, ab or tree" >&2; exit 2 ;;
+  tree|clocks) [ -d "${3:-}/jax_ep" ] || { echo "$PART needs OLD, a directory with jax_ep/" >&2; exit 2; } ;;
+  *) echo "unknown PART '$PART': use parts, rows, warps, pairs, router, ncu, power, xla, profile, profile_router, kernel, share, calls, attention, attention_swiglu, 1, 2, ab, tree or clocks" >&2; exit 2 ;;
 esac
 export PYTHONPATH=. PYTHONUNBUFFERED=1 JAX_EP_COMMIT=${2:-unknown}
 R=$OUT/r; mkdir -p $R
@@ -187,6 +190,26 @@ for cfg in $(echo "${4:-seed_swiglu}" | tr , ' '); do
         --kinds=single --prompt_len=$prompt --out_dir=$R/${cfg}_${v}_$i
     done
   done
+done
+elif [ "$PART" = clocks ]; then
+cfg=${4:-seed_swiglu}; prompt=32; [ "$cfg" = seed_swiglu ] && prompt=128
+for v in this old; do
+  dir=.; commit=$JAX_EP_COMMIT
+  [ $v = old ] && dir=$3 && commit=$(cat "$3/COMMIT" 2>/dev/null || echo unknown)
+  name=${cfg}_${v}; echo "== $name" | tee -a $OUT/summary.txt
+  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,utilization.gpu,clocks_event_reasons.sw_power_cap \
+    --format=csv,noheader -lms 100 > $R/${name}_clocks.csv 2>&1 &
+  SMI=$!
+  (cd "$dir" && PYTHONPATH=. JAX_EP_COMMIT=$commit CUDA_VISIBLE_DEVICES=0 \
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 200 python3 -m jax_ep bench --config=$cfg \
+    --kinds=single --prompt_len=$prompt --synced=80 --steps=60 --out_dir=$R/$name 2>&1) |
+    while IFS= read -r l; do printf '%s %s\n' "$(date '+%Y/%m/%d %H:%M:%S.%3N')" "$l"; done \
+    > $R/$name.log
+  kill $SMI
+  python3 benchmarks/clock_windows.py $R/$name.log $R/${name}_clocks.csv 81 \
+    > $R/${name}_windows.json 2>&1
+  grep -E "TPOT" $R/$name.log | tail -2 >> $OUT/summary.txt
+  cat $R/${name}_windows.json >> $OUT/summary.txt
 done
 elif [ "$PART" = 2 ]; then
 step slices_4gpu 250 python3 -m jax_ep bench --kinds=slice_1x4,slice_2x2,slice_2x2/1 \
