@@ -33,9 +33,11 @@
 #   its jax_ep/ and configs/, e.g. from git archive, and its commit in OLD/COMMIT),
 #   alternating, as processes in turn:
 #   bash benchmarks/scripts/h200_x4.sh tree COMMIT OLD [CONFIGS [ROUNDS]] (as ab).
-# clocks: as tree, one round, with 80 synced and 60 back-to-back steps and the GPU's SM
-#   clock and power read every 100 ms beside each (clock_windows.py splits them by phase):
-#   bash benchmarks/scripts/h200_x4.sh clocks COMMIT OLD [CONFIG].
+# clocks: as tree, one round, with SYNCED (80) synced and STEPS (60) back-to-back steps and
+#   the GPU's SM clock and power read every 100 ms beside each (clock_windows.py splits them
+#   by phase): bash benchmarks/scripts/h200_x4.sh clocks COMMIT OLD [CONFIG [SYNCED STEPS]]
+#   (PROMPT=64 in the environment sets the prompt: seed_swiglu at batch 1024 fits one H200
+#   with prompt + SYNCED + STEPS up to about 165 tokens).
 # Each part fits one 10-minute call. Writes $OUT/results.tgz and $OUT/summary.txt.
 set -u
 PART=${1:-1}
@@ -192,7 +194,7 @@ for cfg in $(echo "${4:-seed_swiglu}" | tr , ' '); do
   done
 done
 elif [ "$PART" = clocks ]; then
-cfg=${4:-seed_swiglu}; prompt=32; [ "$cfg" = seed_swiglu ] && prompt=128
+cfg=${4:-seed_swiglu}; prompt=32; [ "$cfg" = seed_swiglu ] && prompt=128; prompt=${PROMPT:-$prompt}
 for v in this old; do
   dir=.; commit=$JAX_EP_COMMIT
   [ $v = old ] && dir=$3 && commit=$(cat "$3/COMMIT" 2>/dev/null || echo unknown)
@@ -202,11 +204,11 @@ for v in this old; do
   SMI=$!
   (cd "$dir" && PYTHONPATH=. JAX_EP_COMMIT=$commit CUDA_VISIBLE_DEVICES=0 \
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 200 python3 -m jax_ep bench --config=$cfg \
-    --kinds=single --prompt_len=$prompt --synced=80 --steps=60 --out_dir=$R/$name 2>&1) |
+    --kinds=single --prompt_len=$prompt --synced=${5:-80} --steps=${6:-60} --out_dir=$R/$name 2>&1) |
     while IFS= read -r l; do printf '%s %s\n' "$(date '+%Y/%m/%d %H:%M:%S.%3N')" "$l"; done \
     > $R/$name.log
   kill $SMI
-  python3 benchmarks/clock_windows.py $R/$name.log $R/${name}_clocks.csv 81 \
+  python3 benchmarks/clock_windows.py $R/$name.log $R/${name}_clocks.csv $((${5:-80} + 1)) \
     > $R/${name}_windows.json 2>&1
   grep -E "TPOT" $R/$name.log | tail -2 >> $OUT/summary.txt
   cat $R/${name}_windows.json >> $OUT/summary.txt
