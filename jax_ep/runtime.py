@@ -31,10 +31,32 @@ def has_gpu_plugin() -> bool:
   return any(n.startswith("jax-cuda") and "plugin" in n for n in names)
 
 
+FORCED_COUNT_FLAG = "--xla_force_host_platform_device_count"
+AUTO_CPU_DEVICES = 8
+
+
+def forced_device_count() -> int | None:
+  """The N of XLA_FLAGS' --xla_force_host_platform_device_count=N, if set (the last one)."""
+  count = None
+  for flag in os.environ.get("XLA_FLAGS", "").split():
+    name, _, value = flag.partition("=")
+    if name == FORCED_COUNT_FLAG:
+      try:
+        count = int(value)
+      except ValueError:
+        from jax_ep.config import ConfigError
+
+        raise ConfigError(f"XLA_FLAGS has {flag!r}: {FORCED_COUNT_FLAG} takes a whole "
+                          "number of CPU devices, e.g. =64.") from None
+  return count
+
+
 def simulate_devices(n: int) -> None:
   """Runs on the CPU with `n` fake devices (n > 0), e.g. 64 to lay out the seed's mesh.
 
-  n = -1 means: 8 fake devices when no GPU plugin is installed, else the real devices;
+  n = -1 means: the real devices when a GPU plugin is installed; else the N of
+  XLA_FLAGS=--xla_force_host_platform_device_count=N where that is set (jax's own way to
+  ask for N CPU devices, which `jax_num_cpu_devices` would otherwise override), or 8.
   0: the devices as they are. Anything below -1 is a ConfigError. Asking again for what
   is already set is a no-op (the backend may have started).
   """
@@ -44,7 +66,7 @@ def simulate_devices(n: int) -> None:
     raise ConfigError(f"--simulate_devices={n}: use -1 (auto), 0 (the real devices) or a "
                       "positive number of fake CPU devices.")
   if n == -1:
-    n = 0 if has_gpu_plugin() else 8
+    n = 0 if has_gpu_plugin() else (forced_device_count() or AUTO_CPU_DEVICES)
   if n == 0:
     return
   import jax

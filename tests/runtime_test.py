@@ -56,10 +56,20 @@ def test_simulate_devices(monkeypatch):
   runtime.simulate_devices(-1)  # a GPU plugin: the real devices
   assert updates == []
   monkeypatch.setattr(runtime, "has_gpu_plugin", lambda: False)
-  runtime.simulate_devices(-1)  # no plugin: 8 fake CPU devices
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_foo=1")
+  runtime.simulate_devices(-1)  # no plugin, no forced count: 8 fake CPU devices
   runtime.simulate_devices(4)
   assert updates == [("jax_platforms", "cpu"), ("jax_num_cpu_devices", 8),
                      ("jax_platforms", "cpu"), ("jax_num_cpu_devices", 4)]
+  updates.clear()
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=64 --xla_cpu_foo=1")
+  runtime.simulate_devices(-1)  # jax's own flag asks for 64: honoured, not overridden by 8
+  runtime.simulate_devices(16)  # an explicit count wins over the flag
+  assert updates == [("jax_platforms", "cpu"), ("jax_num_cpu_devices", 64),
+                     ("jax_platforms", "cpu"), ("jax_num_cpu_devices", 16)]
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=many")
+  with pytest.raises(ConfigError, match="takes a whole number"):
+    runtime.simulate_devices(-1)
   updates.clear()
   config.jax_platforms, config.jax_num_cpu_devices = "cpu", 4
   runtime.simulate_devices(4)  # already so: nothing changes (the backend may be up)
