@@ -74,6 +74,24 @@ PRESETS: dict[str, DeploymentConfig] = {
 }
 
 
+def mesh(name: str) -> DeploymentConfig:
+  """"mesh:SxExT": a proposed-style deployment of any shape (S stages, E experts, T tp).
+
+  Whole experts over expert (and tp, as the baseline's placement) when T = 1 or the
+  expert axis is 1; each expert's MLP over tp otherwise. Decode groups: one per stage
+  ("mesh:SxExT/G" through `resolve` sets G).
+  """
+  try:
+    s, e, t = (int(v) for v in name.removeprefix("mesh:").split("x"))
+  except ValueError:
+    s = e = t = 0
+  if min(s, e, t) < 1:
+    raise ConfigError(f"{name!r}: write mesh:SxExT with whole numbers >= 1 (stages x experts "
+                      "x tp), e.g. mesh:1x2x1 for expert parallelism over 2 devices.")
+  return DeploymentConfig(kind="proposed", stages=s, expert=e, tp=t,
+                          placement="tp" if t > 1 and e > 1 else "ep", microbatches=s)
+
+
 def with_groups(name: str) -> tuple[str, int | None]:
   """"preset/G" -> (preset, G); a plain name -> (name, None)."""
   base, _, groups = name.partition("/")
@@ -86,7 +104,8 @@ def with_groups(name: str) -> tuple[str, int | None]:
 
 
 def resolve(name: str, num_devices: int) -> DeploymentConfig:
-  """A preset by name, or by kind ("single", "baseline", "proposed") for `num_devices`.
+  """A preset by name, by kind ("single", "baseline", "proposed") for `num_devices`, or
+  a mesh shape ("mesh:SxExT", `mesh`).
 
   "name/G" sets the preset's decode groups to G (e.g. seed_proposed/1: one in flight).
   """
@@ -96,6 +115,8 @@ def resolve(name: str, num_devices: int) -> DeploymentConfig:
 
 
 def _resolve(name: str, num_devices: int) -> DeploymentConfig:
+  if name.startswith("mesh:"):
+    return mesh(name)
   if name in ("baseline", "proposed"):
     key = f"{name}_{num_devices}"
     if key not in PRESETS:
@@ -108,6 +129,6 @@ def _resolve(name: str, num_devices: int) -> DeploymentConfig:
     return PRESETS[key]
   if name not in PRESETS:
     raise ConfigError(f"--deployment={name!r} is unknown; use baseline, proposed (sized to the "
-                      f"devices) or a preset: {natural_sort(PRESETS)}."
+                      f"devices), mesh:SxExT (any shape) or a preset: {natural_sort(PRESETS)}."
                       + did_you_mean(name, ["baseline", "proposed", *PRESETS]))
   return PRESETS[name]

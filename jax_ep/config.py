@@ -42,6 +42,16 @@ def _positive(obj, *names):
       raise ConfigError(f"{type(obj).__name__}.{name}={value!r} must be a positive integer.")
 
 
+def _divisors(n: int) -> list[int]:
+  return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _or_list(values) -> str:
+  """[1, 2, 4] -> "1, 2 or 4"."""
+  words = [str(v) for v in values]
+  return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """A decoder-only MoE transformer. Defaults are the seed's model."""
@@ -208,7 +218,8 @@ class DeploymentConfig:
     if model.num_layers % self.stages:
       raise ConfigError(
           f"num_layers={model.num_layers} is not divisible by stages={self.stages}; "
-          "each pipeline stage must hold the same number of layers.")
+          "each pipeline stage must hold the same number of layers: use stages="
+          f"{_or_list(_divisors(model.num_layers))}.")
     if model.num_experts % self.expert_shards:
       axes = "expert x tp" if self.placement == "ep" else "expert"
       raise ConfigError(
@@ -216,7 +227,8 @@ class DeploymentConfig:
           f"({self.expert_shards} devices) that placement={self.placement!r} spreads them over; "
           f"choose DeploymentConfig.expert="
           + (" (and DeploymentConfig.tp=)" if self.placement == "ep" else "")
-          + f" so that {axes} divides {model.num_experts}"
+          + f" so that {axes} divides {model.num_experts} "
+          f"({_or_list(_divisors(model.num_experts))})"
           + (", or DeploymentConfig.placement=tp to split each expert's MLP over tp instead."
              if self.placement == "ep" and self.tp > 1 and model.num_experts % self.expert == 0
              and model.mlp_dim % self.tp == 0 else "."))

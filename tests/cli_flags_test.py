@@ -34,3 +34,22 @@ def test_expert_blocks_that_no_kernel_reads_get_a_note(capsys):
       assert capsys.readouterr().err == ""
   finally:
     flags.FLAGS.unparse_flags()
+
+
+def test_a_model_the_deployment_cannot_lay_out_names_the_presets_it_can():
+  import pytest
+
+  from jax_ep.cli import flags as cli_flags
+  from jax_ep.config import ConfigError
+  from jax_ep.presets import deployments, load_model
+
+  e64 = deployments.PRESETS["seed_proposed_e64"]
+  with pytest.raises(ConfigError) as err:
+    cli_flags.check_model(load_model("tiny"), e64)  # 16 experts over an expert axis of 64
+  assert str(err.value).endswith(
+      "divides 16 (1, 2, 4, 8 or 16). Model presets this deployment takes: "
+      "--config=seed_e64, tiny_e64.")
+  cli_flags.check_model(load_model("tiny_e64"), e64)  # one it takes: no error
+  with pytest.raises(ConfigError) as err:  # 4 layers over 3 stages: no preset has 3k
+    cli_flags.check_model(load_model("tiny"), deployments.mesh("mesh:3x1x1"))
+  assert str(err.value).endswith("use stages=1, 2 or 4.")

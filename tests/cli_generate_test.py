@@ -17,14 +17,15 @@ def _umask():
 
 def test_generate_on_each_deployment_writes_the_same_tokens_and_repeats_them(tmp_path):
   runs = [("single", "single"), ("proposed", "proposed"), ("baseline", "baseline"),
-          ("single", "sampled"), ("proposed", "sampled_again")]
+          ("mesh:2x2x1", "mesh"), ("single", "sampled"), ("proposed", "sampled_again")]
   sample = ["--temperature=0.8", "--seed=5"]
   results = run_cases([["generate", f"--deployment={dep}", "--simulate_devices=8", "--batch=8",
                         "--prompt_len=4", "--max_new_tokens=4",
                         f"--output={tmp_path / name}.json", *(sample if "sampled" in name else [])]
                        for dep, name in runs])
   meshes = {"proposed": "stage 4 x expert 2 x tp 1 (8 devices)",
-            "baseline": "stage 2 x expert 1 x tp 4 (8 devices)"}
+            "baseline": "stage 2 x expert 1 x tp 4 (8 devices)",
+            "mesh:2x2x1": "stage 2 x expert 2 x tp 1 (4 devices)"}
   tokens = {}
   for (dep, name), r in zip(runs, results, strict=True):
     assert r["rc"] == 0, r["stderr"][-2000:]
@@ -33,12 +34,14 @@ def test_generate_on_each_deployment_writes_the_same_tokens_and_repeats_them(tmp
     # The usual file mode (0666 less the umask), not a temporary file's 0600.
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_umask()
     result = json.loads(path.read_text())
-    assert result["deployment"]["kind"] == dep and result["tpot_ms"] > 0
+    assert result["deployment"]["kind"] == dep.replace("mesh:2x2x1", "proposed")
+    assert result["tpot_ms"] > 0
     rows = result["tokens"]
     assert len(rows) == 8 and all(len(row) == 4 for row in rows)
     assert all(0 <= t < result["config"]["vocab_size"] for row in rows for t in row)
     tokens[name] = rows
   assert tokens["proposed"] == tokens["single"] and tokens["baseline"] == tokens["single"]
+  assert tokens["mesh"] == tokens["single"]
   # The same seed, another process on another deployment: bitwise the same sampled tokens.
   assert tokens["sampled_again"] == tokens["sampled"] != tokens["proposed"]
   assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
@@ -63,7 +66,8 @@ BAD = [
     (["--config=nope"], "--config='nope' is not a preset"),
     (["--config=tinny"], "Did you mean 'tiny'?"),
     (["--deployment=propsed"], "--deployment='propsed' is unknown; use baseline, proposed (sized "
-     "to the devices) or a preset: ['baseline_1', 'baseline_2', 'baseline_4'"),
+     "to the devices), mesh:SxExT (any shape) or a preset: ['baseline_1', 'baseline_2', "
+     "'baseline_4'"),
     (["--deployment=propsed"], "Did you mean 'proposed'?"),
     (["--deployment=seed_proposed"], "deployment seed_proposed (proposed): stage 4 x expert 16 "
      "x tp 1 (64 devices), placement=ep, microbatches=4, decode groups 4 needs 64 devices but 8 "
@@ -72,6 +76,8 @@ BAD = [
     (["--deployment=proposed", "--tp=3", "--placement=tp"], "num_heads=8 is not divisible by "
      "--tp=3"),
     (["--expert_axis=0"], "--expert_axis=0 must be a positive integer"),
+    (["--deployment=proposed", "--stages=3"], "each pipeline stage must hold the same number "
+     "of layers: use --stages=1, 2 or 4."),
     (["--decode_groups=-1"], "--decode_groups=-1 must be 0"),
     (["--simulate_devices=-5"], "--simulate_devices=-5: use -1 (auto), 0"),
     (["--output="], "--output= is empty"),
@@ -107,9 +113,15 @@ def test_dry_run_of_a_model_this_host_cannot_hold_prints_the_layout():
   # nothing, so the memory check that refuses `generate` without it is skipped.
   plan = ["plan", "--config=seed", "--deployment=single", "--batch=8", "--prompt_len=16",
           "--max_new_tokens=16", "--device_kind=cpu"]
-  dry, real, planned = run_cases([
+  dry, real, planned, rounded = run_cases([
       ["generate", "--config=seed", "--deployment=single", "--dry_run"],
-      ["generate", "--config=seed", "--deployment=single"], plan])
+      ["generate", "--config=seed", "--deployment=single"], plan,
+      ["generate", "--simulate_devices=8", "--deployment=proposed", "--decode_groups=3",
+       "--dry_run"]])
+  # No --batch: the least batch of at least 8 that 4 micro-batches and 3 groups over an
+  # expert axis of 2 split, said where it is not 8.
+  assert rounded["rc"] == 0 and "--batch not given: 24, the least batch" in rounded["stderr"]
+  assert "--batch not given" not in dry["stderr"]
   assert dry["rc"] == 0, dry["stderr"][-2000:]
   assert "layers/4  experts/16" in dry["stdout"] and "compiling" not in dry["stdout"]
   assert real["rc"] == 2 and "does not fit" in real["stderr"]

@@ -7,11 +7,12 @@ from configs import deployments
 
 
 def test_plan_refuses_what_does_not_fit_and_prints_the_holdings():
-  refused, fits, capacity, dropping = run_cases([
+  refused, fits, capacity, dropping, mesh = run_cases([
       ["plan", "--config=seed", "--deployment=single", "--device_kind=h100"],
       ["plan", "--config=seed", "--deployment=seed_proposed", "--device_kind=h200",
        "--batch=1024", "--prompt_len=32", "--max_new_tokens=32"],
       ["plan", "--capacity_factor=0.5"], ["plan", "--capacity_factor=0.5", "--nodropless"],
+      ["plan", "--deployment=mesh:1x2x1", "--compile"],
   ])
   # The seed on one 80 GB H100: refused (exit 1, after the whole plan), and the smallest
   # deployment that fits is named.
@@ -29,3 +30,8 @@ def test_plan_refuses_what_does_not_fit_and_prints_the_holdings():
   holdings = [line for line in fits["stdout"].splitlines() if line.startswith("| 63 |")]
   assert holdings == ["| 63 | 3, 15, 0 | 3 | 15 | 0-32767 | 0-15 | 30720-32767 | 960-1023 |"]
   assert deployments.PRESETS["seed_proposed"].num_devices == 64
+  # Any mesh shape, on its own device count; the tiny model's compiled bytes in MiB (in
+  # GiB they read 0.000).
+  assert mesh["rc"] == 0 and "stage 1 x expert 2 x tp 1 (2 devices)" in mesh["stdout"]
+  assert "compiled for 2 simulated CPU devices" in mesh["stdout"]
+  assert " MiB" in mesh["stdout"] and "0.000 GiB" not in mesh["stdout"]

@@ -162,7 +162,7 @@ def test_experts_not_divisible_by_expert_shards():
     DeploymentConfig(kind="baseline", expert=3, tp=2).check_model(TINY)
   assert "(6 devices)" in str(err.value) and "expert x tp" in str(err.value)
   # placement "tp" would spread them over expert=3 alone: no better, so not offered.
-  assert str(err.value).endswith("so that expert x tp divides 16.")
+  assert str(err.value).endswith("so that expert x tp divides 16 (1, 2, 4, 8 or 16).")
   with _raises("expert x tp axes (32 devices)") as err:
     DeploymentConfig(kind="proposed", expert=2, tp=16).check_model(TINY)
   assert "or DeploymentConfig.placement=tp to split each expert's MLP over tp" in str(err.value)
@@ -266,6 +266,15 @@ def test_resolve_by_preset_name():
   assert deployments.resolve("seed_proposed", 1) is deployments.SEED_PROPOSED
   assert deployments.resolve("single", 64) == DeploymentConfig()
   assert deployments.resolve("seed_proposed_e64", 0).mesh_shape == (1, 64, 1)
+
+
+def test_resolve_mesh_shape():
+  dep = deployments.resolve("mesh:2x4x2/3", 16)
+  assert dep.mesh_shape == (2, 4, 2) and dep.placement == "tp" and dep.groups == 3
+  assert deployments.resolve("mesh:1x1x4", 4).placement == "ep"  # tp over whole experts
+  for bad in ("mesh:2x2", "mesh:1x0x1", "mesh:axbxc"):
+    with _raises("write mesh:SxExT with whole numbers"):
+      deployments.resolve(bad, 8)
 
 
 def test_resolve_unknown():

@@ -12,9 +12,10 @@ import sys
 
 from absl import app, flags
 
+from jax_ep.config import ConfigError
 from jax_ep.kernels import groups
 from jax_ep.perf import hardware
-from jax_ep.presets import deployments, model_names
+from jax_ep.presets import deployments, load_model, model_names
 
 # --- the model, the deployment and the run (generate, bench, plan) ------------------------
 CONFIG = flags.DEFINE_string("config", "tiny", "Model preset, a file in configs/: "
@@ -22,13 +23,15 @@ CONFIG = flags.DEFINE_string("config", "tiny", "Model preset, a file in configs/
                              "GPU, tiny on CPU).")
 DEPLOYMENT = flags.DEFINE_string(
     "deployment", "proposed",
-    "single, baseline or proposed (the preset for the device count), or a preset from "
-    f"configs/deployments.py: {', '.join(sorted(deployments.PRESETS))}; '/G' after any sets "
-    "its decode groups in flight.")
+    "single, baseline or proposed (the preset for the device count), mesh:SxExT (stages x "
+    "experts x tp, any shape), or a preset from configs/deployments.py: "
+    f"{', '.join(sorted(deployments.PRESETS))}; '/G' after any sets its decode groups in "
+    "flight.")
 SIMULATE = flags.DEFINE_integer(
     "simulate_devices", -1,
-    "Run on the CPU with N fake devices. -1 (default): 8 when no GPU plugin is installed, "
-    "else the real GPUs. 0: the real devices as they are.")
+    "Run on the CPU with N fake devices. -1 (default): the real GPUs when a GPU plugin is "
+    "installed, else N of XLA_FLAGS=--xla_force_host_platform_device_count=N where set, "
+    "or 8. 0: the real devices as they are.")
 STAGES = flags.DEFINE_integer("stages", None, "Override the preset's pipeline stages.")
 EXPERT = flags.DEFINE_integer("expert_axis", None, "Override the preset's expert axis size.")
 TP = flags.DEFINE_integer("tp", None, "Override the preset's tensor-parallel size.")
@@ -271,9 +274,36 @@ def deployment_for(num_devices: int):
   return dep
 
 
+def check_model(cfg, dep) -> None:
+  """dep.check_model(cfg); its ConfigError also names the model presets `dep` lays out."""
+  try:
+    dep.check_model(cfg)
+  except ConfigError as e:
+    fit = []
+    for name in model_names():
+      try:
+        dep.check_model(load_model(name))
+        fit.append(name)
+      except ConfigError:
+        pass
+    hint = f" Model presets this deployment takes: --config={', '.join(fit)}." if fit else ""
+    raise ConfigError(f"{e}{hint}") from None
+
+
+DEFAULT_BATCH = 8
+
+
 def batch_for(dep) -> int:
-  """--batch, else generate's and plan's default: 8, rounded up to a batch `dep` splits."""
-  return dep.default_batch(8) if BATCH.value is None else BATCH.value
+  """--batch, else generate's and plan's default: 8, rounded up to a batch `dep` splits
+  (said on stderr when rounded)."""
+  if BATCH.value is not None:
+    return BATCH.value
+  batch = dep.default_batch(DEFAULT_BATCH)
+  if batch != DEFAULT_BATCH:
+    print(f"jax-ep: --batch not given: {batch}, the least batch of at least {DEFAULT_BATCH} "
+          f"that {dep.name or dep.kind} splits (its expert axis x micro-batches and "
+          "decode groups).", file=sys.stderr, flush=True)
+  return batch
 
 
 def memory_candidates() -> dict:

@@ -9,6 +9,15 @@ from jax_ep.cli import flags
 from jax_ep.presets import deployments
 
 
+def _size(nbytes: int) -> str:
+  """GiB for what is large, MiB or bytes for what would read 0.000 GiB (the tiny models)."""
+  from jax_ep.memory_budget import GiB
+
+  if nbytes >= GiB // 10:
+    return f"{nbytes / GiB:.3f} GiB"
+  return f"{nbytes / 2**20:.3f} MiB" if nbytes >= 2**20 // 10 else f"{nbytes:,} bytes"
+
+
 def run():
   """`jax-ep plan`: the memory table and the device holdings, without a GPU; 1 when the
   deployment does not fit the device kind's memory, else 0."""
@@ -16,14 +25,14 @@ def run():
   from jax_ep.presets import load_model
 
   cfg = load_model(flags.CONFIG.value)
-  base = deployments.with_groups(flags.DEPLOYMENT.value)[0]
-  n = flags.DEVICES.value or (deployments.PRESETS[base].num_devices
-                              if base in deployments.PRESETS else 8)
+  # --devices, else the preset's or mesh:SxExT's own count (8 for "proposed"/"baseline").
+  n = flags.DEVICES.value or deployments.resolve(flags.DEPLOYMENT.value, 8).num_devices
   dep = flags.deployment_for(n)
   if dep.num_devices > n:
     from jax_ep.config import ConfigError
 
     raise ConfigError(f"{dep.describe()} needs {dep.num_devices} devices; --devices={n}.")
+  flags.check_model(cfg, dep)
   batch = flags.batch_for(dep)
   kind = flags.DEVICE_KIND.value.lower()
   platform = "cpu" if kind == "cpu" else "gpu"
@@ -51,6 +60,5 @@ def run():
           "(the CPU backend's buffer assignment; a GPU's differs):\n")
     for name, m in memory_report.compiled_memory(Engine(cfg, dep), batch, flags.PROMPT_LEN.value,
                                                  max_len).items():
-      print(f"  {name:<8} " + ", ".join(f"{k} {v / memory_budget.GiB:.3f} GiB"
-                                        for k, v in m.items()))
+      print(f"  {name:<8} " + ", ".join(f"{k} {_size(v)}" for k, v in m.items()))
   return 0 if fits else 1

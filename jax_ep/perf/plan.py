@@ -106,22 +106,14 @@ def _preset_for(kind: str, num_devices: int) -> tuple[str, str]:
 
 
 def parse_mesh(kind: str) -> DeploymentConfig:
-  """"mesh:SxExT" or "mesh:SxExT/G": a proposed-style deployment of any shape.
-
-  Whole experts over expert (and tp, as the baseline's placement) when T = 1 or the
-  expert axis is 1; each expert's MLP over tp otherwise. G: decode groups in flight
-  (default: one per stage).
-  """
+  """"mesh:SxExT" or "mesh:SxExT/G" (configs/deployments.mesh; G: decode groups in flight,
+  default one per stage). A malformed entry is an UnknownEntry."""
+  base, groups = _with_groups(kind)
   try:
-    shape, _, g = kind.removeprefix("mesh:").partition("/")
-    s, e, t = (int(v) for v in shape.split("x"))
-    g = int(g) if g else 0
-  except ValueError:
-    raise UnknownEntry(f"--kinds entry {kind!r}: write mesh:SxExT or mesh:SxExT/G, "
-                      "e.g. mesh:1x2x1 for expert parallelism over 2 devices.") from None
-  placement = "tp" if t > 1 and e > 1 else "ep"
-  return DeploymentConfig(kind="proposed", stages=s, expert=e, tp=t, placement=placement,
-                          microbatches=s, decode_groups=g)
+    dep = deployments.mesh(base)
+  except ConfigError as e:
+    raise UnknownEntry(f"--kinds entry {e}") from None
+  return dep if groups is None else dataclasses.replace(dep, decode_groups=groups)
 
 
 def share_config(cfg: ModelConfig, dep: DeploymentConfig, batch: int):
