@@ -118,7 +118,8 @@ def config_to_hf(cfg: ModelConfig, base: dict | None = None) -> dict:
   keeps the fields jax_ep does not use, such as token ids."""
   if cfg.mlp_kind != "swiglu":
     raise ConfigError(f"mlp_kind={cfg.mlp_kind!r}: Mixtral's experts are SwiGLU; only a "
-                      "model with mlp_kind='swiglu' exports to the Mixtral layout.")
+                      "model with mlp_kind='swiglu' exports to the Mixtral layout: train or save a "
+                      "SwiGLU preset (--config=tiny_swiglu, seed_swiglu) to export.")
   return {**(base or {}),
           "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
           "hidden_size": cfg.model_dim, "intermediate_size": cfg.mlp_dim,
