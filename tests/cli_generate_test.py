@@ -6,6 +6,7 @@ import json
 import os
 import stat
 
+import pytest
 from cli_runner import run_cases
 
 
@@ -108,16 +109,24 @@ def test_bad_input_fails_before_compiling_and_writes_nothing(tmp_path):
   assert not list(tmp_path.iterdir())
 
 
-def test_dry_run_of_a_model_this_host_cannot_hold_prints_the_layout():
+def test_dry_run_of_a_model_this_host_cannot_hold_prints_the_layout(tmp_path):
   # The seed model (69 GB of fp16 experts) does not fit this host: a dry run allocates
   # nothing, so the memory check that refuses `generate` without it is skipped.
   plan = ["plan", "--config=seed", "--deployment=single", "--batch=8", "--prompt_len=16",
           "--max_new_tokens=16", "--device_kind=cpu"]
-  dry, real, planned, rounded = run_cases([
+  dry, real, planned, rounded, untimed = run_cases([
       ["generate", "--config=seed", "--deployment=single", "--dry_run"],
       ["generate", "--config=seed", "--deployment=single"], plan,
       ["generate", "--simulate_devices=8", "--deployment=proposed", "--decode_groups=3",
-       "--dry_run"]])
+       "--dry_run"],
+      ["generate", "--simulate_devices=8", "--deployment=single", "--batch=8",
+       "--max_new_tokens=2", f"--output={tmp_path / 'two.json'}"]])
+  # Two new tokens are the prefill's and the ring's fill: no step to time, said so (not
+  # nan), and null in the JSON (json.loads refuses a bare NaN only with parse_constant).
+  assert untimed["rc"] == 0 and "give 3 or more to time a decode step" in untimed["stdout"]
+  two = json.loads((tmp_path / "two.json").read_text(),
+                   parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+  assert two["tpot_ms"] is None and two["tps"] is None and len(two["tokens"][0]) == 2
   # No --batch: the least batch of at least 8 that 4 micro-batches and 3 groups over an
   # expert axis of 2 split, said where it is not 8.
   assert rounded["rc"] == 0 and "--batch not given: 24, the least batch" in rounded["stderr"]

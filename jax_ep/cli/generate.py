@@ -118,10 +118,14 @@ def _report(cfg, dep, gen, extra):
   imbalance = gen.imbalance
   load_row = f"{imbalance:.2f}" + (f" (random router: {extra['random_load_max_mean']:.2f})"
                                    if "random_load_max_mean" in extra else "")
+  timed = bool(gen.step_s or gen.decode_steps)
+  untimed = (f"not timed: {gen.steps + 1} new token(s) are the prefill's and the ring's fill "
+             f"(--max_new_tokens={gen.steps + 1}); give 3 or more to time a decode step")
   rows = [("deployment", dep.describe()), ("batch x new tokens", f"{gen.batch} x {gen.steps + 1}"),
           ("compile", f"{gen.compile_s:.2f} s"), ("prefill", f"{gen.prefill_s * 1e3:.1f} ms"),
-          ("TPOT (back-to-back mean)", f"{gen.tpot_ms:.3f} ms"),
-          ("TPOT (synced median)", f"{gen.tpot_synced_ms:.3f} ms"), ("TPS", f"{gen.tps:,.0f}"),
+          ("TPOT (back-to-back mean)", f"{gen.tpot_ms:.3f} ms" if timed else untimed),
+          ("TPOT (synced median)", f"{gen.tpot_synced_ms:.3f} ms" if timed else "-"),
+          ("TPS", f"{gen.tps:,.0f}" if timed else "-"),
           ("decode groups in flight", gen.groups), ("expert load max/mean", load_row),
           ("experts given no token", f"{int((load == 0).sum(axis=1).max())} of "
            f"{load.shape[1]} (the worst layer)"),
@@ -137,8 +141,9 @@ def _report(cfg, dep, gen, extra):
 
     write_json(flags.OUTPUT.value, {
         "tokens": gen.tokens.tolist(), "config": dataclasses.asdict(cfg),
-        "deployment": dataclasses.asdict(dep), "tps": gen.tps, "tpot_ms": gen.tpot_ms,
-        "tpot_synced_ms": gen.tpot_synced_ms, "compile_s": gen.compile_s,
+        "deployment": dataclasses.asdict(dep), "tps": gen.tps if timed else None,
+        "tpot_ms": gen.tpot_ms if timed else None,
+        "tpot_synced_ms": gen.tpot_synced_ms if gen.step_s else None, "compile_s": gen.compile_s,
         "prefill_s": gen.prefill_s, "step_s": gen.step_s, "load_LxE": load.tolist(),
         "dropped": gen.dropped, "groups": gen.groups, "load_max_mean": imbalance,
         **extra})
