@@ -156,9 +156,10 @@ CHECKPOINT = flags.DEFINE_string(
 WORKDIR = flags.DEFINE_string("workdir", None, "train: checkpoints go here, and a run found "
                               "here is resumed; import-hf: the checkpoint to write.")
 STEPS = flags.DEFINE_integer("steps", 200, "train: optimizer steps in all (the learning-rate "
-                             "schedule spans them: resuming a run in --workdir takes the "
-                             "--steps it started with); bench: decode steps timed back to "
-                             "back, TPOT is their mean (not given: 20 on GPU, 4 on CPU).")
+                             "schedule spans them: a run in --workdir resumes only with the "
+                             "--steps it started with; to train longer use a fresh --workdir); "
+                             "bench: decode steps timed back to back, TPOT is their mean "
+                             "(not given: 20 on GPU, 4 on CPU).")
 SAVE_EVERY = flags.DEFINE_integer("save_every", 50, "train: checkpoint every N steps (and at "
                                   "the end); 0: only at the end.")
 LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-2, "train: AdamW's peak learning rate "
