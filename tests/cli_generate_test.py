@@ -77,6 +77,8 @@ BAD = [
     (["--deployment=proposed", "--tp=3", "--placement=tp"], "num_heads=8 is not divisible by "
      "--tp=3"),
     (["--expert_axis=0"], "--expert_axis=0 must be a positive integer"),
+    (["--deployment=mesh:3x2x1"], "use --stages=1, 2 or 4. (--deployment=mesh:3x2x1: its S, E "
+     "and T are --stages, --expert_axis and --tp.)"),
     (["--deployment=proposed", "--stages=3"], "each pipeline stage must hold the same number "
      "of layers: use --stages=1, 2 or 4."),
     (["--decode_groups=-1"], "--decode_groups=-1 must be 0"),

@@ -288,6 +288,10 @@ def check_model(cfg, dep) -> None:
       except ConfigError:
         pass
     hint = f" Model presets this deployment takes: --config={', '.join(fit)}." if fit else ""
+    base = deployments.with_groups(DEPLOYMENT.value)[0] if DEPLOYMENT.present else ""
+    if base.startswith("mesh:"):
+      hint += (f" (--deployment={base}: its S, E and T are --stages, --expert_axis and "
+               "--tp.)")
     raise ConfigError(f"{e}{hint}") from None
 
 
