@@ -177,7 +177,8 @@ KINDS = flags.DEFINE_list(
     "kinds", None, "bench: deployments (default single, baseline, proposed: the seed's "
     "preset, or the scaled one for the devices present), preset names, mesh:SxExT, or seed "
     "slices (slice_1x4, slice_2x2, slice_4x2: their own model and batch); '/G' after any "
-    "sets its decode groups in flight.")
+    "sets its decode groups in flight. Each model's deployments run the one with the most "
+    "devices first (it creates the weights the others are laid out from).")
 SHARE = flags.DEFINE_string(
     "share", None, "bench: also run one device's share of one decode group of this "
     "deployment, on one device: 'proposed/G' (= seed_proposed/G) or a tp=1 preset, /G "
