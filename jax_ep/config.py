@@ -14,6 +14,9 @@ DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float
 MLP_KINDS = ("gelu", "swiglu")
 PLACEMENTS = ("ep", "tp")
 KINDS = ("single", "baseline", "proposed")
+# What each kind is, in the words describe() prints beside a deployment's name.
+KIND_WORDS = {"single": "one device", "baseline": "tensor x pipeline parallel",
+              "proposed": "expert parallel"}
 KERNELS = ("auto", "xla", "pallas", "interpret")
 
 
@@ -288,7 +291,7 @@ class DeploymentConfig:
             "least that every split of this deployment takes).")
 
   def describe(self) -> str:
-    label = f"{self.name} ({self.kind})" if self.name and self.name != self.kind else self.kind
+    label = f"{self.name or self.kind} ({KIND_WORDS[self.kind]})"
     return (f"{label}: stage {self.stages} x expert {self.expert} x tp {self.tp} "
             f"({self.num_devices} device{'s' * (self.num_devices != 1)}), "
             f"placement={self.placement}, "

@@ -80,8 +80,8 @@ def test_configs_are_frozen_and_hashable():
   # A name is for messages: the same layout under another name is the same deployment.
   named = dataclasses.replace(deployments.SEED_PROPOSED, name="seed_proposed --tp=1")
   assert named == deployments.SEED_PROPOSED and hash(named) == hash(deployments.SEED_PROPOSED)
-  assert named.describe().startswith("seed_proposed --tp=1 (proposed): stage 4 x expert 16")
-  assert deployments.SEED_PROPOSED.describe().startswith("proposed: stage 4")
+  assert named.describe().startswith("seed_proposed --tp=1 (expert parallel): stage 4 x expert 16")
+  assert deployments.SEED_PROPOSED.describe().startswith("proposed (expert parallel): stage 4")
 
 
 # --- DeploymentConfig ---------------------------------------------------------------------
