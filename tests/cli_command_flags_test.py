@@ -46,3 +46,14 @@ def test_help_text_lists_each_flag_with_its_default():
   bench = command_flags.help_text(main.COMMANDS["bench"], command="bench")
   assert "(default: 20 on GPU, 4 on CPU)" in bench and "(default: '200')" not in bench
   assert "(default: None)" not in bench
+
+
+def test_all_help_gives_each_command_its_own_default():
+  text = command_flags.all_help(main.COMMANDS, main.OFFLINE)
+  steps = text[text.index("  --steps:"):].split("\n  --")[0]
+  # absl's one default (train's 200) is not shown as bench's.
+  assert "bench: 20 on GPU, 4 on CPU; train: '200'" in " ".join(steps.split())
+  assert "(read by bench, train)" in steps
+  # The runtime flags: every command that uses devices, not the offline ones.
+  runtime = " ".join(text[text.index("  --num_processes:"):].split("\n  --")[0].split())
+  assert "(read by generate, bench, train, import-hf, export-hf)" in runtime

@@ -87,17 +87,47 @@ COMMAND_DEFAULTS = {
 }
 
 
+def _entry(name: str, default: str) -> str:
+  flag = absl_flags.FLAGS[name]
+  prefix = "--[no]" if flag.boolean else "--"
+  body = textwrap.fill(f"{prefix}{name}: {flag.help}", width=88, initial_indent="  ",
+                       subsequent_indent="    ")
+  tail = textwrap.fill(f"(default: {default})", width=88, initial_indent="    ",
+                       subsequent_indent="    ")
+  return f"{body}\n{tail}"
+
+
+def _absl_default(name: str) -> str:
+  flag = absl_flags.FLAGS[name]
+  return "unset" if flag.default is None else flag.default_as_str
+
+
+def all_help(commands: dict, offline=()) -> str:
+  """Every flag of jax-ep, each with the commands that read it and the default each of
+  them takes: `--steps` is 200 for train and 20 on GPU for bench, not absl's one value."""
+  readers: dict[str, list[str]] = {}
+  for command, fn in commands.items():
+    for name in reads(fn, command in offline):
+      readers.setdefault(name, []).append(command)
+  lines = []
+  for name in sorted(readers):
+    by_default: dict[str, list[str]] = {}
+    for command in readers[name]:
+      value = COMMAND_DEFAULTS.get(command, {}).get(name) or _absl_default(name)
+      by_default.setdefault(value, []).append(command)
+    if len(by_default) == 1:
+      default = next(iter(by_default))
+    else:
+      default = "; ".join(f"{', '.join(cs)}: {v}" for v, cs in by_default.items())
+    lines.append(_entry(name, default)
+                 + ("" if len(readers[name]) == len(commands)
+                    else f"\n    (read by {', '.join(readers[name])})"))
+  return "\n".join(lines)
+
+
 def help_text(fn, offline: bool = False, command: str = "") -> str:
   """Each flag `fn` reads, as absl's --help writes it: name, help, default (the command's
   own where COMMAND_DEFAULTS has it; "unset" where the flag has no default)."""
-  lines = []
   own = COMMAND_DEFAULTS.get(command, {})
-  for name in sorted(reads(fn, offline)):
-    flag = absl_flags.FLAGS[name]
-    prefix = "--[no]" if flag.boolean else "--"
-    body = textwrap.fill(f"{prefix}{name}: {flag.help}", width=88, initial_indent="  ",
-                         subsequent_indent="    ")
-    default = own.get(name) or ("unset" if flag.default is None
-                                else flag.default_as_str)
-    lines.append(f"{body}\n    (default: {default})")
-  return "\n".join(lines)
+  return "\n".join(_entry(name, own.get(name) or _absl_default(name))
+                   for name in sorted(reads(fn, offline)))

@@ -19,8 +19,7 @@ from jax_ep.presets import deployments, load_model, model_names
 
 # --- the model, the deployment and the run (generate, bench, plan) ------------------------
 CONFIG = flags.DEFINE_string("config", "tiny", "Model preset, a file in configs/: "
-                             f"{', '.join(model_names())} (bench, when not given: seed on "
-                             "GPU, tiny on CPU).")
+                             f"{', '.join(model_names())}.")
 DEPLOYMENT = flags.DEFINE_string(
     "deployment", "proposed",
     "single, baseline or proposed (the preset for the device count), mesh:SxExT (stages x "
@@ -85,11 +84,9 @@ DROPLESS = flags.DEFINE_bool(
     "capacity_factor-sized buffers, overflow dropped and counted.")
 SEED = flags.DEFINE_integer("seed", 0, "Seed for weights, prompts and sampling.")
 BATCH = flags.DEFINE_integer(
-    "batch", None, "Sequences decoded together; train: sequences a training step (default: "
-    "generate and plan 8, rounded up to a batch the deployment splits; bench and predict 1024, "
-    "the seed's tokens per forward pass; train 32).")
-PROMPT_LEN = flags.DEFINE_integer("prompt_len", 16, "Tokens in each (random) prompt (bench, when "
-                                  "not given: 32 on GPU, 8 on CPU).")
+    "batch", None, "Sequences decoded together (bench and predict: 1024 by default, the "
+    "seed's tokens per forward pass); train: sequences a training step.")
+PROMPT_LEN = flags.DEFINE_integer("prompt_len", 16, "Tokens in each (random) prompt.")
 NEW = flags.DEFINE_integer("max_new_tokens", 16, "Tokens generated per sequence (bench: sets "
                            "the timed steps instead of --steps, after the fill, --warmup and "
                            "--synced steps).")
@@ -158,8 +155,7 @@ WORKDIR = flags.DEFINE_string("workdir", None, "train: checkpoints go here, and 
 STEPS = flags.DEFINE_integer("steps", 200, "train: optimizer steps in all (the learning-rate "
                              "schedule spans them: a run in --workdir resumes only with the "
                              "--steps it started with; to train longer use a fresh --workdir); "
-                             "bench: decode steps timed back to back, TPOT is their mean "
-                             "(not given: 20 on GPU, 4 on CPU).")
+                             "bench: decode steps timed back to back, TPOT is their mean.")
 SAVE_EVERY = flags.DEFINE_integer("save_every", 50, "train: checkpoint every N steps (and at "
                                   "the end); 0: only at the end.")
 LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-2, "train: AdamW's peak learning rate "

@@ -97,7 +97,9 @@ def print_help(command: str | None = None) -> None:
   and exits 1)."""
   if command is None:
     print(__doc__)
-    print(absl_flags.FLAGS.module_help(flags))
+    print("Every flag, with the commands that read it and each one's default "
+          "(`jax-ep COMMAND --help`: one command's flags only):\n")
+    print(command_flags.all_help(COMMANDS, OFFLINE))
     return
   line = next(ln for ln in __doc__.splitlines() if ln.strip().startswith(command + " "))
   print(f"jax-ep {command} [--flags]\n\n{line}\n\nFlags it reads:")
