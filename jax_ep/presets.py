@@ -50,3 +50,8 @@ _PACKAGE, DISPLACED = _load()
 load_model = _PACKAGE.load_model
 model_names = _PACKAGE.model_names
 deployments = importlib.import_module(f"{_PACKAGE.__name__}.deployments")
+
+
+def names_of(cfg) -> list[str]:
+  """The model presets whose config is `cfg` (a checkpoint's model, say); [] for none."""
+  return [n for n in model_names() if load_model(n) == cfg]

@@ -22,7 +22,8 @@ def test_train_then_generate_from_its_checkpoint(tmp_path):
   proc = run("generate", f"--checkpoint={workdir}", "--deployment=single",
              f"--output={out}")
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert "checkpoint" in proc.stdout and "trained on reverse of 3 digits" in proc.stdout
+  assert "model tiny_task (the checkpoint's)" in proc.stdout
+  assert "trained on reverse of 3 digits" in proc.stdout
   assert "task accuracy (exact match)" in proc.stdout and "(random router: " in proc.stdout
   result = json.loads(out.read_text())
   assert len(result["tokens"][0]) == 3 and 0 <= result["task_accuracy"] <= 1

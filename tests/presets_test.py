@@ -1,6 +1,7 @@
 """Tests for jax_ep/presets.py: jax_ep's presets are `configs` in a checkout, and a
 `configs` package of a user's own, first on the path, neither hides them nor is replaced."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -33,3 +34,9 @@ def test_a_users_own_configs_package_stays_theirs(tmp_path):
                         text=True, env=env, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.strip() == str(tmp_path / "configs" / "__init__.py")
+
+
+def test_names_of_finds_the_presets_of_a_config():
+  swiglu = presets.load_model("tiny_swiglu")
+  assert presets.names_of(swiglu) == ["tiny_swiglu"]
+  assert presets.names_of(dataclasses.replace(swiglu, vocab_size=swiglu.vocab_size + 1)) == []

@@ -8,7 +8,7 @@ import dataclasses
 
 from absl import logging
 
-from jax_ep import distributed
+from jax_ep import distributed, presets
 from jax_ep.cli import flags
 
 
@@ -58,7 +58,11 @@ def _generate(profile_dir):
   flags.note_unread_expert_blocks(dep, jax.default_backend())
   logging.info("process %d of %d, %d devices (%s)", jax.process_index(), jax.process_count(),
                len(jax.devices()), jax.devices()[0].platform)
-  name = "(checkpoint)" if flags.CHECKPOINT.value else flags.CONFIG.value
+  name = flags.CONFIG.value
+  if flags.CHECKPOINT.value:
+    same = presets.names_of(cfg)
+    name = (f"{' = '.join(same)} (the checkpoint's)" if same
+            else "of the checkpoint (no preset's)")
   _say(f"model {name}: {cfg.num_layers} layers x {cfg.num_experts} experts, "
        f"top-{cfg.top_k}, {cfg.dtype}; deployment {dep.describe()}")
   watch = numerics.LayerWatch() if flags.CHECK_NUMERICS.value else None
