@@ -120,8 +120,10 @@ def _report(cfg, dep, gen, extra):
   """The run's metrics printed, and written with the tokens to --output."""
   load = gen.load_LxE
   imbalance = gen.imbalance
-  load_row = f"{imbalance:.2f}" + (f" (random router: {extra['random_load_max_mean']:.2f})"
-                                   if "random_load_max_mean" in extra else "")
+  # The random weights of --seed are where a `jax-ep train --seed` run starts from.
+  load_row = f"{imbalance:.2f}" + (
+      f" (random weights of --seed={flags.SEED.value}: {extra['random_load_max_mean']:.2f})"
+      if "random_load_max_mean" in extra else "")
   timed = bool(gen.step_s or gen.decode_steps)
   untimed = (f"not timed: {gen.steps + 1} new token(s) are the prefill's and the ring's fill "
              f"(--max_new_tokens={gen.steps + 1}); give 3 or more to time a decode step")
