@@ -57,3 +57,18 @@ def test_all_help_gives_each_command_its_own_default():
   # The runtime flags: every command that uses devices, not the offline ones.
   runtime = " ".join(text[text.index("  --num_processes:"):].split("\n  --")[0].split())
   assert "(read by generate, bench, train, import-hf, export-hf)" in runtime
+
+
+def test_each_command_help_keeps_only_its_own_parts_of_a_shared_flag():
+  bench = " ".join(command_flags.help_text(main.COMMANDS["bench"], command="bench").split())
+  train = " ".join(command_flags.help_text(main.COMMANDS["train"], command="train").split())
+  assert "--steps: Decode steps timed back to back, TPOT is their mean." in bench
+  assert "optimizer" not in bench and "TPOT" not in train
+  assert "--steps: Optimizer steps in all" in train
+  assert "--batch: Sequences a training step. (default: 32)" in train
+  # "; train:" inside brackets is part of the flag's text, not a part for train.
+  assert "(jax_ep/memory.py; train: jax_ep/train.py's lower bound)" in bench
+  # A help naming no command, and a command the help names no part for, keep it whole.
+  assert command_flags.for_command("Seed for weights.", "bench") == "Seed for weights."
+  assert command_flags.for_command("train: a; bench: b", "plan") == "train: a; bench: b"
+  assert command_flags.for_command("x (plan: y); train: z", "plan") == "X (plan: y)."

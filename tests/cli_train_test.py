@@ -24,7 +24,8 @@ def test_train_then_generate_from_its_checkpoint(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "model tiny_task (the checkpoint's)" in proc.stdout
   assert "trained on reverse of 3 digits" in proc.stdout
-  assert "task accuracy (exact match)" in proc.stdout and "(random weights of --seed=0: " in proc.stdout
+  assert "task accuracy (exact match)" in proc.stdout
+  assert "(random weights of --seed=0: " in proc.stdout
   result = json.loads(out.read_text())
   assert len(result["tokens"][0]) == 3 and 0 <= result["task_accuracy"] <= 1
   assert result["random_load_max_mean"] >= 1 and result["config"]["vocab_size"] == 16

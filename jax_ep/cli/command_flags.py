@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
+import re
 import sys
 import textwrap
 
@@ -87,11 +88,41 @@ COMMAND_DEFAULTS = {
 }
 
 
-def _entry(name: str, default: str) -> str:
+def _segments(text: str) -> list[tuple[frozenset[str] | None, str]]:
+  """A flag's help cut where a part for some commands begins ("...; train: ..." outside
+  brackets): [(the commands it names, or None for the part before any, its text)]."""
+  label = re.compile(r"((?:%s)(?:, (?:%s))*): " % ((COMMAND_NAMES,) * 2))
+  cuts, depth, i = [0], 0, 0
+  while i < len(text):
+    depth += {"(": 1, ")": -1}.get(text[i], 0)
+    if depth == 0 and text.startswith("; ", i) and label.match(text, i + 2):
+      cuts.append(i + 2)
+    i += 1
+  parts = [text[a:b].rstrip("; ") for a, b in zip(cuts, cuts[1:] + [len(text)], strict=True)]
+  out = []
+  for part in parts:
+    m = label.match(part)
+    out.append((frozenset(m.group(1).split(", ")), part[m.end():]) if m else (None, part))
+  return out
+
+
+def for_command(text: str, command: str) -> str:
+  """The parts of a flag's help that concern `command`: "train: steps in all; bench: steps
+  timed" reads "steps timed" for bench."""
+  segments = _segments(text)
+  if not command or all(names is None for names, _ in segments):
+    return text
+  kept = "; ".join(t for names, t in segments if names is None or command in names)
+  if not kept:
+    return text
+  return kept[0].upper() + kept[1:] + ("" if kept.endswith(".") else ".")
+
+
+def _entry(name: str, default: str, command: str = "") -> str:
   flag = absl_flags.FLAGS[name]
   prefix = "--[no]" if flag.boolean else "--"
-  body = textwrap.fill(f"{prefix}{name}: {flag.help}", width=88, initial_indent="  ",
-                       subsequent_indent="    ")
+  body = textwrap.fill(f"{prefix}{name}: {for_command(flag.help, command)}", width=88,
+                       initial_indent="  ", subsequent_indent="    ")
   tail = textwrap.fill(f"(default: {default})", width=88, initial_indent="    ",
                        subsequent_indent="    ")
   return f"{body}\n{tail}"
@@ -125,9 +156,12 @@ def all_help(commands: dict, offline=()) -> str:
   return "\n".join(lines)
 
 
+COMMAND_NAMES = "generate|bench|predict|plan|train|import-hf|export-hf"
+
+
 def help_text(fn, offline: bool = False, command: str = "") -> str:
   """Each flag `fn` reads, as absl's --help writes it: name, help, default (the command's
   own where COMMAND_DEFAULTS has it; "unset" where the flag has no default)."""
   own = COMMAND_DEFAULTS.get(command, {})
-  return "\n".join(_entry(name, own.get(name) or _absl_default(name))
+  return "\n".join(_entry(name, own.get(name) or _absl_default(name), command)
                    for name in sorted(reads(fn, offline)))

@@ -84,8 +84,9 @@ DROPLESS = flags.DEFINE_bool(
     "capacity_factor-sized buffers, overflow dropped and counted.")
 SEED = flags.DEFINE_integer("seed", 0, "Seed for weights, prompts and sampling.")
 BATCH = flags.DEFINE_integer(
-    "batch", None, "Sequences decoded together (bench and predict: 1024 by default, the "
-    "seed's tokens per forward pass); train: sequences a training step.")
+    "batch", None, "generate, plan, bench, predict: sequences decoded together (bench and "
+    "predict: the seed's 1024 tokens per forward pass by default); train: sequences a "
+    "training step.")
 PROMPT_LEN = flags.DEFINE_integer("prompt_len", 16, "Tokens in each (random) prompt.")
 NEW = flags.DEFINE_integer("max_new_tokens", 16, "Tokens generated per sequence (bench: sets "
                            "the timed steps instead of --steps, after the fill, --warmup and "
