@@ -14,9 +14,6 @@ DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float
 MLP_KINDS = ("gelu", "swiglu")
 PLACEMENTS = ("ep", "tp")
 KINDS = ("single", "baseline", "proposed")
-# What each kind is, in the words describe() prints beside a deployment's name.
-KIND_WORDS = {"single": "one device", "baseline": "tensor x pipeline parallel",
-              "proposed": "expert parallel"}
 KERNELS = ("auto", "xla", "pallas", "interpret")
 
 
@@ -291,7 +288,10 @@ class DeploymentConfig:
             "least that every split of this deployment takes).")
 
   def describe(self) -> str:
-    label = f"{self.name or self.kind} ({KIND_WORDS[self.kind]})"
+    axes = [word for size, word in ((self.stages, "pipeline"), (self.expert, "expert"),
+                                    (self.tp, "tensor")) if size > 1]
+    shape = f"{' x '.join(axes)} parallel" if axes else "one device"
+    label = f"{self.name or self.kind} ({shape})"
     return (f"{label}: stage {self.stages} x expert {self.expert} x tp {self.tp} "
             f"({self.num_devices} device{'s' * (self.num_devices != 1)}), "
             f"placement={self.placement}, "

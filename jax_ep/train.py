@@ -265,7 +265,7 @@ def run(cfg: ModelConfig, tc: TrainConfig, workdir: str | None, *, save_every: i
   rand = {k: float(v) for k, v in evaluate(cfg, tc, random_params, seq).items()}
   log(f"held-out {tc.task.name} of {tc.task.digits} digits: accuracy {final['accuracy']:.3f} "
       f"(random weights {rand['accuracy']:.3f}); expert load max/mean {final['load_max_mean']:.2f}"
-      f" (random router {rand['load_max_mean']:.2f})")
+      f" (its initial weights {rand['load_max_mean']:.2f})")
   return Result(state, final, rand, resumed_from, time.perf_counter() - t_start)
 
 

@@ -65,10 +65,26 @@ def test_each_command_help_keeps_only_its_own_parts_of_a_shared_flag():
   assert "--steps: Decode steps timed back to back, TPOT is their mean." in bench
   assert "optimizer" not in bench and "TPOT" not in train
   assert "--steps: Optimizer steps in all" in train
-  assert "--batch: Sequences a training step. (default: 32)" in train
+  assert "--batch: Sequences a training step. (an integer) (default: 32)" in train
   # "; train:" inside brackets is part of the flag's text, not a part for train.
   assert "(jax_ep/memory.py; train: jax_ep/train.py's lower bound)" in bench
   # A help naming no command, and a command the help names no part for, keep it whole.
   assert command_flags.for_command("Seed for weights.", "bench") == "Seed for weights."
   assert command_flags.for_command("train: a; bench: b", "plan") == "train: a; bench: b"
   assert command_flags.for_command("x (plan: y); train: z", "plan") == "X (plan: y)."
+
+
+def test_help_segments_respect_brackets_enums_and_the_command_list():
+  assert command_flags.for_command("a [x; train: y]; bench: z", "bench") == "A [x; train: y]; z."
+  # A stray closing bracket does not stop the splitting.
+  assert command_flags.for_command("1) one; train: t; bench: b", "bench") == "1) one; b."
+  assert command_flags.for_command("<a|b>: train: the task.", "train") == "<a|b>: The task."
+  assert set(command_flags.COMMAND_NAMES.split("|")) == set(main.COMMANDS)
+  generate = command_flags.help_text(main.COMMANDS["generate"], command="generate")
+  output = " ".join(generate[generate.index("  --output:"):].split("\n  --")[0].split())
+  assert output.startswith("--output: Written only when the run succeeds; a JSON file")
+  assert "results JSON" not in output
+  # absl's syntax line, and what a deployment flag left unset means.
+  groups = generate[generate.index("  --decode_groups:"):].split("\n  --")[0]
+  assert "(an integer)" in groups and "(default: the --deployment's)" in groups
+  assert "(a comma separated list)" in command_flags.all_help(main.COMMANDS, main.OFFLINE)

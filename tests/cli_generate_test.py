@@ -70,9 +70,9 @@ BAD = [
      "to the devices), mesh:SxExT (any shape) or a preset: ['baseline_1', 'baseline_2', "
      "'baseline_4'"),
     (["--deployment=propsed"], "Did you mean 'proposed'?"),
-    (["--deployment=seed_proposed"], "deployment seed_proposed (expert parallel): stage 4 x "
-     "expert 16 x tp 1 (64 devices), placement=ep, microbatches=4, decode groups 4 needs 64 "
-     "devices but 8 are available"),
+    (["--deployment=seed_proposed"], "deployment seed_proposed (pipeline x expert parallel): "
+     "stage 4 x expert 16 x tp 1 (64 devices), placement=ep, microbatches=4, decode groups 4 "
+     "needs 64 devices but 8 are available"),
     (["--deployment=proposed", "--tp=3"], "num_experts=16 is not divisible by the expert x tp"),
     (["--deployment=proposed", "--tp=3", "--placement=tp"], "num_heads=8 is not divisible by "
      "--tp=3"),

@@ -15,7 +15,8 @@ def test_train_then_generate_from_its_checkpoint(tmp_path):
              "--save_every=1", "--task_digits=3")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "[########################] 2/2 loss" in proc.stdout
-  assert "held-out reverse of 3 digits: accuracy" in proc.stdout and "random router" in proc.stdout
+  assert "held-out reverse of 3 digits: accuracy" in proc.stdout
+  assert "(its initial weights " in proc.stdout
   assert sorted(os.listdir(workdir)) == ["1", "2"]
   assert "orbax" not in proc.stderr  # its INFO logs are dropped
   out = tmp_path / "gen.json"
@@ -29,3 +30,8 @@ def test_train_then_generate_from_its_checkpoint(tmp_path):
   result = json.loads(out.read_text())
   assert len(result["tokens"][0]) == 3 and 0 <= result["task_accuracy"] <= 1
   assert result["random_load_max_mean"] >= 1 and result["config"]["vocab_size"] == 16
+
+  # A checkpoint's run that does not fit names the checkpoint, not a --config never given.
+  proc = run("generate", f"--checkpoint={workdir}", "--deployment=single", "--batch=200000000")
+  assert proc.returncode != 0
+  assert f"generate --checkpoint={workdir} does not fit" in proc.stderr, proc.stderr[-2000:]

@@ -80,8 +80,15 @@ def test_configs_are_frozen_and_hashable():
   # A name is for messages: the same layout under another name is the same deployment.
   named = dataclasses.replace(deployments.SEED_PROPOSED, name="seed_proposed --tp=1")
   assert named == deployments.SEED_PROPOSED and hash(named) == hash(deployments.SEED_PROPOSED)
-  assert named.describe().startswith("seed_proposed --tp=1 (expert parallel): stage 4 x expert 16")
-  assert deployments.SEED_PROPOSED.describe().startswith("proposed (expert parallel): stage 4")
+  assert named.describe().startswith(
+      "seed_proposed --tp=1 (pipeline x expert parallel): stage 4 x expert 16")
+  assert deployments.SEED_PROPOSED.describe().startswith(
+      "proposed (pipeline x expert parallel): stage 4")
+  # The words follow the shape, whatever the kind's family.
+  assert deployments.mesh("mesh:1x1x8").describe().startswith("proposed (tensor parallel)")
+  assert deployments.mesh("mesh:2x1x4").describe().startswith(
+      "proposed (pipeline x tensor parallel)")
+  assert deployments.SINGLE.describe().startswith("single (one device)")
 
 
 # --- DeploymentConfig ---------------------------------------------------------------------

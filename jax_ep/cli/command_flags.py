@@ -83,21 +83,23 @@ COMMAND_DEFAULTS = {
               "batch": "1024", "tokens_per_call": "1"},
     "predict": {"batch": "1024"},
     "generate": {"batch": "8, rounded up to a batch the deployment splits"},
-    "plan": {"batch": "8, rounded up to a batch the deployment splits"},
+    "plan": {"batch": "8, rounded up to a batch the deployment splits",
+             "devices": "the deployment's own count; 8 for single, baseline or proposed",
+             "mem_fraction": "$XLA_PYTHON_CLIENT_MEM_FRACTION, else jax's 0.75"},
     "train": {"batch": "32"},
 }
+COMMAND_DEFAULTS["bench"] |= {"devices": "all", "probe_mib": "4096 on GPU, 64 on CPU"}
 
 
 def _segments(text: str) -> list[tuple[frozenset[str] | None, str]]:
   """A flag's help cut where a part for some commands begins ("...; train: ..." outside
   brackets): [(the commands it names, or None for the part before any, its text)]."""
   label = re.compile(r"((?:%s)(?:, (?:%s))*): " % ((COMMAND_NAMES,) * 2))
-  cuts, depth, i = [0], 0, 0
-  while i < len(text):
-    depth += {"(": 1, ")": -1}.get(text[i], 0)
+  cuts, depth = [0], 0
+  for i, char in enumerate(text):
+    depth = max(0, depth + (char in "([{") - (char in ")]}"))
     if depth == 0 and text.startswith("; ", i) and label.match(text, i + 2):
       cuts.append(i + 2)
-    i += 1
   parts = [text[a:b].rstrip("; ") for a, b in zip(cuts, cuts[1:] + [len(text)], strict=True)]
   out = []
   for part in parts:
@@ -108,7 +110,10 @@ def _segments(text: str) -> list[tuple[frozenset[str] | None, str]]:
 
 def for_command(text: str, command: str) -> str:
   """The parts of a flag's help that concern `command`: "train: steps in all; bench: steps
-  timed" reads "steps timed" for bench."""
+  timed" reads "steps timed" for bench. absl's "<a|b>: " before an enum's help is kept."""
+  enum = re.match(r"<[^>]*>: ", text)
+  if enum:
+    return enum.group(0) + for_command(text[enum.end():], command)
   segments = _segments(text)
   if not command or all(names is None for names, _ in segments):
     return text
@@ -123,13 +128,20 @@ def _entry(name: str, default: str, command: str = "") -> str:
   prefix = "--[no]" if flag.boolean else "--"
   body = textwrap.fill(f"{prefix}{name}: {for_command(flag.help, command)}", width=88,
                        initial_indent="  ", subsequent_indent="    ")
+  syntax = flag.parser.syntactic_help  # "an integer", "a comma separated list", ...
+  if syntax and not flag.boolean and "<" not in flag.help[:1]:
+    body += f"\n    ({syntax})"
   tail = textwrap.fill(f"(default: {default})", width=88, initial_indent="    ",
                        subsequent_indent="    ")
   return f"{body}\n{tail}"
 
 
 def _absl_default(name: str) -> str:
+  """absl's default; for a flag that overrides a deployment field and is not given, the
+  --deployment's value."""
   flag = absl_flags.FLAGS[name]
+  if flag.default is None and name in flags.FLAG_OF_FIELD.values():
+    return "the --deployment's"
   return "unset" if flag.default is None else flag.default_as_str
 
 
@@ -160,8 +172,8 @@ COMMAND_NAMES = "generate|bench|predict|plan|train|import-hf|export-hf"
 
 
 def help_text(fn, offline: bool = False, command: str = "") -> str:
-  """Each flag `fn` reads, as absl's --help writes it: name, help, default (the command's
-  own where COMMAND_DEFAULTS has it; "unset" where the flag has no default)."""
+  """Each flag `fn` reads: name, the parts of its help for `command`, its syntax, and its
+  default (the command's own where COMMAND_DEFAULTS has it; "unset" where there is none)."""
   own = COMMAND_DEFAULTS.get(command, {})
   return "\n".join(_entry(name, own.get(name) or _absl_default(name), command)
                    for name in sorted(reads(fn, offline)))

@@ -45,12 +45,12 @@ GROUPS = flags.DEFINE_integer(
 PER_CALL = flags.DEFINE_integer(
     "tokens_per_call", None,
     "Tokens per sequence that one decode call generates (a loop of static trip count on "
-    "the device, one host dispatch per call, as multi-step scheduling in servers); 1 "
-    "(default): a call per token.")
+    "the device, one host dispatch per call, as multi-step scheduling in servers); 1 (every "
+    "preset's): a call per token.")
 PREFILL_CHUNK = flags.DEFINE_integer(
     "prefill_chunk", None,
     "Prompt positions per prefill chunk (each chunk runs that many tokens of every "
-    "sequence); 0 (default): as many positions as keep a chunk within 32768 rows of the "
+    "sequence); 0 (every preset's): as many positions as keep a chunk within 32768 rows of the "
     "expert kernel's buffer per device (decode.PREFILL_ROWS_PER_DEVICE).")
 KERNELS = flags.DEFINE_enum(
     "kernels", None, ["auto", "xla", "pallas", "interpret"],
@@ -80,12 +80,12 @@ CAPACITY = flags.DEFINE_float(
     "With --nodropless: send-buffer rows per destination device, relative to a balanced share.")
 DROPLESS = flags.DEFINE_bool(
     "dropless", None,
-    "Worst-case static exchange buffers, nothing dropped (default); --nodropless: "
+    "Worst-case static exchange buffers, nothing dropped (every preset's); --nodropless: "
     "capacity_factor-sized buffers, overflow dropped and counted.")
 SEED = flags.DEFINE_integer("seed", 0, "Seed for weights, prompts and sampling.")
 BATCH = flags.DEFINE_integer(
-    "batch", None, "generate, plan, bench, predict: sequences decoded together (bench and "
-    "predict: the seed's 1024 tokens per forward pass by default); train: sequences a "
+    "batch", None, "generate, plan: sequences decoded together; bench, predict: sequences "
+    "decoded together, the seed's tokens per forward pass by default; train: sequences a "
     "training step.")
 PROMPT_LEN = flags.DEFINE_integer("prompt_len", 16, "Tokens in each (random) prompt.")
 NEW = flags.DEFINE_integer("max_new_tokens", 16, "Tokens generated per sequence (bench: sets "
@@ -93,9 +93,9 @@ NEW = flags.DEFINE_integer("max_new_tokens", 16, "Tokens generated per sequence 
                            "--synced steps).")
 TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy; > 0 samples.")
 OUTPUT = flags.DEFINE_string("output", None,
-                             "generate: JSON file for the generated tokens ([batch][new "
-                             "tokens]) and metrics; bench: the results JSON (the table beside "
-                             "it); written only when the run succeeds.")
+                             "Written only when the run succeeds; generate: a JSON file "
+                             "of the generated tokens ([batch][new tokens]) and the metrics; "
+                             "bench: the results JSON (the table beside it).")
 PROFILE = flags.DEFINE_string("profile_dir", None,
                               "Write a jax.profiler trace of the decode steps here.")
 OVERLAP = flags.DEFINE_bool("xla_overlap", True,
@@ -115,14 +115,12 @@ SKIP_UNFIT = flags.DEFINE_bool(
     "bench: skip the deployments that cannot run here (devices, batch, memory) and run the "
     "rest; without it any such deployment is an error.")
 DEVICES = flags.DEFINE_integer(
-    "devices", None, "plan: devices to plan for (default: the preset's own count; for single, "
-    "baseline or proposed 8); bench: use the first N devices (default: all).")
+    "devices", None, "plan: devices to plan for; bench: use the first N devices.")
 DEVICE_KIND = flags.DEFINE_string(
     "device_kind", "h100", "plan: the device whose memory to plan against: cpu (this host) or "
     "one of h100, h200, a100 (80 GB), a100_40, a100_80.")
 MEM_FRACTION = flags.DEFINE_float(
-    "mem_fraction", None, "plan: share of a GPU's memory jax's allocator takes (default: "
-    "$XLA_PYTHON_CLIENT_MEM_FRACTION, else jax's 0.75).")
+    "mem_fraction", None, "plan: share of a GPU's memory jax's allocator takes.")
 COMPILE = flags.DEFINE_bool(
     "compile", False, "plan: also compile generate's prefill and decode programs from shapes on "
     "N simulated CPU devices (nothing is allocated) and print XLA's bytes per device.")
@@ -187,8 +185,8 @@ SYNCED = flags.DEFINE_integer("synced", 5, "bench: decode steps before the timed
 WARMUP = flags.DEFINE_integer("warmup", 1, "bench: decode steps after the ring's fill, not "
                               "timed.")
 PROBE_MIB = flags.DEFINE_integer(
-    "probe_mib", None, "bench: bandwidth probe size in MiB (default 4096 on GPU, 64 on CPU); "
-    "the all_to_all probe moves 1/64 of it.")
+    "probe_mib", None, "bench: bandwidth probe size in MiB; the all_to_all probe moves 1/64 of "
+    "it.")
 OUT_DIR = flags.DEFINE_string("out_dir", None, "bench: write seed_table.{json,md,png} here "
                               "(--output names the JSON instead).")
 HARDWARE = flags.DEFINE_enum("hardware", "h100", sorted(hardware.HARDWARE),

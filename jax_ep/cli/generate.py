@@ -85,7 +85,8 @@ def _generate(profile_dir):
     fp = memory.footprint(cfg, dep, len(prompts), prompts.shape[1], max_len, platform)
     memory_budget.check(fp, memory_budget.budget_for_devices(jax.devices()[:dep.num_devices]),
                         candidates=flags.memory_candidates(), platform=platform,
-                        what=f"generate --config={name}",
+                        what=(f"generate --checkpoint={flags.CHECKPOINT.value}"
+                              if flags.CHECKPOINT.value else f"generate --config={name}"),
                         plan_command=_plan_command(dep, len(prompts), prompts.shape[1], new))
   distributed.check_same("run", distributed.fields(model=cfg, deployment=dep, prompts=prompts),
                          flags.DIST_TIMEOUT.value)

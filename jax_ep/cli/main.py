@@ -97,7 +97,7 @@ def print_help(command: str | None = None) -> None:
   and exits 1)."""
   if command is None:
     print(__doc__)
-    print("Every flag, with the commands that read it and each one's default "
+    print("Every flag, with the commands that read it and each one's default\n"
           "(`jax-ep COMMAND --help`: one command's flags only):\n")
     print(command_flags.all_help(COMMANDS, OFFLINE))
     return
