@@ -23,6 +23,11 @@ def test_predict_bench_and_bench_refusals(tmp_path):
       ["predict", f"--calibration={tmp_path / 'not_bench.json'}"],
       ["predict", f"--plot={tmp_path / 'missing_dir' / 'x.png'}"],
       ["bench", "--simulate_devices=8", f"--out_dir={tmp_path / 'not_bench.json'}"],
+      ["bench", "--simulate_devices=8", "--kinds=single", "--synced=0"],
+      ["bench", "--simulate_devices=8", "--kinds=single", "--steps=0"],
+      ["bench", "--simulate_devices=8", "--kinds=single", "--warmup=-1"],
+      ["bench", "--simulate_devices=8", "--kinds=single", "--probe_mib=-3"],
+      ["predict", "--context_len=0"],
       ["predict", "--hardware=h200", f"--calibration={out_dir / 'seed_table.json'}"],
   ])
   predict, bench, *refused, calibrated = results
@@ -40,7 +45,12 @@ def test_predict_bench_and_bench_refusals(tmp_path):
   for r, message in zip(refused, ["--skip_unfit runs the rest", "is a directory",
                                   "cannot read it", "holds no measured run",
                                   "does not exist; create it first",
-                                  "not_bench.json is a file, not a directory"], strict=True):
+                                  "not_bench.json is a file, not a directory",
+                                  "--synced=0 must be a positive integer",
+                                  "--steps=0 must be a positive integer",
+                                  "--warmup=-1 must be 0 or more",
+                                  "--probe_mib=-3 must be a positive integer",
+                                  "--context_len=0 must be a positive integer"], strict=True):
     assert r["rc"] == 2, (r["args"], r["stdout"][-1000:], r["stderr"][-2000:])
     assert message in r["stderr"], (r["args"], r["stderr"][-2000:])
     assert "compiling" not in r["stdout"] and "probe:" not in r["stdout"], r["args"]

@@ -39,9 +39,13 @@ def _check_flags():
 
   if flags.SIMULATE.value < -1:
     runtime.simulate_devices(flags.SIMULATE.value)  # raises, saying what to use
-  for flag in (flags.BATCH, flags.PROMPT_LEN, flags.NEW, flags.DEVICES):
+  for flag in (flags.BATCH, flags.PROMPT_LEN, flags.NEW, flags.DEVICES, flags.STEPS,
+               flags.SYNCED, flags.PROBE_MIB, flags.CONTEXT_LEN, flags.TASK_DIGITS):
     if flag.value is not None and flag.value < 1:
       raise ConfigError(f"--{flag.name}={flag.value} must be a positive integer.")
+  for flag in (flags.WARMUP, flags.SAVE_EVERY):
+    if flag.value < 0:
+      raise ConfigError(f"--{flag.name}={flag.value} must be 0 or more.")
   if distributed.resolve(flags.COORDINATOR.value, flags.NUM_PROCESSES.value,
                          flags.PROCESS_ID.value).process_id == 0:  # only process 0 writes
     check_output_path(flags.OUTPUT.value)
