@@ -113,7 +113,7 @@ def test_bad_input_fails_before_compiling_and_writes_nothing(tmp_path):
 
 def test_dry_run_of_a_model_this_host_cannot_hold_prints_the_layout(tmp_path):
   # The seed model (69 GB of fp16 experts) does not fit this host: a dry run allocates
-  # nothing, so the memory check that refuses `generate` without it is skipped.
+  # nothing, so it prints the layout and says that the run itself would be refused.
   plan = ["plan", "--config=seed", "--deployment=single", "--batch=8", "--prompt_len=16",
           "--max_new_tokens=16", "--device_kind=cpu"]
   dry, real, planned, rounded, untimed = run_cases([
@@ -135,6 +135,9 @@ def test_dry_run_of_a_model_this_host_cannot_hold_prints_the_layout(tmp_path):
   assert "--batch not given" not in dry["stderr"]
   assert dry["rc"] == 0, dry["stderr"][-2000:]
   assert "layers/4  experts/16" in dry["stdout"] and "compiling" not in dry["stdout"]
+  # It says that the run itself would be refused, and why.
+  assert "memory: the run itself would be refused here: " in dry["stdout"]
+  assert "does not fit" in dry["stdout"]
   assert real["rc"] == 2 and "does not fit" in real["stderr"]
   # The refusal names the plan of this same run, and that plan finds the same bytes.
   assert f"`jax-ep {' '.join(plan)}` prints the table" in real["stderr"], real["stderr"]

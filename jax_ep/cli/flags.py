@@ -141,7 +141,9 @@ DIST_TIMEOUT = flags.DEFINE_integer(
     "run) before it fails with an error.")
 DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "generate: check everything, print which process and device holds which "
-    "layers, experts, heads, vocabulary columns and batch rows, and exit without compiling.")
+    "layers, experts, heads, vocabulary columns and batch rows, and whether the run fits "
+    "these devices' memory (a layout that does not fit is still printed), and exit without "
+    "compiling.")
 
 # --- checkpoints, train, import-hf, export-hf (jax_ep/checkpoint.py, train.py, hf.py) ------
 CHECKPOINT = flags.DEFINE_string(

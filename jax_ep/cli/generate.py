@@ -10,6 +10,7 @@ from absl import logging
 
 from jax_ep import distributed, presets
 from jax_ep.cli import flags
+from jax_ep.config import ConfigError
 
 
 def _say(message: str):
@@ -80,18 +81,28 @@ def _generate(profile_dir):
   max_len = min(cfg.max_seq_len, prompts.shape[1] + new)
   # Everything that can be wrong with the request is checked before anything compiles.
   decode.check_request(engine, prompts, new, flags.TEMPERATURE.value, max_len)
-  if flags.CHECK_MEMORY.value and not flags.DRY_RUN.value:  # a dry run allocates nothing
+  memory_note = None
+  if flags.CHECK_MEMORY.value:
     platform = jax.devices()[0].platform
     fp = memory.footprint(cfg, dep, len(prompts), prompts.shape[1], max_len, platform)
-    memory_budget.check(fp, memory_budget.budget_for_devices(jax.devices()[:dep.num_devices]),
-                        candidates=flags.memory_candidates(), platform=platform,
-                        what=(f"generate --checkpoint={flags.CHECKPOINT.value}"
-                              if flags.CHECKPOINT.value else f"generate --config={name}"),
-                        plan_command=_plan_command(dep, len(prompts), prompts.shape[1], new))
+    try:
+      memory_budget.check(
+          fp, memory_budget.budget_for_devices(jax.devices()[:dep.num_devices]),
+          candidates=flags.memory_candidates(), platform=platform,
+          what=(f"generate --checkpoint={flags.CHECKPOINT.value}"
+                if flags.CHECKPOINT.value else f"generate --config={name}"),
+          plan_command=_plan_command(dep, len(prompts), prompts.shape[1], new))
+    except ConfigError as e:
+      if not flags.DRY_RUN.value:
+        raise
+      # A dry run allocates nothing, so it shows the layout of what does not fit here too.
+      memory_note = f"memory: the run itself would be refused here: {e}"
   distributed.check_same("run", distributed.fields(model=cfg, deployment=dep, prompts=prompts),
                          flags.DIST_TIMEOUT.value)
   if flags.DRY_RUN.value:
     _say(placement.format_table(cfg, dep, placement.rows(cfg, dep, jax.devices(), len(prompts))))
+    _say(memory_note or ("memory: fits these devices (jax_ep/memory.py's plan)"
+                         if flags.CHECK_MEMORY.value else "memory: not checked (--nocheck_memory)"))
     return cfg, dep, None, {}
   if flags.CHECKPOINT.value:
     from jax_ep import checkpoint
