@@ -29,6 +29,11 @@ def did_you_mean(name: str, choices) -> str:
   return f" Did you mean {near[0]!r}?" if near else ""
 
 
+def count(n: int, noun: str) -> str:
+  """"1 device", "8 devices", "2 processes": a count with its noun in its number."""
+  return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('s') else 's'}"
+
+
 def natural_sort(names) -> list[str]:
   """Names in the order a reader expects: baseline_2 before baseline_16."""
   return sorted(names, key=lambda n: [int(t) if t.isdigit() else t
@@ -293,7 +298,7 @@ class DeploymentConfig:
     shape = f"{' x '.join(axes)} parallel" if axes else "one device"
     label = f"{self.name or self.kind} ({shape})"
     return (f"{label}: stage {self.stages} x expert {self.expert} x tp {self.tp} "
-            f"({self.num_devices} device{'s' * (self.num_devices != 1)}), "
+            f"({count(self.num_devices, 'device')}), "
             f"placement={self.placement}, "
             f"microbatches={self.microbatches}, decode groups {self.groups}"
             + (f", head on {self.head_gather} devices' rows" if self.head_gather > 1 else ""))

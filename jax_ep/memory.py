@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from jax_ep import sharding
-from jax_ep.config import ConfigError, DeploymentConfig, ModelConfig
+from jax_ep.config import ConfigError, DeploymentConfig, ModelConfig, count
 from jax_ep.kernels import grouped_matmul
 from jax_ep.mesh import AXES
 from jax_ep.perf import per_device
@@ -269,7 +269,8 @@ class Footprint:
             for k, v in sorted(self.weights.items(), key=lambda kv: -kv[1])]
     return rows + [
         (f"KV cache ({self.batch // self.dep.expert} of the {self.batch} sequences x "
-         f"{self.cfg.num_layers // self.dep.stages} layers x {self.length} positions)",
+         f"{count(self.cfg.num_layers // self.dep.stages, 'layer')} x "
+         f"{count(self.length, 'position')})",
          self.kv_cache, True),
         ("prompt tokens and ring state", self.state, True),
         ("activations: pipeline carries and residual stream", w.carries, True),

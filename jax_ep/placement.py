@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from jax_ep import mesh as mesh_lib
 from jax_ep import sharding
-from jax_ep.config import DeploymentConfig, ModelConfig
+from jax_ep.config import DeploymentConfig, ModelConfig, count
 from jax_ep.mesh import AXES
 
 
@@ -130,7 +130,8 @@ def summary(dep: DeploymentConfig, table: list[Row]) -> str:
       groups.setdefault(key(r), set()).add(r.process)
     return max(len(g) for g in groups.values())
 
-  return (f"{len(table)} devices on {most(lambda r: 0)} process(es); a tp group ({dep.tp} "
-          f"device(s)) spans at most {most(lambda r: (r.stage, r.expert))} process(es), a "
-          f"stage ({dep.expert * dep.tp} devices: its layers' experts) at most "
+  return (f"{count(len(table), 'device')} on {count(most(lambda r: 0), 'process')}; a tp "
+          f"group ({count(dep.tp, 'device')}) spans at most "
+          f"{count(most(lambda r: (r.stage, r.expert)), 'process')}, a stage "
+          f"({count(dep.expert * dep.tp, 'device')}: its layers' experts) at most "
           f"{most(lambda r: r.stage)}.")

@@ -22,7 +22,7 @@ def test_plan_refuses_what_does_not_fit_and_prints_the_holdings():
   assert "| weights: experts | 64.000 |" in refused["stdout"]
   assert "(--nocheck_memory" not in refused["stdout"]  # plan runs nothing: no advice to
   # Per device of the 64 (expert axis 16, 4 stages): 64 of the 1024 sequences, one layer.
-  assert "| KV cache (64 of the 1024 sequences x 1 layers x 64 positions) |" in fits["stdout"]
+  assert "| KV cache (64 of the 1024 sequences x 1 layer x 64 positions) |" in fits["stdout"]
   # --capacity_factor sizes only --nodropless buffers: said where it does nothing.
   assert "--capacity_factor=0.5 is without effect" in capacity["stderr"]
   assert dropping["rc"] == 0 and "without effect" not in dropping["stderr"]

@@ -106,7 +106,7 @@ def test_dry_run_prints_which_process_holds_what():
           if line.startswith("[0] ") and line[4:5].isdigit() and "devices on" not in line]
   # process, device, stage: process 0 holds stages 0-1, process 1 stages 2-3.
   assert [(r[0], r[2]) for r in rows] == [(str(s // 2), str(s)) for s in range(4) for _ in "ab"]
-  assert "8 devices on 2 process(es)" in log and "compiling" not in log
+  assert "8 devices on 2 processes" in log and "compiling" not in log
   assert not [line for line in log.splitlines() if line.startswith("[1] ") and "stage" in line]
 
 

@@ -56,5 +56,5 @@ def test_table_of_seed_proposed_on_8_hosts():
   assert len(lines) == 1 + 64 + 1
   assert lines[1].split() == ["0", "0", "0", "0", "0", "0", "0", "all", "all", "0-2047"]
   assert lines[64].split() == ["7", "63", "3", "15", "0", "3", "15", "all", "all", "30720-32767"]
-  assert lines[-1] == ("64 devices on 8 process(es); a tp group (1 device(s)) spans at most 1 "
-                       "process(es), a stage (16 devices: its layers' experts) at most 2.")
+  assert lines[-1] == ("64 devices on 8 processes; a tp group (1 device) spans at most 1 "
+                       "process, a stage (16 devices: its layers' experts) at most 2.")

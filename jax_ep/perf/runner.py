@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from jax_ep import checkpoint, decode
-from jax_ep.config import ConfigError, ModelConfig
+from jax_ep.config import ConfigError, ModelConfig, count
 from jax_ep.engine import Engine
 from jax_ep.perf.cost import floor_operations, floor_s, predict
 from jax_ep.perf.hardware import H200, IDEAL, Hardware
@@ -192,8 +192,8 @@ def run(spec: BenchSpec = BenchSpec(), log: Callable[[str], None] = print) -> di
     params, how = _weights(Engine(source.cfg, source.dep), spec, cfg)
     jax.block_until_ready(params)
     init_s[model_name] = time.perf_counter() - t0
-    log(f"{model_name}: weights {how} on {source.name} ({source.dep.num_devices} "
-        f"devices) in {init_s[model_name]:.1f} s")
+    log(f"{model_name}: weights {how} on {source.name} "
+        f"({count(source.dep.num_devices, 'device')}) in {init_s[model_name]:.1f} s")
     for p in [source] + [p for p in group if p is not source]:
       done += 1
       log(f"[{done}/{len(plans)}] {p.name}: {p.dep.describe()}, batch {p.batch}"
