@@ -66,8 +66,11 @@ def test_each_command_help_keeps_only_its_own_parts_of_a_shared_flag():
   assert "optimizer" not in bench and "TPOT" not in train
   assert "--steps: Optimizer steps in all" in train
   assert "--batch: Sequences a training step. (an integer) (default: 32)" in train
-  # "; train:" inside brackets is part of the flag's text, not a part for train.
-  assert "(jax_ep/memory.py; train: jax_ep/train.py's lower bound)" in bench
+  assert "train.py" not in bench.split("--[no]check_memory:")[1].split(" --")[0]
+  export = " ".join(command_flags.help_text(main.COMMANDS["export-hf"],
+                                            command="export-hf").split())
+  assert "its latest step; the model and weights to write." in export
+  assert "deployment" not in export
   # A help naming no command, and a command the help names no part for, keep it whole.
   assert command_flags.for_command("Seed for weights.", "bench") == "Seed for weights."
   assert command_flags.for_command("train: a; bench: b", "plan") == "train: a; bench: b"

@@ -88,9 +88,10 @@ BATCH = flags.DEFINE_integer(
     "decoded together, the seed's tokens per forward pass by default; train: sequences a "
     "training step.")
 PROMPT_LEN = flags.DEFINE_integer("prompt_len", 16, "Tokens in each (random) prompt.")
-NEW = flags.DEFINE_integer("max_new_tokens", 16, "Tokens generated per sequence (bench: sets "
-                           "the timed steps instead of --steps, after the fill, --warmup and "
-                           "--synced steps).")
+NEW = flags.DEFINE_integer("max_new_tokens", 16, "generate, plan: tokens generated per "
+                           "sequence; bench: tokens generated per sequence, setting the timed "
+                           "steps instead of --steps, after the fill, --warmup and --synced "
+                           "steps.")
 TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy; > 0 samples.")
 OUTPUT = flags.DEFINE_string("output", None,
                              "Written only when the run succeeds; generate: a JSON file "
@@ -103,9 +104,10 @@ OVERLAP = flags.DEFINE_bool("xla_overlap", True,
                             "overlap compute on GPU; see jax_ep/runtime.py).")
 CHECK_MEMORY = flags.DEFINE_bool(
     "check_memory", True,
-    "generate, bench, train: refuse a run whose planned bytes per device (jax_ep/memory.py; "
-    "train: jax_ep/train.py's lower bound) exceed the device's memory, before allocating; "
-    "--nocheck_memory runs it anyway.")
+    "generate, bench: refuse a run whose planned bytes per device (jax_ep/memory.py) "
+    "exceed the device's memory, before allocating (--nocheck_memory runs it anyway); "
+    "train: refuse a run whose bytes (jax_ep/train.py's lower bound) exceed the device's "
+    "memory, before allocating (--nocheck_memory runs it anyway).")
 CHECK_NUMERICS = flags.DEFINE_bool(
     "check_numerics", False,
     "generate: report every layer's non-finite outputs from inside the compiled programs and "
@@ -148,9 +150,10 @@ DRY_RUN = flags.DEFINE_bool(
 # --- checkpoints, train, import-hf, export-hf (jax_ep/checkpoint.py, train.py, hf.py) ------
 CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None,
-    "generate, bench, export-hf: a checkpoint directory (what train or import-hf wrote as "
-    "--workdir); its latest step's weights are laid out on the deployment, and its model "
-    "config is used (--config, if given, must name the same model).")
+    "A checkpoint directory (what train or import-hf wrote as --workdir), its latest "
+    "step; generate, bench: its weights are laid out on the deployment, and its model "
+    "config is used (--config, if given, must name the same model); export-hf: the model "
+    "and weights to write.")
 WORKDIR = flags.DEFINE_string("workdir", None, "train: checkpoints go here, and a run found "
                               "here is resumed; import-hf: the checkpoint to write.")
 STEPS = flags.DEFINE_integer("steps", 200, "train: optimizer steps in all (the learning-rate "
