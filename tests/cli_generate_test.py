@@ -4,6 +4,7 @@ anything compiles."""
 
 import json
 import os
+import re
 import stat
 
 import pytest
@@ -31,6 +32,8 @@ def test_generate_on_each_deployment_writes_the_same_tokens_and_repeats_them(tmp
   for (dep, name), r in zip(runs, results, strict=True):
     assert r["rc"] == 0, r["stderr"][-2000:]
     assert "TPOT" in r["stdout"] and "TPS" in r["stdout"] and meshes.get(dep, "") in r["stdout"]
+    # Dropless: no (token, expert) pick is dropped, and the report counts picks.
+    assert re.search(r"expert picks dropped +0 \(token x expert, all layers", r["stdout"])
     path = tmp_path / f"{name}.json"
     # The usual file mode (0666 less the umask), not a temporary file's 0600.
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_umask()

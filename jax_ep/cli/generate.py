@@ -147,8 +147,8 @@ def _report(cfg, dep, gen, extra):
           ("decode groups in flight", gen.groups), ("expert load max/mean", load_row),
           ("experts given no token", f"{int((load == 0).sum(axis=1).max())} of "
            f"{load.shape[1]} (the worst layer)"),
-          ("tokens dropped", f"{gen.dropped}" + ("" if dep.dropless else
-                                                 f" (capacity factor {dep.capacity_factor})"))]
+          ("expert picks dropped", f"{gen.dropped} (token x expert, all layers and steps)"
+           + ("" if dep.dropless else f", capacity factor {dep.capacity_factor}"))]
   if "task_accuracy" in extra:
     rows.append(("task accuracy (exact match)", f"{extra['task_accuracy']:.3f}"))
   for k, v in rows:
