@@ -38,3 +38,15 @@ def test_report_writes_plot(tmp_path):
   out = tables.report("h100", plot=str(tmp_path / "scaling.png"))
   assert "120,000" in out and "450,000" in out and "Proposed cross-node EP" in out
   assert (tmp_path / "scaling.png").stat().st_size > 0
+
+
+def test_rows_at_another_batch_name_their_groups_and_drop_the_seeds_figures():
+  rows = tables.seed_rows(hardware.H100_SXM, batch=256)
+  names = [r["method"] for r in rows]
+  assert "Proposed, ring of 4 groups of 64" in names
+  assert "Proposed, ring of 4 groups of 256" in names
+  assert "  what if: proposed, 8 groups of 256" in names
+  # The seed measured batch 1024: its figures are not set beside another batch's.
+  assert all(r["seed_tps"] is None for r in rows)
+  assert {r["method"]: r["prediction"].batch for r in rows}[
+      "Proposed, ring of 4 groups of 64"] == 256

@@ -50,24 +50,27 @@ def seed_rows(hw: Hardware = H100_SXM, batch: int = 1024, context_len: int = 128
 
   cfg = load_model("seed")
   one = dict(decode_groups=1)
+  groups = deployments.SEED_PROPOSED.groups
   cases = [("Baseline (TP=8, PP=2), one group", dc.replace(deployments.SEED_BASELINE, **one),
             "seed_baseline", batch),
            ("Baseline, ring of 2 groups", deployments.SEED_BASELINE, None, batch),
            ("Proposed cross-node EP, one group", dc.replace(deployments.SEED_PROPOSED, **one),
             "seed_proposed", batch),
-           ("Proposed, ring of 4 groups of 256", deployments.SEED_PROPOSED, "seed_proposed",
-            batch),
-           ("Proposed, ring of 4 groups of 1024", deployments.SEED_PROPOSED, None, 4 * batch)]
+           (f"Proposed, ring of {groups} groups of {batch // groups}",
+            deployments.SEED_PROPOSED, "seed_proposed", batch),
+           (f"Proposed, ring of {groups} groups of {batch}", deployments.SEED_PROPOSED, None,
+            groups * batch)]
   if what_if:
     cases += [
-        ("  what if: proposed, 8 groups of 1024", dc.replace(deployments.SEED_PROPOSED,
-                                                            decode_groups=8), None, 8 * batch),
+        (f"  what if: proposed, 8 groups of {batch}", dc.replace(deployments.SEED_PROPOSED,
+                                                                decode_groups=8), None, 8 * batch),
         ("  what if: one GPU", deployments.SINGLE, None, batch),
     ]
   rows = []
   for name, dep, key, b in cases:
     p = predict(cfg, dep, b, context_len, hw, eff)
-    tps, tpot = SEED_FIGURES.get(key, (None, None))
+    # The seed's figures are for its batch of 1024 only.
+    tps, tpot = SEED_FIGURES.get(key, (None, None)) if batch == 1024 else (None, None)
     rows.append({"method": name, "gpus": dep.num_devices,
                  "per_gpu": describe_layout(cfg, dep, b), "prediction": p,
                  "bubble": bubble_factor(dep), "groups": dep.groups,
