@@ -91,6 +91,7 @@ def test_a_typo_is_not_told_to_skip_what_does_not_fit():
   with pytest.raises(ConfigError) as e:
     runner.run(spec, log=lambda m: None)
   assert "'proposd' is not a kind or preset" in str(e.value) and "mesh:SxExT" in str(e.value)
+  assert "Did you mean 'proposed'?" in str(e.value)
   assert "after '/'" in str(e.value) and "--skip_unfit" not in str(e.value)
   # With an entry that does not fit here beside the typo, --skip_unfit runs the rest.
   with pytest.raises(ConfigError, match="--skip_unfit runs the rest"):

@@ -8,7 +8,7 @@ import dataclasses
 
 import jax
 
-from jax_ep.config import KINDS, ConfigError, DeploymentConfig, ModelConfig
+from jax_ep.config import KINDS, ConfigError, DeploymentConfig, ModelConfig, did_you_mean
 from jax_ep.perf.per_device import layout
 from jax_ep.presets import deployments, load_model
 
@@ -290,7 +290,8 @@ def _resolve(name: str, num_devices: int, flag: str) -> DeploymentConfig:
   if base not in deployments.PRESETS and base not in ("baseline", "proposed"):
     kinds = "single, baseline, proposed, mesh:SxExT[/G]" if flag == "--kinds" else "proposed"
     raise UnknownEntry(f"{flag}: {name!r} is not a kind or preset; use {kinds} or one of "
-                      f"{sorted(deployments.PRESETS)}.")
+                      f"{sorted(deployments.PRESETS)}."
+                      + did_you_mean(base, ["baseline", "proposed", *deployments.PRESETS]))
   return deployments.resolve(name, num_devices)
 
 
