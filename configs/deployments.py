@@ -103,18 +103,22 @@ def with_groups(name: str) -> tuple[str, int | None]:
   return base, int(groups)
 
 
-def resolve(name: str, num_devices: int) -> DeploymentConfig:
+RUN_ON = "run on (or simulate) one of those device counts"
+
+
+def resolve(name: str, num_devices: int, counts: str = RUN_ON) -> DeploymentConfig:
   """A preset by name, by kind ("single", "baseline", "proposed") for `num_devices`, or
   a mesh shape ("mesh:SxExT", `mesh`).
 
   "name/G" sets the preset's decode groups to G (e.g. seed_proposed/1: one in flight).
+  `counts` is the advice when a kind has no preset for `num_devices`.
   """
   name, groups = with_groups(name)
-  dep = _resolve(name, num_devices)
+  dep = _resolve(name, num_devices, counts)
   return dep if groups is None else dataclasses.replace(dep, decode_groups=groups)
 
 
-def _resolve(name: str, num_devices: int) -> DeploymentConfig:
+def _resolve(name: str, num_devices: int, counts: str) -> DeploymentConfig:
   if name.startswith("mesh:"):
     return mesh(name)
   if name in ("baseline", "proposed"):
@@ -124,8 +128,7 @@ def _resolve(name: str, num_devices: int) -> DeploymentConfig:
                      and k.split("_")[1].isdigit())
       fit = [n for n in sizes if n <= num_devices] or sizes[:1]
       raise ConfigError(f"no {name} preset for {num_devices} devices; presets exist for {sizes}: "
-                        "run on (or simulate) one of those device counts, or name a preset "
-                        f"that uses fewer, e.g. {name}_{fit[-1]}.")
+                        f"{counts}, or name a preset that uses fewer, e.g. {name}_{fit[-1]}.")
     return PRESETS[key]
   if name not in PRESETS:
     raise ConfigError(f"--deployment={name!r} is unknown; use baseline, proposed (sized to the "

@@ -7,13 +7,21 @@ from configs import deployments
 
 
 def test_plan_refuses_what_does_not_fit_and_prints_the_holdings():
-  refused, fits, capacity, dropping, mesh = run_cases([
+  refused, fits, capacity, dropping, mesh, fewer, no_preset = run_cases([
       ["plan", "--config=seed", "--deployment=single", "--device_kind=h100"],
       ["plan", "--config=seed", "--deployment=seed_proposed", "--device_kind=h200",
        "--batch=1024", "--prompt_len=32", "--max_new_tokens=32"],
       ["plan", "--capacity_factor=0.5"], ["plan", "--capacity_factor=0.5", "--nodropless"],
       ["plan", "--deployment=mesh:1x2x1", "--compile"],
+      ["plan", "--deployment=mesh:2x2x1", "--devices=8"],
+      ["plan", "--deployment=proposed", "--devices=3"],
   ])
+  # A mesh of fewer devices than --devices: planned for its own, and said so.
+  assert fewer["rc"] == 0 and "(4 devices)" in fewer["stdout"]
+  assert "mesh:2x2x1 uses 4 of the --devices=8" in fewer["stderr"]
+  # No preset of a kind for --devices: the advice is plan's flag, not generate's.
+  assert no_preset["rc"] == 2 and "(--devices)" in no_preset["stderr"]
+  assert "simulate" not in no_preset["stderr"]
   # The seed on one 80 GB H100: refused (exit 1, after the whole plan), and the smallest
   # deployment that fits is named.
   assert refused["rc"] == 1 and "DOES NOT FIT" in refused["stdout"]

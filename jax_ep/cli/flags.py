@@ -256,9 +256,10 @@ def need(command: str, *flag_holders):
                          f"required here: jax-ep {command} needs {every}.")
 
 
-def deployment_for(num_devices: int):
-  """The --deployment preset for `num_devices` devices with the mesh flags' overrides."""
-  dep = deployments.resolve(DEPLOYMENT.value, num_devices)
+def deployment_for(num_devices: int, counts: str = deployments.RUN_ON):
+  """The --deployment preset for `num_devices` devices with the mesh flags' overrides
+  (`counts`: the advice where --deployment's kind has no preset for that many)."""
+  dep = deployments.resolve(DEPLOYMENT.value, num_devices, counts)
   overrides = {"stages": STAGES.value, "expert": EXPERT.value, "tp": TP.value,
                "placement": PLACEMENT.value, "microbatches": MICRO.value,
                "decode_groups": GROUPS.value, "tokens_per_call": PER_CALL.value,

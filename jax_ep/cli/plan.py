@@ -4,6 +4,8 @@ deployment does not fit (after printing the whole plan), so scripts can test it.
 
 from __future__ import annotations
 
+import sys
+
 from jax_ep import runtime
 from jax_ep.cli import flags
 from jax_ep.presets import deployments
@@ -27,11 +29,14 @@ def run():
   cfg = load_model(flags.CONFIG.value)
   # --devices, else the preset's or mesh:SxExT's own count (8 for "proposed"/"baseline").
   n = flags.DEVICES.value or deployments.resolve(flags.DEPLOYMENT.value, 8).num_devices
-  dep = flags.deployment_for(n)
+  dep = flags.deployment_for(n, counts="plan for one of those device counts (--devices)")
   if dep.num_devices > n:
     from jax_ep.config import ConfigError
 
     raise ConfigError(f"{dep.describe()} needs {dep.num_devices} devices; --devices={n}.")
+  if dep.num_devices < n:  # as generate, which runs on the first devices the mesh needs
+    print(f"jax-ep plan: {flags.DEPLOYMENT.value} uses {dep.num_devices} of the "
+          f"--devices={n}; the plan is for those {dep.num_devices}.", file=sys.stderr)
   flags.check_model(cfg, dep)
   batch = flags.batch_for(dep)
   kind = flags.DEVICE_KIND.value.lower()
