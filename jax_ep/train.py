@@ -276,6 +276,9 @@ def _resume(ckpt, cfg: ModelConfig, tc: TrainConfig, state: TrainState) -> Train
   if saved is None:
     raise ConfigError(f"{ckpt.directory} holds a checkpoint without training state (an "
                       "import?); train in a new --workdir.")
+  checkpoint.check_model(meta["model"], cfg, f"--workdir={ckpt.directory}",
+                         "Resume it with the --config it was trained with, or train this "
+                         "model in a new --workdir.")
   want = tc.to_dict()
   diff = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in want.items() if saved.get(k) != v]
   if diff:

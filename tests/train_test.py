@@ -75,6 +75,11 @@ def test_run_resumed_from_a_checkpoint_equals_the_uninterrupted_one(trained, tmp
 def test_resume_with_other_settings_is_refused(trained):
   with pytest.raises(ConfigError, match=r"other settings: steps=100 \(now 200\)"):
     train.run(CFG, dataclasses.replace(TC, steps=200), trained[0], log=None)
+  # Another model in the same --workdir: told to resume with its --config or to use a new
+  # --workdir, before anything is restored.
+  other = dataclasses.replace(CFG, num_experts=2 * CFG.num_experts)
+  with pytest.raises(ConfigError, match=r"holds another model: num_experts=.*new --workdir"):
+    train.run(other, TC, trained[0], log=None)
 
 
 def test_training_forward_is_the_model_and_the_router_learns_from_both_losses():
