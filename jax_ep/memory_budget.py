@@ -127,12 +127,22 @@ def fits(fp: Footprint, budget: Budget, held: float = 0.0) -> bool:
   return need_bytes(fp, budget, held) <= budget.bytes
 
 
+def format_bytes(nbytes: int, scale: int | None = None) -> str:
+  """GiB for what is large, MiB or bytes for what would read 0.00 GiB (the tiny models);
+  the unit is chosen by `scale` (the largest figure beside it) when given, so that one
+  line keeps one unit."""
+  scale = nbytes if scale is None else scale
+  if scale >= GiB // 10:
+    return f"{nbytes / GiB:.2f} GiB"
+  return f"{nbytes / 2**20:.2f} MiB" if scale >= 2**20 // 10 else f"{nbytes:,} bytes"
+
+
 def _need(fp: Footprint, budget: Budget) -> str:
   if budget.shared:
-    each = f" ({fp.dep.num_devices} devices x {fp.total / GiB:.2f} GiB)" \
+    each = f" ({fp.dep.num_devices} devices x {format_bytes(fp.total)})" \
         if fp.dep.num_devices > 1 else ""
-    return f"{need_bytes(fp, budget) / GiB:.2f} GiB of host memory{each}"
-  return f"{fp.total / GiB:.2f} GiB per device"
+    return f"{format_bytes(need_bytes(fp, budget))} of host memory{each}"
+  return f"{format_bytes(fp.total)} per device"
 
 
 def _have(budget: Budget) -> str:

@@ -247,8 +247,8 @@ def run(cfg: ModelConfig, tc: TrainConfig, workdir: str | None, *, save_every: i
         m = {k: float(v) for k, v in metrics.items()}
         rate = (step - first) / max(time.perf_counter() - t0 - saving, 1e-9)
         log(f"{bar(step, tc.steps)} loss {m['loss']:.4f} acc {m['accuracy']:.3f} "
-            f"balance {m['balance']:.3f} load max/mean {m['load_max_mean']:.2f} "
-            f"({rate:.1f} steps/s)")
+            f"balance {m['balance']:.3f} load max/mean {m['load_max_mean']:.2f}"
+            + (f" ({rate:.1f} steps/s)" if step > first else ""))  # none timed yet
       if ckpt is not None and ((save_every and step % save_every == 0) or step == end):
         jax.block_until_ready(state)  # the step's own time is not the save's
         t_save = time.perf_counter()

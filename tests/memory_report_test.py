@@ -36,4 +36,8 @@ def test_footprint_table_adds_only_what_is_live_together():
       not counted for *_, counted in rows)
   gib = fp.total / memory_budget.GiB
   assert f"| total per device | {gib:.3f} | {fp.total:,} |" in table
-  assert table.endswith(f"(just enough); needs {gib:.2f} GiB per device: fits.")
+  # The tiny model's total reads in MiB (in GiB it would read 0.00).
+  assert table.endswith(f"(just enough); needs {fp.total / 2**20:.2f} MiB per device: fits.")
+  assert memory_budget.format_bytes(3 * memory_budget.GiB) == "3.00 GiB"
+  assert memory_budget.format_bytes(5000, scale=2**20) == "0.00 MiB"  # one unit a line
+  assert memory_budget.format_bytes(5000) == "5,000 bytes"

@@ -11,15 +11,6 @@ from jax_ep.cli import flags
 from jax_ep.presets import deployments
 
 
-def _size(nbytes: int) -> str:
-  """GiB for what is large, MiB or bytes for what would read 0.000 GiB (the tiny models)."""
-  from jax_ep.memory_budget import GiB
-
-  if nbytes >= GiB // 10:
-    return f"{nbytes / GiB:.3f} GiB"
-  return f"{nbytes / 2**20:.3f} MiB" if nbytes >= 2**20 // 10 else f"{nbytes:,} bytes"
-
-
 def run():
   """`jax-ep plan`: the memory table and the device holdings, without a GPU; 1 when the
   deployment does not fit the device kind's memory, else 0."""
@@ -65,5 +56,6 @@ def run():
           "(the CPU backend's buffer assignment; a GPU's differs):\n")
     for name, m in memory_report.compiled_memory(Engine(cfg, dep), batch, flags.PROMPT_LEN.value,
                                                  max_len).items():
-      print(f"  {name:<8} " + ", ".join(f"{k} {_size(v)}" for k, v in m.items()))
+      print(f"  {name:<8} " + ", ".join(f"{k} {memory_budget.format_bytes(v, max(m.values()))}"
+                                        for k, v in m.items()))
   return 0 if fits else 1
