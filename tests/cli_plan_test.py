@@ -7,7 +7,7 @@ from configs import deployments
 
 
 def test_plan_refuses_what_does_not_fit_and_prints_the_holdings():
-  refused, fits, capacity, dropping, mesh, fewer, no_preset = run_cases([
+  refused, fits, capacity, dropping, mesh, fewer, no_preset, cpu_fraction = run_cases([
       ["plan", "--config=seed", "--deployment=single", "--device_kind=h100"],
       ["plan", "--config=seed", "--deployment=seed_proposed", "--device_kind=h200",
        "--batch=1024", "--prompt_len=32", "--max_new_tokens=32"],
@@ -15,7 +15,10 @@ def test_plan_refuses_what_does_not_fit_and_prints_the_holdings():
       ["plan", "--deployment=mesh:1x2x1", "--compile"],
       ["plan", "--deployment=mesh:2x2x1", "--devices=8"],
       ["plan", "--deployment=proposed", "--devices=3"],
+      ["plan", "--device_kind=cpu", "--mem_fraction=0.5"],
   ])
+  assert cpu_fraction["rc"] == 0 and "--mem_fraction=0.5 is without effect" in cpu_fraction[
+      "stderr"]
   # A mesh of fewer devices than --devices: planned for its own, and said so.
   assert fewer["rc"] == 0 and "(4 devices)" in fewer["stdout"]
   assert "mesh:2x2x1 uses 4 of the --devices=8" in fewer["stderr"]

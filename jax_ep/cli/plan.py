@@ -32,6 +32,10 @@ def run():
   batch = flags.batch_for(dep)
   kind = flags.DEVICE_KIND.value.lower()
   platform = "cpu" if kind == "cpu" else "gpu"
+  if platform == "cpu" and flags.MEM_FRACTION.value is not None:
+    print(f"jax-ep plan: --mem_fraction={flags.MEM_FRACTION.value} is without effect with "
+          "--device_kind=cpu: a CPU plan is against this host's available memory.",
+          file=sys.stderr)
   max_len = min(cfg.max_seq_len, flags.PROMPT_LEN.value + flags.NEW.value)  # as generate's
   fp = memory.footprint(cfg, dep, batch, flags.PROMPT_LEN.value, max_len, platform)
   budget = memory_budget.budget_for_kind(kind, dep.num_devices, flags.MEM_FRACTION.value)
