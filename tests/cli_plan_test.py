@@ -7,7 +7,8 @@ from configs import deployments
 
 
 def test_plan_refuses_what_does_not_fit_and_prints_the_holdings():
-  refused, fits, capacity, dropping, mesh, fewer, no_preset, cpu_fraction = run_cases([
+  (refused, fits, capacity, dropping, mesh, fewer, no_preset, cpu_fraction, slice_tiny,
+   slice_own) = run_cases([
       ["plan", "--config=seed", "--deployment=single", "--device_kind=h100"],
       ["plan", "--config=seed", "--deployment=seed_proposed", "--device_kind=h200",
        "--batch=1024", "--prompt_len=32", "--max_new_tokens=32"],
@@ -16,7 +17,15 @@ def test_plan_refuses_what_does_not_fit_and_prints_the_holdings():
       ["plan", "--deployment=mesh:2x2x1", "--devices=8"],
       ["plan", "--deployment=proposed", "--devices=3"],
       ["plan", "--device_kind=cpu", "--mem_fraction=0.5"],
+      ["plan", "--deployment=slice_2x2"],
+      ["plan", "--deployment=slice_2x2", "--config=seed_slice_2x2"],
   ])
+  # A seed slice's mesh with another model: said, and which model the slice is for.
+  assert slice_tiny["rc"] == 0, slice_tiny["stderr"][-2000:]
+  assert ("slice_2x2 is the mesh of the seed slice --config=seed_slice_2x2 (`jax-ep bench "
+          "--kinds=slice_2x2` runs the two together); this run lays out tiny on it."
+          in slice_tiny["stderr"])
+  assert "is the mesh of the seed slice" not in slice_own["stderr"]
   assert cpu_fraction["rc"] == 0 and "--mem_fraction=0.5 is without effect" in cpu_fraction[
       "stderr"]
   # A mesh of fewer devices than --devices: planned for its own, and said so.

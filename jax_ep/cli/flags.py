@@ -277,6 +277,16 @@ def deployment_for(num_devices: int, counts: str = deployments.RUN_ON):
   return dep
 
 
+def note_slice_model(model: str) -> None:
+  """Says on stderr when --deployment is a seed slice's mesh and `model` (the preset the
+  run lays out) is not that slice's model."""
+  base = deployments.with_groups(DEPLOYMENT.value)[0]
+  if base in deployments.SLICES and model != deployments.SLICES[base][0]:
+    print(f"jax-ep: --deployment={base} is the mesh of the seed slice "
+          f"--config={deployments.SLICES[base][0]} (`jax-ep bench --kinds={base}` runs the "
+          f"two together); this run lays out {model} on it.", file=sys.stderr, flush=True)
+
+
 def check_model(cfg, dep) -> None:
   """dep.check_model(cfg); its ConfigError also names the model presets `dep` lays out."""
   try:

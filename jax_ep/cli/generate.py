@@ -56,6 +56,7 @@ def _generate(profile_dir):
   cfg, task = _checkpoint_model()
   dep = flags.deployment_for(len(jax.devices()))
   flags.check_model(cfg, dep)
+  flags.note_slice_model((presets.names_of(cfg) or ["the checkpoint's model"])[0])
   flags.note_unread_expert_blocks(dep, jax.default_backend())
   logging.info("process %d of %d, %d devices (%s)", jax.process_index(), jax.process_count(),
                len(jax.devices()), jax.devices()[0].platform)

@@ -29,6 +29,7 @@ def run():
     print(f"jax-ep plan: {flags.DEPLOYMENT.value} uses {dep.num_devices} of the "
           f"--devices={n}; the plan is for those {dep.num_devices}.", file=sys.stderr)
   flags.check_model(cfg, dep)
+  flags.note_slice_model(flags.CONFIG.value)
   batch = flags.batch_for(dep)
   kind = flags.DEVICE_KIND.value.lower()
   platform = "cpu" if kind == "cpu" else "gpu"
