@@ -12,7 +12,7 @@ import dataclasses
 import math
 import os
 
-from jax_ep.config import ConfigError
+from jax_ep.config import ConfigError, count
 from jax_ep.memory import Footprint, footprint
 
 GiB = 1 << 30
@@ -137,23 +137,24 @@ def format_bytes(nbytes: int, scale: int | None = None) -> str:
   return f"{nbytes / 2**20:.2f} MiB" if scale >= 2**20 // 10 else f"{nbytes:,} bytes"
 
 
-def _need(fp: Footprint, budget: Budget) -> str:
+def _need(fp: Footprint, budget: Budget, scale: int | None) -> str:
   if budget.shared:
-    each = f" ({fp.dep.num_devices} devices x {format_bytes(fp.total)})" \
+    each = f" ({fp.dep.num_devices} devices x {format_bytes(fp.total, scale)})" \
         if fp.dep.num_devices > 1 else ""
-    return f"{format_bytes(need_bytes(fp, budget))} of host memory{each}"
-  return f"{format_bytes(fp.total)} per device"
+    return f"{format_bytes(need_bytes(fp, budget), scale)} of host memory{each}"
+  return f"{format_bytes(fp.total, scale)} per device"
 
 
-def _have(budget: Budget) -> str:
+def _have(budget: Budget, scale: int | None) -> str:
   if budget.shared:
-    return f"{budget.bytes / GiB:.2f} GiB available on this host"
-  return f"{budget.bytes / GiB:.2f} GiB usable per device"
+    return f"{format_bytes(budget.bytes, scale)} available on this host"
+  return f"{format_bytes(budget.bytes, scale)} usable per device"
 
 
 def summary(fp: Footprint, budget: Budget) -> str:
   """One line: what `budget` offers, what `fp` needs of it, and whether it fits."""
-  return (f"Budget: {_have(budget)} ({budget.source}); needs {_need(fp, budget)}: "
+  # Each figure in its own unit: the budget is GiB where a tiny model needs MiB.
+  return (f"Budget: {_have(budget, None)} ({budget.source}); needs {_need(fp, budget, None)}: "
           + ("fits." if fits(fp, budget) else "DOES NOT FIT."))
 
 
@@ -202,9 +203,10 @@ def check(fp: Footprint, budget: Budget, *, candidates=None, platform: str = "gp
     return
   cfg, dep = fp.cfg, fp.dep
   biggest = max(fp.rows()[:-1], key=lambda row: row[1])
+  scale = int(need_bytes(fp, budget))  # one unit for the line: the need's
   lines = [f"{what or 'this run'} does not fit: {dep.describe()} with batch {fp.batch} needs "
-           f"{_need(fp, budget)} ({biggest[0]}: {biggest[1] / GiB:.2f} GiB), "
-           f"{_have(budget)} ({budget.source})."]
+           f"{_need(fp, budget, scale)} ({biggest[0]}: {format_bytes(biggest[1], scale)}), "
+           f"{_have(budget, scale)} ({budget.source})."]
   b = largest_batch(cfg, dep, fp.batch, fp.prompt_len, fp.max_len, budget, platform)
   if b:
     lines.append(f"--batch={b} fits this deployment.")
@@ -214,7 +216,7 @@ def check(fp: Footprint, budget: Budget, *, candidates=None, platform: str = "gp
     if found:
       name, d, f = found
       lines.append(f"The smallest deployment that fits batch {fp.batch}: --deployment={name} "
-                   f"({d.num_devices} devices of {f.total / GiB:.2f} GiB).")
+                   f"({count(d.num_devices, 'device')} of {format_bytes(f.total)}).")
   planning = what == "plan"  # `jax-ep plan` itself: it prints the table, runs nothing
   if len(lines) == 1:
     lines.append("Neither a smaller batch nor another deployment fits: use a smaller model "

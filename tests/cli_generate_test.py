@@ -135,6 +135,8 @@ def test_dry_run_of_a_model_this_host_cannot_hold_prints_the_layout(tmp_path):
   # No --batch: the least batch of at least 8 that 4 micro-batches and 3 groups over an
   # expert axis of 2 split, said where it is not 8.
   assert rounded["rc"] == 0 and "--batch not given: 24, the least batch" in rounded["stderr"]
+  # A dry run that fits says what it was checked against.
+  assert re.search(r"memory: Budget: .* available on this host .*: fits\.", rounded["stdout"])
   assert "--batch not given" not in dry["stderr"]
   assert dry["rc"] == 0, dry["stderr"][-2000:]
   assert "layers/4  experts/16" in dry["stdout"] and "compiling" not in dry["stdout"]

@@ -54,4 +54,4 @@ def test_plan_refuses_what_does_not_fit_and_prints_the_holdings():
   # GiB they read 0.000).
   assert mesh["rc"] == 0 and "stage 1 x expert 2 x tp 1 (2 devices)" in mesh["stdout"]
   assert "compiled for 2 simulated CPU devices" in mesh["stdout"]
-  assert " MiB" in mesh["stdout"] and "0.000 GiB" not in mesh["stdout"]
+  assert " MiB" in mesh["stdout"] and "0.00 GiB" not in mesh["stdout"]

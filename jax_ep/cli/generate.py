@@ -86,9 +86,10 @@ def _generate(profile_dir):
   if flags.CHECK_MEMORY.value:
     platform = jax.devices()[0].platform
     fp = memory.footprint(cfg, dep, len(prompts), prompts.shape[1], max_len, platform)
+    budget = memory_budget.budget_for_devices(jax.devices()[:dep.num_devices])
     try:
       memory_budget.check(
-          fp, memory_budget.budget_for_devices(jax.devices()[:dep.num_devices]),
+          fp, budget,
           candidates=flags.memory_candidates(), platform=platform,
           what=(f"generate --checkpoint={flags.CHECKPOINT.value}"
                 if flags.CHECKPOINT.value else f"generate --config={name}"),
@@ -102,7 +103,7 @@ def _generate(profile_dir):
                          flags.DIST_TIMEOUT.value)
   if flags.DRY_RUN.value:
     _say(placement.format_table(cfg, dep, placement.rows(cfg, dep, jax.devices(), len(prompts))))
-    _say(memory_note or ("memory: fits these devices (jax_ep/memory.py's plan)"
+    _say(memory_note or (f"memory: {memory_budget.summary(fp, budget)}"
                          if flags.CHECK_MEMORY.value else "memory: not checked (--nocheck_memory)"))
     return cfg, dep, None, {}
   if flags.CHECKPOINT.value:

@@ -25,7 +25,7 @@ def run():
     from jax_ep.config import ConfigError
 
     raise ConfigError(f"{dep.describe()} needs {dep.num_devices} devices; --devices={n}.")
-  if dep.num_devices < n:  # as generate, which runs on the first devices the mesh needs
+  if flags.DEVICES.present and dep.num_devices < n:  # generate, too, takes the first ones
     print(f"jax-ep plan: {flags.DEPLOYMENT.value} uses {dep.num_devices} of the "
           f"--devices={n}; the plan is for those {dep.num_devices}.", file=sys.stderr)
   flags.check_model(cfg, dep)

@@ -32,7 +32,6 @@ def run():
   import jax
 
   from jax_ep import tasks, train
-  from jax_ep.config import ConfigError
   from jax_ep.presets import load_model
 
   flags.need("train", flags.WORKDIR)
@@ -41,8 +40,6 @@ def run():
                          batch=flags.BATCH.value or train.TrainConfig.batch,
                          learning_rate=flags.LEARNING_RATE.value, seed=flags.SEED.value,
                          task=tasks.Task(flags.TASK.value, flags.TASK_DIGITS.value))
-  if flags.SAVE_EVERY.value < 0:
-    raise ConfigError(f"--save_every={flags.SAVE_EVERY.value} must be >= 0 (0: only at the end).")
   if flags.CHECK_MEMORY.value:
     check_memory(flags.CONFIG.value, cfg, tc, jax.devices()[0])
   print(f"train {flags.CONFIG.value} ({cfg.num_layers} layers x {cfg.num_experts} experts, top-"

@@ -8,7 +8,7 @@ import dataclasses
 
 import jax
 
-from jax_ep.config import KINDS, ConfigError, DeploymentConfig, ModelConfig, did_you_mean
+from jax_ep.config import KINDS, ConfigError, DeploymentConfig, ModelConfig, count, did_you_mean
 from jax_ep.perf.per_device import layout
 from jax_ep.presets import deployments, load_model
 
@@ -173,8 +173,8 @@ def plan(cfg: ModelConfig, spec: BenchSpec, num_devices: int, log) -> tuple[list
         model_cfg = load_model(model_name)
         batch = deployments.slice_batch(dep)
         note = (f"seed slice: each GPU does seed_proposed's per-GPU work ({model_name}, "
-                f"{deployments.ROWS_PER_GPU} sequences per GPU per group, {dep.groups} "
-                f"group(s) in flight)")
+                f"{deployments.ROWS_PER_GPU} sequences per GPU per group, "
+                f"{count(dep.groups, 'group')} in flight)")
       if dep.num_devices > num_devices:
         raise ConfigError(f"{name} needs {dep.num_devices} devices, {num_devices} present")
       dep.check_model(model_cfg)
@@ -208,8 +208,8 @@ def plan(cfg: ModelConfig, spec: BenchSpec, num_devices: int, log) -> tuple[list
       plans.append(Plan(f"share:{name}", f"One GPU's share of {name}", share_cfg,
                         share_dep, rows, name,
                         f"one device of {name} ({full.num_devices} GPUs) for one group of "
-                        f"{spec.batch // full.groups}: {share_cfg.num_layers} layer(s) x "
-                        f"{share_cfg.num_experts} expert(s), top-{share_cfg.top_k}, {rows} "
+                        f"{spec.batch // full.groups}: {count(share_cfg.num_layers, 'layer')} x "
+                        f"{count(share_cfg.num_experts, 'expert')}, top-{share_cfg.top_k}, {rows} "
                         f"sequences; its head: {share_cfg.vocab_size} of {cfg.vocab_size} "
                         f"vocabulary columns on the stage's {rows * share_dep.head_gather} "
                         "rows", share_of=full, model_name=spec.config))
@@ -275,7 +275,7 @@ def span_processes(plans: list[Plan], skipped: list, devices, log, skip_unfit: b
     if used == processes:
       kept.append(p)
       continue
-    reason = (f"{p.name} uses {p.dep.num_devices} device(s), of {len(used)} of the "
+    reason = (f"{p.name} uses {count(p.dep.num_devices, 'device')}, of {len(used)} of the "
               f"{len(processes)} processes; a bench over several processes runs only "
               "deployments that span them all: run it in one process")
     skipped.append({"name": p.name, "reason": reason})

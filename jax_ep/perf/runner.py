@@ -153,7 +153,7 @@ def run(spec: BenchSpec = BenchSpec(), log: Callable[[str], None] = print) -> di
   log(f"bench: {n} x {devices[0].device_kind} ({platform}), jax {jax.__version__}; model "
       f"{spec.config}, batch {spec.batch}, prompt {spec.prompt_len}; decode: the ring's fill, "
       f"{spec.warmup} warm-up, {spec.synced} synced and {spec.steps} back-to-back calls of "
-      f"{spec.tokens_per_call} token(s)"
+      f"{count(spec.tokens_per_call, 'token')}"
       + (f"; expert blocks changed: {spec.expert_blocks}" if spec.expert_blocks else ""))
   plans, skipped = plan(cfg, spec, n, log)
   if note := seed_on_cpu_note(plans, platform):
