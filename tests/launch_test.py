@@ -116,7 +116,7 @@ def test_a_bench_over_two_processes_runs_what_spans_them(tmp_path):
       "--warmup=0", "--batch=16", "--prompt_len=4", "--probe_mib=1",
       f"--out_dir={tmp_path}"]))
   assert code == 0, log[-3000:]
-  assert "[0] skip single: single uses 1 device(s), of 1 of the 2 processes" in log
+  assert "[0] skip single: single uses 1 device, of 1 of the 2 processes" in log
   assert "[0]   proposed: TPOT" in log and "[1]   proposed: TPOT" in log
   runs = json.loads((tmp_path / "seed_table.json").read_text())["runs"]
   assert [r["name"] for r in runs] == ["proposed"]
