@@ -94,10 +94,20 @@ def budget_for_kind(kind: str, num_devices: int, fraction: float | None = None) 
                 f"{fraction:g}", name=kind)
 
 
+def _local_device(devices):
+  """The first of `devices` that this process addresses (all of them in one process), or
+  devices[0] where none is."""
+  import jax
+
+  here = jax.process_index()
+  return next((d for d in devices if getattr(d, "process_index", here) == here), devices[0])
+
+
 def budget_for_devices(devices) -> Budget:
   """What the devices present can hold: the allocator's limit on a GPU, host memory on
-  the CPU."""
-  d = devices[0]
+  the CPU. The allocator is asked on one of this process's own devices: on a process
+  other than 0 `devices[0]` is another process's, whose memory this one cannot read."""
+  d = _local_device(devices)
   if d.platform == "cpu":
     return budget_for_kind("cpu", len(devices))
   stats = d.memory_stats() if hasattr(d, "memory_stats") else None

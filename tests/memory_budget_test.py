@@ -72,3 +72,23 @@ def test_plan_kind_names_the_device_kind_plan_knows(platform, kind, want):
   device = type("Device", (), {"platform": platform, "device_kind": kind})()
   assert memory_budget.plan_kind(device) == want
   assert want is None or want == "cpu" or want in memory_budget.DEVICE_MEMORY_MIB
+
+
+def test_a_gpu_budget_asks_this_process_s_own_device(monkeypatch):
+  """On process 1 of a multi-process run, devices[0] is process 0's: its memory_stats
+  cannot be read there, so the budget comes from the first device this process holds."""
+  class Device:
+    platform, device_kind = "gpu", "NVIDIA H200"
+
+    def __init__(self, process_index, limit):
+      self.process_index, self.limit = process_index, limit
+
+    def memory_stats(self):
+      if self.process_index != 1:
+        raise RuntimeError("another process's device")
+      return {"bytes_limit": self.limit, "bytes_in_use": 0}
+
+  monkeypatch.setattr("jax.process_index", lambda: 1)
+  devices = [Device(0, 1), Device(0, 2), Device(1, 3 << 30), Device(1, 4)]
+  budget = memory_budget.budget_for_devices(devices)
+  assert budget.bytes == 3 << 30 and "allocator limit 3.0 GiB" in budget.source
