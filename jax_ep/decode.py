@@ -73,19 +73,20 @@ def _progress(msg: str, log: Callable[[str], None] | None):
     log(msg)
 
 
-def check_request(engine: Engine, prompts_BxT, max_new_tokens: int, temperature: float,
-                  max_len: int):
-  """Every check of a generate request, on the host, before anything compiles.
-
-  Returns the prompts as int32 [B, T]; raises ConfigError saying what to change.
-  """
+def check_request_shape(engine: Engine, batch: int, prompt_len: int, max_new_tokens: int,
+                        temperature: float, max_len: int) -> None:
+  """The checks of a generate request that need only its sizes: a caller runs them before
+  it builds prompts (or checks memory) for a batch that may be refused. Raises
+  ConfigError saying what to change."""
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be a positive integer.")
   if not temperature >= 0:
     raise ConfigError(f"temperature={temperature} must be >= 0 (0 is greedy).")
-  prompts = np.asarray(prompts_BxT)
-  if prompts.ndim == 2 and prompts.shape[1] + max_new_tokens - 1 > max_len:
-    room, fits = max_len + 1 - prompts.shape[1], max_len + 1 - max_new_tokens
+  if batch < 1 or prompt_len < 1:
+    raise ConfigError(f"prompts have an empty dimension: {batch} sequences of {prompt_len} "
+                      "tokens; need at least one sequence of at least one token.")
+  if prompt_len + max_new_tokens - 1 > max_len:
+    room, fits = max_len + 1 - prompt_len, max_len + 1 - max_new_tokens
     lower = " or ".join([f"max_new_tokens={room}"] * (room >= 1)
                         + [f"prompt_len={fits}"] * (fits >= 1))
     lower = (f"use {lower} (or less)" if lower else
@@ -94,8 +95,20 @@ def check_request(engine: Engine, prompts_BxT, max_new_tokens: int, temperature:
     what, raise_ = (("the model's max_seq_len", "raise max_seq_len in the model's ModelConfig "
                      "(a preset's in configs/)") if model_cap else ("max_len", "raise max_len"))
     raise ConfigError(
-        f"prompt_len={prompts.shape[1]} + max_new_tokens={max_new_tokens} - 1 exceeds the KV "
+        f"prompt_len={prompt_len} + max_new_tokens={max_new_tokens} - 1 exceeds the KV "
         f"cache length {max_len} ({what}): {lower}, or {raise_}.")
+  engine.dep.check_batch(batch)
+
+
+def check_request(engine: Engine, prompts_BxT, max_new_tokens: int, temperature: float,
+                  max_len: int):
+  """Every check of a generate request, on the host, before anything compiles.
+
+  Returns the prompts as int32 [B, T]; raises ConfigError saying what to change.
+  """
+  prompts = np.asarray(prompts_BxT)
+  if prompts.ndim == 2:
+    check_request_shape(engine, *prompts.shape, max_new_tokens, temperature, max_len)
   return engine.check_tokens(prompts, 0, max_len)
 
 

@@ -93,6 +93,8 @@ BAD = [
     # Weights alone exceed this host (a batch of 2**20 any host): refused before allocating.
     (["--config=seed", "--deployment=single", f"--batch={2**20}"],
      "does not fit: single"),
+    # Refused from the sizes alone: its prompts (2**32 x 16 tokens, 512 GiB) are never built.
+    (["--deployment=single", f"--batch={2**32}"], "does not fit: single"),
 ]
 
 
@@ -119,13 +121,15 @@ def test_dry_run_of_a_model_this_host_cannot_hold_prints_the_layout(tmp_path):
   # nothing, so it prints the layout and says that the run itself would be refused.
   plan = ["plan", "--config=seed", "--deployment=single", "--batch=8", "--prompt_len=16",
           "--max_new_tokens=16", "--device_kind=cpu"]
-  dry, real, planned, rounded, untimed = run_cases([
+  dry, real, planned, rounded, untimed, huge = run_cases([
       ["generate", "--config=seed", "--deployment=single", "--dry_run"],
       ["generate", "--config=seed", "--deployment=single"], plan,
       ["generate", "--simulate_devices=8", "--deployment=proposed", "--decode_groups=3",
        "--dry_run"],
       ["generate", "--simulate_devices=8", "--deployment=single", "--batch=8",
-       "--max_new_tokens=2", f"--output={tmp_path / 'two.json'}"]])
+       "--max_new_tokens=2", f"--output={tmp_path / 'two.json'}"],
+      ["generate", "--simulate_devices=8", "--deployment=single", f"--batch={2**32}",
+       "--dry_run"]])
   # Two new tokens are the prefill's and the ring's fill: no step to time, said so (not
   # nan), and null in the JSON (json.loads refuses a bare NaN only with parse_constant).
   assert untimed["rc"] == 0 and "give 3 or more to time a decode step" in untimed["stdout"]
@@ -138,6 +142,9 @@ def test_dry_run_of_a_model_this_host_cannot_hold_prints_the_layout(tmp_path):
   # A dry run that fits says what it was checked against.
   assert re.search(r"memory: Budget: .* available on this host .*: fits\.", rounded["stdout"])
   assert "--batch not given" not in dry["stderr"]
+  # A dry run builds no prompts, so a batch no host holds gets its layout and verdict too.
+  assert huge["rc"] == 0, huge["stderr"][-2000:]
+  assert f"with batch {2**32} needs" in huge["stdout"] and "would be refused here" in huge["stdout"]
   assert dry["rc"] == 0, dry["stderr"][-2000:]
   assert "layers/4  experts/16" in dry["stdout"] and "compiling" not in dry["stdout"]
   # It says that the run itself would be refused, and why.

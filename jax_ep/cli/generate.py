@@ -69,23 +69,20 @@ def _generate(profile_dir):
        f"top-{cfg.top_k}, {cfg.dtype}; deployment {dep.describe()}")
   watch = numerics.LayerWatch() if flags.CHECK_NUMERICS.value else None
   engine = Engine(cfg, dep, watch=watch)
-  batch, new, answers = flags.batch_for(dep), flags.NEW.value, None
+  batch, new, prompt_len = flags.batch_for(dep), flags.NEW.value, flags.PROMPT_LEN.value
   if task is not None:  # held-out task prompts; the answer's length is the task's
-    prompts, answers = task.eval_set(flags.SEED.value, batch)
-    new = task.digits
+    new, prompt_len = task.digits, task.prompt_len
     if flags.PROMPT_LEN.present or flags.NEW.present:
       _say(f"  --prompt_len and --max_new_tokens are ignored: the prompts are the task's "
-           f"({prompts.shape[1]} tokens), the answers {new} tokens")
-  else:
-    prompts = np.random.RandomState(flags.SEED.value).randint(
-        0, cfg.vocab_size, (batch, flags.PROMPT_LEN.value))
-  max_len = min(cfg.max_seq_len, prompts.shape[1] + new)
-  # Everything that can be wrong with the request is checked before anything compiles.
-  decode.check_request(engine, prompts, new, flags.TEMPERATURE.value, max_len)
+           f"({prompt_len} tokens), the answers {new} tokens")
+  max_len = min(cfg.max_seq_len, prompt_len + new)
+  # Everything that can be wrong with the request is checked before anything compiles,
+  # and what its sizes alone refuse (memory too) before its prompts are built.
+  decode.check_request_shape(engine, batch, prompt_len, new, flags.TEMPERATURE.value, max_len)
   memory_note = None
   if flags.CHECK_MEMORY.value:
     platform = jax.devices()[0].platform
-    fp = memory.footprint(cfg, dep, len(prompts), prompts.shape[1], max_len, platform)
+    fp = memory.footprint(cfg, dep, batch, prompt_len, max_len, platform)
     budget = memory_budget.budget_for_devices(jax.devices()[:dep.num_devices])
     try:
       memory_budget.check(
@@ -93,19 +90,27 @@ def _generate(profile_dir):
           candidates=flags.memory_candidates(), platform=platform,
           what=(f"generate --checkpoint={flags.CHECKPOINT.value}"
                 if flags.CHECKPOINT.value else f"generate --config={name}"),
-          plan_command=_plan_command(dep, len(prompts), prompts.shape[1], new))
+          plan_command=_plan_command(dep, batch, prompt_len, new))
     except ConfigError as e:
       if not flags.DRY_RUN.value:
         raise
       # A dry run allocates nothing, so it shows the layout of what does not fit here too.
       memory_note = f"memory: the run itself would be refused here: {e}"
-  distributed.check_same("run", distributed.fields(model=cfg, deployment=dep, prompts=prompts),
-                         flags.DIST_TIMEOUT.value)
-  if flags.DRY_RUN.value:
-    _say(placement.format_table(cfg, dep, placement.rows(cfg, dep, jax.devices(), len(prompts))))
+  if flags.DRY_RUN.value:  # a dry run builds no prompts: a huge batch's take long
+    distributed.check_same("run", distributed.fields(
+        model=cfg, deployment=dep, prompts=f"{batch} x {prompt_len}"), flags.DIST_TIMEOUT.value)
+    _say(placement.format_table(cfg, dep, placement.rows(cfg, dep, jax.devices(), batch)))
     _say(memory_note or (f"memory: {memory_budget.summary(fp, budget)}"
                          if flags.CHECK_MEMORY.value else "memory: not checked (--nocheck_memory)"))
     return cfg, dep, None, {}
+  if task is not None:
+    prompts, answers = task.eval_set(flags.SEED.value, batch)
+  else:
+    prompts, answers = np.random.RandomState(flags.SEED.value).randint(
+        0, cfg.vocab_size, (batch, prompt_len)), None
+  decode.check_request(engine, prompts, new, flags.TEMPERATURE.value, max_len)
+  distributed.check_same("run", distributed.fields(model=cfg, deployment=dep, prompts=prompts),
+                         flags.DIST_TIMEOUT.value)
   if flags.CHECKPOINT.value:
     from jax_ep import checkpoint
 
