@@ -142,9 +142,11 @@ def format_bytes(nbytes: int, scale: int | None = None) -> str:
   the unit is chosen by `scale` (the largest figure beside it) when given, so that one
   line keeps one unit."""
   scale = nbytes if scale is None else scale
-  if scale >= GiB // 10:
-    return f"{nbytes / GiB:.2f} GiB"
-  return f"{nbytes / 2**20:.2f} MiB" if scale >= 2**20 // 10 else f"{nbytes:,} bytes"
+  if scale < 2**20 // 10:
+    return f"{nbytes:,} bytes"
+  unit, name = (GiB, "GiB") if scale >= GiB // 10 else (2**20, "MiB")
+  # What the line's unit rounds to nothing, but is not: "<0.01", not "0.00".
+  return f"<0.01 {name}" if 0 < nbytes < unit / 200 else f"{nbytes / unit:.2f} {name}"
 
 
 def _need(fp: Footprint, budget: Budget, scale: int | None) -> str:

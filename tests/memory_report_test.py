@@ -39,5 +39,8 @@ def test_footprint_table_adds_only_what_is_live_together():
   # The tiny model's total reads in MiB (in GiB it would read 0.00).
   assert table.endswith(f"(just enough); needs {fp.total / 2**20:.2f} MiB per device: fits.")
   assert memory_budget.format_bytes(3 * memory_budget.GiB) == "3.00 GiB"
-  assert memory_budget.format_bytes(5000, scale=2**20) == "0.00 MiB"  # one unit a line
+  # One unit a line; what that unit rounds to nothing but is not reads "<0.01".
+  assert memory_budget.format_bytes(5000, scale=2**20) == "<0.01 MiB"
+  assert memory_budget.format_bytes(0, scale=2**20) == "0.00 MiB"
+  assert memory_budget.format_bytes(6 << 20, scale=memory_budget.GiB) == "0.01 GiB"
   assert memory_budget.format_bytes(5000) == "5,000 bytes"

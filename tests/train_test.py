@@ -9,6 +9,7 @@ serves every test that needs a trained model; the resumed run reuses its compile
 
 import dataclasses
 import os
+import re
 import shutil
 
 import jax
@@ -192,8 +193,10 @@ def test_train_refuses_a_model_its_device_cannot_hold_before_allocating():
   assert "--config=tiny_task" in msg and "--nocheck_memory" in msg
   assert "smaller --batch" not in msg  # its weights alone do not fit
   check_memory("tiny_task", CFG, TC, _GPU(80))  # fits: no error
-  with pytest.raises(ConfigError, match="or a smaller --batch"):  # the logits alone do not
+  with pytest.raises(ConfigError, match="or a smaller --batch") as e:  # the logits alone do not
     check_memory("tiny_task", CFG, dataclasses.replace(TC, batch=2**24), _GPU(1))
+  # Every term in the line's one unit, the tiny model's weights not "0.00".
+  assert re.search(r"\(weights <0\.01 GiB, .*, logits [\d.]+ GiB\)", str(e.value)), e.value
 
 
 def test_logged_rate_leaves_out_checkpoint_saves(tmp_path, monkeypatch):

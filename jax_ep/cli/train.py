@@ -16,13 +16,13 @@ def check_memory(name: str, cfg, tc, device) -> None:
   need = sum(parts.values())
   if need <= budget.bytes:
     return
-  gib = memory_budget.GiB
-  terms = ", ".join(f"{k} {v / gib:.2f}" for k, v in parts.items())
+  size = lambda n: memory_budget.format_bytes(n, need)  # noqa: E731 (one unit a line)
+  terms = ", ".join(f"{k} {size(v)}" for k, v in parts.items())
   # A smaller batch shrinks only the logits: suggested where that would fit.
   batch = " or a smaller --batch" if need - parts["logits"] <= budget.bytes else ""
   raise ConfigError(
-      f"training --config={name} needs at least {need / gib:.2f} GiB on one device ({terms} "
-      f"GiB), {budget.bytes / gib:.2f} GiB usable ({budget.source}). Training runs on one "
+      f"training --config={name} needs at least {size(need)} on one device ({terms}), "
+      f"{size(budget.bytes)} usable ({budget.source}). Training runs on one "
       f"device: train a small model (--config=tiny_task, tiny){batch}, and serve a large "
       "one from weights with generate --checkpoint. (--nocheck_memory runs it anyway.)")
 
