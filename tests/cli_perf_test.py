@@ -28,9 +28,11 @@ def test_predict_bench_and_bench_refusals(tmp_path):
       ["bench", "--simulate_devices=8", "--kinds=single", "--warmup=-1"],
       ["bench", "--simulate_devices=8", "--kinds=single", "--probe_mib=-3"],
       ["predict", "--context_len=0"],
+      ["bench", "--simulate_devices=8", "--kinds=single", "--tokens_per_call=0"],
+      ["predict", "--steps=0", "--warmup=-1"],
       ["predict", "--hardware=h200", f"--calibration={out_dir / 'seed_table.json'}"],
   ])
-  predict, bench, *refused, calibrated = results
+  predict, bench, *refused, unread, calibrated = results
   # The CPU bench's result calibrates, with a warning that it says nothing about a GPU.
   assert calibrated["rc"] == 0, calibrated["stderr"][-2000:]
   assert "was measured on CPU devices" in calibrated["stderr"]
@@ -50,10 +52,14 @@ def test_predict_bench_and_bench_refusals(tmp_path):
                                   "--steps=0 must be a positive integer",
                                   "--warmup=-1 must be 0 or more",
                                   "--probe_mib=-3 must be a positive integer",
-                                  "--context_len=0 must be a positive integer"], strict=True):
+                                  "--context_len=0 must be a positive integer",
+                                  "--tokens_per_call=0 must be a positive integer"], strict=True):
     assert r["rc"] == 2, (r["args"], r["stdout"][-1000:], r["stderr"][-2000:])
     assert message in r["stderr"], (r["args"], r["stderr"][-2000:])
     assert "compiling" not in r["stdout"] and "probe:" not in r["stdout"], r["args"]
     assert "DeploymentConfig" not in r["stderr"] and "Traceback" not in r["stderr"]
   assert refused[0]["stderr"].count("is not divisible") == 2  # baseline and proposed
+  # A bad value of a flag the command does not read is only reported as without effect.
+  assert unread["rc"] == 0, unread["stderr"][-2000:]
+  assert "not read by predict, so without effect: --steps, --warmup" in unread["stderr"]
   assert not list(refused_dir.iterdir())

@@ -32,25 +32,30 @@ COMMANDS = {"generate": generate.run, "bench": perf.bench, "predict": perf.predi
 OFFLINE = ("plan", "predict")  # no device is used: no simulated devices, processes or XLA flags
 
 
-def _check_flags():
-  """What can be wrong with the flags alone, before any device or compile."""
+def _check_flags(command: str):
+  """What can be wrong with the flags `command` reads, alone, before any device or
+  compile (a flag it does not read is only reported as without effect)."""
   from jax_ep.config import ConfigError
   from jax_ep.output import check_output_dir, check_output_path
 
-  if flags.SIMULATE.value < -1:
+  read = command_flags.reads(COMMANDS[command], command in OFFLINE)
+  if "simulate_devices" in read and flags.SIMULATE.value < -1:
     runtime.simulate_devices(flags.SIMULATE.value)  # raises, saying what to use
   for flag in (flags.BATCH, flags.PROMPT_LEN, flags.NEW, flags.DEVICES, flags.STEPS,
-               flags.SYNCED, flags.PROBE_MIB, flags.CONTEXT_LEN, flags.TASK_DIGITS):
-    if flag.value is not None and flag.value < 1:
+               flags.SYNCED, flags.PROBE_MIB, flags.CONTEXT_LEN, flags.TASK_DIGITS,
+               flags.PER_CALL):
+    if flag.name in read and flag.value is not None and flag.value < 1:
       raise ConfigError(f"--{flag.name}={flag.value} must be a positive integer.")
   for flag in (flags.WARMUP, flags.SAVE_EVERY):
-    if flag.value < 0:
+    if flag.name in read and flag.value < 0:
       raise ConfigError(f"--{flag.name}={flag.value} must be 0 or more.")
   if distributed.resolve(flags.COORDINATOR.value, flags.NUM_PROCESSES.value,
                          flags.PROCESS_ID.value).process_id == 0:  # only process 0 writes
-    check_output_path(flags.OUTPUT.value)
+    if "output" in read:
+      check_output_path(flags.OUTPUT.value)
     for flag in (flags.PROFILE, flags.OUT_DIR):
-      check_output_dir(flag.value, f"--{flag.name}")
+      if flag.name in read:
+        check_output_dir(flag.value, f"--{flag.name}")
 
 
 def _setup_processes(command: str):
@@ -76,7 +81,7 @@ def main(argv):
     raise app.UsageError(f"{got}.{hint} usage: jax-ep {{{','.join(COMMANDS)}}} [--flags]")
   if flags.DRY_RUN.value and argv[1] != "generate":
     raise app.UsageError("--dry_run is for generate (jax-ep generate --dry_run).")
-  _check_flags()
+  _check_flags(argv[1])
   unread = command_flags.unread(COMMANDS[argv[1]], argv[1] in OFFLINE)
   first = distributed.resolve(flags.COORDINATOR.value, flags.NUM_PROCESSES.value,
                               flags.PROCESS_ID.value).process_id == 0
