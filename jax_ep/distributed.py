@@ -259,8 +259,14 @@ def _client():
 _checks = iter(range(1 << 30))
 
 
-def check_same(what: str, values: Mapping, timeout_s: int = DEFAULT_TIMEOUT_S) -> None:
-  """Raises ConfigError on every process unless every process has the same `values`.
+SAME_FLAGS = ("Start every process with the same flags and the same code; only --process_id "
+              "may differ.")
+
+
+def check_same(what: str, values: Mapping, timeout_s: int = DEFAULT_TIMEOUT_S,
+               hint: str = SAME_FLAGS) -> None:
+  """Raises ConfigError on every process unless every process has the same `values`
+  (the message ends with `hint`: what to change).
 
   `values` maps names (what the user typed: "--batch", "deployment.tp") to JSON-able
   values. Exchanged through the coordinator's key-value store, so nothing compiles and a
@@ -281,7 +287,7 @@ def check_same(what: str, values: Mapping, timeout_s: int = DEFAULT_TIMEOUT_S) -
     except Exception as e:  # jax raises its runtime error type on a timeout
       raise ConfigError(f"process {p} did not report its {what} within {timeout_s} s (it may "
                         f"have failed: see its log): {e}") from None
-  problem = differences(everyone, what)
+  problem = differences(everyone, what, hint)
   if problem:
     raise ConfigError(problem)
 
@@ -322,7 +328,7 @@ def versions() -> dict:
           "code (jax_ep/, configs/)": digest.hexdigest()[:16]}
 
 
-def differences(by_process: Mapping[int, Mapping], what: str) -> str:
+def differences(by_process: Mapping[int, Mapping], what: str, hint: str = SAME_FLAGS) -> str:
   """'' if every process has the same values, else a message naming what differs."""
   names = sorted({k for v in by_process.values() for k in v})
   lines = []
@@ -335,8 +341,7 @@ def differences(by_process: Mapping[int, Mapping], what: str) -> str:
                                           f"{','.join(map(str, ps))}" for v, ps in seen.items()))
   if not lines:
     return ""
-  return (f"the processes do not run the same {what} ({'; '.join(lines)}). Start every process "
-          "with the same flags and the same code; only --process_id may differ.")
+  return f"the processes do not run the same {what} ({'; '.join(lines)}). {hint}"
 
 
 def to_host(x):

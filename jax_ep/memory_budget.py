@@ -96,11 +96,12 @@ def budget_for_kind(kind: str, num_devices: int, fraction: float | None = None) 
 
 def _local_device(devices):
   """The first of `devices` that this process addresses (all of them in one process), or
-  devices[0] where none is."""
+  where it addresses none of them, its own first device (of the same kind on a cluster)."""
   import jax
 
   here = jax.process_index()
-  return next((d for d in devices if getattr(d, "process_index", here) == here), devices[0])
+  return next((d for d in devices if getattr(d, "process_index", here) == here),
+              jax.local_devices()[0])
 
 
 def budget_for_devices(devices) -> Budget:
@@ -142,9 +143,9 @@ def format_bytes(nbytes: int, scale: int | None = None) -> str:
   the unit is chosen by `scale` (the largest figure beside it) when given, so that one
   line keeps one unit."""
   scale = nbytes if scale is None else scale
-  if scale < 2**20 // 10:
-    return f"{nbytes:,} bytes"
-  unit, name = (GiB, "GiB") if scale >= GiB // 10 else (2**20, "MiB")
+  if scale < MiB // 10:
+    return f"{int(nbytes):,} bytes"
+  unit, name = (GiB, "GiB") if scale >= GiB // 10 else (MiB, "MiB")
   # What the line's unit rounds to nothing, but is not: "<0.01", not "0.00".
   return f"<0.01 {name}" if 0 < nbytes < unit / 200 else f"{nbytes / unit:.2f} {name}"
 
@@ -165,6 +166,8 @@ def _have(budget: Budget, scale: int | None) -> str:
 
 def summary(fp: Footprint, budget: Budget) -> str:
   """One line: what `budget` offers, what `fp` needs of it, and whether it fits."""
+  if math.isinf(budget.bytes):  # a device kind whose memory is not known
+    return f"needs {_need(fp, budget, None)}; {budget.source}."
   # Each figure in its own unit: the budget is GiB where a tiny model needs MiB.
   return (f"Budget: {_have(budget, None)} ({budget.source}); needs {_need(fp, budget, None)}: "
           + ("fits." if fits(fp, budget) else "DOES NOT FIT."))

@@ -223,7 +223,7 @@ def run(cfg: ModelConfig, tc: TrainConfig, workdir: str | None, *, save_every: i
   t_start = time.perf_counter()
   # Committed to one device, as restored arrays are, so a resumed run hits the same
   # compiled step (jit's cache tells committed arrays from uncommitted ones).
-  state = jax.device_put(init_state(cfg, tc), jax.devices()[0])
+  state = jax.device_put(init_state(cfg, tc), jax.local_devices()[0])
   random_params = jax.tree.map(jnp.copy, state.params)
   resumed_from = None
   ckpt = checkpoint.Checkpointer(workdir, create=True) if workdir else None

@@ -156,3 +156,36 @@ def test_dry_run_of_a_model_this_host_cannot_hold_prints_the_layout(tmp_path):
   need = real["stderr"].split(" needs ")[1].split(" GiB")[0]
   assert planned["rc"] == 1 and f"needs {need} GiB" in planned["stdout"], planned["stdout"]
 
+
+
+@pytest.mark.parametrize("mine,others,raised", [
+    (None, ["fits"], None),  # all fit: go on
+    ("process 0 needs 9 GiB", ["does not fit"], "process 0 needs 9 GiB"),  # all refuse: own
+    ("process 0 needs 9 GiB", ["fits"], "process 0 needs 9 GiB"),  # only me: my reason
+    (None, ["does not fit"], '"does not fit" on process 1'),  # another: who, what to do
+])
+def test_processes_agree_on_the_memory_verdict_before_any_waits_for_another(
+    monkeypatch, mine, others, raised):
+  """Each process checks its own devices' free memory; a refusal on one must not leave the
+  others waiting out the timeout for it at the next exchange."""
+  from jax_ep import distributed
+  from jax_ep.cli import generate
+  from jax_ep.config import ConfigError
+
+  def check_same(what, values, timeout_s, hint):
+    everyone = {0: values, **{p: {"memory": v} for p, v in enumerate(others, 1)}}
+    problem = distributed.differences(everyone, what, hint)
+    if problem:
+      raise ConfigError(problem)
+
+  monkeypatch.setattr(distributed, "check_same", check_same)
+  refusal = ConfigError(mine) if mine else None
+  if raised is None:
+    generate.agree_on_memory(refusal, 5)
+    return
+  with pytest.raises(ConfigError) as e:
+    generate.agree_on_memory(refusal, 5)
+  assert raised in str(e.value)
+  if mine is None:
+    assert "free memory on the devices of the processes that refused" in str(e.value)
+    assert "same flags" not in str(e.value)

@@ -92,3 +92,15 @@ def test_a_gpu_budget_asks_this_process_s_own_device(monkeypatch):
   devices = [Device(0, 1), Device(0, 2), Device(1, 3 << 30), Device(1, 4)]
   budget = memory_budget.budget_for_devices(devices)
   assert budget.bytes == 3 << 30 and "allocator limit 3.0 GiB" in budget.source
+  # None of them its own: its own first device, not devices[0].
+  monkeypatch.setattr("jax.local_devices", lambda: [Device(1, 5 << 30)])
+  assert memory_budget.budget_for_devices(devices[:2]).bytes == 5 << 30
+
+
+def test_a_budget_of_unknown_memory_is_said_to_be_unchecked():
+  fp = memory.footprint(load_model("tiny"), PRESETS["single"], 8, 4, 8, platform="cpu")
+  unknown = memory_budget.Budget(float("inf"), "Tesla T4: memory unknown (not checked)")
+  line = memory_budget.summary(fp, unknown)
+  assert line.endswith("per device; Tesla T4: memory unknown (not checked).") and "fits" not in line
+  assert "inf" not in line
+  assert memory_budget.format_bytes(5000.0) == "5,000 bytes"

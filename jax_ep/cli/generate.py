@@ -10,7 +10,7 @@ from absl import logging
 
 from jax_ep import distributed, presets
 from jax_ep.cli import flags
-from jax_ep.config import ConfigError
+from jax_ep.config import ConfigError, count
 
 
 def _say(message: str):
@@ -34,8 +34,8 @@ def _checkpoint_model():
 
 
 def _checkpoint_report(engine, params, prompts, answers, gen, seed):
-  """For generate's report: the expert load of a random router on the same tokens, and the
-  task accuracy (of a task model)."""
+  """For generate's report: the expert load of the random weights of --seed (their router)
+  on the same tokens, and the task accuracy (of a task model)."""
   from jax_ep import evaluate
 
   tokens = evaluate.routed_tokens(prompts, gen)
@@ -43,6 +43,25 @@ def _checkpoint_report(engine, params, prompts, answers, gen, seed):
   if answers is not None:
     out["task_accuracy"] = evaluate.accuracy(gen, answers)
   return out
+
+
+def agree_on_memory(refusal: ConfigError | None, timeout_s: int) -> None:
+  """Every process checks its own devices' free memory, which can differ: where one
+  refuses and another would go on, the others would wait out --distributed_timeout_s for
+  it. So the verdicts are exchanged first; a process that refused raises its own reason,
+  the others one naming the processes that refused."""
+  verdict = "fits" if refusal is None else "does not fit"
+  try:
+    distributed.check_same(
+        "memory check", {"memory": verdict}, timeout_s,
+        hint="Each process checks its own devices' free memory: free memory on the devices "
+             "of the processes that refused (their logs say what they need), or run with "
+             "--nocheck_memory.")
+  except ConfigError:
+    if refusal is None:
+      raise
+  if refusal is not None:
+    raise refusal
 
 
 def _generate(profile_dir):
@@ -56,13 +75,14 @@ def _generate(profile_dir):
   cfg, task = _checkpoint_model()
   dep = flags.deployment_for(len(jax.devices()))
   flags.check_model(cfg, dep)
-  flags.note_slice_model((presets.names_of(cfg) or ["the checkpoint's model"])[0])
+  same = presets.names_of(cfg)
+  flags.note_slice_model(same, flags.CONFIG.value if not flags.CHECKPOINT.value else (
+      same or ["the checkpoint's model"])[0])
   flags.note_unread_expert_blocks(dep, jax.default_backend())
   logging.info("process %d of %d, %d devices (%s)", jax.process_index(), jax.process_count(),
                len(jax.devices()), jax.devices()[0].platform)
   name = flags.CONFIG.value
   if flags.CHECKPOINT.value:
-    same = presets.names_of(cfg)
     name = (f"{' = '.join(same)} (the checkpoint's)" if same
             else "of the checkpoint (no preset's)")
   _say(f"model {name}: {cfg.num_layers} layers x {cfg.num_experts} experts, "
@@ -83,7 +103,7 @@ def _generate(profile_dir):
   if flags.CHECK_MEMORY.value:
     platform = jax.devices()[0].platform
     fp = memory.footprint(cfg, dep, batch, prompt_len, max_len, platform)
-    budget = memory_budget.budget_for_devices(jax.devices()[:dep.num_devices])
+    budget = memory_budget.budget_for_devices(list(engine.mesh.devices.flat))
     try:
       memory_budget.check(
           fp, budget,
@@ -91,11 +111,13 @@ def _generate(profile_dir):
           what=(f"generate --checkpoint={flags.CHECKPOINT.value}"
                 if flags.CHECKPOINT.value else f"generate --config={name}"),
           plan_command=_plan_command(dep, batch, prompt_len, new))
+      refusal = None
     except ConfigError as e:
-      if not flags.DRY_RUN.value:
-        raise
-      # A dry run allocates nothing, so it shows the layout of what does not fit here too.
-      memory_note = f"memory: the run itself would be refused here: {e}"
+      refusal = e
+    if flags.DRY_RUN.value:  # it allocates nothing, so it shows what does not fit here too
+      memory_note = f"memory: the run itself would be refused here: {refusal}" if refusal else None
+    else:
+      agree_on_memory(refusal, flags.DIST_TIMEOUT.value)
   if flags.DRY_RUN.value:  # a dry run builds no prompts: a huge batch's take long
     distributed.check_same("run", distributed.fields(
         model=cfg, deployment=dep, prompts=f"{batch} x {prompt_len}"), flags.DIST_TIMEOUT.value)
@@ -108,7 +130,7 @@ def _generate(profile_dir):
   else:
     prompts, answers = np.random.RandomState(flags.SEED.value).randint(
         0, cfg.vocab_size, (batch, prompt_len)), None
-  decode.check_request(engine, prompts, new, flags.TEMPERATURE.value, max_len)
+  # (decode.generate checks the prompts' ids: these are in the vocabulary by construction.)
   distributed.check_same("run", distributed.fields(model=cfg, deployment=dep, prompts=prompts),
                          flags.DIST_TIMEOUT.value)
   if flags.CHECKPOINT.value:
@@ -144,7 +166,8 @@ def _report(cfg, dep, gen, extra):
       f" (random weights of --seed={flags.SEED.value}: {extra['random_load_max_mean']:.2f})"
       if "random_load_max_mean" in extra else "")
   timed = bool(gen.step_s or gen.decode_steps)
-  untimed = (f"not timed: {gen.steps + 1} new token(s) are the prefill's and the ring's fill "
+  made = count(gen.steps + 1, "new token") + (" are" if gen.steps else " is")
+  untimed = (f"not timed: {made} the prefill's and the ring's fill "
              f"(--max_new_tokens={gen.steps + 1}); give 3 or more to time a decode step")
   rows = [("deployment", dep.describe()), ("batch x new tokens", f"{gen.batch} x {gen.steps + 1}"),
           ("compile", f"{gen.compile_s:.2f} s"), ("prefill", f"{gen.prefill_s * 1e3:.1f} ms"),

@@ -16,7 +16,10 @@ def check_memory(name: str, cfg, tc, device) -> None:
   need = sum(parts.values())
   if need <= budget.bytes:
     return
-  size = lambda n: memory_budget.format_bytes(n, need)  # noqa: E731 (one unit a line)
+
+  def size(n):  # one unit for the line: the need's
+    return memory_budget.format_bytes(n, need)
+
   terms = ", ".join(f"{k} {size(v)}" for k, v in parts.items())
   # A smaller batch shrinks only the logits: suggested where that would fit.
   batch = " or a smaller --batch" if need - parts["logits"] <= budget.bytes else ""
@@ -41,10 +44,10 @@ def run():
                          learning_rate=flags.LEARNING_RATE.value, seed=flags.SEED.value,
                          task=tasks.Task(flags.TASK.value, flags.TASK_DIGITS.value))
   if flags.CHECK_MEMORY.value:
-    check_memory(flags.CONFIG.value, cfg, tc, jax.devices()[0])
+    check_memory(flags.CONFIG.value, cfg, tc, jax.local_devices()[0])
   print(f"train {flags.CONFIG.value} ({cfg.num_layers} layers x {cfg.num_experts} experts, top-"
         f"{cfg.top_k}, {cfg.dtype}) on {tc.task.name} of {tc.task.digits} digits: {tc.steps} "
-        f"steps of {tc.batch}, on {jax.devices()[0]}; checkpoints in {flags.WORKDIR.value}",
+        f"steps of {tc.batch}, on {jax.local_devices()[0]}; checkpoints in {flags.WORKDIR.value}",
         flush=True)
   result = train.run(cfg, tc, flags.WORKDIR.value, save_every=flags.SAVE_EVERY.value,
                      log=lambda m: print("  " + m, flush=True))
