@@ -30,7 +30,7 @@ from flax import nnx
 import jax_ep
 from jax_ep import params as param_layouts
 from jax_ep import sharding
-from jax_ep.config import ConfigError, ModelConfig
+from jax_ep.config import ConfigError, ModelConfig, count
 from jax_ep.kernels import groups
 from jax_ep.model import Transformer
 
@@ -166,7 +166,8 @@ class Checkpointer:
     if step is None:
       if not steps:
         partial = glob.glob(os.path.join(self.directory, "*" + TMP_SUFFIX + "*"))
-        why = (f" ({len(partial)} unfinished save(s): a run killed while saving leaves those)"
+        why = (f" ({count(len(partial), 'unfinished save')}: a run killed while saving leaves "
+               "those)"
                if partial else "")
         raise ConfigError(f"{self.directory} holds no finished checkpoint{why}.")
       return steps[-1]

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ep import distributed, ring, routing
-from jax_ep.config import ConfigError
+from jax_ep.config import ConfigError, count
 from jax_ep.engine import Engine
 from jax_ep.perf import per_device
 
@@ -73,15 +73,19 @@ def _progress(msg: str, log: Callable[[str], None] | None):
     log(msg)
 
 
+def _check_sampling(max_new_tokens: int, temperature: float) -> None:
+  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be a positive integer.")
+  if not temperature >= 0:
+    raise ConfigError(f"temperature={temperature} must be >= 0 (0 is greedy).")
+
+
 def check_request_shape(engine: Engine, batch: int, prompt_len: int, max_new_tokens: int,
                         temperature: float, max_len: int) -> None:
   """The checks of a generate request that need only its sizes: a caller runs them before
   it builds prompts (or checks memory) for a batch that may be refused. Raises
   ConfigError saying what to change."""
-  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-    raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be a positive integer.")
-  if not temperature >= 0:
-    raise ConfigError(f"temperature={temperature} must be >= 0 (0 is greedy).")
+  _check_sampling(max_new_tokens, temperature)
   if batch < 1 or prompt_len < 1:
     raise ConfigError(f"prompts have an empty dimension: {batch} sequences of {prompt_len} "
                       "tokens; need at least one sequence of at least one token.")
@@ -106,6 +110,7 @@ def check_request(engine: Engine, prompts_BxT, max_new_tokens: int, temperature:
 
   Returns the prompts as int32 [B, T]; raises ConfigError saying what to change.
   """
+  _check_sampling(max_new_tokens, temperature)  # first, whatever the prompts' shape
   prompts = np.asarray(prompts_BxT)
   if prompts.ndim == 2:
     check_request_shape(engine, *prompts.shape, max_new_tokens, temperature, max_len)
@@ -178,8 +183,8 @@ def generate(engine: Engine, params, prompts_BxT, max_new_tokens: int, *,
                                                                 key).compile()
               for k in {first_steps} | {period * n for n in calls[1:]}}
   compile_s = time.perf_counter() - t0
-  _progress(f"compiled in {compile_s:.1f} s; prefill of {b} x {p} tokens in {len(chunks)} "
-            f"chunk(s)", log)
+  _progress(f"compiled in {compile_s:.1f} s; prefill of {b} x {p} tokens in "
+            f"{count(len(chunks), 'chunk')}", log)
 
   cache = engine.init_cache(b, cache_len(max_len))
   jax.block_until_ready(cache)

@@ -1,5 +1,5 @@
 """A checkpoint's model on a deployment: its task accuracy (greedy decoding), and its
-per-expert load beside that of a random router on the same tokens."""
+per-expert load beside that of random weights' router on the same tokens."""
 
 from __future__ import annotations
 

@@ -53,5 +53,9 @@ deployments = importlib.import_module(f"{_PACKAGE.__name__}.deployments")
 
 
 def names_of(cfg) -> list[str]:
-  """The model presets whose config is `cfg` (a checkpoint's model, say); [] for none."""
-  return [n for n in model_names() if load_model(n) == cfg]
+  """The model presets whose config is `cfg` (a checkpoint's model, say) but for its KV
+  cache length, which a checkpoint does not fix (checkpoint.FREE_FIELDS); [] for none."""
+  import dataclasses
+
+  return [n for n in model_names()
+          if dataclasses.replace(load_model(n), max_seq_len=cfg.max_seq_len) == cfg]

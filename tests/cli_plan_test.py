@@ -30,7 +30,8 @@ def test_plan_refuses_what_does_not_fit_and_prints_the_holdings():
       "stderr"]
   # A mesh of fewer devices than --devices: planned for its own, and said so.
   assert fewer["rc"] == 0 and "(4 devices)" in fewer["stdout"]
-  assert "mesh:2x2x1 uses 4 of the --devices=8" in fewer["stderr"]
+  assert ("mesh:2x2x1 (stage 2 x expert 2 x tp 1) uses 4 of the "
+          "--devices=8") in fewer["stderr"]
   # No preset of a kind for --devices: the advice is plan's flag, not generate's.
   assert no_preset["rc"] == 2 and "(--devices)" in no_preset["stderr"]
   assert "simulate" not in no_preset["stderr"]

@@ -33,5 +33,5 @@ def test_train_then_generate_from_its_checkpoint(tmp_path):
 
   # A checkpoint's run that does not fit names the checkpoint, not a --config never given.
   proc = run("generate", f"--checkpoint={workdir}", "--deployment=single", "--batch=200000000")
-  assert proc.returncode != 0
+  assert proc.returncode == 2, proc.stderr[-2000:]
   assert f"generate --checkpoint={workdir} does not fit" in proc.stderr, proc.stderr[-2000:]

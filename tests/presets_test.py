@@ -40,3 +40,6 @@ def test_names_of_finds_the_presets_of_a_config():
   swiglu = presets.load_model("tiny_swiglu")
   assert presets.names_of(swiglu) == ["tiny_swiglu"]
   assert presets.names_of(dataclasses.replace(swiglu, vocab_size=swiglu.vocab_size + 1)) == []
+  # A checkpoint does not fix the KV cache's length: still the preset's model.
+  assert presets.names_of(dataclasses.replace(swiglu, max_seq_len=swiglu.max_seq_len * 2)) == [
+      "tiny_swiglu"]

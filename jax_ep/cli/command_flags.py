@@ -80,15 +80,15 @@ def _holder_objects():
 COMMAND_DEFAULTS = {
     "bench": {"config": "seed on GPU, tiny on CPU", "prompt_len": "32 on GPU, 8 on CPU",
               "steps": "20 on GPU, 4 on CPU", "max_new_tokens": "none: --steps sets the steps",
-              "batch": "1024", "tokens_per_call": "1"},
+              "batch": "1024", "tokens_per_call": "1", "devices": "all",
+              "probe_mib": "4096 on GPU, 64 on CPU", "kinds": "single, baseline, proposed"},
     "predict": {"batch": "1024"},
     "generate": {"batch": "8, rounded up to a batch the deployment splits"},
     "plan": {"batch": "8, rounded up to a batch the deployment splits",
-             "devices": "the deployment's own count; 8 for single, baseline or proposed",
+             "devices": "the deployment's own count; 8 for baseline or proposed",
              "mem_fraction": "$XLA_PYTHON_CLIENT_MEM_FRACTION, else jax's 0.75"},
     "train": {"batch": "32"},
 }
-COMMAND_DEFAULTS["bench"] |= {"devices": "all", "probe_mib": "4096 on GPU, 64 on CPU"}
 
 
 def _segments(text: str) -> list[tuple[frozenset[str] | None, str]]:

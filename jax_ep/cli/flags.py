@@ -174,8 +174,8 @@ DST = flags.DEFINE_string("dst", None, "export-hf: the directory to write (confi
 
 # --- bench and predict (jax_ep/perf/: runner.py, report.py, tables.py) -------------------
 KINDS = flags.DEFINE_list(
-    "kinds", None, "bench: deployments (default single, baseline, proposed: the seed's "
-    "preset, or the scaled one for the devices present), preset names, mesh:SxExT, or seed "
+    "kinds", None, "bench: deployments (baseline and proposed: the seed's preset, or the "
+    "scaled one for the devices present), preset names, mesh:SxExT, or seed "
     "slices (slice_1x4, slice_2x2, slice_4x2: their own model and batch); '/G' after any "
     "sets its decode groups in flight. Each model's deployments run the one with the most "
     "devices first (it creates the weights the others are laid out from).")
@@ -277,11 +277,11 @@ def deployment_for(num_devices: int, counts: str = deployments.RUN_ON):
   return dep
 
 
-def note_slice_model(model: str) -> None:
-  """Says on stderr when --deployment is a seed slice's mesh and `model` (the preset the
-  run lays out) is not that slice's model."""
+def note_slice_model(models: list[str], model: str) -> None:
+  """Says on stderr when --deployment is a seed slice's mesh and the run's model (`model`,
+  equal to the presets `models`) is not that slice's model."""
   base = deployments.with_groups(DEPLOYMENT.value)[0]
-  if base in deployments.SLICES and model != deployments.SLICES[base][0]:
+  if base in deployments.SLICES and deployments.SLICES[base][0] not in models:
     print(f"jax-ep: --deployment={base} is the mesh of the seed slice "
           f"--config={deployments.SLICES[base][0]} (`jax-ep bench --kinds={base}` runs the "
           f"two together); this run lays out {model} on it.", file=sys.stderr, flush=True)

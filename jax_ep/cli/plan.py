@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from jax_ep import runtime
+from jax_ep import presets, runtime
 from jax_ep.cli import flags
 from jax_ep.presets import deployments
 
@@ -26,10 +26,11 @@ def run():
 
     raise ConfigError(f"{dep.describe()} needs {dep.num_devices} devices; --devices={n}.")
   if flags.DEVICES.present and dep.num_devices < n:  # generate, too, takes the first ones
-    print(f"jax-ep plan: {flags.DEPLOYMENT.value} uses {dep.num_devices} of the "
+    print(f"jax-ep plan: {flags.DEPLOYMENT.value} (stage {dep.stages} x expert {dep.expert} x "
+          f"tp {dep.tp}) uses {dep.num_devices} of the "
           f"--devices={n}; the plan is for those {dep.num_devices}.", file=sys.stderr)
   flags.check_model(cfg, dep)
-  flags.note_slice_model(flags.CONFIG.value)
+  flags.note_slice_model(presets.names_of(cfg), flags.CONFIG.value)
   batch = flags.batch_for(dep)
   kind = flags.DEVICE_KIND.value.lower()
   platform = "cpu" if kind == "cpu" else "gpu"
