@@ -22,7 +22,7 @@ from absl import app, logging
 from absl import flags as absl_flags
 
 from jax_ep import distributed, presets, runtime
-from jax_ep.cli import command_flags, flags, generate, hf, perf, plan, train
+from jax_ep.cli import command_flags, flags, generate, help_text, hf, perf, plan, train
 from jax_ep.config import did_you_mean
 
 # Each command, in the order the usage line lists them, and the function that runs it.
@@ -108,11 +108,11 @@ def print_help(command: str | None = None) -> None:
     print(__doc__)
     print("Every flag, with the commands that read it and each one's default\n"
           "(`jax-ep COMMAND --help`: one command's flags only):\n")
-    print(command_flags.all_help(COMMANDS, OFFLINE))
+    print(help_text.all_help(COMMANDS, OFFLINE))
     return
   line = next(ln for ln in __doc__.splitlines() if ln.strip().startswith(command + " "))
   print(f"jax-ep {command} [--flags]\n\n{line}\n\nFlags it reads:")
-  print(command_flags.help_text(COMMANDS[command], command in OFFLINE, command))
+  print(help_text.help_text(COMMANDS[command], command in OFFLINE, command))
 
 
 def _usage_error(message: str):
