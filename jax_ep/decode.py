@@ -148,8 +148,8 @@ def generate(engine: Engine, params, prompts_BxT, max_new_tokens: int, *,
   `max_len`: the KV cache's length, prompt and new tokens (ModelConfig.max_seq_len if
   None; it may be longer or shorter than that).
   The first of the N - 1 decode steps also fills the ring; `synced_steps` of the next
-  are timed one by one, the rest back to back (traced with jax.profiler into
-  `profile_dir` if given).
+  decode calls are timed one by one, the rest back to back (traced with jax.profiler into
+  `profile_dir` if given), at least the last call whatever `synced_steps` asks.
   """
   max_len = max_len or engine.cfg.max_seq_len
   tokens = check_request(engine, prompts_BxT, max_new_tokens, temperature, max_len)
@@ -205,7 +205,8 @@ def generate(engine: Engine, params, prompts_BxT, max_new_tokens: int, *,
   state = engine.decode_state(first, jnp.full((b,), p, jnp.int32), cache)
   del cache  # the state holds it, and each decode call donates the state
   outs, step_s = [], []
-  synced = min(synced_steps, max(len(calls) - 1, 0))
+  # At least one call back to back (TPOT's figure) wherever there is a call after the fill.
+  synced = min(synced_steps, max(len(calls) - 2, 0))
   t_all = time.perf_counter()
   timed = 0
   for i, n in enumerate(calls):

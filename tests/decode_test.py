@@ -116,6 +116,10 @@ def test_several_tokens_per_call_give_the_same_tokens(params, prompts, greedy):
   assert_array_equal(gen.tokens, greedy.tokens)
   assert_array_equal(gen.load_LxE, greedy.load_LxE)
   assert len(gen.step_s) == 1 and gen.decode_steps == 1  # the call of 2 synced, 1 timed
+  # More synced calls asked than there are: the last still runs back to back, so that
+  # TPOT is a back-to-back figure, not the synced median under its name.
+  gen = decode.generate(multi, params, prompts, NEW, max_len=MAX_LEN, synced_steps=5)
+  assert len(gen.step_s) == 1 and gen.decode_steps == 1
 
 
 def test_imbalance():

@@ -145,7 +145,8 @@ def _generate(profile_dir):
     jax.profiler.start_trace(profile_dir)
   try:
     gen = decode.generate(engine, params, prompts, new, temperature=flags.TEMPERATURE.value,
-                          seed=flags.SEED.value, max_len=max_len, synced_steps=max(new // 4, 1),
+                          seed=flags.SEED.value, max_len=max_len, synced_steps=max(
+                              len(decode.decode_calls(new - 1, dep.tokens_per_call)) // 4, 1),
                           log=lambda m: _say("  " + m))
   finally:
     if profile_dir:
@@ -172,7 +173,7 @@ def _report(cfg, dep, gen, extra):
   rows = [("deployment", dep.describe()), ("batch x new tokens", f"{gen.batch} x {gen.steps + 1}"),
           ("compile", f"{gen.compile_s:.2f} s"), ("prefill", f"{gen.prefill_s * 1e3:.1f} ms"),
           ("TPOT (back-to-back mean)", f"{gen.tpot_ms:.3f} ms" if timed else untimed),
-          ("TPOT (synced median)", f"{gen.tpot_synced_ms:.3f} ms" if timed else "-"),
+          ("TPOT (synced median)", f"{gen.tpot_synced_ms:.3f} ms" if gen.step_s else "-"),
           ("TPS", f"{gen.tps:,.0f}" if timed else "-"),
           ("decode groups in flight", gen.groups), ("expert load max/mean", load_row),
           ("experts given no token", f"{int((load == 0).sum(axis=1).max())} of "
