@@ -169,6 +169,10 @@ class Checkpointer:
         why = (f" ({count(len(partial), 'unfinished save')}: a run killed while saving leaves "
                "those)"
                if partial else "")
+        parent = os.path.dirname(self.directory)
+        if os.path.basename(self.directory).isdigit() and _has_steps(parent):
+          why += (f"; it is a step of the checkpoint {parent}: pass --checkpoint={parent} (its "
+                  "latest step is read)")
         raise ConfigError(f"{self.directory} holds no finished checkpoint{why}.")
       return steps[-1]
     if step not in steps:
@@ -263,8 +267,12 @@ class Checkpointer:
     try:
       out = self._manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # tensorstore: DATA_LOSS, OUT_OF_RANGE, NOT_FOUND, ...
+      others = [s for s in self.steps() if s != step]
+      way_out = (f" Its other steps: {others}; move {os.path.join(self.directory, str(step))} "
+                 f"aside to read step {others[-1]} (the latest is what is read)."
+                 if others else "")
       raise ConfigError(f"{where} is damaged (a file is missing, truncated or corrupt): "
-                        f"{_short(e)}") from e
+                        f"{_short(e)}.{way_out}") from e
     restored = {name: out[name] for name in targets}
     for name, tree in restored.items():
       bad = [k for k, v in describe(tree).items()
@@ -328,8 +336,15 @@ def _pair(tree, target):
   return out
 
 
+def _has_steps(directory: str) -> bool:
+  with Checkpointer(directory) as ckpt:
+    return bool(ckpt.steps())
+
+
 def _short(e: Exception) -> str:
+  """The first line of `e`, without tensorstore's dump of its spec (an object's repr)."""
   text = f"{type(e).__name__}: {e}".splitlines()[0]
+  text = text.split(" See full TensorStore details")[0].rstrip(" .:")
   return text[:300] + (" ..." if len(text) > 300 else "")
 
 

@@ -284,3 +284,28 @@ def test_saving_a_step_that_exists_is_refused(saved, tmp_path):
   copy = _copy(saved, tmp_path)
   with pytest.raises(ConfigError, match="step 7 already exists in"):
     checkpoint.save(copy, engine, params, step=7)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's reads
+def test_a_damaged_latest_step_names_the_way_to_an_intact_one(saved, tmp_path):
+  directory = _copy(saved, tmp_path)
+  shutil.copytree(os.path.join(directory, "7"), os.path.join(directory, "3"))
+  os.remove(_largest_data_file(directory))
+  engine = Engine(saved[1].cfg, PRESETS["single"])
+  with pytest.raises(ConfigError) as e:
+    checkpoint.restore(directory, engine)
+  message = str(e.value)
+  assert "step 7 is damaged" in message and "TensorStore details" not in message
+  assert "<bound method" not in message
+  latest = os.path.join(directory, "7")
+  assert f"Its other steps: [3]; move {latest} aside to read step 3" in message
+  shutil.move(latest, str(tmp_path / "aside"))  # as the message says: step 3 is read
+  checkpoint.restore(directory, engine)
+
+
+def test_a_step_folder_names_its_checkpoint(saved):
+  directory = saved[0]
+  engine = Engine(saved[1].cfg, PRESETS["single"])
+  with pytest.raises(ConfigError, match=f"it is a step of the checkpoint {directory}: pass "
+                                        f"--checkpoint={directory}"):
+    checkpoint.restore(os.path.join(directory, "7"), engine)

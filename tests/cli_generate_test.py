@@ -87,6 +87,8 @@ BAD = [
     (["--decode_groups=-1"], "--decode_groups=-1 must be 0"),
     (["--simulate_devices=-5"], "--simulate_devices=-5: use -1 (auto), 0"),
     (["--output="], "--output= is empty"),
+    # `--checkpoint=$CKPT` with CKPT unset: refused, not random weights that look trained.
+    (["--checkpoint="], "--checkpoint= is empty: give a directory"),
     (["--output={tmp}"], "is a directory"),
     (["--output={tmp}/missing/out.json"], "does not exist; create it first"),
     (["--output=/proc/jax_ep_out.json"], "cannot create a file in /proc"),

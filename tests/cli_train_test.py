@@ -35,3 +35,14 @@ def test_train_then_generate_from_its_checkpoint(tmp_path):
   proc = run("generate", f"--checkpoint={workdir}", "--deployment=single", "--batch=200000000")
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert f"generate --checkpoint={workdir} does not fit" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_workdir_whose_directory_is_missing_is_refused(tmp_path):
+  # The run would create the whole path: a typo would train into a new tree unnoticed.
+  missing = tmp_path / "typo" / "run"
+  proc = run("train", "--config=tiny_task", f"--workdir={missing}", "--steps=2")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert f"its directory {missing.parent} does not exist; create it first" in proc.stderr
+  assert not (tmp_path / "typo").exists() and "compiling" not in proc.stdout
+  proc = run("train", "--config=tiny_task", "--workdir=", "--steps=2")
+  assert proc.returncode == 2 and "--workdir= is empty" in proc.stderr, proc.stderr[-2000:]
