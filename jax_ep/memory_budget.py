@@ -174,15 +174,18 @@ def summary(fp: Footprint, budget: Budget) -> str:
 
 
 def largest_batch(cfg, dep, batch, prompt_len, max_len, budget, platform) -> int | None:
-  """The largest valid batch <= `batch` whose footprint fits (of the multiples of
-  dep.min_batch, halving), or None."""
+  """The largest valid batch <= `batch` whose footprint fits (a bisection over the
+  multiples of dep.min_batch: a footprint grows with the batch), or None."""
   step = dep.min_batch
-  b = batch // step * step
-  while b >= step:
-    if fits(footprint(cfg, dep, b, prompt_len, max_len, platform), budget):
-      return b
-    b = b // 2 // step * step if b > 2 * step else b - step
-  return None
+
+  def ok(k):
+    return fits(footprint(cfg, dep, k * step, prompt_len, max_len, platform), budget)
+
+  lo, hi = 0, batch // step  # ok(lo) (none is always "fine"); the answer is in [lo, hi]
+  while lo < hi:
+    mid = (lo + hi + 1) // 2
+    lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+  return lo * step or None
 
 
 def smallest_fitting(cfg, batch, prompt_len, max_len, budget, platform, candidates):

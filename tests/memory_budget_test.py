@@ -37,7 +37,16 @@ def test_a_batch_too_large_for_the_cache_names_the_largest_batch_that_fits():
     memory_budget.check(fp, h200)
   b = int(str(e.value).split("--batch=")[1].split()[0])
   assert memory_budget.fits(memory.footprint(seed, PRESETS["single"], b, 32, 256), h200)
-  assert not memory_budget.fits(memory.footprint(seed, PRESETS["single"], 2 * b, 32, 256), h200)
+  # The largest: the next valid batch does not fit (not a halving's nearest fit).
+  assert not memory_budget.fits(memory.footprint(seed, PRESETS["single"], b + 1, 32, 256), h200)
+  # The same answer for any request above it.
+  for asked in (b + 1, 3 * b, 10**8):
+    assert memory_budget.largest_batch(seed, PRESETS["single"], asked, 32, 256, h200,
+                                       "gpu") == b
+  proposed = PRESETS["seed_proposed"]  # multiples of its least batch only
+  got = memory_budget.largest_batch(seed, proposed, 10**6, 32, 256, h200, "gpu")
+  assert got % proposed.min_batch == 0 and not memory_budget.fits(
+      memory.footprint(seed, proposed, got + proposed.min_batch, 32, 256), h200)
 
 
 def test_cpu_devices_share_the_host():
