@@ -51,20 +51,27 @@ def forced_device_count() -> int | None:
   return count
 
 
+# Past a few thousand fake devices XLA:CPU's start-up alone takes minutes (100,000 did not
+# start in two): refused rather than left to look hung.
+MAX_SIMULATED = 4096
+
+
 def simulate_devices(n: int) -> None:
   """Runs on the CPU with `n` fake devices (n > 0), e.g. 64 to lay out the seed's mesh.
 
   n = -1 means: the real devices when a GPU plugin is installed; else the N of
   XLA_FLAGS=--xla_force_host_platform_device_count=N where that is set (jax's own way to
   ask for N CPU devices, which `jax_num_cpu_devices` would otherwise override), or 8.
-  0: the devices as they are. Anything below -1 is a ConfigError. Asking again for what
-  is already set is a no-op (the backend may have started).
+  0: the devices as they are. Anything below -1, or above MAX_SIMULATED, is a
+  ConfigError. Asking again for what is already set is a no-op (the backend may have
+  started).
   """
-  if n < -1:
+  if n < -1 or n > MAX_SIMULATED:
     from jax_ep.config import ConfigError
 
     raise ConfigError(f"--simulate_devices={n}: use -1 (auto), 0 (the real devices) or a "
-                      "positive number of fake CPU devices.")
+                      f"number of fake CPU devices from 1 to {MAX_SIMULATED} (the seed's "
+                      "largest deployment takes 64).")
   if n == -1:
     n = 0 if has_gpu_plugin() else (forced_device_count() or AUTO_CPU_DEVICES)
   if n == 0:

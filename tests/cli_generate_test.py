@@ -86,6 +86,7 @@ BAD = [
      "of layers: use --stages=1, 2 or 4."),
     (["--decode_groups=-1"], "--decode_groups=-1 must be 0"),
     (["--simulate_devices=-5"], "--simulate_devices=-5: use -1 (auto), 0"),
+    (["--simulate_devices=100000"], "fake CPU devices from 1 to 4096"),  # else looks hung
     (["--output="], "--output= is empty"),
     # `--checkpoint=$CKPT` with CKPT unset: refused, not random weights that look trained.
     (["--checkpoint="], "--checkpoint= is empty: give a directory"),

@@ -47,6 +47,8 @@ def test_has_gpu_plugin_reads_the_installed_distributions(monkeypatch):
 def test_simulate_devices(monkeypatch):
   with pytest.raises(ConfigError, match="--simulate_devices=-2"):
     runtime.simulate_devices(-2)
+  with pytest.raises(ConfigError, match="from 1 to 4096"):
+    runtime.simulate_devices(runtime.MAX_SIMULATED + 1)
   updates = []
   config = types.SimpleNamespace(jax_platforms="", jax_num_cpu_devices=-1,
                                  update=lambda k, v: updates.append((k, v)))

@@ -40,7 +40,7 @@ def _check_flags(command: str):
   from jax_ep.output import check_output_dir, check_output_path
 
   read = command_flags.reads(COMMANDS[command], command in OFFLINE)
-  if "simulate_devices" in read and flags.SIMULATE.value < -1:
+  if "simulate_devices" in read and not -1 <= flags.SIMULATE.value <= runtime.MAX_SIMULATED:
     runtime.simulate_devices(flags.SIMULATE.value)  # raises, saying what to use
   for flag in (flags.BATCH, flags.PROMPT_LEN, flags.NEW, flags.DEVICES, flags.STEPS,
                flags.SYNCED, flags.PROBE_MIB, flags.CONTEXT_LEN, flags.TASK_DIGITS,
