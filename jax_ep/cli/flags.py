@@ -195,7 +195,9 @@ PROBE_MIB = flags.DEFINE_integer(
 OUT_DIR = flags.DEFINE_string("out_dir", None, "bench: write seed_table.{json,md,png} here "
                               "(--output names the JSON instead).")
 HARDWARE = flags.DEFINE_enum("hardware", "h100", sorted(hardware.HARDWARE),
-                             "predict: GPU kind of the prediction (jax_ep/perf/hardware.py).")
+                             "predict: GPU kind of the prediction (jax_ep/perf/hardware.py): "
+                             "h100 at its datasheet's rates, h200 at rates measured on one "
+                             "H200 (lower), so the two do not compare the GPU kinds.")
 CONTEXT_LEN = flags.DEFINE_integer(
     "context_len", 128, "predict: KV cache positions each step reads. The seed does not say; "
     "128 keeps the step weight-bound as its text implies.")

@@ -42,7 +42,8 @@ class Hardware:
 H100_SXM = Hardware("H100 SXM", hbm_bytes_per_s=3.35e12, matmul_flops=989e12,
                     intra_node_bytes_per_s=450e9, inter_node_bytes_per_s=50e9,
                     gpus_per_node=8, collective_latency_s=20e-6, hbm_capacity_bytes=80e9,
-                    note="datasheet; collective latency assumed")
+                    note="datasheet rates, the collective latency assumed: what the GPU "
+                         "could reach, not what it was measured at")
 
 # shared/GPU.md, measured with jax 0.11.2: copy 3.66 TB/s (4 GiB, read + write), 8192^3
 # fp16 matmul 637 TFLOP/s, ppermute 227 GB/s at 256 MiB over NVLink (2 GPUs), a 4 MiB
@@ -53,7 +54,10 @@ H200 = Hardware("H200", hbm_bytes_per_s=3.66e12, matmul_flops=637e12,
                 gpus_per_node=8, collective_latency_s=160e-6, hbm_capacity_bytes=149e9,
                 measured=("hbm_bytes_per_s", "matmul_flops", "intra_node_bytes_per_s",
                           "collective_latency_s"),
-                note="shared/GPU.md; latency host-timed; inter-node assumed")
+                note="rates measured on one H200 (shared/GPU.md), below its datasheet's; the "
+                     "latency host-timed, an upper bound; inter-node assumed. Against "
+                     "--hardware=h100's datasheet rates it predicts slower: the two "
+                     "compare measurement with datasheet, not the two GPU kinds")
 
 HARDWARE = {"h100": H100_SXM, "h200": H200}
 

@@ -189,7 +189,7 @@ def report(hardware: str = "h100", batch: int = 1024, context_len: int = 128,
     eff = calibrate(calibration)
     out += [f"calibrated from {calibration}: {eff.describe()}",
             format_validation(validate(calibration, eff)), ""]
-  out += [hw.describe(), f"efficiency: {eff.describe()}"]
+  out += [hw.describe(), f"  ({hw.note})", f"efficiency: {eff.describe()}"]
   rows = seed_rows(hw, batch, context_len, eff)
   out += [format_seed_table(rows, hw), "",
           "Predicted step, term by term (ms per decode step, per device):",
