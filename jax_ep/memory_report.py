@@ -67,10 +67,12 @@ def format_holdings(cfg: ModelConfig, dep: DeploymentConfig, batch: int) -> str:
 
 
 def format_footprint(fp: Footprint, budget: Budget | None = None) -> str:
-  """fp.rows() as a markdown table of GiB and bytes; with `budget`, whether it fits."""
-  lines = ["| per device | GiB | bytes |", "| --- | ---: | ---: |"]
-  lines += [f"| {k} | {v / GiB:.3f} | {v:,} |" if counted else
-            f"| {k} (not live with the largest of these three; not added) | ({v / GiB:.3f}) | "
+  """fp.rows() as a markdown table of GiB (MiB where the total is under 0.1 GiB, which
+  would read 0.000 a row) and bytes; with `budget`, whether it fits."""
+  unit, name = (GiB, "GiB") if fp.total >= GiB // 10 else (1 << 20, "MiB")
+  lines = [f"| per device | {name} | bytes |", "| --- | ---: | ---: |"]
+  lines += [f"| {k} | {v / unit:.3f} | {v:,} |" if counted else
+            f"| {k} (not live with the largest of these three; not added) | ({v / unit:.3f}) | "
             f"({v:,}) |" for k, v, counted in fp.rows()]
   if budget is not None:
     lines += ["", memory_budget.summary(fp, budget)]

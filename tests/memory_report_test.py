@@ -34,8 +34,11 @@ def test_footprint_table_adds_only_what_is_live_together():
   table = memory_report.format_footprint(fp, memory_budget.Budget(fp.total, "just enough"))
   assert table.count("(not live with the largest of these three; not added)") == sum(
       not counted for *_, counted in rows)
-  gib = fp.total / memory_budget.GiB
-  assert f"| total per device | {gib:.3f} | {fp.total:,} |" in table
+  # The tiny model's table in MiB (in GiB every row would read 0.000).
+  assert "| per device | MiB | bytes |" in table
+  assert f"| total per device | {fp.total / 2**20:.3f} | {fp.total:,} |" in table
+  seed = memory.footprint(load_model("seed"), PRESETS["single"], 8, 4, 8, platform="cpu")
+  assert "| per device | GiB | bytes |" in memory_report.format_footprint(seed)
   # The tiny model's total reads in MiB (in GiB it would read 0.00).
   assert table.endswith(f"(just enough); needs {fp.total / 2**20:.2f} MiB per device: fits.")
   assert memory_budget.format_bytes(3 * memory_budget.GiB) == "3.00 GiB"

@@ -122,8 +122,9 @@ def _generate(profile_dir):
     distributed.check_same("run", distributed.fields(
         model=cfg, deployment=dep, prompts=f"{batch} x {prompt_len}"), flags.DIST_TIMEOUT.value)
     _say(placement.format_table(cfg, dep, placement.rows(cfg, dep, jax.devices(), batch)))
-    _say(memory_note or (f"memory: {memory_budget.summary(fp, budget)}"
-                         if flags.CHECK_MEMORY.value else "memory: not checked (--nocheck_memory)"))
+    if not flags.CHECK_MEMORY.value:
+      memory_note = "memory: not checked (--nocheck_memory)"
+    _say(memory_note or f"memory: {memory_budget.summary(fp, budget).replace('Budget: ', '')}")
     return cfg, dep, None, {}
   if task is not None:
     prompts, answers = task.eval_set(flags.SEED.value, batch)
