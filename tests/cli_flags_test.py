@@ -50,6 +50,10 @@ def test_a_model_the_deployment_cannot_lay_out_names_the_presets_it_can():
       "divides 16 (1, 2, 4, 8 or 16). Model presets this deployment takes: "
       "--config=seed_e64, tiny_e64.")
   cli_flags.check_model(load_model("tiny_e64"), e64)  # one it takes: no error
+  with pytest.raises(ConfigError) as err:  # a checkpoint's model: no --config changes it
+    cli_flags.check_model(load_model("tiny"), e64, checkpoint=True)
+  assert "The checkpoint fixes the model: use a deployment that divides it" in str(err.value)
+  assert "--config=" not in str(err.value)
   with pytest.raises(ConfigError) as err:  # 4 layers over 3 stages: no preset has 3k
     cli_flags.check_model(load_model("tiny"), deployments.mesh("mesh:3x1x1"))
   assert str(err.value).endswith("use stages=1, 2 or 4.")

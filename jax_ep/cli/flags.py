@@ -289,8 +289,9 @@ def note_slice_model(models: list[str], model: str) -> None:
           f"two together); this run lays out {model} on it.", file=sys.stderr, flush=True)
 
 
-def check_model(cfg, dep) -> None:
-  """dep.check_model(cfg); its ConfigError also names the model presets `dep` lays out."""
+def check_model(cfg, dep, checkpoint: bool = False) -> None:
+  """dep.check_model(cfg); its ConfigError also names the model presets `dep` lays out
+  (or, for a `checkpoint`'s model, which no --config changes, that the deployment must)."""
   try:
     dep.check_model(cfg)
   except ConfigError as e:
@@ -301,7 +302,11 @@ def check_model(cfg, dep) -> None:
         fit.append(name)
       except ConfigError:
         pass
-    hint = f" Model presets this deployment takes: --config={', '.join(fit)}." if fit else ""
+    if checkpoint:
+      hint = (" The checkpoint fixes the model: use a deployment that divides it "
+              "(`jax-ep generate --help` lists them under --deployment).")
+    else:
+      hint = f" Model presets this deployment takes: --config={', '.join(fit)}." if fit else ""
     base = deployments.with_groups(DEPLOYMENT.value)[0] if DEPLOYMENT.present else ""
     if base.startswith("mesh:"):
       hint += (f" (--deployment={base}: its S, E and T are --stages, --expert_axis and "

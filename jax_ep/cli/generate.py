@@ -74,7 +74,7 @@ def _generate(profile_dir):
 
   cfg, task = _checkpoint_model()
   dep = flags.deployment_for(len(jax.devices()))
-  flags.check_model(cfg, dep)
+  flags.check_model(cfg, dep, checkpoint=bool(flags.CHECKPOINT.value))
   same = presets.names_of(cfg)
   flags.note_slice_model(same, flags.CONFIG.value if not flags.CHECKPOINT.value else (
       same or ["the checkpoint's model"])[0])
