@@ -50,3 +50,14 @@ def test_rows_at_another_batch_name_their_groups_and_drop_the_seeds_figures():
   assert all(r["seed_tps"] is None for r in rows)
   assert {r["method"]: r["prediction"].batch for r in rows}[
       "Proposed, ring of 4 groups of 64"] == 256
+
+
+def test_a_batch_some_row_cannot_split_names_the_row_and_what_every_row_takes():
+  from jax_ep.config import ConfigError
+
+  with pytest.raises(ConfigError, match=r"row 'Baseline \(TP=8, PP=2\), one group'; every row "
+                                        r"of the table takes a --batch that is a multiple of 64"):
+    tables.seed_rows(batch=3)
+  assert len(tables.seed_rows(batch=64)) > 4  # the least it names: every row runs
+  with pytest.raises(ConfigError, match="multiple of 64"):
+    tables.seed_rows(batch=32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from jax_ep.config import DeploymentConfig, ModelConfig
+from jax_ep.config import ConfigError, DeploymentConfig, ModelConfig
 from jax_ep.perf.calibrate import calibrate, format_validation, validate
 from jax_ep.perf.cost import predict
 from jax_ep.perf.hardware import H100_SXM, HARDWARE, IDEAL, Efficiency, Hardware
@@ -66,6 +66,15 @@ def seed_rows(hw: Hardware = H100_SXM, batch: int = 1024, context_len: int = 128
                                                                 decode_groups=8), None, 8 * batch),
         ("  what if: one GPU", deployments.SINGLE, None, batch),
     ]
+  for name, dep, _, b in cases:  # before any row: say which row, and what all rows take
+    try:
+      dep.check_batch(b)
+    except ConfigError as e:
+      # A row's batch is --batch times its own factor (1, or its groups of --batch).
+      least = math.lcm(*(d.min_batch // math.gcd(d.min_batch, n // batch)
+                         for _, d, _, n in cases))
+      raise ConfigError(f"{e} (the table's row {name.strip()!r}; every row of the table "
+                        f"takes a --batch that is a multiple of {least}.)") from None
   rows = []
   for name, dep, key, b in cases:
     p = predict(cfg, dep, b, context_len, hw, eff)
