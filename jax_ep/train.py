@@ -221,15 +221,19 @@ def run(cfg: ModelConfig, tc: TrainConfig, workdir: str | None, *, save_every: i
   if save_every < 0:
     raise ConfigError(f"--save_every={save_every} must be >= 0 (0: only at the end).")
   t_start = time.perf_counter()
-  # Committed to one device, as restored arrays are, so a resumed run hits the same
-  # compiled step (jit's cache tells committed arrays from uncommitted ones).
-  state = jax.device_put(init_state(cfg, tc), jax.local_devices()[0])
-  random_params = jax.tree.map(jnp.copy, state.params)
-  resumed_from = None
   ckpt = checkpoint.Checkpointer(workdir, create=True) if workdir else None
   try:
-    if ckpt is not None and ckpt.latest_step() is not None:
-      state, resumed_from = _resume(ckpt, cfg, tc, state), ckpt.latest_step()
+    # What a resume would refuse (another model, other settings) is refused before the
+    # model is initialised.
+    resumed_from = ckpt.latest_step() if ckpt is not None else None
+    if resumed_from is not None:
+      _check_resume(ckpt, cfg, tc, resumed_from)
+    # Committed to one device, as restored arrays are, so a resumed run hits the same
+    # compiled step (jit's cache tells committed arrays from uncommitted ones).
+    state = jax.device_put(init_state(cfg, tc), jax.local_devices()[0])
+    random_params = jax.tree.map(jnp.copy, state.params)
+    if resumed_from is not None:
+      state = _restore(ckpt, cfg, resumed_from, state)
       log(f"resumed from step {resumed_from} in {workdir}")
     step = int(state.step)
     end = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
@@ -269,8 +273,8 @@ def run(cfg: ModelConfig, tc: TrainConfig, workdir: str | None, *, save_every: i
   return Result(state, final, rand, resumed_from, time.perf_counter() - t_start)
 
 
-def _resume(ckpt, cfg: ModelConfig, tc: TrainConfig, state: TrainState) -> TrainState:
-  step = ckpt.latest_step()
+def _check_resume(ckpt, cfg: ModelConfig, tc: TrainConfig, step: int) -> None:
+  """Raises ConfigError unless `step` of `ckpt` is a training run of `cfg` with `tc`."""
   meta = ckpt.meta(step)
   saved = meta.get("train")
   if saved is None:
@@ -284,6 +288,10 @@ def _resume(ckpt, cfg: ModelConfig, tc: TrainConfig, state: TrainState) -> Train
   if diff:
     raise ConfigError(f"--workdir={ckpt.directory} holds a run with other settings: "
                       f"{', '.join(diff)}; resume with the same flags or use a new --workdir.")
+
+
+def _restore(ckpt, cfg: ModelConfig, step: int, state: TrainState) -> TrainState:
+  """`state` with the params and optimizer state of `ckpt`'s `step`."""
   targets = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                          {checkpoint.PARAMS: state.params, checkpoint.OPT_STATE: state.opt_state})
   out = ckpt.restore(step, cfg, targets)

@@ -73,7 +73,12 @@ def test_run_resumed_from_a_checkpoint_equals_the_uninterrupted_one(trained, tmp
     assert ckpt.steps() == [2]
 
 
-def test_resume_with_other_settings_is_refused(trained):
+def test_resume_with_other_settings_is_refused(trained, monkeypatch):
+  # Refused before the model is initialised (that and its compile are the run's start-up).
+  def no_init(*_):
+    raise AssertionError("initialised the model before refusing the resume")
+
+  monkeypatch.setattr(train, "init_state", no_init)
   with pytest.raises(ConfigError, match=r"other settings: steps=100 \(now 200\)"):
     train.run(CFG, dataclasses.replace(TC, steps=200), trained[0], log=None)
   # Another model in the same --workdir: told to resume with its --config or to use a new
