@@ -225,6 +225,10 @@ class DeploymentConfig:
           f"num_layers={model.num_layers} is not divisible by stages={self.stages}; "
           "each pipeline stage must hold the same number of layers: use stages="
           f"{_or_list(_divisors(model.num_layers))}.")
+    if model.num_heads % self.tp:
+      raise ConfigError(
+          f"num_heads={model.num_heads} is not divisible by tp={self.tp}; "
+          "tensor-parallel attention gives each tp device whole heads.")
     if model.num_experts % self.expert_shards:
       axes = "expert x tp" if self.placement == "ep" else "expert"
       raise ConfigError(
@@ -237,10 +241,6 @@ class DeploymentConfig:
           + (", or DeploymentConfig.placement=tp to split each expert's MLP over tp instead."
              if self.placement == "ep" and self.tp > 1 and model.num_experts % self.expert == 0
              and model.mlp_dim % self.tp == 0 else "."))
-    if model.num_heads % self.tp:
-      raise ConfigError(
-          f"num_heads={model.num_heads} is not divisible by tp={self.tp}; "
-          "tensor-parallel attention gives each tp device whole heads.")
     if self.placement == "tp" and model.mlp_dim % self.tp:
       raise ConfigError(f"mlp_dim={model.mlp_dim} is not divisible by tp={self.tp}.")
     f = model.mlp_dim // self.tp if self.placement == "tp" else model.mlp_dim

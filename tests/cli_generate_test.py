@@ -76,7 +76,9 @@ BAD = [
     (["--deployment=seed_proposed"], "deployment seed_proposed (pipeline x expert parallel): "
      "stage 4 x expert 16 x tp 1 (64 devices), placement=ep, microbatches=4, decode groups 4 "
      "needs 64 devices but 8 are available"),
-    (["--deployment=proposed", "--tp=3"], "num_experts=16 is not divisible by the expert x tp"),
+    (["--deployment=proposed", "--tp=3"], "num_heads=8 is not divisible by --tp=3"),  # tp's own
+    (["--deployment=proposed", "--expert_axis=3", "--tp=2"], "num_experts=16 is not divisible "
+     "by the expert x tp"),
     (["--deployment=proposed", "--tp=3", "--placement=tp"], "num_heads=8 is not divisible by "
      "--tp=3"),
     (["--expert_axis=0"], "--expert_axis=0 must be a positive integer"),

@@ -171,7 +171,8 @@ def test_experts_not_divisible_by_expert_shards():
   # placement "tp" would spread them over expert=3 alone: no better, so not offered.
   assert str(err.value).endswith("so that expert x tp divides 16 (1, 2, 4, 8 or 16).")
   with _raises("expert x tp axes (32 devices)") as err:
-    DeploymentConfig(kind="proposed", expert=2, tp=16).check_model(TINY)
+    heads_16 = dataclasses.replace(TINY, num_heads=16, head_dim=4)
+    DeploymentConfig(kind="proposed", expert=2, tp=16).check_model(heads_16)
   assert "or DeploymentConfig.placement=tp to split each expert's MLP over tp" in str(err.value)
   # placement "tp" spreads them over expert only: 16 over 32.
   with _raises("num_experts=16") as err:
@@ -187,6 +188,9 @@ def test_heads_not_divisible_by_tp():
   cfg = dataclasses.replace(TINY, num_heads=4, head_dim=16)
   with _raises("num_heads=4 is not divisible by tp=8"):
     DeploymentConfig(kind="baseline", tp=8, placement="tp").check_model(cfg)
+  # tp's own constraint comes first: 16 experts over 2 x 3 would not divide either.
+  with _raises("num_heads=8 is not divisible by tp=3"):
+    DeploymentConfig(kind="proposed", expert=2, tp=3).check_model(TINY)
 
 
 def test_mlp_dim_not_divisible_by_tp_with_tp_placement():
