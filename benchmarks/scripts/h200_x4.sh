@@ -24,7 +24,7 @@
 #   of 1024, then the seed's step and the share of seed_proposed with the blocks before
 #   e80d25b and the default, alternating, twice (decode_parts.py); attention_swiglu: the
 #   same steps of seed_swiglu (prompt 128);
-# 2: several (seed slices with and without the ring, EP2);
+# 2: several (seed slices with and without the ring, on four GPUs; EP2 on two);
 # ab: one GPU's step with the kernel's default blocks and with SPEC, alternating, twice:
 #   bash benchmarks/scripts/h200_x4.sh ab COMMIT SPEC [CONFIGS [ROUNDS]]  (--expert_blocks
 #   SPEC; CONFIGS comma-separated, default seed_swiglu; seed_swiglu at prompt 128, others
@@ -214,7 +214,8 @@ for v in this old; do
   cat $R/${name}_windows.json >> $OUT/summary.txt
 done
 elif [ "$PART" = 2 ]; then
-step slices_4gpu 250 python3 -m jax_ep bench --kinds=slice_1x4,slice_2x2,slice_2x2/1 \
+# The slices need four GPUs; on nvidia-h200-x2 only EP2 runs.
+[ "$(nvidia-smi -L | wc -l)" -ge 4 ] && step slices_4gpu 250 python3 -m jax_ep bench --kinds=slice_1x4,slice_2x2,slice_2x2/1 \
   --out_dir=$R/slices_4gpu
 step ep2 300 env CUDA_VISIBLE_DEVICES=0,1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 -m jax_ep bench --kinds=mesh:1x2x1,single --out_dir=$R/ep2
