@@ -110,3 +110,18 @@ def test_seed_sized_models_on_cpu_get_a_note():
   tiny, _ = plan.plan(load_model("tiny"), plan.BenchSpec(config="tiny", kinds=("single",)), 8,
                       lambda m: None)
   assert runner.seed_on_cpu_note(tiny, "cpu") is None
+
+
+def test_a_run_longer_than_the_model_names_the_steps_that_fit():
+  # tiny's 64 positions: prompt 8 + 1 + (1 + 5 + steps) x 4 tokens fit up to steps = 7.
+  spec = plan.BenchSpec(config="tiny", kinds=("single",), batch=8, prompt_len=8, steps=40,
+                         synced=5, warmup=1, tokens_per_call=4, num_devices=1, probes=False)
+  with pytest.raises(ConfigError) as e:
+    runner.run(spec, log=lambda m: None)
+  assert "--prompt_len=8 + 185 decoded tokens" in str(e.value)
+  assert "40 back-to-back calls of 4 tokens" in str(e.value)
+  assert str(e.value).endswith("exceed max_seq_len 64 of tiny: --steps=7 fits.")
+  with pytest.raises(ConfigError, match="lower --prompt_len, --synced"):
+    runner.run(dataclasses.replace(spec, prompt_len=40), log=lambda m: None)
+  assert plan.new_tokens(dataclasses.replace(spec, steps=7)) - 1 + 8 <= 64
+  assert plan.new_tokens(dataclasses.replace(spec, steps=8)) - 1 + 8 > 64

@@ -136,6 +136,23 @@ def seed_on_cpu_note(plans: list[Plan], platform: str) -> str | None:
           "mechanics in seconds.")
 
 
+def _check_length(spec: BenchSpec, cfg: ModelConfig) -> None:
+  """Raises ConfigError if the run's prompt and decoded tokens exceed the model's length."""
+  decoded = new_tokens(spec) - 1
+  if spec.prompt_len + decoded <= cfg.max_seq_len:
+    return
+  # prompt + 1 + (warmup + synced + steps) x tokens_per_call <= max_seq_len.
+  room = (cfg.max_seq_len - spec.prompt_len - 1) // spec.tokens_per_call
+  most = room - spec.warmup - spec.synced
+  advice = (f"--steps={most} fits" if most >= 1 else
+            "lower --prompt_len, --synced, --warmup or --tokens_per_call")
+  raise ConfigError(
+      f"--prompt_len={spec.prompt_len} + {count(decoded, 'decoded token')} (the ring's fill, "
+      f"then {spec.warmup} warm-up, {spec.synced} synced and {spec.steps} back-to-back calls "
+      f"of {count(spec.tokens_per_call, 'token')}) exceed max_seq_len {cfg.max_seq_len} of "
+      f"{spec.checkpoint or spec.config}: {advice}.")
+
+
 def run(spec: BenchSpec = BenchSpec(), log: Callable[[str], None] = print) -> dict:  # noqa: B008
   """Runs every planned deployment in this process; the result dict (see write())."""
   devices = jax.devices()
@@ -147,9 +164,7 @@ def run(spec: BenchSpec = BenchSpec(), log: Callable[[str], None] = print) -> di
   spec = platform_defaults(spec, platform)
   n = len(devices)
   cfg = checkpoint.read_config(spec.checkpoint) if spec.checkpoint else load_model(spec.config)
-  if spec.prompt_len + new_tokens(spec) - 1 > cfg.max_seq_len:
-    raise ConfigError(f"prompt_len {spec.prompt_len} + {new_tokens(spec) - 1} decode steps "
-                      f"exceed max_seq_len {cfg.max_seq_len} of {spec.config}.")
+  _check_length(spec, cfg)
   log(f"bench: {n} x {devices[0].device_kind} ({platform}), jax {jax.__version__}; model "
       f"{spec.config}, batch {spec.batch}, prompt {spec.prompt_len}; decode: the ring's fill, "
       f"{spec.warmup} warm-up, {spec.synced} synced and {spec.steps} back-to-back calls of "
