@@ -24,6 +24,9 @@
 #   of 1024, then the seed's step and the share of seed_proposed with the blocks before
 #   e80d25b and the default, alternating, twice (decode_parts.py); attention_swiglu: the
 #   same steps of seed_swiglu (prompt 128);
+# checks: the CLI on one GPU: generate's dry run, a batch refused for its memory, the seed
+#   and seed_swiglu (prompt 128) generating, train of tiny_task and generate from its
+#   checkpoint;
 # 2: several (seed slices with and without the ring, on four GPUs; EP2 on two);
 # ab: one GPU's step with the kernel's default blocks and with SPEC, alternating, twice:
 #   bash benchmarks/scripts/h200_x4.sh ab COMMIT SPEC [CONFIGS [ROUNDS]]  (--expert_blocks
@@ -41,11 +44,11 @@
 # Each part fits one 10-minute call. Writes $OUT/results.tgz and $OUT/summary.txt.
 set -u
 PART=${1:-1}
-case $PART in parts|rows|warps|pairs|router|ncu|power|profile|profile_router|kernel|share|calls|attention|attention_swiglu|1|2) ;;
+case $PART in checks|parts|rows|warps|pairs|router|ncu|power|profile|profile_router|kernel|share|calls|attention|attention_swiglu|1|2) ;;
   ab) [ -n "${3:-}" ] || { echo "ab needs SPEC, an --expert_blocks value" >&2; exit 2; } ;;
   xla) [ -n "${3:-}" ] || { echo "xla needs FLAGS, XLA flags to add" >&2; exit 2; } ;;
   tree|clocks) [ -d "${3:-}/jax_ep" ] || { echo "$PART needs OLD, a directory with jax_ep/" >&2; exit 2; } ;;
-  *) echo "unknown PART '$PART': use parts, rows, warps, pairs, router, ncu, power, xla, profile, profile_router, kernel, share, calls, attention, attention_swiglu, 1, 2, ab, tree or clocks" >&2; exit 2 ;;
+  *) echo "unknown PART '$PART': use checks, parts, rows, warps, pairs, router, ncu, power, xla, profile, profile_router, kernel, share, calls, attention, attention_swiglu, 1, 2, ab, tree or clocks" >&2; exit 2 ;;
 esac
 export PYTHONPATH=. PYTHONUNBUFFERED=1 JAX_EP_COMMIT=${2:-unknown}
 R=$OUT/r; mkdir -p $R
@@ -53,7 +56,7 @@ step() {  # name timeout_s command...
   local name=$1 t=$2; shift 2
   echo "== $name" | tee -a $OUT/summary.txt
   timeout $t "$@" > $R/$name.log 2>&1; echo "rc=$?" >> $R/$name.log
-  grep -E "^\| (Single|One|Prop|Base|slice|mesh|share)|TPOT|rc=|Error|error|ms_per_step|^    |^(combine|cache|kernel|swiglu|pairs|calls|attention|attention_step|router_step|probe) " \
+  grep -E "^\| (Single|One|Prop|Base|slice|mesh|share)|TPOT|TPS|memory|fit|loss|rc=|Error|error|ms_per_step|^    |^(combine|cache|kernel|swiglu|pairs|calls|attention|attention_step|router_step|probe) " \
     $R/$name.log | tail -30 >> $OUT/summary.txt
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv > $R/nvidia_smi.txt
@@ -168,6 +171,17 @@ step seed_1gpu 220 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 step swiglu_1gpu 220 env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 -m jax_ep bench --config=seed_swiglu --kinds=single --prompt_len=128 \
   --out_dir=$R/swiglu_1gpu
+elif [ "$PART" = checks ]; then
+G="env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python3 -m jax_ep"
+step gen_dry 120 $G generate --config=seed --deployment=single --batch=1024 --prompt_len=32 \
+  --dry_run
+step gen_refused 120 $G generate --config=seed --deployment=single --batch=65536 --prompt_len=32
+step gen_seed 300 $G generate --config=seed --deployment=single --batch=1024 --prompt_len=32 \
+  --max_new_tokens=8 --output=$R/seed_tokens.json
+step gen_swiglu 300 $G generate --config=seed_swiglu --deployment=single --batch=1024 \
+  --prompt_len=128 --max_new_tokens=4 --output=$R/swiglu_tokens.json
+step train 200 $G train --config=tiny_task --steps=40 --workdir=$R/train_tiny
+step gen_ckpt 120 $G generate --checkpoint=$R/train_tiny --deployment=single --max_new_tokens=4
 elif [ "$PART" = ab ]; then
 for cfg in $(echo "${4:-seed_swiglu}" | tr , ' '); do
   prompt=32; [ "$cfg" = seed_swiglu ] && prompt=128
