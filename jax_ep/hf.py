@@ -15,12 +15,14 @@ import contextlib
 import glob
 import json
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Callable
 
 import numpy as np
 from flax import nnx
-from safetensors import safe_open  # bfloat16 reads as ml_dtypes' (jax's) bfloat16
+from safetensors import SafetensorError, safe_open  # bfloat16 reads as ml_dtypes' bfloat16
 from safetensors.numpy import save_file
 
 from jax_ep import checkpoint
@@ -191,9 +193,41 @@ def _files(src: str) -> dict[str, str]:
     raise ConfigError(f"{src} has no *.safetensors file (and no model.safetensors.index.json).")
   out = {}
   for path in paths:
-    with safe_open(path, framework="np") as f:
-      out.update({name: path for name in f.keys()})
+    with _reading(path):
+      with safe_open(path, framework="np") as f:
+        out.update({name: path for name in f.keys()})
   return out
+
+
+@contextlib.contextmanager
+def _reading(path: str):
+  """Turns safetensors' errors about `path` (truncated, not safetensors) into ConfigError."""
+  try:
+    yield
+  except (SafetensorError, OSError) as e:
+    raise ConfigError(f"{path} cannot be read as safetensors ({e}): is it complete? Copy or "
+                      "download it again.") from None
+
+
+def _misplaced(cfg: ModelConfig, names: list[str]) -> str | None:
+  """Why tensors beyond the config's layers or experts are there: the field to change."""
+  for pattern, field, size in ((r"model\.layers\.(\d+)\.", "num_hidden_layers", cfg.num_layers),
+                               (r"\.experts\.(\d+)\.", "num_local_experts", cfg.num_experts)):
+    found = [int(m.group(1)) for n in names if (m := re.search(pattern, n))]
+    if found and max(found) >= size:
+      return (f"config.json's {field}={size} but the tensors hold {max(found) + 1} "
+              f"(e.g. {next(n for n in names if re.search(pattern, n))}): make {field} "
+              "the tensors' count.")
+  return None
+
+
+def _check_dtype(src: str, name: str, w: np.ndarray, cfg: ModelConfig, casts: set) -> None:
+  """Refuses tensors that are not floating point; records float casts (stored -> model)."""
+  if not (np.issubdtype(w.dtype, np.floating) or w.dtype.name == "bfloat16"):
+    raise ConfigError(f"{src}: {name} is stored as {w.dtype.name}; a model's weights are "
+                      "floating point (float32, bfloat16 or float16).")
+  if w.dtype.name != cfg.dtype and "block_sparse_moe.gate." not in name:
+    casts.add(w.dtype.name)
 
 
 def read_config(src: str) -> tuple[ModelConfig, dict]:
@@ -208,9 +242,12 @@ def read_config(src: str) -> tuple[ModelConfig, dict]:
   return config_from_hf(hf, path), hf
 
 
-def load(src: str) -> tuple[ModelConfig, dict, dict]:
+def load(src: str, log: Callable[[str], None] = lambda m: None
+         ) -> tuple[ModelConfig, dict, dict]:
   """Reads a Mixtral directory: (config, canonical params as a pure dict of numpy arrays
-  in the model's dtype with the router in float32, the original config.json)."""
+  in the model's dtype with the router in float32, the original config.json). Weights
+  stored in another float dtype than config.json's torch_dtype are cast, with a note to
+  `log`; weights that are not floating point are refused."""
   cfg, hf = read_config(src)
   files = _files(src)
   wanted = list(_names(cfg))
@@ -221,22 +258,31 @@ def load(src: str) -> tuple[ModelConfig, dict, dict]:
   known = {name for name, *_ in wanted}
   extra = sorted(n for n in files if n not in known and not n.endswith(IGNORED_SUFFIXES))
   if extra:
-    raise ConfigError(f"{src} has tensors jax_ep has no place for, e.g. {extra[:3]} "
-                      "(a feature of another architecture?).")
+    raise ConfigError(f"{src}: " + (_misplaced(cfg, extra) or (
+        f"it has tensors jax_ep has no place for, e.g. {extra[:3]} (a feature of another "
+        "architecture?).")))
   abstract = nnx.to_pure_dict(checkpoint.abstract_state(cfg))
   leaves = {path: np.zeros(leaf.shape, np.float32 if "router" in path else cfg.jnp_dtype)
             for path, leaf in _flat(abstract).items()}
+  casts: set[str] = set()
   with contextlib.ExitStack() as stack:
-    handles = {path: stack.enter_context(safe_open(path, framework="np"))
-               for path in sorted({files[name] for name, *_ in wanted})}
+    handles = {}
+    for path in sorted({files[name] for name, *_ in wanted}):
+      with _reading(path):
+        handles[path] = stack.enter_context(safe_open(path, framework="np"))
     for name, path, how, index in wanted:
-      w = handles[files[name]].get_tensor(name)
+      with _reading(files[name]):
+        w = handles[files[name]].get_tensor(name)
+      _check_dtype(src, name, w, cfg, casts)
       dest = leaves[path]
       shape = dest[index].shape
       if tuple(w.shape) != _hf_shape(shape, how):
         raise ConfigError(f"{src}: {name} is {list(w.shape)}, the config implies "
                           f"{list(_hf_shape(shape, how))}.")
       dest[index] = _from_hf(w, how, shape).astype(dest.dtype)
+  if casts:
+    log(f"note: {src}'s weights stored as {' and '.join(sorted(casts))} were cast to "
+        f"{cfg.dtype}, config.json's torch_dtype (the router stays float32).")
   return cfg, _nest(leaves), hf
 
 
@@ -269,16 +315,27 @@ def to_hf_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
 # --- commands -------------------------------------------------------------------------------
 
 
-def import_hf(src: str, workdir: str) -> ModelConfig:
+def import_hf(src: str, workdir: str, log: Callable[[str], None] = lambda m: None
+              ) -> ModelConfig:
   """`jax-ep import-hf`: a Mixtral directory -> an orbax checkpoint (step 0) in workdir."""
   if not os.path.isdir(src):
     raise ConfigError(f"--src={src} is not a directory.")
   if os.path.isdir(workdir) and os.listdir(workdir):
     raise ConfigError(f"--workdir={workdir} is not empty; import into a new directory.")
-  cfg, params, hf = load(src)
+  cfg, params, hf = load(src, log)
   checkpoint.save_canonical(workdir, cfg, params, extra={"hf_config": hf,
                                                          "source": os.path.abspath(src)})
   return cfg
+
+
+def _permit(directory: str, names: list[str]) -> None:
+  """The umask's modes, as files a user writes get: mkdtemp makes its directory 0700 and
+  safetensors writes its files 0600, which would keep the export from other users."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(directory, 0o777 & ~umask)
+  for name in [*names, "config.json"]:
+    os.chmod(os.path.join(directory, name), 0o666 & ~umask)
 
 
 def export_hf(checkpoint_dir: str, dst: str, max_shard_bytes: int = 5 * 2**30) -> list[str]:
@@ -318,6 +375,7 @@ def export_hf(checkpoint_dir: str, dst: str, max_shard_bytes: int = 5 * 2**30) -
       names.append("model.safetensors.index.json")
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf, f, indent=1)
+    _permit(tmp, names)
     if os.path.isdir(dst):
       os.rmdir(dst)
     os.replace(tmp, dst)

@@ -171,7 +171,14 @@ def test_bfloat16_weights_keep_their_bits_and_the_router_is_float32(tmp_path):
   _, params, _ = checkpoint.restore_canonical(str(tmp_path / "ckpt"))
   assert params["layers"]["moe"]["w_router_DxE"].dtype == jnp.float32
   assert params["layers"]["moe"]["w_up_gate_ExDx2F"].dtype == jnp.bfloat16
-  hf.export_hf(str(tmp_path / "ckpt"), str(tmp_path / "out"))
+  os.makedirs(tmp_path / "out")  # an empty --dst the user made: replaced, modes as a user's
+  umask = os.umask(0o022)
+  try:
+    files = hf.export_hf(str(tmp_path / "ckpt"), str(tmp_path / "out"))
+  finally:
+    os.umask(umask)
+  assert oct(os.stat(tmp_path / "out").st_mode & 0o777) == oct(0o755)
+  assert {oct(os.stat(f).st_mode & 0o777) for f in files} == {oct(0o644)}, files
   exported = _read(str(tmp_path / "out"))
   for name, t in tensors.items():
     assert_array_equal(exported[name].astype(np.float32), t.astype(np.float32), err_msg=name)
@@ -232,6 +239,42 @@ def test_missing_wrong_and_extra_tensors(tmp_path):
     src = _write(str(tmp_path / name), CONFIG, t)
     with pytest.raises(ConfigError, match=message):
       hf.import_hf(src, str(tmp_path / f"{name}_ckpt"))
+
+
+def test_config_counts_below_the_tensors_name_the_field(tmp_path):
+  tensors = _hf_tensors(CONFIG)  # 2 layers x 4 experts
+  for change, message in (({"num_hidden_layers": 1}, "num_hidden_layers=1 but the tensors hold 2"),
+                          ({"num_local_experts": 3}, "num_local_experts=3 but the tensors hold 4")):
+    src = _write(str(tmp_path / f"{change}"), {**CONFIG, **change}, tensors)
+    with pytest.raises(ConfigError, match=message):
+      hf.import_hf(src, str(tmp_path / "ckpt"))
+  assert not (tmp_path / "ckpt").exists()
+
+
+def test_damaged_or_integer_weights_are_refused_and_float_casts_noted(tmp_path):
+  tensors = _hf_tensors(CONFIG)
+  src = _write(str(tmp_path / "cut"), CONFIG, tensors)
+  path = os.path.join(src, "model-00001-of-00001.safetensors")
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+  with pytest.raises(ConfigError, match="00001.safetensors cannot be read as safetensors"):
+    hf.import_hf(src, str(tmp_path / "cut_ckpt"))
+  ints = _write(str(tmp_path / "ints"), CONFIG,
+                {k: (v * 100).astype(np.int32) for k, v in tensors.items()})
+  with pytest.raises(ConfigError, match="is stored as int32; a model's weights are floating"):
+    hf.import_hf(ints, str(tmp_path / "ints_ckpt"))
+  assert not (tmp_path / "cut_ckpt").exists() and not (tmp_path / "ints_ckpt").exists()
+  # float16 tensors of a float32 config: cast, and said; the router's dtype is not a cast.
+  halves = {k: v.astype(np.float16) if "gate.weight" not in k else v for k, v in tensors.items()}
+  notes = []
+  hf.import_hf(_write(str(tmp_path / "f16"), CONFIG, halves), str(tmp_path / "f16_ckpt"),
+               log=notes.append)
+  assert notes == [f"note: {tmp_path / 'f16'}'s weights stored as float16 were cast to float32, "
+                   "config.json's torch_dtype (the router stays float32)."]
+  notes.clear()
+  hf.import_hf(_write(str(tmp_path / "same"), CONFIG, tensors), str(tmp_path / "same_ckpt"),
+               log=notes.append)
+  assert notes == []
 
 
 def test_export_refuses_gelu_experts_and_a_full_destination(tmp_path):

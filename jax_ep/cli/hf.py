@@ -11,7 +11,7 @@ def import_hf():
   from jax_ep import hf
 
   flags.need("import-hf", flags.SRC, flags.WORKDIR)
-  cfg = hf.import_hf(flags.SRC.value, flags.WORKDIR.value)
+  cfg = hf.import_hf(flags.SRC.value, flags.WORKDIR.value, log=print)
   print(f"imported {flags.SRC.value}: {cfg.num_layers} layers x {cfg.num_experts} experts "
         f"(top-{cfg.top_k}), D={cfg.model_dim}, F={cfg.mlp_dim}, V={cfg.vocab_size}, "
         f"{cfg.dtype} -> checkpoint {flags.WORKDIR.value}")
