@@ -35,10 +35,20 @@ def device_grid(dep: DeploymentConfig, devices) -> np.ndarray:
   devices = list(devices)
   need = dep.num_devices
   if len(devices) < need:
+    processes = len({d.process_index for d in devices})
+    if processes == 1:
+      simulate = (f"jax_ep.runtime.simulate_devices({need}) before jax starts "
+                  f"(--simulate_devices={need} on the command line)")
+    elif need % processes == 0:  # --simulate_devices counts one process's devices
+      simulate = (f"{need // processes} in each of the {processes} processes "
+                  f"(--simulate_devices={need // processes}; launch/local.py "
+                  f"--devices_per_process={need // processes})")
+    else:
+      simulate = (f"a whole number in each of the {processes} processes, which {need} "
+                  f"devices are not: start a number of processes that divides {need}")
     raise ConfigError(
         f"deployment {dep.describe()} needs {need} devices but {len(devices)} are available. "
-        f"On a CPU, simulate them: jax_ep.runtime.simulate_devices({need}) before jax "
-        f"starts (--simulate_devices={need} on the command line); or use a smaller mesh "
+        f"On a CPU, simulate them: {simulate}; or use a smaller mesh "
         "(fewer stages, expert or tp; --stages, --expert_axis, --tp on the command line).")
   ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
   chosen = ordered[:need]

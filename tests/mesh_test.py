@@ -56,8 +56,15 @@ def test_one_process_per_gpu_orders_by_process():
 def test_a_process_without_devices_in_the_mesh_is_an_error():
   with pytest.raises(ConfigError, match="uses 8 of the 16 devices, so process 1 would hold none"):
     mesh.device_grid(deployments.PRESETS["proposed_8"], virtual_devices(2, 8))
-  with pytest.raises(ConfigError, match="needs 64 devices but 16 are available"):
+  with pytest.raises(ConfigError, match="needs 64 devices but 16 are available") as e:
     mesh.device_grid(deployments.PRESETS["seed_proposed"], virtual_devices(2, 8))
+  # --simulate_devices counts one process's devices: 32 each, not 64.
+  assert ("simulate them: 32 in each of the 2 processes (--simulate_devices=32; "
+          "launch/local.py --devices_per_process=32)") in str(e.value)
+  with pytest.raises(ConfigError, match="simulate_devices\\(64\\) before jax starts"):
+    mesh.device_grid(deployments.PRESETS["seed_proposed"], virtual_devices(1, 16))
+  with pytest.raises(ConfigError, match="start a number of processes that divides 64"):
+    mesh.device_grid(deployments.PRESETS["seed_proposed"], virtual_devices(3, 4))
 
 
 def test_make_mesh_on_real_devices_follows_the_rule():
