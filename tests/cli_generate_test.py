@@ -148,9 +148,9 @@ def test_dry_run_of_a_model_this_host_cannot_hold_prints_the_layout(tmp_path):
   assert re.search(r"memory: .* available on this host .*: fits\.", rounded["stdout"])
   assert "--batch not given" not in dry["stderr"]
   # A dry run builds no prompts, so a batch no host holds gets its layout and verdict too.
-  assert huge["rc"] == 0, huge["stderr"][-2000:]
+  assert huge["rc"] == 1, huge["stderr"][-2000:]  # refused: plan's status
   assert f"with batch {2**32} needs" in huge["stdout"] and "would be refused here" in huge["stdout"]
-  assert dry["rc"] == 0, dry["stderr"][-2000:]
+  assert dry["rc"] == 1, dry["stderr"][-2000:]
   assert "layers/4  experts/16" in dry["stdout"] and "compiling" not in dry["stdout"]
   # It says that the run itself would be refused, and why.
   assert "memory: the run itself would be refused here: " in dry["stdout"]

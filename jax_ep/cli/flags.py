@@ -145,7 +145,7 @@ DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "generate: check everything, print which process and device holds which "
     "layers, experts, heads, vocabulary columns and batch rows, and whether the run fits "
     "these devices' memory (a layout that does not fit is still printed), and exit without "
-    "compiling.")
+    "compiling: status 0 where the run would fit, 1 where it would be refused (as plan).")
 
 # --- checkpoints, train, import-hf, export-hf (jax_ep/checkpoint.py, train.py, hf.py) ------
 CHECKPOINT = flags.DEFINE_string(

@@ -99,7 +99,7 @@ def _generate(profile_dir):
   # Everything that can be wrong with the request is checked before anything compiles,
   # and what its sizes alone refuse (memory too) before its prompts are built.
   decode.check_request_shape(engine, batch, prompt_len, new, flags.TEMPERATURE.value, max_len)
-  memory_note = None
+  memory_note, refused = None, False
   if flags.CHECK_MEMORY.value:
     platform = jax.devices()[0].platform
     fp = memory.footprint(cfg, dep, batch, prompt_len, max_len, platform)
@@ -116,6 +116,7 @@ def _generate(profile_dir):
       refusal = e
     if flags.DRY_RUN.value:  # it allocates nothing, so it shows what does not fit here too
       memory_note = f"memory: the run itself would be refused here: {refusal}" if refusal else None
+      refused = refusal is not None
     else:
       agree_on_memory(refusal, flags.DIST_TIMEOUT.value)
   if flags.DRY_RUN.value:  # a dry run builds no prompts: a huge batch's take long
@@ -125,7 +126,8 @@ def _generate(profile_dir):
     if not flags.CHECK_MEMORY.value:
       memory_note = "memory: not checked (--nocheck_memory)"
     _say(memory_note or f"memory: {memory_budget.summary(fp, budget).replace('Budget: ', '')}")
-    return cfg, dep, None, {}
+    # As plan's: 1 where the run itself would be refused, so a pre-flight check can tell.
+    return cfg, dep, None, {"refused": refused}
   if task is not None:
     prompts, answers = task.eval_set(flags.SEED.value, batch)
   else:
@@ -218,7 +220,10 @@ def _plan_command(dep, batch: int, prompt_len: int, new: int) -> str:
 def run():
   """One generate run from the flags (a dry run stops after the checks)."""
   cfg, dep, gen, extra = _generate(flags.PROFILE.value)
-  if gen is not None and distributed.is_primary():  # not a dry run, and process 0
+  if gen is None:  # a dry run: 1 where process 0's run would be refused, as plan's status.
+    # Process 0 alone: the others' early exit would stop its print under launch/local.py.
+    return 1 if extra["refused"] and distributed.is_primary() else 0
+  if distributed.is_primary():
     _report(cfg, dep, gen, extra)
   return 0
 
