@@ -100,8 +100,11 @@ def test_processes_that_disagree_stop_before_compiling():
 
 
 def test_dry_run_prints_which_process_holds_what():
-  code, log, _ = _wait(_launch(2, 4, ["generate", "--deployment=proposed", "--dry_run"]), 300)
+  code, log, _ = _wait(_launch(2, 4, ["generate", "--deployment=proposed", "--decode_groups=8",
+                                      "--dry_run"]), 300)
   assert code == 0, log[-3000:]
+  # The rounded default batch is said once, by process 0 (as every notice).
+  assert "[0] jax-ep: --batch not given: 16" in log and "[1] jax-ep: --batch" not in log, log
   rows = [line.split()[1:] for line in log.splitlines()
           if line.startswith("[0] ") and line[4:5].isdigit() and "devices on" not in line]
   # process, device, stage: process 0 holds stages 0-1, process 1 stages 2-3.

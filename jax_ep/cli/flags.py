@@ -317,13 +317,13 @@ def check_model(cfg, dep, checkpoint: bool = False) -> None:
 DEFAULT_BATCH = 8
 
 
-def batch_for(dep) -> int:
+def batch_for(dep, say: bool = True) -> int:
   """--batch, else generate's and plan's default: 8, rounded up to a batch `dep` splits
-  (said on stderr when rounded)."""
+  (said on stderr when rounded and `say`: process 0 only, of several)."""
   if BATCH.value is not None:
     return BATCH.value
   batch = dep.default_batch(DEFAULT_BATCH)
-  if batch != DEFAULT_BATCH:
+  if batch != DEFAULT_BATCH and say:
     print(f"jax-ep: --batch not given: {batch}, the least batch of at least {DEFAULT_BATCH} "
           f"that {dep.name or dep.kind} splits (its expert axis x micro-batches and "
           "decode groups).", file=sys.stderr, flush=True)

@@ -89,7 +89,8 @@ def _generate(profile_dir):
        f"top-{cfg.top_k}, {cfg.dtype}; deployment {dep.describe()}")
   watch = numerics.LayerWatch() if flags.CHECK_NUMERICS.value else None
   engine = Engine(cfg, dep, watch=watch)
-  batch, new, prompt_len = flags.batch_for(dep), flags.NEW.value, flags.PROMPT_LEN.value
+  batch = flags.batch_for(dep, say=distributed.is_primary())
+  new, prompt_len = flags.NEW.value, flags.PROMPT_LEN.value
   if task is not None:  # held-out task prompts; the answer's length is the task's
     new, prompt_len = task.digits, task.prompt_len
     if flags.PROMPT_LEN.present or flags.NEW.present:
