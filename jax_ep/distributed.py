@@ -280,16 +280,53 @@ def check_same(what: str, values: Mapping, timeout_s: int = DEFAULT_TIMEOUT_S,
   key = f"jax_ep/check/{next(_checks)}/{what}"
   mine = json.dumps(values, sort_keys=True, default=str)
   client.key_value_set(f"{key}/{me}", mine)
-  everyone = {}
-  for p in range(n):
-    try:
-      everyone[p] = json.loads(client.blocking_key_value_get(f"{key}/{p}", timeout_s * 1000))
-    except Exception as e:  # jax raises its runtime error type on a timeout
-      raise ConfigError(f"process {p} did not report its {what} within {timeout_s} s (it may "
-                        f"have failed: see its log): {e}") from None
+  everyone = {p: json.loads(_wait_for(client, f"{key}/{p}", p, what, timeout_s))
+              for p in range(n)}
   problem = differences(everyone, what, hint)
   if problem:
     raise ConfigError(problem)
+
+
+FAILED = "jax_ep/failed/{}"  # a process's last error, for the others waiting on it
+POLL_MS = 1000
+
+
+def _wait_for(client, key: str, p: int, what: str, timeout_s: int) -> str:
+  """The value process `p` sets at `key`; ConfigError at once if `p` reported a failure
+  (report_failure), or after `timeout_s` if it never sets it."""
+  import time
+
+  deadline = time.monotonic() + timeout_s
+  while True:
+    left_ms = int(1000 * (deadline - time.monotonic()))
+    try:
+      return client.blocking_key_value_get(key, max(1, min(POLL_MS, left_ms)))
+    except Exception:  # jax raises its runtime error type on a timeout
+      pass
+    try:
+      failure = client.key_value_try_get(FAILED.format(p))
+    except Exception:  # not set: p has not failed (yet)
+      failure = None
+    if failure:
+      raise ConfigError(f"process {p} stopped before it reported its {what}: {failure}")
+    if left_ms <= POLL_MS:
+      raise ConfigError(f"process {p} did not report its {what} within {timeout_s} s (it may "
+                        "have failed or not started: see its log).")
+
+
+def report_failure(message: str) -> None:
+  """Tells the other processes why this one stops, so that a check_same waiting on it
+  says so at once rather than after its timeout. A no-op on one process."""
+  try:
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    if client is not None:
+      import jax
+
+      client.key_value_set(FAILED.format(jax.process_index()), message)
+  except Exception:  # the coordinator may be gone: the others time out as before
+    pass
 
 
 def fields(**named) -> dict:

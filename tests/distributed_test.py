@@ -151,3 +151,35 @@ def test_fields_flatten_configs_and_digest_arrays():
   b = distributed.fields(deployment=dataclasses.replace(dep, expert=8), prompts=prompts + 1)
   assert {k for k in a if a[k] != b[k]} == {"deployment.expert", "prompts"}
   assert distributed.fields(prompts=prompts.copy()) == {"prompts": a["prompts"]}
+
+
+class _Store:
+  """The coordinator's key-value store as check_same's waits use it."""
+
+  def __init__(self, **values):
+    self.values, self.gets = values, 0
+
+  def blocking_key_value_get(self, key, timeout_ms):
+    self.gets += 1
+    if key in self.values:
+      return self.values[key]
+    raise RuntimeError(f"DEADLINE_EXCEEDED: GetKeyValue() timed out with key: {key}")
+
+  def key_value_try_get(self, key):
+    if key in self.values:
+      return self.values[key]
+    raise RuntimeError(f"NOT_FOUND: {key}")
+
+
+def test_a_wait_ends_at_a_failure_report_or_after_its_timeout_without_jax_text(monkeypatch):
+  monkeypatch.setattr(distributed, "POLL_MS", 10)
+  assert distributed._wait_for(_Store(k="v"), "k", 1, "flags", 5) == "v"
+  failed = _Store(**{distributed.FAILED.format(1): "batch=7 is not divisible"})
+  with pytest.raises(ConfigError, match="^process 1 stopped before it reported its flags: "
+                     "batch=7 is not divisible$"):
+    distributed._wait_for(failed, "k", 1, "flags", 300)
+  assert failed.gets == 1  # at the first poll, not after 300 s
+  with pytest.raises(ConfigError) as e:
+    distributed._wait_for(_Store(), "k", 1, "flags", 1)
+  assert str(e.value) == ("process 1 did not report its flags within 1 s (it may have failed "
+                          "or not started: see its log).")

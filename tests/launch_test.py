@@ -99,6 +99,25 @@ def test_processes_that_disagree_stop_before_compiling():
     assert "compiling" not in out
 
 
+def test_a_process_that_stops_is_named_by_the_others_at_once():
+  # Process 1 asks for 3 processes in a job of 2: it stops at start-up, and process 0,
+  # waiting for its flags, says why at once (within the 120 s here, not after its 300).
+  import time
+
+  port = _port()
+  start = time.monotonic()
+  procs = [_jax_ep(*GENERATE, f"--num_processes={n}", f"--process_id={pid}",
+                   f"--coordinator_address=127.0.0.1:{port}", "--distributed_timeout_s=300",
+                   "--simulate_devices=4") for pid, n in ((0, 2), (1, 3))]
+  (code0, out0, err0), (code1, _, err1) = (_wait(p, timeout=120) for p in procs)
+  assert time.monotonic() - start < 120
+  assert code1 == 2 and "3 processes were asked for but the coordinator" in err1, err1[-2000:]
+  assert code0 == 2, err0[-2000:]
+  assert ("process 1 stopped before it reported its flags: 3 processes were asked for but the "
+          "coordinator") in err0, err0[-2000:]
+  assert "DEADLINE_EXCEEDED" not in err0 and "compiling" not in out0
+
+
 def test_dry_run_prints_which_process_holds_what():
   code, log, _ = _wait(_launch(2, 4, ["generate", "--deployment=proposed", "--decode_groups=8",
                                       "--dry_run"]), 300)

@@ -186,5 +186,7 @@ def run():
   except ConfigError as e:
     command = next((a for a in sys.argv[1:] if a in COMMANDS), None)
     reads = command_flags.reads(COMMANDS[command], command in OFFLINE) if command else None
-    print(f"jax-ep: error: {flags.flag_message(str(e), reads)}", file=sys.stderr)
+    message = flags.flag_message(str(e), reads)
+    print(f"jax-ep: error: {message}", file=sys.stderr)
+    distributed.report_failure(message)  # the others, if any, say so rather than wait
     sys.exit(2)
