@@ -1,7 +1,8 @@
 """Multi-process runs through launch/local.py, as users start them: 2 processes x 4 CPU devices.
 
-Each process compiles, so these are few: the tokens of both deployments, a missing peer,
-processes that disagree, and the dry run's table.
+Each process compiles, so these are few: the tokens of both deployments (against one process
+of 8 devices, run in-process through cli_runner.py), a missing peer, processes that
+disagree, and the dry run's table.
 """
 
 import json
@@ -9,6 +10,8 @@ import os
 import socket
 import subprocess
 import sys
+
+from cli_runner import run_cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL = os.path.join(ROOT, "launch", "local.py")
@@ -49,23 +52,29 @@ def _wait(proc, timeout=600):
 
 
 def test_two_processes_of_4_devices_generate_the_tokens_of_one_of_8(tmp_path):
-  runs = {}
+  runs, ones = {}, []
   for name, extra in (("proposed", ["--temperature=0.8"]), ("baseline", [])):
-    for processes, devices in ((2, 4), (1, 8)):
-      out = tmp_path / f"{name}_{processes}.json"
-      args = [*GENERATE, f"--deployment={name}", *extra, f"--output={out}"]
-      runs[name, processes] = (out, _launch(processes, devices, args))  # all at once
-  for (name, processes), (out, proc) in runs.items():
-    code, log, _ = _wait(proc)
-    assert code == 0, log[-3000:]
-    result = json.loads(out.read_text())
-    assert result["deployment"]["kind"] == name and len(result["tokens"]) == 8
-    if processes == 2:
+    args = [*GENERATE, f"--deployment={name}", *extra]
+    out = tmp_path / f"{name}_2.json"
+    runs[name, 2] = (out, _launch(2, 4, [*args, f"--output={out}"]))
+    out = tmp_path / f"{name}_1.json"
+    runs[name, 1] = (out, None)
+    ones.append([*args, "--simulate_devices=8", f"--output={out}"])
+  # One process of 8 devices, the same flags: both deployments in one interpreter
+  # (cli_runner.py) while the two-process runs go on.
+  for r in run_cases(ones):
+    assert r["rc"] == 0, r["stderr"][-3000:]
+  for (name, _), (out, proc) in runs.items():
+    if proc is not None:
+      code, log, _ = _wait(proc)
+      assert code == 0, log[-3000:]
       assert "[0]   wrote" in log and "8 devices" in log
       # Process 1 joins, computes and stays quiet: no progress, results or files.
       assert not [line for line in log.splitlines()
                   if line.startswith("[1]") and ("TPOT" in line or "wrote" in line
                                                  or "compiling" in line)]
+    result = json.loads(out.read_text())
+    assert result["deployment"]["kind"] == name and len(result["tokens"]) == 8
   for name in ("proposed", "baseline"):
     two = json.loads(runs[name, 2][0].read_text())["tokens"]
     one = json.loads(runs[name, 1][0].read_text())["tokens"]

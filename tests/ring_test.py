@@ -56,13 +56,15 @@ def _run(engine, params, prompts, calls, pos_shift=None):
   """Prefill, then `calls` ring calls (the first also fills the ring). pos_shift: {group:
   k} puts group g k positions back, feeding its last k prompt tokens again.
 
-  Returns (tokens per sequence [B, 1 + calls], canonical cache).
+  Returns (tokens per sequence [B, 1 + calls], canonical cache, (token, pick) pairs per
+  expert [L, E] that prefill and the ring calls routed, picks dropped).
   """
   dep, b = engine.dep, prompts.shape[0]
   key = jax.random.key(0)
   cache = engine.init_cache(b, CACHE)
   tokens = jax.device_put(jnp.asarray(prompts), engine.tokens_sharding())
-  first, cache, _ = engine.prefill_program()(params, cache, tokens, jnp.int32(0), key)
+  first, cache, stats = engine.prefill_program()(params, cache, tokens, jnp.int32(0), key)
+  load, dropped = np.asarray(stats.load_E), int(np.asarray(stats.dropped).sum())
   first, pos = np.array(first), np.full((b,), PROMPT, np.int32)
   for g, k in (pos_shift or {}).items():
     ids = np.asarray(ring.group_ids(g, b, dep.groups, dep.expert, xp=np))
@@ -71,10 +73,11 @@ def _run(engine, params, prompts, calls, pos_shift=None):
   outs = []
   for i in range(calls):
     steps = ring.first_call_steps(dep.groups, dep.stages) if i == 0 else dep.ring_period
-    state, out, _ = engine.decode_program(b, steps)(params, state, key)
+    state, out, stats = engine.decode_program(b, steps)(params, state, key)
     outs.append(out)
+    load, dropped = load + np.asarray(stats.load_E), dropped + int(np.asarray(stats.dropped).sum())
   new = decode.assemble(first, outs, b, dep.groups, dep.expert, calls)
-  return new, [np.asarray(a) for a in engine.canonical_cache(state.cache)]
+  return new, [np.asarray(a) for a in engine.canonical_cache(state.cache)], load, dropped
 
 
 @pytest.mark.parametrize("name", sorted(RINGS))
@@ -85,12 +88,19 @@ def test_ring_equals_one_group_and_the_single_device(name):
   ring_engine = Engine(ref.cfg, dep)
   one_engine = Engine(ref.cfg, dataclasses.replace(dep, decode_groups=1))
   placed = ring_engine.place_params(ref.params)
-  tokens, cache = _run(ring_engine, placed, prompts, NEW - 1)
-  one_tokens, one_cache = _run(one_engine, placed, prompts, NEW - 1)
+  tokens, cache, load, dropped = _run(ring_engine, placed, prompts, NEW - 1)
+  one_tokens, one_cache, one_load, one_dropped = _run(one_engine, placed, prompts, NEW - 1)
   want = ref.generate(prompts, NEW, CACHE)
   want_cache = [np.asarray(a) for a in want.cache]
   assert_array_equal(tokens, one_tokens)
   assert_array_equal(tokens, want.tokens_BxO)
+  # The same routing, counted once per (token, pick). One group in flight routes exactly
+  # the fed tokens; a ring call ends with groups in flight whose next tokens the first
+  # stages have routed already: the last stage routed exactly the fed tokens.
+  assert_array_equal(one_load, want.load_LxE)
+  assert_array_equal(load[-1], want.load_LxE[-1])
+  assert (load >= want.load_LxE).all()
+  assert dropped == one_dropped == 0
   # Positions of finished tokens. A ring call ends with groups in flight: their next
   # token has been through the first stages, whose layers wrote position done (it is
   # the ring's next call that finishes it).
@@ -109,7 +119,7 @@ def test_groups_at_different_positions():
   ref = _ref()
   prompts = _prompts(batch)
   engine = Engine(ref.cfg, dep)
-  tokens, _ = _run(engine, engine.place_params(ref.params), prompts, NEW - 1, pos_shift={1: 1})
+  tokens = _run(engine, engine.place_params(ref.params), prompts, NEW - 1, pos_shift={1: 1})[0]
   want = ref.generate(prompts, NEW, CACHE).tokens_BxO
   late = np.asarray(ring.group_ids(1, batch, dep.groups, dep.expert, xp=np))
   on_time = np.setdiff1d(np.arange(batch), late)
@@ -143,8 +153,9 @@ def test_temperature_sampling_is_the_same_on_the_ring():
   want = decode.generate(single, params, _prompts(batch), NEW, temperature=0.8, seed=5,
                          max_len=PROMPT + NEW)
   assert_array_equal(gen.tokens, want.tokens)  # noise keyed by (sequence, position)
-  greedy = decode.generate(single, params, _prompts(batch), NEW, max_len=PROMPT + NEW)
-  assert (gen.tokens != greedy.tokens).any()
+  # Not greedy: the single device's greedy tokens are the reference's (engine_test.py).
+  greedy = _ref().generate(_prompts(batch), NEW, CACHE)
+  assert (gen.tokens != greedy.tokens_BxO).any()
 
 
 def test_compiled_ring_has_no_conditional_and_a_known_trip_count():
