@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ep import distributed, ring, routing
+from jax_ep import params as param_layouts
 from jax_ep.config import ConfigError, count
 from jax_ep.engine import Engine
 from jax_ep.perf import per_device
@@ -104,6 +105,42 @@ def check_request_shape(engine: Engine, batch: int, prompt_len: int, max_new_tok
   engine.dep.check_batch(batch)
 
 
+def default_max_len(engine: Engine, prompt_len: int, max_new_tokens: int) -> int:
+  """The KV cache length generate uses when none is given: the prompt and the new tokens,
+  capped at the model's max_seq_len (a longer request is refused there)."""
+  return min(engine.cfg.max_seq_len, prompt_len + max_new_tokens)
+
+
+def check_params(engine: Engine, params) -> None:
+  """ConfigError unless `params` are this engine's: its model's shapes and dtypes, laid
+  out on its mesh as engine.place_params lays them out."""
+  fix = "pass them through engine.place_params(params) first"
+  if not param_layouts.is_layout(params):
+    raise ConfigError(f"params are not in this engine's layout; {fix}.")
+  if not param_layouts.same_shapes(params, engine.abstract_params):
+    raise ConfigError(f"params do not match this engine's model: "
+                      f"{param_layouts.first_mismatch(params, engine.abstract_params)}. Pass "
+                      "the parameters of this model (engine.place_params lays out those of any "
+                      "deployment of it).")
+  for (path, leaf), want in zip(jax.tree_util.tree_leaves_with_path(params),
+                                jax.tree.leaves(engine.param_shardings), strict=True):
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is None or not sharding.is_equivalent_to(want, leaf.ndim):
+      raise ConfigError(
+          f"params are laid out for another mesh or deployment: "
+          f"{jax.tree_util.keystr(path)} is {_where(sharding)}, this engine needs "
+          f"{_where(want)}; {fix}.")
+
+
+def _where(sharding) -> str:
+  if sharding is None:
+    return "a host array"
+  spec = getattr(sharding, "spec", None)
+  devices = len(sharding.device_set)
+  return (f"sharded as {spec} over {devices} devices" if spec is not None
+          else f"on {devices} device{'s' * (devices != 1)}")
+
+
 def check_request(engine: Engine, prompts_BxT, max_new_tokens: int, temperature: float,
                   max_len: int):
   """Every check of a generate request, on the host, before anything compiles.
@@ -145,17 +182,22 @@ def generate(engine: Engine, params, prompts_BxT, max_new_tokens: int, *,
   """Prefills `prompts_BxT` and generates `max_new_tokens` tokens per sequence.
 
   `params` must be in `engine`'s layout (Engine.init_params or Engine.place_params).
-  `max_len`: the KV cache's length, prompt and new tokens (ModelConfig.max_seq_len if
-  None; it may be longer or shorter than that).
+  `max_len`: the KV cache's length, prompt and new tokens (if None, default_max_len:
+  the prompt's length + max_new_tokens, at most ModelConfig.max_seq_len; a given one may
+  be longer or shorter than max_seq_len).
   The first of the N - 1 decode steps also fills the ring; `synced_steps` of the next
   decode calls are timed one by one, the rest back to back (traced with jax.profiler into
   `profile_dir` if given), at least the last call whatever `synced_steps` asks.
   """
-  max_len = max_len or engine.cfg.max_seq_len
+  _check_sampling(max_new_tokens, temperature)
+  if max_len is None:
+    shape = np.shape(prompts_BxT)
+    max_len = default_max_len(engine, shape[-1] if shape else 0, max_new_tokens)
+  elif isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len < 1:
+    raise ConfigError(f"max_len={max_len!r} must be a positive integer (KV cache positions), "
+                      "or None for the prompt's length + max_new_tokens.")
   tokens = check_request(engine, prompts_BxT, max_new_tokens, temperature, max_len)
-  if jax.tree.structure(params) != jax.tree.structure(engine.abstract_params):
-    raise ConfigError("params are not in this engine's layout; pass them through "
-                      "engine.place_params(params) first.")
+  check_params(engine, params)
   b, p = tokens.shape
   dep = engine.dep
   tokens = jax.device_put(tokens, engine.tokens_sharding())

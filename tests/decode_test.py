@@ -1,5 +1,6 @@
 """Tests for jax_ep/decode.py: generation on one device, sampling, timing, input errors."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ from numpy.testing import assert_array_equal
 
 from configs import deployments, tiny
 from jax_ep import decode
+from jax_ep import params as param_layouts
 from jax_ep.config import ConfigError
 from jax_ep.engine import Engine
 
@@ -152,3 +154,41 @@ def test_errors_before_compiling(params, prompts, kwargs, message):
     decode.generate(engine, params, args["prompts"], args["max_new_tokens"],
                     temperature=args["temperature"], max_len=MAX_LEN)
   assert _programs_built() == built  # the error came before any program was built
+
+
+def test_params_of_another_model_dtype_or_mesh_are_refused_before_compiling(params, prompts):
+  from configs import load_model
+
+  engine = Engine(CFG, deployments.SINGLE)
+  built = _programs_built()
+
+  def refused(p, message, on=engine):
+    with pytest.raises(ConfigError, match=message):
+      decode.generate(on, p, prompts, NEW, max_len=MAX_LEN)
+
+  # The same tree, another model: 64 experts a layer, not 16.
+  e64 = Engine(load_model("tiny_e64"), deployments.SINGLE)
+  refused(params, r"not match this engine's model: \['layers'\]\[0\]\['moe'\]\['w_down_ExFxD'\]"
+                  r".* is float32\[1, 16, 128, 64\], the model needs float32\[1, 64, 128, 64\]",
+          on=e64)
+  refused(jax.tree.map(lambda a: a.astype(jnp.bfloat16), params), r"is bfloat16\[.*needs float32")
+  # The model's own (canonical) parameters, not yet laid out for a deployment.
+  refused(param_layouts.canonical_of(engine, params), "not in this engine's layout")
+  # Two stages either way: the same shapes, laid out over 2 devices, not tp x 2 = 4.
+  two, four = Engine(CFG, deployments.PRESETS["proposed_2"]), Engine(
+      CFG, deployments.PRESETS["baseline_4"])
+  refused(two.place_params(params), r"laid out for another mesh or deployment: .* over 2 "
+                                    r"devices, this engine needs .* over 4 devices", on=four)
+  assert _programs_built() == built
+
+
+def test_the_cache_is_sized_to_the_request_unless_max_len_is_given(params, prompts, monkeypatch):
+  engine = Engine(CFG, deployments.SINGLE)
+  lengths = []
+  init_cache = engine.init_cache
+  monkeypatch.setattr(engine, "init_cache", lambda b, n: lengths.append(n) or init_cache(b, n))
+  gen = decode.generate(engine, params, prompts, NEW)  # not the model's max_seq_len
+  assert lengths == [decode.cache_len(PROMPT + NEW)] and CFG.max_seq_len > 2 * (PROMPT + NEW)
+  assert gen.tokens.shape == (B, NEW)
+  with pytest.raises(ConfigError, match="max_len=0 must be a positive integer"):
+    decode.generate(engine, params, prompts, NEW, max_len=0)
