@@ -2,6 +2,9 @@
 on simulated CPU devices: the same tokens on every deployment, and bad input refused before
 anything compiles."""
 
+import collections
+import glob
+import gzip
 import json
 import os
 import re
@@ -21,9 +24,11 @@ def test_generate_on_each_deployment_writes_the_same_tokens_and_repeats_them(tmp
   runs = [("single", "single"), ("proposed", "proposed"), ("baseline", "baseline"),
           ("mesh:2x2x1", "mesh"), ("single", "sampled"), ("proposed", "sampled_again")]
   sample = ["--temperature=0.8", "--seed=5"]
+  profile = tmp_path / "profile"
   results = run_cases([["generate", f"--deployment={dep}", "--simulate_devices=8", "--batch=8",
                         "--prompt_len=4", "--max_new_tokens=4",
-                        f"--output={tmp_path / name}.json", *(sample if "sampled" in name else [])]
+                        f"--output={tmp_path / name}.json", *(sample if "sampled" in name else []),
+                        *([f"--profile_dir={profile}"] if name == "single" else [])]
                        for dep, name in runs])
   meshes = {"proposed": "stage 4 x expert 2 x tp 1 (8 devices)",
             "baseline": "stage 2 x expert 1 x tp 4 (8 devices)",
@@ -49,6 +54,19 @@ def test_generate_on_each_deployment_writes_the_same_tokens_and_repeats_them(tmp
   # The same seed, another process on another deployment: bitwise the same sampled tokens.
   assert tokens["sampled_again"] == tokens["sampled"] != tokens["proposed"]
   assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+  # --profile_dir traces the decode calls timed back to back, not the compiles before them.
+  events = _trace_events(profile)
+  assert events["PjitFunction(jit(decode_))"] >= 1, events.most_common(20)
+  assert not [name for name in events if "compile" in name.lower() or "prefill" in name], events
+
+
+def _trace_events(directory) -> collections.Counter:
+  """How often each complete event's name occurs in the jax.profiler trace in `directory`."""
+  files = glob.glob(os.path.join(directory, "**", "*.trace.json.gz"), recursive=True)
+  assert len(files) == 1, files
+  with gzip.open(files[0]) as f:
+    return collections.Counter(e.get("name") for e in json.load(f)["traceEvents"]
+                               if e.get("ph") == "X")
 
 
 BAD = [
@@ -124,10 +142,16 @@ def test_bad_input_fails_before_compiling_and_writes_nothing(tmp_path):
 def test_dry_run_of_a_model_this_host_cannot_hold_prints_the_layout(tmp_path):
   # The seed model (69 GB of fp16 experts) does not fit this host: a dry run allocates
   # nothing, so it prints the layout and says that the run itself would be refused.
-  plan = ["plan", "--config=seed", "--deployment=single", "--batch=8", "--prompt_len=16",
-          "--max_new_tokens=16", "--device_kind=cpu"]
+  plan = ["plan", "--config=seed", "--deployment=single", "--devices=8", "--batch=8",
+          "--prompt_len=16", "--max_new_tokens=16", "--device_kind=cpu"]
+  # On 16 devices with overrides: the plan named resolves the same deployment, buffers too.
+  ep = ["--config=seed", "--deployment=proposed", "--capacity_factor=2.0", "--nodropless",
+        "--batch=16"]
+  plan_ep = ["plan", *ep[:-1], "--devices=16", "--batch=16", "--prompt_len=16",
+             "--max_new_tokens=16", "--device_kind=cpu"]
   dry, real, planned, rounded, untimed, huge = run_cases([
-      ["generate", "--config=seed", "--deployment=single", "--dry_run"],
+      ["generate", "--config=seed", "--deployment=single", "--dry_run",
+       f"--output={tmp_path / 'dry.json'}", f"--profile_dir={tmp_path / 'profile'}"],
       ["generate", "--config=seed", "--deployment=single"], plan,
       ["generate", "--simulate_devices=8", "--deployment=proposed", "--decode_groups=3",
        "--dry_run"],
@@ -135,6 +159,8 @@ def test_dry_run_of_a_model_this_host_cannot_hold_prints_the_layout(tmp_path):
        "--max_new_tokens=2", f"--output={tmp_path / 'two.json'}"],
       ["generate", "--simulate_devices=8", "--deployment=single", f"--batch={2**32}",
        "--dry_run"]])
+  # (16 devices: an interpreter of its own, whose first case sets its device count.)
+  real_ep, planned_ep = run_cases([["generate", "--simulate_devices=16", *ep], plan_ep])
   # Two new tokens are the prefill's and the ring's fill: no step to time, said so (not
   # nan), and null in the JSON (json.loads refuses a bare NaN only with parse_constant).
   assert untimed["rc"] == 0 and "give 3 or more to time a decode step" in untimed["stdout"]
@@ -151,6 +177,9 @@ def test_dry_run_of_a_model_this_host_cannot_hold_prints_the_layout(tmp_path):
   assert huge["rc"] == 1, huge["stderr"][-2000:]  # refused: plan's status
   assert f"with batch {2**32} needs" in huge["stdout"] and "would be refused here" in huge["stdout"]
   assert dry["rc"] == 1, dry["stderr"][-2000:]
+  assert ("--output and --profile_dir are without effect with --dry_run: it runs no step, so "
+          "it writes nothing.") in dry["stderr"]
+  assert not (tmp_path / "dry.json").exists() and not (tmp_path / "profile").exists()
   assert "layers/4  experts/16" in dry["stdout"] and "compiling" not in dry["stdout"]
   # It says that the run itself would be refused, and why.
   assert "memory: the run itself would be refused here: " in dry["stdout"]
@@ -160,6 +189,11 @@ def test_dry_run_of_a_model_this_host_cannot_hold_prints_the_layout(tmp_path):
   assert f"`jax-ep {' '.join(plan)}` prints the table" in real["stderr"], real["stderr"]
   need = real["stderr"].split(" needs ")[1].split(" GiB")[0]
   assert planned["rc"] == 1 and f"needs {need} GiB" in planned["stdout"], planned["stdout"]
+  assert real_ep["rc"] == 2 and f"`jax-ep {' '.join(plan_ep)}` prints the table" in real_ep[
+      "stderr"], real_ep["stderr"]
+  need = real_ep["stderr"].split(" needs ")[1].split(" GiB")[0]
+  assert planned_ep["rc"] == 1 and f"needs {need} GiB" in planned_ep["stdout"], planned_ep[
+      "stdout"]
 
 
 

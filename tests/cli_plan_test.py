@@ -8,7 +8,7 @@ from configs import deployments
 
 def test_plan_refuses_what_does_not_fit_and_prints_the_holdings():
   (refused, fits, capacity, dropping, mesh, fewer, no_preset, cpu_fraction, slice_tiny,
-   slice_own) = run_cases([
+   slice_own, more) = run_cases([
       ["plan", "--config=seed", "--deployment=single", "--device_kind=h100"],
       ["plan", "--config=seed", "--deployment=seed_proposed", "--device_kind=h200",
        "--batch=1024", "--prompt_len=32", "--max_new_tokens=32"],
@@ -19,7 +19,12 @@ def test_plan_refuses_what_does_not_fit_and_prints_the_holdings():
       ["plan", "--device_kind=cpu", "--mem_fraction=0.5"],
       ["plan", "--deployment=slice_2x2"],
       ["plan", "--deployment=slice_2x2", "--config=seed_slice_2x2"],
+      ["plan", "--deployment=proposed", "--expert_axis=4"],
   ])
+  # Overrides that need more devices than the preset's count: the flag to pass is named.
+  assert more["rc"] == 2 and ("needs 16 devices; the plan is for 8 devices "
+                              "(--deployment=proposed's count without --devices): pass "
+                              "--devices=16.") in more["stderr"], more["stderr"]
   # A seed slice's mesh with another model: said, and which model the slice is for.
   assert slice_tiny["rc"] == 0, slice_tiny["stderr"][-2000:]
   assert ("slice_2x2 is the mesh of the seed slice --config=seed_slice_2x2 (`jax-ep bench "

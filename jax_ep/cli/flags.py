@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shlex
 import sys
 
 from absl import app, flags
@@ -98,7 +99,8 @@ OUTPUT = flags.DEFINE_string("output", None,
                              "of the generated tokens ([batch][new tokens]) and the metrics; "
                              "bench: the results JSON (the table beside it).")
 PROFILE = flags.DEFINE_string("profile_dir", None,
-                              "Write a jax.profiler trace of the decode steps here.")
+                              "Write a jax.profiler trace of the decode steps timed back to back "
+                              "here (not the compiles, the prefill or the synced steps).")
 OVERLAP = flags.DEFINE_bool("xla_overlap", True,
                             "Turn on XLA's latency-hiding scheduler (async collectives "
                             "overlap compute on GPU; see jax_ep/runtime.py).")
@@ -258,18 +260,27 @@ def need(command: str, *flag_holders):
                          f"required here: jax-ep {command} needs {every}.")
 
 
+def _overrides() -> dict:
+  """DeploymentConfig field -> the flag that overrides the preset's (deployment_for)."""
+  return {"stages": STAGES, "expert": EXPERT, "tp": TP, "placement": PLACEMENT,
+          "microbatches": MICRO, "decode_groups": GROUPS, "tokens_per_call": PER_CALL,
+          "prefill_chunk": PREFILL_CHUNK, "kernels": KERNELS, "expert_blocks": EXPERT_BLOCKS,
+          "capacity_factor": CAPACITY, "dropless": DROPLESS}
+
+
+def deployment_args() -> list[str]:
+  """--deployment and the overrides given, as a command line of another jax-ep command
+  that resolves the same deployment would take them (shell-quoted)."""
+  given = [DEPLOYMENT, *(f for f in _overrides().values() if f.present)]
+  return [shlex.quote(f.serialize()) for f in given]
+
+
 def deployment_for(num_devices: int, counts: str = deployments.RUN_ON):
   """The --deployment preset for `num_devices` devices with the mesh flags' overrides
   (`counts`: the advice where --deployment's kind has no preset for that many)."""
   dep = deployments.resolve(DEPLOYMENT.value, num_devices, counts)
-  overrides = {"stages": STAGES.value, "expert": EXPERT.value, "tp": TP.value,
-               "placement": PLACEMENT.value, "microbatches": MICRO.value,
-               "decode_groups": GROUPS.value, "tokens_per_call": PER_CALL.value,
-               "prefill_chunk": PREFILL_CHUNK.value,
-               "kernels": KERNELS.value, "expert_blocks": EXPERT_BLOCKS.value,
-               "capacity_factor": CAPACITY.value,
-               "dropless": DROPLESS.value}
-  dep = dataclasses.replace(dep, **{k: v for k, v in overrides.items() if v is not None})
+  dep = dataclasses.replace(dep, **{k: f.value for k, f in _overrides().items()
+                                    if f.value is not None})
   mesh_flags = (STAGES, EXPERT, TP, PLACEMENT, MICRO, GROUPS)
   dep = dataclasses.replace(dep, name=" ".join(
       [DEPLOYMENT.value] + [f"--{f.name}={f.value}" for f in mesh_flags if f.value is not None]))

@@ -5,6 +5,7 @@ model, its accuracy), and write them with the tokens to --output."""
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 from absl import logging
 
@@ -96,7 +97,7 @@ def _generate(profile_dir):
     if flags.PROMPT_LEN.present or flags.NEW.present:
       _say(f"  --prompt_len and --max_new_tokens are ignored: the prompts are the task's "
            f"({prompt_len} tokens), the answers {new} tokens")
-  max_len = min(cfg.max_seq_len, prompt_len + new)
+  max_len = decode.default_max_len(engine, prompt_len, new)
   # Everything that can be wrong with the request is checked before anything compiles,
   # and what its sizes alone refuse (memory too) before its prompts are built.
   decode.check_request_shape(engine, batch, prompt_len, new, flags.TEMPERATURE.value, max_len)
@@ -111,7 +112,7 @@ def _generate(profile_dir):
           candidates=flags.memory_candidates(), platform=platform,
           what=(f"generate --checkpoint={flags.CHECKPOINT.value}"
                 if flags.CHECKPOINT.value else f"generate --config={name}"),
-          plan_command=_plan_command(dep, batch, prompt_len, new))
+          plan_command=_plan_command(batch, prompt_len, new))
       refusal = None
     except ConfigError as e:
       refusal = e
@@ -121,6 +122,11 @@ def _generate(profile_dir):
     else:
       agree_on_memory(refusal, flags.DIST_TIMEOUT.value)
   if flags.DRY_RUN.value:  # a dry run builds no prompts: a huge batch's take long
+    unused = [f"--{f.name}" for f in (flags.OUTPUT, flags.PROFILE) if f.value]
+    if unused and distributed.is_primary():
+      print(f"jax-ep generate: {' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} "
+            "without effect with --dry_run: it runs no step, so it writes nothing.",
+            file=sys.stderr, flush=True)
     distributed.check_same("run", distributed.fields(
         model=cfg, deployment=dep, prompts=f"{batch} x {prompt_len}"), flags.DIST_TIMEOUT.value)
     _say(placement.format_table(cfg, dep, placement.rows(cfg, dep, jax.devices(), batch)))
@@ -144,17 +150,13 @@ def _generate(profile_dir):
   else:
     params = engine.init_params(flags.SEED.value)
   numerics.check_finite(params, "weights")
-  profile_dir = profile_dir if distributed.is_primary() else None
-  if profile_dir:
-    jax.profiler.start_trace(profile_dir)
-  try:
-    gen = decode.generate(engine, params, prompts, new, temperature=flags.TEMPERATURE.value,
-                          seed=flags.SEED.value, max_len=max_len, synced_steps=max(
-                              len(decode.decode_calls(new - 1, dep.tokens_per_call)) // 4, 1),
-                          log=lambda m: _say("  " + m))
-  finally:
-    if profile_dir:
-      jax.profiler.stop_trace()
+  # The trace covers the decode calls timed back to back (decode.generate starts it after
+  # the compiles, the prefill and the synced calls), on process 0 only.
+  gen = decode.generate(engine, params, prompts, new, temperature=flags.TEMPERATURE.value,
+                        seed=flags.SEED.value, max_len=max_len, synced_steps=max(
+                            len(decode.decode_calls(new - 1, dep.tokens_per_call)) // 4, 1),
+                        log=lambda m: _say("  " + m),
+                        profile_dir=profile_dir if distributed.is_primary() else None)
   if watch is not None:
     watch.check()
   extra = (_checkpoint_report(engine, params, prompts, answers, gen, flags.SEED.value)
@@ -203,9 +205,10 @@ def _report(cfg, dep, gen, extra):
     print(f"  wrote {flags.OUTPUT.value}")
 
 
-def _plan_command(dep, batch: int, prompt_len: int, new: int) -> str:
-  """The `jax-ep plan` command line that plans this generate run on these devices, or ""
-  where plan cannot (a checkpoint's model, a device kind it does not know)."""
+def _plan_command(batch: int, prompt_len: int, new: int) -> str:
+  """The `jax-ep plan` command line that plans this generate run on these devices (the
+  same deployment flags, resolved for as many devices), or "" where plan cannot (a
+  checkpoint's model, a device kind it does not know)."""
   import jax
 
   from jax_ep import memory_budget
@@ -213,9 +216,9 @@ def _plan_command(dep, batch: int, prompt_len: int, new: int) -> str:
   kind = memory_budget.plan_kind(jax.devices()[0])
   if flags.CHECKPOINT.value or kind is None:
     return ""
-  return (f"jax-ep plan --config={flags.CONFIG.value} --deployment={dep.name or dep.kind} "
-          f"--batch={batch} --prompt_len={prompt_len} --max_new_tokens={new} "
-          f"--device_kind={kind}")
+  return " ".join([f"jax-ep plan --config={flags.CONFIG.value}", *flags.deployment_args(),
+                   f"--devices={len(jax.devices())} --batch={batch} --prompt_len={prompt_len} "
+                   f"--max_new_tokens={new} --device_kind={kind}"])
 
 
 def run():

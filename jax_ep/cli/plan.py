@@ -24,7 +24,10 @@ def run():
   if dep.num_devices > n:
     from jax_ep.config import ConfigError
 
-    raise ConfigError(f"{dep.describe()} needs {dep.num_devices} devices; --devices={n}.")
+    given = (f"--devices={n}" if flags.DEVICES.present else
+             f"{n} devices (--deployment={flags.DEPLOYMENT.value}'s count without --devices)")
+    raise ConfigError(f"{dep.describe()} needs {dep.num_devices} devices; the plan is for "
+                      f"{given}: pass --devices={dep.num_devices}.")
   if flags.DEVICES.present and dep.num_devices < n:  # generate, too, takes the first ones
     print(f"jax-ep plan: {flags.DEPLOYMENT.value} (stage {dep.stages} x expert {dep.expert} x "
           f"tp {dep.tp}) uses {dep.num_devices} of the "
