@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -64,18 +65,31 @@ def _try_create(directory: str, path: str, flag: str) -> None:
   os.unlink(probe)
 
 
-def write_json(path: str, payload, **dump_kwargs) -> None:
-  """Writes `payload` as JSON to `path` atomically: a new file beside it, then renamed
-  over it. The file gets the usual mode (0666 less the umask, 0644 mostly), as
-  open(path, "w") would give it (mkstemp would make it 0600)."""
+@contextlib.contextmanager
+def replacing(path: str):
+  """A new file beside `path` to write, renamed over `path` when the block ends (removed
+  if it raises), so that no reader sees a half-written file. It gets the usual mode
+  (0666 less the umask, 0644 mostly), as open(path, "w") would give it (mkstemp would
+  make it 0600)."""
   directory = os.path.dirname(os.path.abspath(path))
   tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
-  fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+  os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
   try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(payload, f, **{"indent": 1, **dump_kwargs})
+    yield tmp
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+def write_json(path: str, payload, **dump_kwargs) -> None:
+  """Writes `payload` as JSON to `path` atomically (replacing)."""
+  with replacing(path) as tmp, open(tmp, "w") as f:
+    json.dump(payload, f, **{"indent": 1, **dump_kwargs})
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes `text` to `path` atomically (replacing)."""
+  with replacing(path) as tmp, open(tmp, "w") as f:
+    f.write(text)

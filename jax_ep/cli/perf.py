@@ -31,7 +31,13 @@ def bench():
   steps = flags.STEPS.value if flags.STEPS.present else None
   if flags.NEW.present:
     fixed = 2 + flags.WARMUP.value + flags.SYNCED.value  # prefill's token, the fill, the rest
-    steps = max(1, flags.NEW.value - fixed)
+    if flags.NEW.value < fixed + 1:
+      raise ConfigError(
+          f"--max_new_tokens={flags.NEW.value} is fewer than a bench decodes: prefill's token, "
+          f"the ring's fill, --warmup={flags.WARMUP.value} and --synced={flags.SYNCED.value} "
+          f"steps and one timed back to back, {fixed + 1}; give --max_new_tokens={fixed + 1} "
+          "or more, or fewer --warmup or --synced steps.")
+    steps = flags.NEW.value - fixed
   config = flags.CONFIG.value if flags.CONFIG.present else None
   spec = runner.BenchSpec(
       config=f"checkpoint:{flags.CHECKPOINT.value}" if flags.CHECKPOINT.value else config,
@@ -45,12 +51,13 @@ def bench():
       check_memory=flags.CHECK_MEMORY.value)
   result = runner.run(spec, log=lambda m: print(m, flush=True))
   print(report.markdown(result))
-  out_dir, stem = flags.OUT_DIR.value, "seed_table"
-  if flags.OUTPUT.value:
-    stem = os.path.splitext(os.path.basename(flags.OUTPUT.value))[0]
-    out_dir = os.path.dirname(os.path.abspath(flags.OUTPUT.value))
+  out_dir, stem, json_path = flags.OUT_DIR.value, "seed_table", None
+  if flags.OUTPUT.value:  # the JSON as named; the table and plot beside it, by its stem
+    json_path = flags.OUTPUT.value
+    stem = os.path.splitext(os.path.basename(json_path))[0]
+    out_dir = os.path.dirname(os.path.abspath(json_path))
   if out_dir:
-    for path in report.write(result, out_dir, stem):
+    for path in report.write(result, out_dir, stem, json_path):
       print(f"wrote {path}")
   return 0
 

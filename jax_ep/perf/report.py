@@ -4,12 +4,13 @@ files written (JSON, markdown, PNG)."""
 from __future__ import annotations
 
 import dataclasses
-import json
+import importlib.util
 import os
 
 import jax
 import numpy as np
 
+from jax_ep import output
 from jax_ep.config import DeploymentConfig, ModelConfig
 from jax_ep.perf.calibrate import calibrate, format_validation, validate
 from jax_ep.perf.cost import predict
@@ -158,21 +159,25 @@ def plot(result: dict, path: str) -> bool:
                f"{result['num_devices']} x {result['device_kind']}")
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=110, format="png")
   plt.close(fig)
   return True
 
 
-def write(result: dict, out_dir: str, stem: str = "seed_table") -> list[str]:
-  """results JSON, markdown and PNG under out_dir (process 0 only); the paths written."""
+def write(result: dict, out_dir: str, stem: str = "seed_table",
+          json_path: str | None = None) -> list[str]:
+  """The results JSON (at `json_path` if given), its markdown and PNG as out_dir/stem.md
+  and .png, each written atomically (process 0 only); the paths written."""
   if jax.process_index() != 0:
     return []
   os.makedirs(out_dir, exist_ok=True)
-  paths = [os.path.join(out_dir, f"{stem}.{ext}") for ext in ("json", "md", "png")]
-  with open(paths[0], "w") as f:
-    json.dump(result, f, indent=1, default=float)
-  with open(paths[1], "w") as f:
-    f.write(markdown(result) + "\n")
-  if not plot(result, paths[2]):
-    paths.pop()
+  paths = [json_path or os.path.join(out_dir, f"{stem}.json"),
+           *(os.path.join(out_dir, f"{stem}.{ext}") for ext in ("md", "png"))]
+  output.write_json(paths[0], result, default=float)
+  output.write_text(paths[1], markdown(result) + "\n")
+  if importlib.util.find_spec("matplotlib") is None:
+    print("matplotlib is not installed: no plot written.")
+    return paths[:2]
+  with output.replacing(paths[2]) as tmp:
+    plot(result, tmp)
   return paths
