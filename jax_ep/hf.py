@@ -347,6 +347,9 @@ def export_hf(checkpoint_dir: str, dst: str, max_shard_bytes: int = 5 * 2**30) -
   """
   if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
     raise ConfigError(f"--dst={dst} exists and is not an empty directory.")
+  parent = os.path.dirname(os.path.abspath(dst))
+  if not os.path.isdir(parent):  # as train's and import-hf's --workdir
+    raise ConfigError(f"--dst={dst}: its directory {parent} does not exist; create it first.")
   with checkpoint.Checkpointer(checkpoint_dir) as ckpt:  # refused before anything is read
     hf = config_to_hf(ckpt.config(), ckpt.meta().get("hf_config"))
   cfg, params, _ = checkpoint.restore_canonical(checkpoint_dir)
@@ -359,8 +362,6 @@ def export_hf(checkpoint_dir: str, dst: str, max_shard_bytes: int = 5 * 2**30) -
       size = 0
     shards[-1][name] = t
     size += t.nbytes
-  parent = os.path.dirname(os.path.abspath(dst))
-  os.makedirs(parent, exist_ok=True)  # as import-hf makes its --workdir's parents
   tmp = tempfile.mkdtemp(dir=parent, prefix=".export-hf-")
   try:
     names = (["model.safetensors"] if len(shards) == 1 else

@@ -53,11 +53,12 @@ def _check_flags(command: str):
   for flag in (flags.CHECKPOINT, flags.WORKDIR, flags.SRC, flags.DST):  # "$CKPT" unset
     if flag.name in read and flag.present and not flag.value:
       raise ConfigError(f"--{flag.name}= is empty: give a directory, or leave the flag out.")
-  if "workdir" in read and flags.WORKDIR.value:  # created if missing, but not its parent
-    parent = os.path.dirname(os.path.abspath(flags.WORKDIR.value))
-    if not os.path.isdir(parent):
-      raise ConfigError(f"--workdir={flags.WORKDIR.value}: its directory {parent} does not "
-                        "exist; create it first (a typo here would train into a new tree).")
+  for flag in (flags.WORKDIR, flags.DST):  # created if missing, but not their parents
+    if flag.name in read and flag.value:
+      parent = os.path.dirname(os.path.abspath(flag.value))
+      if not os.path.isdir(parent):
+        raise ConfigError(f"--{flag.name}={flag.value}: its directory {parent} does not exist; "
+                          "create it first (so that a typo there does not write a new tree).")
   if distributed.resolve(flags.COORDINATOR.value, flags.NUM_PROCESSES.value,
                          flags.PROCESS_ID.value).process_id == 0:  # only process 0 writes
     if "output" in read:
