@@ -41,7 +41,8 @@
 #   by phase): bash benchmarks/scripts/h200_x4.sh clocks COMMIT OLD [CONFIG [SYNCED STEPS]]
 #   (PROMPT=64 in the environment sets the prompt: seed_swiglu at batch 1024 fits one H200
 #   with prompt + SYNCED + STEPS up to about 165 tokens).
-# Each part fits one 10-minute call. Writes $OUT/results.tgz and $OUT/summary.txt.
+# Each part fits one 10-minute call. Writes $OUT/results.tgz and $OUT/summary.txt ($OUT: the
+# device tool's output folder; elsewhere, set OUT, or a new folder under /tmp is used).
 set -u
 PART=${1:-1}
 case $PART in checks|parts|rows|warps|pairs|router|ncu|power|profile|profile_router|kernel|share|calls|attention|attention_swiglu|1|2) ;;
@@ -51,6 +52,7 @@ case $PART in checks|parts|rows|warps|pairs|router|ncu|power|profile|profile_rou
   *) echo "unknown PART '$PART': use checks, parts, rows, warps, pairs, router, ncu, power, xla, profile, profile_router, kernel, share, calls, attention, attention_swiglu, 1, 2, ab, tree or clocks" >&2; exit 2 ;;
 esac
 export PYTHONPATH=. PYTHONUNBUFFERED=1 JAX_EP_COMMIT=${2:-unknown}
+if [ -z "${OUT:-}" ]; then OUT=$(mktemp -d /tmp/jax_ep_h200_XXXX); echo "OUT=$OUT" >&2; fi
 R=$OUT/r; mkdir -p $R
 step() {  # name timeout_s command...
   local name=$1 t=$2; shift 2
