@@ -4,16 +4,21 @@
 #
 #   launch/compare_processes.sh [N=2] [more jax-ep flags]
 #
-# Run from the repository root on a machine with N GPUs; prints "same tokens" or the
-# first difference for each deployment and exits nonzero if any differ.
+# Run from the repository root on a machine with N GPUs or more (the presets proposed_N and
+# baseline_N take the first N); prints "same tokens" or the first difference for each
+# deployment and exits nonzero if any differ. PLATFORM=cpu runs it on N fake CPU devices.
 set -euo pipefail
 N="${1:-2}"; shift || true
+PLATFORM="${PLATFORM:-gpu}"
+ONE=0; [ "$PLATFORM" = cpu ] && ONE="$N"  # --simulate_devices of the one-process run
 OUT="$(mktemp -d)"
 status=0
 for kind in proposed baseline; do
-  args=(generate --deployment="$kind" --batch=16 --prompt_len=8 --max_new_tokens=8 "$@")
-  python -m jax_ep "${args[@]}" --simulate_devices=0 --output="$OUT/${kind}_1.json"
-  python launch/local.py --num_processes="$N" --devices_per_process=1 --platform=gpu -- \
+  # The preset of N devices by name: by kind, the one process would resolve the preset of
+  # every GPU it sees, not of N.
+  args=(generate --deployment="${kind}_$N" --batch=16 --prompt_len=8 --max_new_tokens=8 "$@")
+  python -m jax_ep "${args[@]}" --simulate_devices="$ONE" --output="$OUT/${kind}_1.json"
+  python launch/local.py --num_processes="$N" --devices_per_process=1 --platform="$PLATFORM" -- \
     "${args[@]}" --output="$OUT/${kind}_$N.json"
   python - "$OUT/${kind}_1.json" "$OUT/${kind}_$N.json" "$kind" "$N" <<'PY' || status=1
 import json, sys
