@@ -25,7 +25,7 @@
 #   e80d25b and the default, alternating, twice (decode_parts.py); attention_swiglu: the
 #   same steps of seed_swiglu (prompt 128);
 # checks: the CLI on one GPU: generate's dry run, a batch refused for its memory, the seed
-#   and seed_swiglu (prompt 128) generating, train of tiny_task and generate from its
+#   (with --profile_dir, and what its trace holds) and seed_swiglu (prompt 128) generating, train of tiny_task and generate from its
 #   checkpoint;
 # 2: several (seed slices with and without the ring, on four GPUs; EP2 on two);
 # ab: one GPU's step with the kernel's default blocks and with SPEC, alternating, twice:
@@ -58,7 +58,7 @@ step() {  # name timeout_s command...
   local name=$1 t=$2; shift 2
   echo "== $name" | tee -a $OUT/summary.txt
   timeout $t "$@" > $R/$name.log 2>&1; echo "rc=$?" >> $R/$name.log
-  grep -E "^\| (Single|One|Prop|Base|slice|mesh|share)|TPOT|TPS|memory|fit|loss|rc=|Error|error|ms_per_step|^    |^(combine|cache|kernel|swiglu|pairs|calls|attention|attention_step|router_step|probe) " \
+  grep -E "^\| (Single|One|Prop|Base|slice|mesh|share)|TPOT|TPS|memory|fit|loss|rc=|Error|error|ms_per_step|^    |^(combine|cache|kernel|swiglu|pairs|calls|attention|attention_step|router_step|probe|trace|compile events) " \
     $R/$name.log | tail -30 >> $OUT/summary.txt
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv > $R/nvidia_smi.txt
@@ -179,7 +179,15 @@ step gen_dry 120 $G generate --config=seed --deployment=single --batch=1024 --pr
   --dry_run
 step gen_refused 120 $G generate --config=seed --deployment=single --batch=65536 --prompt_len=32
 step gen_seed 300 $G generate --config=seed --deployment=single --batch=1024 --prompt_len=32 \
-  --max_new_tokens=8 --output=$R/seed_tokens.json
+  --max_new_tokens=8 --output=$R/seed_tokens.json --profile_dir=$R/seed_profile
+# What the trace holds: the decode program's kernels, no compile and no prefill.
+step gen_seed_trace 60 python3 -c '
+import collections, glob, gzip, json, sys
+f, = glob.glob(sys.argv[1] + "/**/*.trace.json.gz", recursive=True)
+ev = [e for e in json.load(gzip.open(f))["traceEvents"] if e.get("ph") == "X"]
+mods = collections.Counter(e.get("args", {}).get("hlo_module", "-") for e in ev)
+print("trace", f, "events", len(ev), "by hlo_module", dict(mods.most_common(6)))
+print("compile events", sum("ompile" in e.get("name", "") for e in ev))' $R/seed_profile
 step gen_swiglu 300 $G generate --config=seed_swiglu --deployment=single --batch=1024 \
   --prompt_len=128 --max_new_tokens=4 --output=$R/swiglu_tokens.json
 step train 200 $G train --config=tiny_task --steps=40 --workdir=$R/train_tiny
