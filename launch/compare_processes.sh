@@ -1,6 +1,8 @@
 #!/bin/bash
 # Same tokens from N processes of one GPU each as from one process of N GPUs, for the
-# proposed and baseline presets of N devices (the float32 tiny model, so exactly):
+# proposed and baseline presets of N devices and for expert parallelism over all N
+# (mesh:1xNx1: every all_to_all crosses the processes), on the float32 tiny model, so
+# exactly:
 #
 #   launch/compare_processes.sh [N=2] [more jax-ep flags]
 #
@@ -13,10 +15,10 @@ PLATFORM="${PLATFORM:-gpu}"
 ONE=0; [ "$PLATFORM" = cpu ] && ONE="$N"  # --simulate_devices of the one-process run
 OUT="$(mktemp -d)"
 status=0
-for kind in proposed baseline; do
-  # The preset of N devices by name: by kind, the one process would resolve the preset of
+for kind in "proposed_$N" "baseline_$N" "mesh:1x${N}x1"; do
+  # Presets of N devices by name: by kind, the one process would resolve the preset of
   # every GPU it sees, not of N.
-  args=(generate --deployment="${kind}_$N" --batch=16 --prompt_len=8 --max_new_tokens=8 "$@")
+  args=(generate --deployment="$kind" --batch=16 --prompt_len=8 --max_new_tokens=8 "$@")
   python -m jax_ep "${args[@]}" --simulate_devices="$ONE" --output="$OUT/${kind}_1.json"
   python launch/local.py --num_processes="$N" --devices_per_process=1 --platform="$PLATFORM" -- \
     "${args[@]}" --output="$OUT/${kind}_$N.json"

@@ -27,7 +27,8 @@
 # checks: the CLI on one GPU: generate's dry run, a batch refused for its memory, the seed
 #   (with --profile_dir, and what its trace holds) and seed_swiglu (prompt 128) generating, train of tiny_task and generate from its
 #   checkpoint;
-# 2: several (seed slices with and without the ring, on four GPUs; EP2 on two);
+# 2: several (seed slices with and without the ring, on four GPUs; EP2 on two, and
+#   launch/compare_processes.sh 2);
 # ab: one GPU's step with the kernel's default blocks and with SPEC, alternating, twice:
 #   bash benchmarks/scripts/h200_x4.sh ab COMMIT SPEC [CONFIGS [ROUNDS]]  (--expert_blocks
 #   SPEC; CONFIGS comma-separated, default seed_swiglu; seed_swiglu at prompt 128, others
@@ -58,7 +59,7 @@ step() {  # name timeout_s command...
   local name=$1 t=$2; shift 2
   echo "== $name" | tee -a $OUT/summary.txt
   timeout $t "$@" > $R/$name.log 2>&1; echo "rc=$?" >> $R/$name.log
-  grep -E "^\| (Single|One|Prop|Base|slice|mesh|share)|TPOT|TPS|memory|fit|loss|rc=|Error|error|ms_per_step|^    |^(combine|cache|kernel|swiglu|pairs|calls|attention|attention_step|router_step|probe|trace|compile events) " \
+  grep -E "^\| (Single|One|Prop|Base|slice|mesh|share)|TPOT|TPS|memory|fit|loss|rc=|Error|error|ms_per_step|same tokens|tokens differ|^    |^(combine|cache|kernel|swiglu|pairs|calls|attention|attention_step|router_step|probe|trace|compile events) " \
     $R/$name.log | tail -30 >> $OUT/summary.txt
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv > $R/nvidia_smi.txt
@@ -243,6 +244,8 @@ elif [ "$PART" = 2 ]; then
   --out_dir=$R/slices_4gpu
 step ep2 300 env CUDA_VISIBLE_DEVICES=0,1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
   python3 -m jax_ep bench --kinds=mesh:1x2x1,single --out_dir=$R/ep2
+# Two processes of one GPU each against one process of both (tiny model, float32).
+step processes_2 200 env CUDA_VISIBLE_DEVICES=0,1 bash launch/compare_processes.sh 2
 fi
 tar czf $OUT/results.tgz -C $OUT r
 cat $OUT/summary.txt
