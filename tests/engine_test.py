@@ -9,6 +9,7 @@ references are computed once per (model, batch).
 
 import dataclasses
 import functools
+import zlib
 from typing import NamedTuple
 
 import jax
@@ -18,7 +19,7 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 from configs import deployments, load_model
-from jax_ep import decode, introspect
+from jax_ep import decode, introspect, routing
 from jax_ep.config import ConfigError, DeploymentConfig
 from jax_ep.engine import Engine
 from jax_ep.mesh import make_mesh
@@ -79,6 +80,21 @@ def _ref(model) -> reference.Reference:
   return reference.of(load_model(model))
 
 
+@functools.cache
+def _params(model):
+  """The reference's parameters with every RMSNorm scale drawn in [0.5, 1.5] (initialised
+  to 1): a deployment that gave a stage another stage's norms (or one layer's to all)
+  would then compute another function."""
+  def draw(path, a):
+    name = jax.tree_util.keystr(path)
+    if "scale_D" not in name and "final_norm" not in name:
+      return a
+    key = jax.random.fold_in(jax.random.key(7), zlib.crc32(name.encode()))
+    return (a * jax.random.uniform(key, a.shape, jnp.float32, 0.5, 1.5)).astype(a.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, _ref(model).params)
+
+
 class Result(NamedTuple):
   logits: np.ndarray  # [B, PROMPT, V]
   k: np.ndarray  # the cache after the forward, canonical [L, B, H, MAX_LEN, Dh]
@@ -97,7 +113,7 @@ def _forward(engine, params, tokens) -> Result:
 @functools.cache
 def _reference(model, batch, zero_router=False) -> Result:
   ref = _ref(model)
-  params = _zero_router(ref.params) if zero_router else ref.params
+  params = _zero_router(_params(model)) if zero_router else _params(model)
   logits, cache, stats = ref.forward(_prompts(ref.cfg.vocab_size, batch), MAX_LEN, params)
   return Result(*(np.asarray(a) for a in (logits, *cache, *stats)))
 
@@ -105,7 +121,7 @@ def _reference(model, batch, zero_router=False) -> Result:
 @functools.cache
 def _reference_generation(model, batch) -> reference.Generation:
   ref = _ref(model)
-  return ref.generate(_prompts(ref.cfg.vocab_size, batch), NEW, MAX_LEN)
+  return ref.generate(_prompts(ref.cfg.vocab_size, batch), NEW, MAX_LEN, _params(model))
 
 
 @dataclasses.dataclass
@@ -126,7 +142,7 @@ def deployed(request):
   model, dep, batch = CASES[request.param]
   ref = _ref(model)
   engine = Engine(ref.cfg, dep)
-  return Deployed(request.param, model, batch, engine, engine.place_params(ref.params))
+  return Deployed(request.param, model, batch, engine, engine.place_params(_params(model)))
 
 
 def test_forward_equals_single_device(deployed):
@@ -172,7 +188,7 @@ def test_generate_equals_single_device(deployed):
 def test_all_tokens_to_two_experts_equals_single_device(deployed):
   # Adversarial routing: experts 0 and 1 get every token, the others none: the device
   # holding them receives every pick, which the worst-case dropless buffer holds.
-  params = deployed.engine.place_params(_zero_router(_ref(deployed.model).params))
+  params = deployed.engine.place_params(_zero_router(_params(deployed.model)))
   got = _forward(deployed.engine, params, deployed.prompts)
   want = _reference(deployed.model, deployed.batch, zero_router=True)
   assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
@@ -339,7 +355,7 @@ def test_dropping_on_a_mesh():
   for factor, drops in ((8.0, False), (0.25, True)):
     dep = dataclasses.replace(PRESETS["baseline_8"], dropless=False, capacity_factor=factor)
     engine = Engine(ref.cfg, dep)
-    got = _forward(engine, engine.place_params(ref.params), _prompts(256, 8))
+    got = _forward(engine, engine.place_params(_params("tiny")), _prompts(256, 8))
     assert_array_equal(got.load[0], want.load[0])  # layer 0 routes before any drop
     if drops:
       assert got.dropped.sum() > 0
@@ -353,3 +369,25 @@ def test_pallas_kernels_off_a_gpu_are_refused_before_compiling():
   dep = dataclasses.replace(deployments.PRESETS["single"], kernels="pallas")
   with pytest.raises(ConfigError, match="need a GPU; these devices are cpu"):
     Engine(load_model("tiny"), dep)
+
+
+@pytest.mark.parametrize("name", ["baseline_8", "proposed_8", "proposed_16"])
+def test_dropped_picks_are_counted_on_every_device(name):
+  # --nodropless, every router weight zero: each token picks experts 0 and 1, both on
+  # destination device 0, so each source (a device's tokens of one micro-batch, or a tp
+  # rank's share of them) keeps its W rows there and drops the rest. The count returned
+  # is the sum over every source of every micro-batch, each layer alike.
+  dep = dataclasses.replace(PRESETS[name], dropless=False, capacity_factor=1.0)
+  cfg, batch = load_model("tiny"), CASES[name][2]
+  engine = Engine(cfg, dep)
+  got = _forward(engine, engine.place_params(_zero_router(_params("tiny"))),
+                 _prompts(cfg.vocab_size, batch))
+  split = dep.tp if dep.placement == "ep" and dep.tp > 1 else 1
+  sources = dep.microbatches * dep.expert * split
+  tokens = batch * PROMPT // sources  # each source's, in token order
+  k = cfg.top_k
+  kept = routing.rows_per_destination(tokens, k, cfg.num_experts // dep.expert_shards,
+                                      dep.expert_shards, 1.0, False)
+  assert batch * PROMPT % sources == 0 and kept < tokens * k  # the capacity bites
+  assert_array_equal(got.dropped, [sources * (tokens * k - kept)] * cfg.num_layers)
+  assert_array_equal(got.load.sum(-1), [batch * PROMPT * k] * cfg.num_layers)  # drops too
