@@ -7,7 +7,7 @@ import pytest
 from numpy.testing import assert_array_equal
 
 from configs import deployments, tiny
-from jax_ep import decode
+from jax_ep import decode, sampling
 from jax_ep import params as param_layouts
 from jax_ep.config import ConfigError
 from jax_ep.engine import Engine
@@ -192,3 +192,21 @@ def test_the_cache_is_sized_to_the_request_unless_max_len_is_given(params, promp
   assert gen.tokens.shape == (B, NEW)
   with pytest.raises(ConfigError, match="max_len=0 must be a positive integer"):
     decode.generate(engine, params, prompts, NEW, max_len=0)
+
+
+def test_each_sampled_token_is_the_gumbel_max_at_its_own_position(engine, params, prompts):
+  # Pins what the engine-to-engine sampling tests cannot: the noise of the token at
+  # position p is keyed (key, sequence, p), prefill's token and every decoded one alike,
+  # over the logits of a plain forward of prompt + generated tokens.
+  temperature, seed = 0.8, 5
+  gen = decode.generate(engine, params, prompts, NEW, temperature=temperature, seed=seed,
+                        max_len=MAX_LEN)
+  seq = np.concatenate([prompts, gen.tokens[:, :-1]], axis=1)
+  logits = np.asarray(engine.logits_program()(params, engine.init_cache(B, MAX_LEN),
+                                              jnp.asarray(seq), jnp.int32(0))[0])
+  key, ids = jax.random.key(seed), jnp.arange(CFG.vocab_size)
+  for j in range(NEW):
+    pos = PROMPT + j
+    noise = sampling.gumbel_noise(key, jnp.arange(B), jnp.full((B,), pos), ids)
+    want = np.argmax(logits[:, pos - 1] / temperature + np.asarray(noise), axis=-1)
+    assert_array_equal(gen.tokens[:, j], want, err_msg=f"token {j} (position {pos})")
