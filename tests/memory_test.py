@@ -1,6 +1,8 @@
 """Tests for jax_ep/memory.py: the planned bytes are the bytes Engine allocates and XLA
 assigns; the estimate of the rest bounds XLA's temporaries."""
 
+import math
+
 import jax
 import pytest
 
@@ -31,6 +33,24 @@ def test_weights_and_cache_are_the_shards_engine_allocates(model, dep):
   assert set(held.values()) == {sum(memory.weight_bytes(cfg, dep).values())}
   cache = _device_bytes(engine.init_cache(8, 32))
   assert set(cache.values()) == {memory.kv_cache_bytes(cfg, dep, 8, 32)}
+  # A request of 17 positions: generate allocates them rounded up to the kernel's tile.
+  fp = memory.footprint(cfg, dep, 8, 4, 17, platform="cpu")
+  assert fp.length == decode.cache_len(17) == 32
+  assert set(_device_bytes(engine.init_cache(8, decode.cache_len(17))).values()) == {
+      fp.kv_cache}
+
+
+@pytest.mark.parametrize("name,batch", [("single", 8), ("baseline_8", 8), ("proposed_8", 8),
+                                        ("proposed_16", 32)])
+def test_state_bytes_are_the_decode_states_shards_and_the_prompts(name, batch):
+  # Exact, per device: the prompt's tokens (split over expert), then the ring's state as
+  # Engine.abstract_decode_state shards it: tokens, positions and the in-flight
+  # activations of its groups (the micro-step counter's one int32 is left out).
+  cfg, dep, prompt = load_model("tiny"), PRESETS[name], 4
+  state = Engine(cfg, dep).abstract_decode_state(batch, 32)
+  held = sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+             for a in (state.tokens_B, state.pos_B, state.inflight_NxBgxD))
+  assert memory.state_bytes(cfg, dep, batch, prompt) == batch // dep.expert * prompt * 4 + held
 
 
 @pytest.mark.parametrize("model,dep,batch", [("tiny", PRESETS["single"], 8),
