@@ -7,6 +7,7 @@ damaging it. The only forward passes compiled: the restored baseline's and one d
 """
 
 import dataclasses
+import json
 import os
 import shutil
 
@@ -326,3 +327,52 @@ def test_a_step_folder_names_its_checkpoint(saved):
   with pytest.raises(ConfigError, match=f"it is a step of the checkpoint {directory}: pass "
                                         f"--checkpoint={directory}"):
     checkpoint.restore(os.path.join(directory, "7"), engine)
+
+
+def _edit_meta(directory, edit):
+  path = os.path.join(directory, "7", "meta", "metadata")
+  with open(path) as f:
+    meta = json.load(f)
+  edit(meta)
+  with open(path, "w") as f:
+    json.dump(meta, f)
+
+
+def test_an_array_of_another_dtype_in_the_checkpoint_is_named(saved, tmp_path):
+  directory = _copy(saved, tmp_path)
+  _edit_meta(directory, lambda m: m["arrays"]["params"]["embed_VxD"].update(dtype="bfloat16"))
+  with pytest.raises(ConfigError, match=r"embed_VxD is bfloat16\[256, 64\] in the checkpoint; "
+                                        r"the model needs float32\[256, 64\]"):
+    checkpoint.restore(directory, Engine(saved[1].cfg, PRESETS["single"]))
+
+
+def test_swapped_values_with_the_same_sum_are_caught_by_the_fingerprints(saved, tmp_path):
+  # The saved values of one array with two of its elements swapped: the same plain sum,
+  # so only the fingerprints' position-weighted sum sees it.
+  directory, engine, params = saved
+  def swap(path, a):
+    if "embed_VxD" not in jax.tree_util.keystr(path):
+      return a
+    x = np.array(a)
+    x[0, [0, 1]] = x[0, [1, 0]]
+    return jax.device_put(x, a.sharding)
+
+  swapped = jax.tree_util.tree_map_with_path(swap, params)
+  other = str(tmp_path / "other")
+  checkpoint.save(other, engine, swapped, step=7)
+  damaged = _copy(saved, tmp_path)
+  shutil.rmtree(os.path.join(damaged, "7", "params"))  # the data of one, the meta of the other
+  shutil.copytree(os.path.join(other, "7", "params"), os.path.join(damaged, "7", "params"))
+  with pytest.raises(ConfigError, match=r"is corrupt: params array\(s\) embed_VxD do not hold"):
+    checkpoint.restore(damaged, Engine(engine.cfg, PRESETS["single"]))
+
+
+def test_restore_reads_each_devices_shards_only(saved):
+  # The targets restore reads into are the engine's shards, not the whole model on every
+  # device (and then placed): each device of seed_proposed reads one layer's one expert.
+  cfg = saved[1].cfg
+  engine = Engine(cfg, PRESETS["seed_proposed"])
+  targets = checkpoint.abstract_canonical(cfg, engine)
+  w_up = targets["layers"]["moe"]["w_up_ExDxF"]
+  assert w_up.shape == (cfg.num_layers, cfg.num_experts, cfg.model_dim, cfg.mlp_dim)
+  assert w_up.sharding.shard_shape(w_up.shape) == (1, 1, cfg.model_dim, cfg.mlp_dim)
