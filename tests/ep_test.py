@@ -235,6 +235,20 @@ def test_gather_batch_and_from_last_stage():
   assert_array_equal(out, np.arange(8) + 100.0)  # the last stage's (stage 1) value
 
 
+def test_to_next_stage_sends_each_stage_to_the_next_and_the_last_nowhere():
+  # Stage 0 gets zeros: a ring that also sent the last stage's rows back to stage 0 would
+  # compute the same (stage 0 takes the embedding) at one more transfer a micro-step.
+  dep = DeploymentConfig(kind="proposed", stages=4, expert=2)
+  par, mesh = ep.Parallel.of(dep), make_mesh(dep)
+
+  def f(x_):
+    return ep.to_next_stage(x_ + 1.0 + ep.stage_index(par), par)
+
+  out = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("stage"), out_specs=P("stage"),
+                              check_vma=False))(jnp.zeros((4, 3), jnp.float32))
+  assert_array_equal(out, np.repeat([[0.0], [1.0], [2.0], [3.0]], 3, axis=1))
+
+
 def test_auto_kernels_fall_back_to_xla_for_shapes_the_kernel_cannot_tile(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   auto = ep.Parallel()
