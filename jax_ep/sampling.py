@@ -15,6 +15,14 @@ import jax.numpy as jnp
 from jax.extend.random import threefry2x32_p
 
 
+def gumbel_of_bits(bits: jax.Array) -> jax.Array:
+  """Gumbel(0, 1) noise of uint32 random bits: their 23 high bits as a uniform in (0, 1),
+  never 0 (nor 1), so both logs are finite."""
+  u = jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32) - 1.0
+  u = jnp.maximum(u, jnp.float32(2.0**-24))
+  return -jnp.log(-jnp.log(u))
+
+
 def gumbel_noise(key, seq_ids_B: jax.Array, pos_B: jax.Array, vocab_ids_V: jax.Array):
   """float32 [B, V]: Gumbel(0, 1) noise, a function of (key, sequence, position, id)."""
 
@@ -23,10 +31,7 @@ def gumbel_noise(key, seq_ids_B: jax.Array, pos_B: jax.Array, vocab_ids_V: jax.A
     ids = vocab_ids_V.astype(jnp.uint32)
     k1, k2 = (jnp.broadcast_to(k[i], ids.shape) for i in range(2))
     bits, _ = threefry2x32_p.bind(k1, k2, ids, jnp.zeros_like(ids))
-    # 23 random mantissa bits -> uniform in (0, 1): never 0, so the logs are finite.
-    u = jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32) - 1.0
-    u = jnp.maximum(u, jnp.float32(2.0**-24))
-    return -jnp.log(-jnp.log(u))
+    return gumbel_of_bits(bits)
 
   return jax.vmap(row)(seq_ids_B, pos_B)
 

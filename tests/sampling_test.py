@@ -45,3 +45,10 @@ def test_temperature_draws_from_the_softmax():
   cold = jax.jit(jax.vmap(lambda p: sampling.sample(logits, 0.05, KEY, jnp.zeros(1, jnp.int32),
                                                     p[None])[0]))
   assert (np.asarray(cold(jnp.arange(200))) == 0).mean() > 0.99
+
+
+def test_noise_of_the_extreme_bits_is_finite():
+  # All-zero bits are the uniform's 0 (clamped, else the noise is -inf and that id can never
+  # be drawn); all-one bits its largest value below 1.
+  noise = np.asarray(sampling.gumbel_of_bits(jnp.array([0, 2**9 - 1, 2**32 - 1], jnp.uint32)))
+  assert np.isfinite(noise).all() and noise[0] == noise[1] < noise[2], noise
