@@ -73,7 +73,9 @@ def test_notebook_runs(path, kernel_specs, tmp_path):
     cwd.mkdir()
   client = NotebookClient(nb, km=km, timeout=CELL_TIMEOUT_S, startup_timeout=120,
                           resources={"metadata": {"path": str(cwd)}})
-  client.execute(env=_kernel_env())  # raises CellExecutionError at the first failing cell
+  # Its temporary directories (01's training run) under this test's, not left in /tmp.
+  env = {**_kernel_env(), "TMPDIR": str(tmp_path)}
+  client.execute(env=env)  # raises CellExecutionError at the first failing cell
   code = [c for c in nb.cells if c.cell_type == "code"]
   assert all(c.execution_count for c in code), "a cell did not run"
   # The install cell found jax_ep importable and installed nothing.
