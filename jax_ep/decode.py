@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ep import distributed, ring, routing
+from jax_ep import distributed, memory, memory_budget, ring, routing
 from jax_ep import params as param_layouts
 from jax_ep.config import ConfigError, count
 from jax_ep.engine import Engine
@@ -178,13 +178,15 @@ def cache_len(max_len: int) -> int:
 def generate(engine: Engine, params, prompts_BxT, max_new_tokens: int, *,
              temperature: float = 0.0, seed: int = 0, max_len: int | None = None,
              synced_steps: int = 0, log: Callable[[str], None] | None = None,
-             profile_dir: str | None = None) -> Generation:
+             profile_dir: str | None = None, check_memory: bool = True) -> Generation:
   """Prefills `prompts_BxT` and generates `max_new_tokens` tokens per sequence.
 
   `params` must be in `engine`'s layout (Engine.init_params or Engine.place_params).
   `max_len`: the KV cache's length, prompt and new tokens (if None, default_max_len:
   the prompt's length + max_new_tokens, at most ModelConfig.max_seq_len; a given one may
   be longer or shorter than max_seq_len).
+  `check_memory`: refuse, before anything compiles, a request whose cache, state and
+  working set (jax_ep/memory.py) do not fit beside the weights on the devices.
   The first of the N - 1 decode steps also fills the ring; `synced_steps` of the next
   decode calls are timed one by one, the rest back to back (traced with jax.profiler into
   `profile_dir` if given), at least the last call whatever `synced_steps` asks.
@@ -200,6 +202,10 @@ def generate(engine: Engine, params, prompts_BxT, max_new_tokens: int, *,
   check_params(engine, params)
   b, p = tokens.shape
   dep = engine.dep
+  if check_memory:
+    devices = list(engine.mesh.devices.flat)
+    fp = memory.footprint(engine.cfg, dep, b, p, max_len, devices[0].platform)
+    memory_budget.check_beside_weights(fp, memory_budget.budget_for_devices(devices))
   tokens = jax.device_put(tokens, engine.tokens_sharding())
   params_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                             params)

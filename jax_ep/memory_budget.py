@@ -211,6 +211,23 @@ def plan_kind(device) -> str | None:
   return next((k for k in ("h100", "h200") if k in kind), None)
 
 
+def check_beside_weights(fp: Footprint, budget: Budget) -> None:
+  """Raises ConfigError unless what a generate call allocates beside the weights already
+  on its devices (the KV cache, the ring's state, the working set) fits what `budget`
+  has left: decode.generate's check, made when the parameters are placed already."""
+  need = need_bytes(fp, budget, held=-fp.weight_total)
+  if need <= budget.bytes:
+    return
+  scale = int(need)
+  where = "of host memory" if budget.shared else "per device"
+  raise ConfigError(
+      f"this generate call does not fit beside its weights: {fp.dep.describe()} with batch "
+      f"{fp.batch} and a cache of {fp.length} positions needs {format_bytes(need, scale)} "
+      f"{where} more (KV cache {format_bytes(fp.kv_cache, scale)} of it), "
+      f"{_have(budget, scale)} ({budget.source}). Pass fewer sequences or a shorter max_len, "
+      "or check_memory=False to run it anyway.")
+
+
 def check(fp: Footprint, budget: Budget, *, candidates=None, platform: str = "gpu",
           what: str = "", plan_command: str = "") -> None:
   """Raises ConfigError if `fp` does not fit `budget`, naming the smallest deployment

@@ -210,3 +210,26 @@ def test_each_sampled_token_is_the_gumbel_max_at_its_own_position(engine, params
     noise = sampling.gumbel_noise(key, jnp.arange(B), jnp.full((B,), pos), ids)
     want = np.argmax(logits[:, pos - 1] / temperature + np.asarray(noise), axis=-1)
     assert_array_equal(gen.tokens[:, j], want, err_msg=f"token {j} (position {pos})")
+
+
+def test_a_request_that_does_not_fit_beside_the_weights_is_refused_before_compiling(
+    params, prompts, monkeypatch):
+  from jax_ep import memory, memory_budget
+
+  engine = Engine(CFG, deployments.SINGLE)
+  fp = memory.footprint(CFG, engine.dep, B, PROMPT, MAX_LEN, "cpu")
+  beside = fp.total - fp.weight_total  # the cache, state and working set: the weights are in
+  for room, fits in ((beside - 1, False), (beside, True)):  # refused first: nothing built yet
+    monkeypatch.setattr(memory_budget, "budget_for_devices",
+                        lambda devices, room=room: memory_budget.Budget(room, "test budget"))
+    built = _programs_built()
+    if fits:
+      decode.generate(engine, params, prompts, NEW, max_len=MAX_LEN)
+      continue
+    with pytest.raises(ConfigError, match=r"does not fit beside its weights: .* batch 2 and a "
+                                          r"cache of 16 positions needs .* per device more "
+                                          r".*check_memory=False"):
+      decode.generate(engine, params, prompts, NEW, max_len=MAX_LEN)
+    assert _programs_built() == built
+    gen = decode.generate(engine, params, prompts, NEW, max_len=MAX_LEN, check_memory=False)
+    assert gen.tokens.shape == (B, NEW)

@@ -156,7 +156,8 @@ def _generate(profile_dir):
                         seed=flags.SEED.value, max_len=max_len, synced_steps=max(
                             len(decode.decode_calls(new - 1, dep.tokens_per_call)) // 4, 1),
                         log=lambda m: _say("  " + m),
-                        profile_dir=profile_dir if distributed.is_primary() else None)
+                        profile_dir=profile_dir if distributed.is_primary() else None,
+                        check_memory=False)  # checked above, weights included, before allocating
   if watch is not None:
     watch.check()
   extra = (_checkpoint_report(engine, params, prompts, answers, gen, flags.SEED.value)

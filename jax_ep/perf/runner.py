@@ -72,7 +72,8 @@ def run_one(p: Plan, params, spec: BenchSpec, prompts: np.ndarray, hw: Hardware,
   max_len = spec.prompt_len + max_new - 1
   gen = decode.generate(engine, params, prompts[:p.batch] % p.cfg.vocab_size, max_new,
                         max_len=max_len, seed=spec.seed, synced_steps=spec.warmup + spec.synced,
-                        log=lambda m: log("  " + m))
+                        log=lambda m: log("  " + m),
+                        check_memory=False)  # run() planned the memory (plan.fit_memory)
   synced_s = np.asarray(gen.step_s[spec.warmup:])
   tpot = gen.tpot_ms / 1e3
   imbalance = gen.imbalance
