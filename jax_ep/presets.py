@@ -1,11 +1,13 @@
 """The presets of configs/ (one model a file, deployments.py) as jax_ep imports them.
 
-jax_ep ships its presets as the top-level package `configs`, beside `jax_ep` (in a
-checkout, or in site-packages), and `configs` is a common name: a project of a user's
-own may have one first on sys.path (`python -m` puts the working directory there). Then
-the presets load from their own files under the private name `jax_ep_presets`, and the
-user's `configs` stays what it is. DISPLACED says whose `configs` came first (None when
-it is jax_ep's).
+In a checkout the presets are the directory configs/ beside jax_ep/, which the tests,
+benchmarks and scripts import as `configs`. An install does not put a package of that
+common name into site-packages: it installs configs/ as `jax_ep_presets` (pyproject.toml;
+an editable install maps that name to the checkout's configs/). In a checkout where
+`configs` is jax_ep's, the presets are that module; otherwise (a user's own `configs`
+first on sys.path, as `python -m` puts the working directory there, or none) they load
+from their own files under the name `jax_ep_presets`, and a user's `configs` stays what it
+is. DISPLACED says whose `configs` came first (None when none or jax_ep's).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import importlib.util
 import pathlib
 import sys
 
-PRIVATE_NAME = "jax_ep_presets"
+PRIVATE_NAME = "jax_ep_presets"  # also the name an install gives configs/ (pyproject.toml)
 OWN_INIT = pathlib.Path(__file__).resolve().parent.parent / "configs" / "__init__.py"
 
 
@@ -25,9 +27,13 @@ def _same(path) -> bool:
 
 def _load():
   """(the presets package, the path of another `configs` that comes first, or None)."""
-  if not OWN_INIT.is_file():
-    raise ImportError(f"jax_ep's presets are missing: no {OWN_INIT}; reinstall jax_ep "
-                      "(pip install -e . in a checkout).")
+  if not OWN_INIT.is_file():  # installed from a wheel: no checkout beside jax_ep
+    try:
+      return importlib.import_module(PRIVATE_NAME), None
+    except ImportError:
+      raise ImportError(f"jax_ep's presets are missing: no {OWN_INIT} and no package "
+                        f"{PRIVATE_NAME}; reinstall jax_ep (pip install -e . in a checkout)."
+                        ) from None
   loaded = sys.modules.get("configs")
   if loaded is not None:
     other = getattr(loaded, "__file__", None) or f"a namespace package {list(loaded.__path__)}"

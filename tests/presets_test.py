@@ -43,3 +43,16 @@ def test_names_of_finds_the_presets_of_a_config():
   # A checkpoint does not fix the KV cache's length: still the preset's model.
   assert presets.names_of(dataclasses.replace(swiglu, max_seq_len=swiglu.max_seq_len * 2)) == [
       "tiny_swiglu"]
+
+
+def test_an_install_holds_every_package_and_the_presets_under_their_own_name():
+  # pyproject.toml lists the packages (setuptools finds none of them itself): every one of
+  # jax_ep's, and configs/ as jax_ep_presets, not as a top-level `configs` of its own.
+  import tomllib
+
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    setup = tomllib.load(f)["tool"]["setuptools"]
+  found = sorted(os.path.relpath(d, ROOT).replace(os.sep, ".")
+                 for d, _, files in os.walk(os.path.join(ROOT, "jax_ep")) if "__init__.py" in files)
+  assert sorted(setup["packages"]) == sorted([*found, presets.PRIVATE_NAME])
+  assert setup["package-dir"] == {presets.PRIVATE_NAME: "configs"}
